@@ -1,0 +1,130 @@
+"""Multi-head / grouped-query attention with masks given as data and a KV cache.
+
+Masks are built from per-token data, never from the model type:
+- `segment_ids` [B, T] int: 0 is padding, tokens attend only within their
+  segment (packing puts several samples in one row);
+- `causal` (static): key index <= query index;
+- `prefix` [B, T] bool: tokens marked True see each other bidirectionally
+  (prefix-LM), on top of the causal rule.
+`impl` chooses the kernel: "xla" (einsum, softmax in float32) or "cudnn"/"dot"
+(`jax.nn.dot_product_attention`, which routes to XLA on CPU/TPU).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+from jax.ad_checkpoint import checkpoint_name
+
+from evejax.nn.layers import Dense, constrain
+from evejax.nn.rope import apply_rope
+
+
+def make_mask(q_segment, kv_segment, q_index, kv_index, causal: bool,
+              q_prefix=None, kv_prefix=None):
+    """Boolean mask [B, 1, T, S]; True where query t may attend key s."""
+    same = (q_segment[:, :, None] == kv_segment[:, None, :]) & (kv_segment[:, None, :] != 0)
+    if causal:
+        allowed = kv_index[:, None, :] <= q_index[:, :, None]
+        if q_prefix is not None:
+            allowed = allowed | (q_prefix[:, :, None] & kv_prefix[:, None, :])
+        same = same & allowed
+    return same[:, None]
+
+
+def attend(q, k, v, mask, *, scale: float, impl: str = "xla"):
+    """q [B, T, N, H], k/v [B, S, K, H] with N % K == 0, mask [B, 1, T, S] -> [B, T, N, H]."""
+    if impl in ("dot", "cudnn"):
+        return jax.nn.dot_product_attention(
+            q, k, v, mask=mask, scale=scale, implementation="cudnn" if impl == "cudnn" else None)
+    if impl != "xla":
+        raise ValueError(f"attention impl {impl!r} is not known; use 'xla', 'dot' or 'cudnn'")
+    b, t, n, h = q.shape
+    kv = k.shape[2]
+    qg = q.reshape(b, t, kv, n // kv, h)
+    logits = jnp.einsum("btkgh,bskh->bkgts", qg, k, preferred_element_type=jnp.float32) * scale
+    logits = jnp.where(mask[:, :, None], logits, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bkgts,bskh->btkgh", probs, v)
+    return out.reshape(b, t, n, h)
+
+
+class Attention(nn.Module):
+    """x [B, T, D] -> [B, T, D].
+
+    Params: query [D, N, H], key/value [D, K, H], out [N, H, D] (+ biases).
+    With `decode=True` keys and values are written into the `cache` collection
+    (sized by the input at init) and queries attend to everything cached so far.
+    """
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    causal: bool = True
+    qkv_bias: bool = False
+    out_bias: bool = False
+    rope_base: Optional[float] = 10000.0
+    rope_layout: str = "rotate_half"
+    rope_scaling: Optional[tuple] = None  # (("type", "dynamic"), ("factor", 2.0)): hashable
+    max_position_embeddings: int = 0
+    impl: str = "xla"
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, positions, segment_ids, prefix=None, decode: bool = False):
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        q = Dense((self.num_heads, self.head_dim), ("embed",), ("heads", "head_dim"),
+                  use_bias=self.qkv_bias, name="query", **kw)(x)
+        k = Dense((self.num_kv_heads, self.head_dim), ("embed",), ("kv_heads", "head_dim"),
+                  use_bias=self.qkv_bias, name="key", **kw)(x)
+        v = Dense((self.num_kv_heads, self.head_dim), ("embed",), ("kv_heads", "head_dim"),
+                  use_bias=self.qkv_bias, name="value", **kw)(x)
+        q = checkpoint_name(constrain(q, ("batch", "length", "act_heads", None)), "query_proj")
+        k = checkpoint_name(constrain(k, ("batch", "length", "act_kv_heads", None)), "key_proj")
+        v = checkpoint_name(constrain(v, ("batch", "length", "act_kv_heads", None)), "value_proj")
+
+        b, t = x.shape[:2]
+        if self.rope_base is not None:
+            rope = dict(base=self.rope_base, layout=self.rope_layout,
+                        scaling=dict(self.rope_scaling) if self.rope_scaling else None,
+                        max_position_embeddings=self.max_position_embeddings, seq_len=t)
+            q = apply_rope(q, positions, **rope)
+            k = apply_rope(k, positions, **rope)
+        q_index = jnp.broadcast_to(jnp.arange(t), (b, t))
+        kv_index, kv_segment, kv_prefix = q_index, segment_ids, prefix
+        if decode:
+            k, v, kv_segment, kv_prefix, q_index, kv_index = self._update_cache(k, v, segment_ids, prefix)
+
+        mask = make_mask(segment_ids, kv_segment, q_index, kv_index, self.causal,
+                         prefix, kv_prefix)
+        out = attend(q, k, v, mask, scale=self.head_dim ** -0.5, impl=self.impl)
+        out = constrain(out, ("batch", "length", "act_heads", None))
+        return Dense((x.shape[-1],), ("heads", "head_dim"), ("embed",), use_bias=self.out_bias,
+                     name="out", **kw)(out)
+
+    def _update_cache(self, k, v, segment_ids, prefix):
+        # Keys are cached after RoPE, as HF does, so decoding matches it exactly.
+        b, t = k.shape[:2]
+        is_init = not self.has_variable("cache", "key")
+        ck = self.variable("cache", "key", jnp.zeros, k.shape, k.dtype)
+        cv = self.variable("cache", "value", jnp.zeros, v.shape, v.dtype)
+        cseg = self.variable("cache", "segment", jnp.zeros, segment_ids.shape, jnp.int32)
+        cpre = self.variable("cache", "prefix", jnp.zeros, segment_ids.shape, jnp.bool_)
+        idx = self.variable("cache", "index", lambda: jnp.array(0, jnp.int32))
+        if is_init:
+            index = jnp.broadcast_to(jnp.arange(t), (b, t))
+            return k, v, segment_ids, prefix, index, index
+        start = idx.value
+        upd = lambda c, new: jax.lax.dynamic_update_slice_in_dim(c, new.astype(c.dtype), start, axis=1)
+        ck.value, cv.value = upd(ck.value, k), upd(cv.value, v)
+        cseg.value = upd(cseg.value, segment_ids)
+        if prefix is not None:
+            cpre.value = upd(cpre.value, prefix)
+        idx.value = start + t
+        s = ck.value.shape[1]
+        q_index = jnp.broadcast_to(start + jnp.arange(t), (b, t))
+        kv_index = jnp.broadcast_to(jnp.arange(s), (b, s))
+        return (ck.value, cv.value, cseg.value, cpre.value if prefix is not None else None,
+                q_index, kv_index)
