@@ -1,0 +1,26 @@
+"""Decoder-only LMs (LLaMA/Vicuna, InternLM2) on next-token prediction.
+
+  evejax train --config configs/llm.py:tiny --workdir runs/llm_tiny
+  evejax plan configs/llm.py:vicuna_7b --topology v5p-64 --search
+
+Args: tiny | llama_110m | vicuna_7b | internlm2_tiny | internlm2_1_8b.
+"""
+import ml_collections
+
+SIZES = {"tiny": "llama_tiny", "llama_110m": "llama_110m", "vicuna_7b": "vicuna_7b",
+         "internlm2_tiny": "internlm2_tiny", "internlm2_1_8b": "internlm2_1_8b"}
+
+
+def get_config(arg: str = "tiny"):
+    if arg not in SIZES:
+        raise ValueError(f"configs/llm.py takes one of {sorted(SIZES)}, got {arg!r}")
+    big = arg in ("vicuna_7b", "internlm2_1_8b")
+    c = ml_collections.ConfigDict()
+    c.model = dict(name="llm", size=SIZES[arg],
+                   overrides=dict(dtype="bfloat16" if big else "float32", remat="full"))
+    c.mesh = dict(slice=1, data=-1, fsdp=1, tensor=1) if not big else dict(slice=1, data=1, fsdp=-1, tensor=1)
+    c.data = dict(name="synthetic_text", seq_len=2048 if big else 64, global_batch=8 if not big else 256)
+    c.optim = dict(lr=3e-4 if not big else 2e-5, warmup_frac=0.03, b1=0.9, b2=0.999, eps=1e-8,
+                   weight_decay=0.0, clip_norm=1.0)
+    c.train = dict(steps=60, accum_steps=1, seed=0, log_every=10)
+    return c

@@ -1,0 +1,72 @@
+"""Config files are Python: `configs/eve.py:7b_stage2` calls `get_config("7b_stage2")`.
+
+Overrides come as `--config.optim.lr=1e-4` pairs; a key that does not exist
+fails with its name before anything is built.
+"""
+from __future__ import annotations
+
+import ast
+import importlib.util
+import os
+from typing import Sequence
+
+import ml_collections
+
+REPO_CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+
+
+def load(spec: str) -> ml_collections.ConfigDict:
+    """Loads `path.py[:arg]`; a bare name like `llm.py:tiny` is looked up in configs/."""
+    path, _, arg = spec.partition(":")
+    if not os.path.exists(path):
+        candidate = os.path.join(REPO_CONFIGS, os.path.basename(path))
+        if not os.path.exists(candidate):
+            raise FileNotFoundError(f"config file {path!r} not found (also looked in {REPO_CONFIGS})")
+        path = candidate
+    module_spec = importlib.util.spec_from_file_location(f"evejax_config_{os.path.basename(path)[:-3]}", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    config = module.get_config(arg) if arg else module.get_config()
+    config.lock()
+    return config
+
+
+def _parse_value(text: str, current):
+    if isinstance(current, str):
+        return text
+    try:
+        value = ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        value = text
+    if isinstance(current, float) and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    return value
+
+
+def apply_overrides(config: ml_collections.ConfigDict, overrides: Sequence[str]) -> ml_collections.ConfigDict:
+    """Applies `config.a.b=value` strings (leading dashes and `config.` optional)."""
+    for item in overrides:
+        key, eq, text = item.lstrip("-").partition("=")
+        if not eq:
+            raise ValueError(f"override {item!r} must look like --config.key=value")
+        key = key[len("config."):] if key.startswith("config.") else key
+        node = config
+        parts = key.split(".")
+        for i, part in enumerate(parts):
+            if not isinstance(node, (ml_collections.ConfigDict, dict)) or part not in node:
+                have = sorted(node.keys()) if isinstance(node, (ml_collections.ConfigDict, dict)) else []
+                raise KeyError(f"config key {'.'.join(parts[:i + 1])!r} does not exist; "
+                               f"known keys here: {have}")
+            if i < len(parts) - 1:
+                node = node[part]
+        current = node[parts[-1]]
+        node[parts[-1]] = _parse_value(text, current)
+    return config
+
+
+def split_overrides(argv: Sequence[str]) -> tuple[list[str], list[str]]:
+    """Separates `--config.x=y` items from the other arguments."""
+    overrides, rest = [], []
+    for a in argv:
+        (overrides if a.startswith("--config.") else rest).append(a)
+    return overrides, rest
