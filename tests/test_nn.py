@@ -1,0 +1,136 @@
+"""The shared core: RoPE layouts, masks as data, attention kernels, remat policies, DropPath."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from evejax.models import llm
+from evejax.nn import attention, rope
+from evejax.nn.layers import DropPath
+from evejax.nn.transformer import REMAT_POLICIES
+
+
+def _rel(a, b):
+    return float(np.max(np.abs(np.asarray(a) - np.asarray(b))) / max(np.max(np.abs(np.asarray(b))), 1e-12))
+
+
+def test_rope_layouts_are_a_permutation_of_each_other():
+    x = jax.random.normal(jax.random.PRNGKey(0), (2, 5, 3, 8))
+    pos = jnp.broadcast_to(jnp.arange(5), (2, 5))
+    # Interleaved pairs (2i, 2i+1) are rotate-half pairs (i, i+4) after this permutation.
+    perm = np.concatenate([np.arange(0, 8, 2), np.arange(1, 8, 2)])
+    a = rope.apply_rope(x[..., perm], pos, layout="rotate_half")
+    b = rope.apply_rope(x, pos, layout="interleaved")[..., perm]
+    assert _rel(a, b) < 1e-6
+    # Relative: <R(p)q, R(p+k)k> depends only on k.
+    q, k = x[:1, :1], x[1:, :1]
+    dots = [float(jnp.sum(rope.apply_rope(q, jnp.array([[p]])) * rope.apply_rope(k, jnp.array([[p + 2]]))))
+            for p in (0, 3, 7)]
+    assert np.allclose(dots, dots[0], rtol=1e-5)
+
+
+def test_rope_dynamic_scaling_only_beyond_max_positions():
+    short = rope.inverse_frequencies(8, 1e4, seq_len=32, scaling={"type": "dynamic", "factor": 2.0},
+                                     max_position_embeddings=32)
+    long = rope.inverse_frequencies(8, 1e4, seq_len=64, scaling={"type": "dynamic", "factor": 2.0},
+                                    max_position_embeddings=32)
+    plain = rope.inverse_frequencies(8, 1e4)
+    np.testing.assert_array_equal(short, plain)
+    assert np.all(np.asarray(long[1:]) < np.asarray(plain[1:]))
+    with pytest.raises(ValueError, match="not known"):
+        rope.inverse_frequencies(8, 1e4, scaling={"type": "yarn"})
+
+
+def test_mask_semantics():
+    seg = jnp.array([[1, 1, 2, 2, 0]])
+    idx = jnp.arange(5)[None]
+    causal = attention.make_mask(seg, seg, idx, idx, causal=True)[0, 0]
+    expected = np.array([[1, 0, 0, 0, 0], [1, 1, 0, 0, 0], [0, 0, 1, 0, 0], [0, 0, 1, 1, 0], [0, 0, 0, 0, 0]], bool)
+    np.testing.assert_array_equal(causal, expected)
+    full = attention.make_mask(seg, seg, idx, idx, causal=False)[0, 0]
+    assert full[0, 1] and not full[0, 2] and not full[4].any()
+    prefix = jnp.array([[True, True, False, False, False]])
+    pm = attention.make_mask(seg, seg, idx, idx, causal=True, q_prefix=prefix, kv_prefix=prefix)[0, 0]
+    assert pm[0, 1] and not pm[2, 3]
+
+
+def test_attention_impls_agree_with_gqa():
+    ks = jax.random.split(jax.random.PRNGKey(1), 3)
+    q = jax.random.normal(ks[0], (2, 6, 4, 8))
+    k = jax.random.normal(ks[1], (2, 6, 2, 8))
+    v = jax.random.normal(ks[2], (2, 6, 2, 8))
+    seg = jnp.array([[1, 1, 1, 1, 0, 0], [1, 1, 2, 2, 2, 2]])
+    idx = jnp.broadcast_to(jnp.arange(6), (2, 6))
+    mask = attention.make_mask(seg, seg, idx, idx, causal=True)
+    a = attention.attend(q, k, v, mask, scale=8 ** -0.5, impl="xla")
+    b = attention.attend(q, k, v, mask, scale=8 ** -0.5, impl="dot")
+    valid = np.asarray(seg > 0)
+    assert _rel(np.asarray(a)[valid], np.asarray(b)[valid]) < 1e-5
+    # Reference: repeat KV heads, plain softmax.
+    kr, vr = jnp.repeat(k, 2, axis=2), jnp.repeat(v, 2, axis=2)
+    logits = jnp.einsum("bthd,bshd->bhts", q, kr) * 8 ** -0.5
+    logits = jnp.where(mask, logits, -1e30)
+    ref = jnp.einsum("bhts,bshd->bthd", jax.nn.softmax(logits, -1), vr)
+    assert _rel(np.asarray(a)[valid], np.asarray(ref)[valid]) < 1e-5
+    with pytest.raises(ValueError, match="not known"):
+        attention.attend(q, k, v, mask, scale=1.0, impl="flash9")
+
+
+@pytest.fixture(scope="module")
+def tiny_lm():
+    cfg = llm.get_config("llama_tiny", remat="none")
+    model = llm.CausalLM(cfg)
+    params = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32))["params"]
+    return cfg, model, params
+
+
+def test_packed_rows_equal_separate_rows(tiny_lm):
+    cfg, model, params = tiny_lm
+    rng = np.random.default_rng(0)
+    a, b = rng.integers(3, cfg.vocab_size, 5), rng.integers(3, cfg.vocab_size, 7)
+    packed = np.concatenate([a, b, [0, 0, 0, 0]])[None]
+    seg = np.array([[1] * 5 + [2] * 7 + [0] * 4])
+    out = model.apply({"params": params}, jnp.asarray(packed), segment_ids=jnp.asarray(seg))
+    la = model.apply({"params": params}, jnp.asarray(a[None]))
+    lb = model.apply({"params": params}, jnp.asarray(b[None]))
+    assert _rel(out[0, :5], la[0]) < 1e-5
+    assert _rel(out[0, 5:12], lb[0]) < 1e-5
+    np.testing.assert_array_equal(llm.segment_positions(jnp.asarray(seg))[0, :12],
+                                  np.r_[np.arange(5), np.arange(7)])
+
+
+def test_remat_policies_give_identical_gradients(tiny_lm):
+    cfg, _, params = tiny_lm
+    tokens = jnp.asarray(np.random.default_rng(1).integers(0, cfg.vocab_size, (2, 12)))
+
+    def grads(policy):
+        model = llm.CausalLM(cfg.replace(remat=policy))
+        return jax.grad(lambda p: jnp.mean(model.apply({"params": p}, tokens) ** 2))(params)
+
+    ref = grads("none")
+    for policy in ("full", "save_dots", "minimal"):
+        for g, r in zip(jax.tree.leaves(grads(policy)), jax.tree.leaves(ref)):
+            assert _rel(g, r) < 1e-5, policy
+    assert set(REMAT_POLICIES) >= {"none", "full", "save_dots"}
+    with pytest.raises(ValueError, match="remat policy"):
+        llm.CausalLM(cfg.replace(remat="sometimes")).apply({"params": params}, tokens)
+
+
+def test_drop_path_drops_whole_samples_and_rescales():
+    x = jnp.ones((2000, 3))
+    y = DropPath().apply({}, x, 0.25, deterministic=False, rngs={"dropout": jax.random.PRNGKey(0)})
+    rows = np.asarray(y)
+    assert np.all(np.isclose(rows, 0.0) | np.isclose(rows, 1 / 0.75))
+    assert np.all((rows == rows[:, :1]))
+    assert abs(np.mean(rows[:, 0] == 0) - 0.25) < 0.04
+    np.testing.assert_array_equal(DropPath().apply({}, x, 0.25, deterministic=True), x)
+
+
+def test_bf16_compute_keeps_fp32_params():
+    cfg = llm.get_config("llama_tiny", dtype="bfloat16", remat="none")
+    model = llm.CausalLM(cfg)
+    params = jax.eval_shape(lambda r: model.init(r, jnp.zeros((1, 4), jnp.int32)), jax.random.PRNGKey(0))
+    assert {p.value.dtype for p in jax.tree.leaves(params, is_leaf=lambda x: hasattr(x, "names"))} == {np.dtype("float32")}
+    out = jax.eval_shape(lambda: model.apply(jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), params),
+                                             jnp.zeros((1, 4), jnp.int32)))
+    assert out.dtype == jnp.float32
