@@ -106,13 +106,15 @@ class Attention(nn.Module):
 
     def _update_cache(self, k, v, segment_ids, prefix):
         # Keys are cached after RoPE, as HF does, so decoding matches it exactly.
+        # Variable names differ from the submodules' ("key", "value"): linen
+        # gives variables and submodules one namespace.
         b, t = k.shape[:2]
-        is_init = not self.has_variable("cache", "key")
-        ck = self.variable("cache", "key", jnp.zeros, k.shape, k.dtype)
-        cv = self.variable("cache", "value", jnp.zeros, v.shape, v.dtype)
-        cseg = self.variable("cache", "segment", jnp.zeros, segment_ids.shape, jnp.int32)
-        cpre = self.variable("cache", "prefix", jnp.zeros, segment_ids.shape, jnp.bool_)
-        idx = self.variable("cache", "index", lambda: jnp.array(0, jnp.int32))
+        is_init = not self.has_variable("cache", "cached_key")
+        ck = self.variable("cache", "cached_key", jnp.zeros, k.shape, k.dtype)
+        cv = self.variable("cache", "cached_value", jnp.zeros, v.shape, v.dtype)
+        cseg = self.variable("cache", "cached_segment", jnp.zeros, segment_ids.shape, jnp.int32)
+        cpre = self.variable("cache", "cached_prefix", jnp.zeros, segment_ids.shape, jnp.bool_)
+        idx = self.variable("cache", "cache_index", lambda: jnp.array(0, jnp.int32))
         if is_init:
             index = jnp.broadcast_to(jnp.arange(t), (b, t))
             return k, v, segment_ids, prefix, index, index

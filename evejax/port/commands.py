@@ -1,0 +1,141 @@
+"""`evejax import` and `evejax export`: official PyTorch weights <-> evejax checkpoints.
+
+    evejax import --family llama|internlm2 SRC OUT_DIR [--config config.json | --size NAME]
+                  [--param-dtype float32|bfloat16] [--overwrite]
+        SRC: a HF model directory (config.json + model.safetensors, a shard index
+        or pytorch_model.bin), a shard index, or one weight file. The config comes
+        from --config, else SRC's config.json (or the one next to a weight file),
+        else the evejax size --size (`llama_tiny`, `vicuna_7b`, ...).
+        Writes OUT_DIR/model.json + OUT_DIR/params (Orbax).
+
+    evejax export CKPT_DIR OUT_DIR [--dtype float32|bfloat16] [--max-shard-size 5GB]
+        Writes OUT_DIR/config.json + model.safetensors (or model-0000k-of-0000n
+        shards and model.safetensors.index.json) in the official layout:
+        loadable by transformers.LlamaForCausalLM.from_pretrained (llama) or the
+        official InternLM2 remote code (internlm2; copy its .py files next to them).
+
+Every check happens before anything is written; errors a user can cause print
+one message and exit with status 1.
+"""
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from pathlib import Path
+
+from evejax.port import io
+from evejax.port.io import CheckpointError
+
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def parse_size(text: str) -> int:
+    """"5GB" (powers of 10, as transformers reads them), "2GiB", "100KB" or plain bytes -> bytes."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", text)
+    unit = match.group(2).upper() if match else None
+    if unit not in _UNITS:
+        raise argparse.ArgumentTypeError(f"size {text!r} is not understood; write e.g. 5GB, 500MB, 2GiB or 1000000")
+    return int(float(match.group(1)) * _UNITS[unit])
+
+
+def _import_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="evejax import", description="official PyTorch weights -> evejax checkpoint")
+    p.add_argument("--family", required=True, choices=("llama", "internlm2"))
+    p.add_argument("src", help="HF model directory, shard index (*.index.json) or weight file")
+    p.add_argument("out_dir", help="evejax checkpoint directory to create")
+    p.add_argument("--config", help="HF config.json to use instead of the one found with SRC")
+    p.add_argument("--size", help="evejax LM size to use when SRC has no config.json")
+    p.add_argument("--param-dtype", default="float32", choices=("float32", "bfloat16"),
+                   help="dtype the parameters are stored in")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing checkpoint in OUT_DIR")
+    return p
+
+
+def _source_config(args):
+    from evejax.models import llm
+    from evejax.port.tables import config_from_hf
+
+    src = Path(args.src)
+    if not src.exists():
+        raise CheckpointError(f"{src}: no such file or directory")
+    candidates = [Path(args.config)] if args.config else [(src if src.is_dir() else src.parent) / io.CONFIG_NAME]
+    for path in candidates:
+        if path.is_file() or args.config:
+            return config_from_hf(io.load_config_json(path), args.family)
+    if args.size:
+        try:
+            cfg = llm.get_config(args.size)
+        except ValueError as e:
+            raise CheckpointError(str(e)) from None
+        if cfg.family != args.family:
+            raise CheckpointError(f"--size {args.size} is a {cfg.family} model, not {args.family}")
+        return cfg
+    raise CheckpointError(f"{src}: no config.json found; pass --config PATH or --size NAME")
+
+
+def import_main(argv) -> int:
+    args = _import_parser().parse_args(argv)
+    return _run("import", lambda: _import(args))
+
+
+def _import(args) -> None:
+    from evejax.port.checkpoint import PARAMS_DIR, save_checkpoint
+    from evejax.port.tables import to_flax
+
+    cfg = _source_config(args).replace(param_dtype=args.param_dtype)
+    if (Path(args.out_dir) / PARAMS_DIR).exists() and not args.overwrite:
+        raise CheckpointError(f"{args.out_dir} already holds a checkpoint; pass --overwrite to replace it")
+    state = io.load_state_dict(args.src)
+    params = to_flax(state, cfg, source=args.src)
+    del state
+    save_checkpoint(args.out_dir, cfg, params, overwrite=args.overwrite)
+    print(f"evejax import: {args.family} checkpoint with {cfg.transformer.num_layers} layers -> {args.out_dir}")
+
+
+def _export_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="evejax export", description="evejax checkpoint -> official PyTorch layout")
+    p.add_argument("src", help="evejax checkpoint directory (written by `evejax import` or training)")
+    p.add_argument("out_dir", help="directory for config.json and safetensors files")
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
+                   help="dtype of the written tensors")
+    p.add_argument("--max-shard-size", default="5GB", type=parse_size,
+                   help="largest safetensors file, e.g. 5GB, 500MB; bigger models are sharded")
+    return p
+
+
+def export_main(argv) -> int:
+    args = _export_parser().parse_args(argv)
+    return _run("export", lambda: _export(args))
+
+
+def _export(args) -> None:
+    import ml_dtypes
+
+    from evejax.port.checkpoint import load_checkpoint
+    from evejax.port.tables import hf_config, to_torch
+
+    cfg, params = load_checkpoint(args.src)
+    config = hf_config(cfg, args.dtype)  # refuses configs with no official form before writing
+    state = to_torch(params, cfg)
+    del params
+    dtype = ml_dtypes.bfloat16 if args.dtype == "bfloat16" else args.dtype
+    files = io.save_state_dict(state, args.out_dir, max_shard_bytes=args.max_shard_size, dtype=dtype,
+                               metadata={"exported_by": "evejax", "family": cfg.family})
+    io.save_config_json(config, args.out_dir)
+    shards = [f for f in files if f.suffix == ".safetensors"]
+    print(f"evejax export: {len(state)} tensors in {len(shards)} safetensors file(s) -> {args.out_dir}")
+    if cfg.family == "internlm2":
+        print("evejax export: config.json points at the official remote code; copy "
+              "configuration_internlm2.py and modeling_internlm2.py into the directory to load it "
+              "with trust_remote_code=True")
+
+
+def _run(command: str, body) -> int:
+    try:
+        body()
+    except (CheckpointError, FileNotFoundError) as e:
+        print(f"evejax {command}: error: {e}", file=sys.stderr)
+        return 1
+    return 0
