@@ -1,0 +1,369 @@
+"""grain input pipelines: `make_data(config, process_index, process_count)`.
+
+Every pipeline has the same shape:
+
+  MapDataset.source(records)      random access; element = (global index, raw record)
+  [process_index::process_count]  this host's shard (disjoint; together one epoch)
+  .shuffle(seed)                  a new permutation each epoch (config.data.shuffle)
+  .repeat(num_epochs)             endless for training (num_epochs = 0)
+  .map / .random_map              decode, preprocess, tokenize; a bad record becomes
+                                  a marker {"bad": kind} (sources.BadRecord.KINDS)
+  .to_iter_dataset(read_threads)  [.mp_prefetch(num_workers) worker processes]
+  BatchIterDataset                drops and counts markers, packs / stacks into host
+                                  batches (packing.py); get_state / set_state / stats
+
+Bad records are dropped after the workers, in this process, so the counters
+(`iterator.stats()`: examples, batches, skipped, skipped_<kind>, fill) live in
+one place and in the checkpointed state, and the batches do not depend on
+num_workers. Host batch size b = global_batch / process_count;
+`sharding.global_batch(batch, mesh)` assembles the hosts' batches.
+
+Data names (config.data.name) and their host batches:
+  llava           LLaVA JSON list / JSONL + image directory  -> conversation batch
+  arrayrecord     shards from `evejax data convert`            -> conversation batch
+  shapes_caption  generated shapes, captions (plain template)  -> conversation batch
+  shapes_qa       generated shapes, QA rounds (vicuna_v1)      -> conversation batch
+  shapes_class    generated shapes: pixels [b, Tt, Tt, 3] (the CLIP-teacher view,
+                  teacher_image_size), pixel_mask [b, Tt, Tt], label int32 [b]
+                  (shapes.CLASS_NAMES; -1 on padding rows)
+  tfds_imagenet   any TFDS image-classification set prepared as ArrayRecord:
+                  pixels float32 [b, image_size, image_size, 3] (ImageNet-normalised;
+                  random-resized crop + flip when augment, else resize + centre crop),
+                  label int32 [b] (-1 on padding rows)
+Conversation batch (packing.SequencePacker; T = seq_len, S = image_size,
+Tt = teacher_image_size): tokens, targets, loss_mask, segment_ids, positions
+[b, T]; has_image [b]; pixels [b, S, S, 3], pixel_mask [b, S, S] and, with
+with_teacher, teacher_pixels [b, Tt, Tt, 3], teacher_mask [b, Tt, Tt]
+(evejax.data.image.preprocess_anyres); example_id [b, T] with with_ids.
+tokens holds IMAGE_TOKEN_INDEX (-200) where the model splices the image;
+positions count text positions (the placeholder is one), so a model that
+splices must recompute positions per segment after splicing.
+
+config.data fields (FIELDS; a key not listed there is an error):
+  name               one of DATA_NAMES
+  global_batch       rows per step over all hosts (divisible by process_count)
+  seed               shuffle / augmentation seed (0)
+  shuffle            reshuffle every epoch (True)
+  num_epochs         0 = endless (training); n: stop after n epochs, the last batch
+                     padded (empty rows: segment_ids 0, label -1) (0)
+  num_workers        grain worker processes; 0 = in this process (0)
+  read_threads       threads per process running the map step (2)
+  -- conversation data: llava, arrayrecord, shapes_caption, shapes_qa --
+  seq_len            T, text positions per row; a sample of L ids takes L - 1 (2048)
+  template           "plain" | "vicuna_v1" (vicuna_v1; shapes_caption: plain)
+  tokenizer          SentencePiece tokenizer.model path, or "shapes" (the fixed
+                     shapes word vocabulary; the default for shapes_*)
+  pack               first-fit several samples per row, at most one image per row (False)
+  overlong           "skip": a sample longer than a row is dropped and counted
+                     (too_long); "truncate": its ids are cut to seq_len + 1 as
+                     official EVE does, dropped only if no answer token is left ("skip")
+  image_size, patch_size, pool, teacher_image_size, teacher_patch_size
+                     AnyResConfig (672, 14, 2, 336, 14; shapes_*: 64, 4, 2, 32, 4;
+                     tfds_imagenet: image_size 224 is the crop)
+  with_teacher       add the CLIP teacher view (True)
+  with_ids           add example_id, for inspection and tests (False)
+  -- llava, arrayrecord --
+  path               llava: the JSON / JSONL file; arrayrecord: the --out directory
+                     of `evejax data convert`, a glob or a comma list of shards
+  image_root         directory (or gs:// prefix) of the records' relative image
+                     paths; arrayrecord records stored by path default to the
+                     image root recorded at conversion
+  -- shapes_* --
+  split              "train" | "heldout" ("train")
+  num_examples       size of the generated split (100000)
+  min_side, max_side image side range in pixels (32, 64)
+  -- tfds_imagenet --
+  tfds_name          ("imagenet2012")
+  tfds_dir           TFDS data_dir, local or gs:// ("": TFDS's default)
+  split              TFDS split ("train")
+  image_key, label_key  feature names ("image", "label")
+  augment            training augmentation (True)
+"""
+from __future__ import annotations
+
+import os
+from typing import Any, Callable
+
+import grain
+import numpy as np
+from PIL import Image
+
+from evejax.data import image as image_lib
+from evejax.data import packing, shapes, sources
+from evejax.data import text as text_lib
+from evejax.data.sources import BadRecord
+
+DATA_NAMES = ("llava", "arrayrecord", "shapes_caption", "shapes_qa", "shapes_class", "tfds_imagenet")
+CONVERSATION_NAMES = ("llava", "arrayrecord", "shapes_caption", "shapes_qa")
+
+FIELDS: dict[str, Any] = dict(
+    name="", global_batch=0, seed=0, shuffle=True, num_epochs=0, num_workers=0, read_threads=2,
+    seq_len=2048, template="vicuna_v1", tokenizer="", pack=False, overlong="skip",
+    image_size=672, patch_size=14, pool=2, teacher_image_size=336, teacher_patch_size=14,
+    with_teacher=True, with_ids=False, path="", image_root="",
+    split="train", num_examples=100_000, min_side=32, max_side=64,
+    tfds_name="imagenet2012", tfds_dir="", image_key="image", label_key="label", augment=True,
+)
+_SHAPES_DEFAULTS = dict(image_size=64, patch_size=4, pool=2, teacher_image_size=32, teacher_patch_size=4,
+                        tokenizer="shapes", seq_len=128)
+NAME_DEFAULTS: dict[str, dict[str, Any]] = {
+    "shapes_caption": dict(_SHAPES_DEFAULTS, template="plain"),
+    "shapes_qa": dict(_SHAPES_DEFAULTS),
+    "shapes_class": dict(_SHAPES_DEFAULTS),
+    "tfds_imagenet": dict(image_size=224),
+}
+
+
+def options(data) -> dict[str, Any]:
+    """config.data (ConfigDict or dict) with defaults filled in, checked."""
+    given = data.to_dict() if hasattr(data, "to_dict") else dict(data)
+    unknown = sorted(set(given) - set(FIELDS))
+    if unknown:
+        raise KeyError(f"config.data has unknown field(s) {unknown}; the data pipeline knows "
+                       f"{sorted(FIELDS)} (see evejax/data/pipeline.py)")
+    name = given.get("name")
+    if name not in DATA_NAMES:
+        raise ValueError(f"config.data.name={name!r} is not a pipeline here; use one of {DATA_NAMES}")
+    opts = dict(FIELDS, **NAME_DEFAULTS.get(name, {}))
+    opts.update(given)
+
+    def need(ok, what):
+        if not ok:
+            raise ValueError(f"config.data: {what}")
+
+    need(int(opts["global_batch"]) > 0, f"global_batch must be positive, got {opts['global_batch']}")
+    need(opts["num_epochs"] >= 0 and opts["num_workers"] >= 0 and opts["read_threads"] >= 1,
+         "num_epochs and num_workers must be >= 0 and read_threads >= 1")
+    if name in CONVERSATION_NAMES:
+        need(opts["seq_len"] >= 2, f"seq_len must be >= 2, got {opts['seq_len']}")
+        need(opts["overlong"] in ("skip", "truncate"), f"overlong={opts['overlong']!r}: use 'skip' or 'truncate'")
+        need(bool(opts["tokenizer"]), "tokenizer is required: a SentencePiece tokenizer.model path "
+             "(the checkpoint's) or 'shapes'")
+        text_lib.get_template(opts["template"])
+    if name in ("llava", "arrayrecord"):
+        need(bool(opts["path"]), f"path is required for {name}")
+    return opts
+
+
+def anyres_config(opts: dict) -> image_lib.AnyResConfig:
+    return image_lib.AnyResConfig(image_size=opts["image_size"], patch_size=opts["patch_size"],
+                                  pool=opts["pool"], teacher_image_size=opts["teacher_image_size"],
+                                  teacher_patch_size=opts["teacher_patch_size"])
+
+
+def make_tokenizer(spec: str) -> text_lib.Tokenizer:
+    if spec == "shapes":
+        return shapes.tokenizer()
+    return text_lib.SentencePieceTokenizer(spec)
+
+
+# ---- map steps ------------------------------------------------------------------------------
+
+def _load_image(image, image_root: str | None = None) -> Image.Image:
+    """PIL image from a PIL image, encoded bytes, or a path under image_root."""
+    if isinstance(image, str):
+        image = sources.read_image_bytes(image, image_root)
+    if isinstance(image, bytes):
+        try:
+            return image_lib.load_image(image)
+        except image_lib.BadImageError as e:
+            raise BadRecord("corrupt_image", str(e)) from e
+    if not isinstance(image, Image.Image):
+        raise BadRecord("malformed", f"record 'image' must be one path, got {type(image).__name__}")
+    return image
+
+
+class ConversationMap:
+    """(index, raw record) -> conversation example (packing.SequencePacker) or {"bad": kind}.
+
+    `decode(raw)` -> (record dict, image) with image None, a PIL image,
+    encoded bytes, or a path string resolved against `image_root`. Text is
+    checked before the image is read, so a too-long sample costs no decoding.
+    Picklable for grain's worker processes: the tokenizer is built on first use.
+    """
+
+    def __init__(self, decode: Callable, opts: dict):
+        self.decode = decode
+        self.tokenizer_spec, self.template = opts["tokenizer"], opts["template"]
+        self.seq_len, self.truncate = opts["seq_len"], opts["overlong"] == "truncate"
+        self.anyres, self.with_teacher = anyres_config(opts), opts["with_teacher"]
+        self.image_root = opts["image_root"] or None
+        self._tokenizer = None
+
+    def __getstate__(self):
+        return dict(self.__dict__, _tokenizer=None)
+
+    @property
+    def tokenizer(self):
+        if self._tokenizer is None:
+            self._tokenizer = make_tokenizer(self.tokenizer_spec)
+        return self._tokenizer
+
+    def __call__(self, item) -> dict:
+        index, raw = item
+        try:
+            return self._example(index, raw)
+        except BadRecord as e:
+            return {"bad": e.kind}
+
+    def _example(self, index: int, raw) -> dict:
+        record, image = self.decode(raw)
+        turns = record.get("conversations")
+        if not turns or (isinstance(turns, list) and all(
+                isinstance(t, dict) and not str(t.get("value", "")).strip() for t in turns)):
+            raise BadRecord("empty_conversation", f"record {record.get('id')!r} has no conversation")
+        try:
+            encoded = text_lib.encode_conversation(turns, self.tokenizer, self.template,
+                                                   self.seq_len + 1 if self.truncate else None)
+        except ValueError as e:
+            raise BadRecord("malformed", str(e)) from e
+        ids, mask = encoded.input_ids, encoded.loss_mask
+        if len(ids) - 1 > self.seq_len or not mask[1:].any():
+            raise BadRecord("too_long", f"{len(ids)} ids for rows of {self.seq_len} positions")
+        placeholder = bool((ids == text_lib.IMAGE_TOKEN_INDEX).any())
+        if placeholder and image is None:
+            raise BadRecord("malformed", "<image> in the text but the record has no image")
+        if image is not None and not placeholder and not self.truncate:
+            raise BadRecord("malformed", "the record has an image but no <image> in its text")
+        example = {"index": np.int64(index), "ids": ids, "loss_mask": mask}
+        if placeholder:
+            view = image_lib.preprocess_anyres(_load_image(image, self.image_root), self.anyres,
+                                               self.with_teacher)
+            example.update(pixels=view.pixels, pixel_mask=view.mask)
+            if self.with_teacher:
+                example.update(teacher_pixels=view.teacher_pixels, teacher_mask=view.teacher_mask)
+        return example
+
+
+def decode_json(raw: bytes):
+    record = sources.parse_record(raw)
+    return record, record.get("image")
+
+
+def decode_arrayrecord(raw: bytes):
+    record, image = sources.decode_record(raw)
+    return record, image if image is not None else record.get("image")
+
+
+def decode_shapes(record: dict):
+    return record, record["image"]
+
+
+class ShapesClassMap:
+    """(index, shapes record) -> {"index", "pixels" [Tt, Tt, 3], "pixel_mask", "label"}."""
+
+    def __init__(self, opts: dict):
+        self.anyres = anyres_config(opts)
+
+    def __call__(self, item) -> dict:
+        index, record = item
+        view = image_lib.preprocess_anyres(record["image"], self.anyres, with_teacher=True)
+        return {"index": np.int64(index), "pixels": view.teacher_pixels, "pixel_mask": view.teacher_mask,
+                "label": np.int32(record["label"])}
+
+
+class ImageClassMap:
+    """((index, TFDS features), rng) -> {"index", "pixels" [s, s, 3], "label"} or {"bad": kind}."""
+
+    def __init__(self, opts: dict):
+        self.size, self.augment = opts["image_size"], opts["augment"]
+        self.image_key, self.label_key = opts["image_key"], opts["label_key"]
+
+    def __call__(self, item, rng: np.random.Generator) -> dict:
+        index, features = item
+        try:
+            if self.image_key not in features or self.label_key not in features:
+                raise BadRecord("malformed", f"features {sorted(features)} lack {self.image_key!r} "
+                                f"or {self.label_key!r}")
+            image = _load_image(bytes(features[self.image_key]))
+        except BadRecord as e:
+            return {"bad": e.kind}
+        pixels = (image_lib.imagenet_train_transform(image, rng, self.size) if self.augment
+                  else image_lib.imagenet_eval_transform(image, self.size))
+        return {"index": np.int64(index), "pixels": pixels, "label": np.int32(features[self.label_key])}
+
+
+# ---- assembly -------------------------------------------------------------------------------
+
+class _WithIndex:
+    """(index, record) -> (record's index in the source, record); grain hands later
+    epochs indices past the end (it reads source[index % len])."""
+
+    def __init__(self, size: int):
+        self.size = size
+
+    def __call__(self, index: int, record):
+        return index % self.size, record
+
+
+def build(source, transform: Callable, make_batcher: Callable[[], packing.Batcher], opts: dict,
+          process_index: int, process_count: int, random: bool = False) -> packing.BatchIterator:
+    """The pipeline of the module docstring over any random-access `source`."""
+    if not 0 <= process_index < process_count:
+        raise ValueError(f"process_index {process_index} is not in [0, {process_count})")
+    if opts["global_batch"] % process_count:
+        raise ValueError(f"config.data.global_batch={opts['global_batch']} does not split over "
+                         f"{process_count} processes")
+    if len(source) < process_count:
+        raise ValueError(f"the data has {len(source)} records, fewer than the {process_count} processes")
+    ds = grain.MapDataset.source(source).map_with_index(_WithIndex(len(source)))
+    ds = ds[process_index::process_count]
+    if opts["shuffle"]:
+        ds = ds.shuffle(seed=opts["seed"])
+    ds = ds.repeat(opts["num_epochs"] or None)
+    ds = ds.random_map(transform, seed=opts["seed"]) if random else ds.map(transform)
+    # Small buffers: an element is ~9 MB at 672 px, and every worker process holds
+    # its own read buffer plus its output buffer.
+    it = ds.to_iter_dataset(grain.ReadOptions(num_threads=opts["read_threads"],
+                                              prefetch_buffer_size=2 * opts["read_threads"]))
+    if opts["num_workers"]:
+        from absl import flags
+
+        # grain's worker processes read absl flags; outside an absl app nobody
+        # parsed them, so take the defaults rather than fail.
+        if not flags.FLAGS.is_parsed():
+            flags.FLAGS.mark_as_parsed()
+        it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=opts["num_workers"],
+                                                         per_worker_buffer_size=4))
+    return iter(packing.BatchIterDataset(it, make_batcher))
+
+
+def make_data(config, process_index: int, process_count: int) -> packing.BatchIterator:
+    """This host's iterator of host batches for config.data (module docstring)."""
+    opts = options(config.data)
+    name, b = opts["name"], opts["global_batch"] // max(process_count, 1)
+    if name in CONVERSATION_NAMES:
+        if name == "llava":
+            source, decode = sources.JsonConversations(opts["path"]), decode_json
+        elif name == "arrayrecord":
+            source, decode = sources.arrayrecord_source(opts["path"]), decode_arrayrecord
+            if not opts["image_root"] and os.path.isdir(opts["path"]):
+                opts["image_root"] = sources.read_info(opts["path"]).get("image_root") or ""
+        else:
+            task = "caption" if name == "shapes_caption" else "qa"
+            source, decode = _shapes_source(task, opts), decode_shapes
+        pad_id = make_tokenizer(opts["tokenizer"]).pad_id
+        blank = image_lib.blank_anyres(anyres_config(opts))
+        fields = {"pixels": blank.pixels, "pixel_mask": blank.mask}
+        if opts["with_teacher"]:
+            fields.update(teacher_pixels=blank.teacher_pixels, teacher_mask=blank.teacher_mask)
+        return build(source, ConversationMap(decode, opts),
+                     lambda: packing.SequencePacker(b, opts["seq_len"], opts["pack"], pad_id, fields,
+                                                    opts["with_ids"]),
+                     opts, process_index, process_count)
+    if name == "shapes_class":
+        t = opts["teacher_image_size"]
+        pad = {"pixels": np.zeros((t, t, 3), np.float32), "pixel_mask": np.zeros((t, t), np.float32),
+               "label": np.int32(-1)}
+        return build(_shapes_source("class", opts), ShapesClassMap(opts), lambda: packing.Stacker(b, pad),
+                     opts, process_index, process_count)
+    s = opts["image_size"]
+    pad = {"pixels": np.zeros((s, s, 3), np.float32), "label": np.int32(-1)}
+    source = sources.tfds_source(opts["tfds_name"], opts["split"], opts["tfds_dir"] or None, opts["image_key"])
+    return build(source, ImageClassMap(opts), lambda: packing.Stacker(b, pad), opts, process_index,
+                 process_count, random=True)
+
+
+def _shapes_source(task: str, opts: dict) -> shapes.ShapesSource:
+    return shapes.ShapesSource(task, opts["split"], opts["num_examples"], opts["seed"],
+                               opts["min_side"], opts["max_side"])

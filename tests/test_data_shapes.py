@@ -1,0 +1,129 @@
+"""Generated shapes set: determinism, disjoint splits, texts that match the pixels."""
+import re
+
+import ml_collections
+import numpy as np
+import pytest
+from scipy import ndimage
+
+from evejax.data import pipeline
+from evejax.data import shapes as sh
+from evejax.data import text as tx
+
+COLOUR_OF = {rgb: name for name, rgb in sh.COLOURS.items()}
+
+
+def _seen(image):
+    """Shapes as read back from the pixels: [(kind, colour, x0, y0, width, height, n_pixels)]."""
+    px = np.asarray(image)
+    labels, n = ndimage.label(np.any(px != sh.BACKGROUND, axis=-1))
+    out = []
+    for k, (rows, cols) in enumerate(ndimage.find_objects(labels)):
+        region = labels[rows, cols] == k + 1
+        colours = {tuple(c) for c in px[rows, cols][region]}
+        assert len(colours) == 1, "a shape has exactly one colour (no anti-aliasing)"
+        # A square's top row is full, a triangle's bottom row is full, a circle's neither.
+        kind = "square" if region[0].all() else "triangle" if region[-1].all() else "circle"
+        out.append((kind, COLOUR_OF[colours.pop()], cols.start, rows.start, cols.stop - cols.start,
+                    rows.stop - rows.start, int(region.sum())))
+    return out
+
+
+def _answer(question, seen, width, height):
+    """Answers a generated question from the pixel-derived shapes alone."""
+    def half(start, extent, size, low, high):
+        return low if 2 * (start + extent) <= size else high if 2 * start >= size else None
+
+    def find(name):
+        colour, kind = name.split()
+        (hit,) = [s for s in seen if s[1] == colour and s[0] == kind]
+        return hit
+
+    numbers = dict(enumerate(sh.NUMBERS))
+    if question == "how many shapes are there?":
+        return numbers[len(seen)]
+    if m := re.fullmatch(r"how many (\w+)s are there\?", question):
+        return numbers[sum(s[0] == m[1] for s in seen)]
+    if m := re.fullmatch(r"what colour is the (\w+)\?", question):
+        (hit,) = [s for s in seen if s[0] == m[1]]
+        return hit[1]
+    if m := re.fullmatch(r"what shape is the (\w+) one\?", question):
+        (hit,) = [s for s in seen if s[1] == m[1]]
+        return hit[0]
+    if m := re.fullmatch(r"is there a (\w+ \w+)\?", question):
+        return "yes" if any(f"{s[1]} {s[0]}" == m[1] for s in seen) else "no"
+    if m := re.fullmatch(r"is the (\w+ \w+) on the left or on the right\?", question):
+        s = find(m[1])
+        return half(s[2], s[4], width, "left", "right")
+    if m := re.fullmatch(r"is the (\w+ \w+) at the top or at the bottom\?", question):
+        s = find(m[1])
+        return half(s[3], s[5], height, "top", "bottom")
+    raise AssertionError(f"unknown question {question!r}")
+
+
+def test_answers_captions_and_labels_match_the_pixels():
+    questions = set()
+    for split in sh.SPLITS:
+        source = sh.ShapesSource("qa", split, num_examples=40)
+        for i in range(40):
+            record, scene = source[i], sh.scene(i, split)
+            seen = _seen(record["image"])
+            # The drawing is exact: the scene rebuilt from pixels is the generated scene.
+            rebuilt = sh.Scene(record["image"].width, record["image"].height,
+                               tuple(sh.Shape(k, c, x, y, w) for k, c, x, y, w, h, _ in seen))
+            assert sorted(rebuilt.shapes, key=repr) == sorted(scene.shapes, key=repr)
+            assert sh.caption(rebuilt) == sh.caption(scene)
+            turns = record["conversations"]
+            assert turns[0]["value"].startswith("<image>\n") and 1 <= len(turns) // 2 <= 3
+            for q, a in zip(turns[0::2], turns[1::2]):
+                question = q["value"].replace("<image>\n", "")
+                questions.add(question.split()[0] + question.split()[-1])
+                assert _answer(question, seen, scene.width, scene.height) == a["value"], (split, i, question)
+            largest = max(seen, key=lambda s: s[-1])
+            assert sh.CLASS_NAMES[record["label"]] == f"{largest[1]} {largest[0]}"
+    assert len(questions) >= 6, "every question type is generated"
+
+
+def test_deterministic_by_seed_and_sizes_in_range():
+    a, b = sh.ShapesSource("caption", seed=3), sh.ShapesSource("caption", seed=3)
+    for i in (0, 7, 123):
+        ra, rb = a[i], b[i]
+        assert ra["conversations"] == rb["conversations"] and ra["label"] == rb["label"]
+        assert np.array_equal(np.asarray(ra["image"]), np.asarray(rb["image"]))
+        assert 32 <= ra["image"].width <= 64 and 32 <= ra["image"].height <= 64
+    other = sh.ShapesSource("caption", seed=4)
+    assert [a[i]["conversations"] for i in range(5)] != [other[i]["conversations"] for i in range(5)]
+    aspects = {round(a[i]["image"].width / a[i]["image"].height, 1) for i in range(20)}
+    assert len(aspects) > 5, "any aspect ratio"
+
+
+def test_train_and_heldout_scenes_are_disjoint():
+    train = [sh.scene(i, "train") for i in range(400)]
+    heldout = [sh.scene(i, "heldout") for i in range(200)]
+    assert all(s.split() == "train" for s in train) and all(s.split() == "heldout" for s in heldout)
+    assert not {s.key() for s in train} & {s.key() for s in heldout}
+    assert len({s.key() for s in heldout}) == 200
+    with pytest.raises(ValueError, match="split"):
+        sh.scene(0, "test")
+
+
+def test_vocabulary_covers_every_text():
+    tok = sh.tokenizer()
+    assert tok.vocab_size == len(sh.VOCABULARY) + 4
+    for i in range(100):
+        record = sh.ShapesSource("qa")[i]
+        ids = tx.encode_conversation(record["conversations"], tok, "vicuna_v1").input_ids
+        caption = tx.encode_conversation(sh.caption_conversation(sh.scene(i)), tok, "plain").input_ids
+        assert tok.unk_id not in ids and tok.unk_id not in caption
+        assert tok.decode(tok.encode(sh.caption(sh.scene(i)))) == sh.caption(sh.scene(i))
+
+
+def test_shapes_class_pipeline_gives_teacher_views_and_labels():
+    config = ml_collections.ConfigDict({"data": dict(name="shapes_class", global_batch=8, num_examples=8,
+                                                     num_epochs=1, shuffle=False)})
+    it = pipeline.make_data(config, 0, 1)
+    batch = next(it)
+    assert batch["pixels"].shape == (8, 32, 32, 3) and batch["pixel_mask"].shape == (8, 32, 32)
+    source = sh.ShapesSource("class", num_examples=8)
+    assert batch["label"].tolist() == [source[i]["label"] for i in range(8)]
+    assert batch["label"].dtype == np.int32 and (batch["pixel_mask"].sum(axis=(1, 2)) > 0).all()
