@@ -35,7 +35,68 @@ def _build_llm(model_cfg) -> ModelSpec:
         flops_per_step=lambda b, t: llm.training_flops_per_step(cfg, b, t), config=cfg)
 
 
-FAMILIES: dict[str, Callable[[Any], ModelSpec]] = {"llm": _build_llm}
+def _build_eve(model_cfg) -> ModelSpec:
+    """EVE (models/eve.py). model_cfg: size ("tiny", "7b", "7b_hd"), overrides (EVEConfig or
+    TransformerConfig fields; with_pal=False builds the inference model), pal_weight (1.0,
+    official). Batches: see `eve_batch_specs`; seq_len is the text length before splicing."""
+    from evejax.models import eve
+
+    overrides = dict(model_cfg.get("overrides", {}) or {})
+    cfg = eve.get_config(model_cfg.size, **overrides)
+    module = eve.EVE(cfg)
+    return ModelSpec(
+        module=module, init_args=eve.init_inputs(cfg), init_kwargs={},
+        loss_fn=_eve_loss_fn(module, float(model_cfg.get("pal_weight", 1.0))),
+        batch_specs=lambda b, t: eve_batch_specs(cfg, b, t),
+        flops_per_step=lambda b, t: sum(eve.training_flops(cfg, b, t).values()), config=cfg)
+
+
+def eve_batch_specs(cfg, batch: int, seq_len: int) -> dict:
+    """The conversation batch of `evejax.data.pipeline` that EVE reads: tokens, targets,
+    segment_ids [B, N] int32 (tokens hold IMAGE_TOKEN_INDEX where the image goes), loss_mask
+    [B, N] float32 (aligned with targets), pixels [B, S, S, 3] and pixel_mask [B, S, S]
+    float32 (preprocess_anyres) and, for the training model, teacher_pixels [B, Tt, Tt, 3],
+    teacher_mask [B, Tt, Tt]. N = seq_len text positions; the LLM runs on N - 1 + M."""
+    import jax
+
+    spec = lambda shape, dt=jnp.float32: jax.ShapeDtypeStruct((batch,) + shape, dt)  # noqa: E731
+    s = cfg.image_size
+    specs = {"tokens": spec((seq_len,), jnp.int32), "targets": spec((seq_len,), jnp.int32),
+             "segment_ids": spec((seq_len,), jnp.int32), "loss_mask": spec((seq_len,)),
+             "pixels": spec((s, s, 3)), "pixel_mask": spec((s, s))}
+    if cfg.with_pal:
+        t = cfg.clip.image_size
+        specs.update(teacher_pixels=spec((t, t, 3)), teacher_mask=spec((t, t)))
+    return specs
+
+
+def _eve_loss_fn(module, pal_weight: float):
+    """(params, batch, rng) -> (ce + pal_weight * pal, {"ce", "pal", "weight"}).
+
+    CE: each spliced position predicts the target of its `target_source`
+    (image tokens other than the last, and padding, predict nothing); the mean
+    over the batch's supervised tokens, as official. pal is 0 for the
+    inference model.
+    """
+    from evejax.models import eve
+    from evejax.train import losses
+
+    def loss_fn(params, batch, rng):
+        out = module.apply({"params": params}, batch["tokens"], batch["segment_ids"], batch["pixels"],
+                           batch["pixel_mask"], batch.get("teacher_pixels"), batch.get("teacher_mask"),
+                           deterministic=False, rngs={"dropout": rng})
+        targets = eve.gather_text(batch["targets"], out.target_source)
+        supervised = eve.gather_text(batch["loss_mask"].astype(jnp.float32), out.target_source)
+        # A placeholder is never a target (the packer pads it); a negative id would index garbage.
+        supervised = supervised * ((out.segment_ids > 0) & (targets >= 0))
+        ce, weight = losses.cross_entropy(out.logits, targets, supervised)
+        pal = jnp.zeros((), jnp.float32) if out.pal_loss is None else out.pal_loss
+        return ce + pal_weight * pal, {"ce": ce, "pal": pal, "weight": weight}
+
+    return loss_fn
+
+
+FAMILIES: dict[str, Callable[[Any], ModelSpec]] = {"llm": _build_llm, "eve": _build_eve}
 
 
 def build(model_cfg) -> ModelSpec:

@@ -14,6 +14,9 @@
         loadable by transformers.LlamaForCausalLM.from_pretrained (llama) or the
         official InternLM2 remote code (internlm2; copy its .py files next to them).
 
+    evejax import --family eve SRC OUT_DIR [--inference] ...   and   evejax export EVE_CKPT OUT_DIR
+        EVE (vision parts, PAL, CLIP teacher) has its own converter: see evejax.port.eve.
+
 Every check happens before anything is written; errors a user can cause print
 one message and exit with status 1.
 """
@@ -76,6 +79,9 @@ def _source_config(args):
 
 
 def import_main(argv) -> int:
+    status = _eve_hook("import", argv)
+    if status is not None:
+        return status
     args = _import_parser().parse_args(argv)
     return _run("import", lambda: _import(args))
 
@@ -106,6 +112,9 @@ def _export_parser() -> argparse.ArgumentParser:
 
 
 def export_main(argv) -> int:
+    status = _eve_hook("export", argv)
+    if status is not None:
+        return status
     args = _export_parser().parse_args(argv)
     return _run("export", lambda: _export(args))
 
@@ -139,3 +148,21 @@ def _run(command: str, body) -> int:
         print(f"evejax {command}: error: {e}", file=sys.stderr)
         return 1
     return 0
+
+
+# ---- EVE hook ---------------------------------------------------------------------------
+
+def _eve_hook(command: str, argv) -> int | None:
+    """Hands `import --family eve` and `export` of an EVE checkpoint to evejax.port.eve;
+    returns its exit status, or None for an LM command."""
+    from evejax.port import eve
+
+    probe = argparse.ArgumentParser(add_help=False)
+    probe.add_argument("--family")
+    probe.add_argument("paths", nargs="*")
+    args, _ = probe.parse_known_args(argv)
+    if command == "import" and args.family == "eve":
+        return eve.import_main(argv)
+    if command == "export" and any(eve.is_eve_checkpoint(path) for path in args.paths):
+        return eve.export_main(argv)
+    return None
