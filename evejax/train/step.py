@@ -3,6 +3,10 @@
 The step is jitted once with explicit in/out shardings and the state donated;
 it is the only place shardings are applied. `loss_fn(params, batch, rng) ->
 (loss, metrics)` is the model-specific part.
+
+Frozen parameters (a stage's `trainable` mask is False) are closed over as
+constants of the loss: no weight gradients are computed or accumulated for
+them, and they leave the step exactly as they entered it.
 """
 from __future__ import annotations
 
@@ -23,14 +27,17 @@ class TrainState:
     params: Any
     opt_state: Any
     rng: jax.Array
+    ema_params: Any = None   # exponential moving average of params, when enabled
 
 
 def abstract_state(model: nn.Module, init_args: tuple, init_kwargs: dict,
-                   optimizer: optax.GradientTransformation, mesh, rules=sharding.LOGICAL_RULES):
+                   optimizer: optax.GradientTransformation, mesh, rules=sharding.LOGICAL_RULES,
+                   ema: bool = False):
     """Shapes and shardings of the train state, without allocating anything.
 
     Returns (boxed_shapes, shardings): `boxed_shapes` keeps the logical names
-    of the parameters, `shardings` is a TrainState of NamedShardings.
+    of the parameters, `shardings` is a TrainState of NamedShardings (its
+    `ema_params` is None unless `ema`).
     """
     def init(rng):
         params = model.init(rng, *init_args, **init_kwargs)["params"]
@@ -42,33 +49,32 @@ def abstract_state(model: nn.Module, init_args: tuple, init_kwargs: dict,
     opt_shape = jax.eval_shape(optimizer.init, params_shape)
     opt_sh = optimizer_state_shardings(opt_shape, params_shape, param_sh, mesh)
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    shardings = TrainState(step=replicated, params=param_sh, opt_state=opt_sh, rng=replicated)
+    shardings = TrainState(step=replicated, params=param_sh, opt_state=opt_sh, rng=replicated,
+                           ema_params=param_sh if ema else None)
     return boxed, shardings
 
 
 def optimizer_state_shardings(opt_shape, params_shape, param_sh, mesh):
-    """Optimizer leaves shaped like a parameter take that parameter's sharding.
+    """Optimizer leaves that mirror a parameter take that parameter's sharding.
 
-    Moments are stored in sub-trees with the same structure as the params; any
-    other leaf (counts, scalars, placeholders of frozen parts) is replicated.
+    A leaf mirrors a parameter when its key path ends with the parameter's
+    path and the shapes agree: Adam's moments, also inside the masked
+    sub-states of `optax.partition`, where frozen parameters leave empty
+    `MaskedNode`s. Every other leaf (counts, scalars) is replicated.
     """
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    params_def = jax.tree.structure(params_shape)
+    by_path = {tuple(kp): (p.shape, s) for (kp, p), s in
+               zip(jax.tree_util.tree_leaves_with_path(params_shape), jax.tree.leaves(param_sh))}
+    lengths = sorted({len(k) for k in by_path}, reverse=True)
 
-    def visit(node):
-        if jax.tree.structure(node) == params_def:
-            return jax.tree.map(
-                lambda leaf, p, s: s if getattr(leaf, "shape", None) == p.shape else replicated,
-                node, params_shape, param_sh)
-        if isinstance(node, (tuple, list)) and not hasattr(node, "_fields"):
-            return type(node)(visit(n) for n in node)
-        if hasattr(node, "_fields"):  # namedtuple states (ScaleByAdamState, ...)
-            return type(node)(*(visit(n) for n in node))
-        if isinstance(node, dict):
-            return {k: visit(v) for k, v in node.items()}
-        return jax.tree.map(lambda _: replicated, node)
+    def one(key_path, leaf):
+        for n in lengths:
+            hit = by_path.get(tuple(key_path[-n:])) if len(key_path) >= n else None
+            if hit is not None and hit[0] == getattr(leaf, "shape", None):
+                return hit[1]
+        return replicated
 
-    return visit(opt_shape)
+    return jax.tree_util.tree_map_with_path(one, opt_shape)
 
 
 def init_state(model, init_args, init_kwargs, optimizer, shardings: TrainState, rng) -> TrainState:
@@ -77,41 +83,90 @@ def init_state(model, init_args, init_kwargs, optimizer, shardings: TrainState, 
         params_rng, state_rng = jax.random.split(rng)
         params = sharding.unbox(model.init(params_rng, *init_args, **init_kwargs)["params"])
         return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                          opt_state=optimizer.init(params), rng=state_rng)
+                          opt_state=optimizer.init(params), rng=state_rng,
+                          ema_params=params if shardings.ema_params is not None else None)
 
     return jax.jit(init, out_shardings=shardings)(rng)
 
 
+def state_from_params(params, optimizer, shardings: TrainState, rng) -> TrainState:
+    """A step-0 state around given params (a previous stage's, imported) with fresh optimizer state.
+
+    `rng` is the state's own key, i.e. what `init_state` keeps after its split.
+    """
+    def build(params, rng):
+        return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params),
+                          rng=rng, ema_params=params if shardings.ema_params is not None else None)
+
+    return jax.jit(build, out_shardings=shardings)(params, rng)
+
+
 def make_train_step(loss_fn: Callable, optimizer: optax.GradientTransformation,
                     state_shardings: TrainState, batch_shardings: Any,
-                    accum_steps: int = 1, donate: bool = True):
+                    accum_steps: int = 1, donate: bool = True, *,
+                    trainable: Any = None, ema_decay: float = 0.0):
     """Returns step(state, batch) -> (state, metrics), jitted with shardings.
 
     With `accum_steps > 1` the batch's leading dimension is split into that many
     micro-batches whose gradients are averaged (weighted by their loss weight)
-    inside the step, so large global batches fit small slices.
+    inside the step, so large global batches fit small slices. `trainable` is
+    a bool tree like the params (None: all train); `grad_norm` is measured
+    over the trainable part, before clipping. With `ema_decay > 0` the state
+    must carry `ema_params`, which follow the params.
     """
-    def grads_of(params, batch, rng):
-        (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, batch, rng)
-        return loss, metrics, grads
-
     def step(state: TrainState, batch):
         rng, step_rng = jax.random.split(state.rng)
-        if accum_steps == 1:
-            loss, metrics, grads = grads_of(state.params, batch, step_rng)
+        if trainable is None:
+            train_p, frozen_p = state.params, None
         else:
-            loss, metrics, grads = _accumulate(grads_of, state.params, batch, step_rng, accum_steps)
+            train_p, frozen_p = _split(state.params, trainable)
+
+        def grads_of(tp, mb, r):
+            (loss, metrics), grads = jax.value_and_grad(
+                lambda p: loss_fn(p if frozen_p is None else _merge(p, frozen_p), mb, r),
+                has_aux=True)(tp)
+            return loss, metrics, grads
+
+        if accum_steps == 1:
+            loss, metrics, grads = grads_of(train_p, batch, step_rng)
+        else:
+            loss, metrics, grads = _accumulate(grads_of, train_p, batch, step_rng, accum_steps)
+        metrics = dict(metrics, loss=loss, grad_norm=optax.tree.norm(grads))
+        if frozen_p is not None:
+            grads = _merge(grads, jax.tree.map(jnp.zeros_like, frozen_p))
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        metrics = dict(metrics, loss=loss, grad_norm=optax.global_norm(grads))
-        return state.replace(step=state.step + 1, params=params, opt_state=opt_state, rng=rng), metrics
+        if frozen_p is not None:  # bit-exact: p + 0.0 would turn -0.0 into 0.0
+            params = _merge(_split(params, trainable)[0], frozen_p)
+        ema = state.ema_params
+        if ema_decay:
+            ema = jax.tree.map(lambda e, p: (e * ema_decay + p * (1.0 - ema_decay)).astype(e.dtype),
+                               ema, params)
+        new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, rng=rng,
+                                  ema_params=ema)
+        return new_state, metrics
 
     return jax.jit(step, in_shardings=(state_shardings, batch_shardings),
                    out_shardings=(state_shardings, None), donate_argnums=(0,) if donate else ())
 
 
+def _split(tree, mask):
+    """(leaves where mask, leaves where not), each with None in the other's places."""
+    return (jax.tree.map(lambda x, m: x if m else None, tree, mask),
+            jax.tree.map(lambda x, m: None if m else x, tree, mask))
+
+
+def _merge(first, second):
+    """Inverse of `_split`: takes `first`'s leaves, `second`'s where `first` has None."""
+    return jax.tree.map(lambda a, b: b if a is None else a, first, second,
+                        is_leaf=lambda x: x is None)
+
+
 def _accumulate(grads_of, params, batch, rng, n):
-    micro = jax.tree.map(lambda x: x.reshape((n, x.shape[0] // n) + x.shape[1:]), batch)
+    # Micro-batch k takes rows k, k + n, k + 2n, ...: each device's contiguous
+    # shard of the batch then contributes equally to every micro-batch, so the
+    # split needs no data movement.
+    micro = jax.tree.map(lambda x: x.reshape((x.shape[0] // n, n) + x.shape[1:]).swapaxes(0, 1), batch)
 
     def body(carry, xs):
         mb, r = xs

@@ -1,0 +1,146 @@
+"""Orbax checkpoints of a run: one CheckpointManager, four items per step.
+
+  <workdir>/checkpoints/<step>/
+    state/     the TrainState (params, optimizer state, step, rng, EMA params)
+    data/      the data iterator's state, one JSON file per process
+    config/    the run's config as JSON (a later stage reads it from here)
+    metrics/   the metrics of that step as JSON
+
+Saves are asynchronous: `save` returns once the arrays are copied off the
+devices and the files are written in the background. Orbax writes a step into
+a temporary directory and renames it when complete (or, on object stores,
+marks it with commit_success.txt), so a save cut short by a kill is never
+listed: `latest_step` is the newest complete checkpoint, and leftover
+temporary directories are deleted before the next save. The caller decides
+when to save (the trainer: every N steps, at the end, on preemption); the
+manager keeps the newest `keep`.
+
+State is always restored into an abstract target whose leaves carry the
+*current* run's shardings, so a checkpoint written on one mesh loads onto
+another (fsdp=8 -> data=2 x fsdp=4).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any, Optional
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from etils import epath
+
+ITEMS = ("state", "data", "config", "metrics")
+
+
+class DataIteratorHandler(ocp.CheckpointHandler):
+    """Each process's data-iterator state as `process_<i>-of-<n>.json` (grain's layout)."""
+
+    def save(self, directory: epath.Path, args: "DataIteratorSave"):
+        name = f"process_{jax.process_index()}-of-{jax.process_count()}.json"
+        (directory / name).write_text(json.dumps(args.state, indent=1))
+
+    def restore(self, directory: epath.Path, args: "DataIteratorRestore" = None) -> dict:
+        path = directory / f"process_{jax.process_index()}-of-{jax.process_count()}.json"
+        if not path.exists():
+            raise FileNotFoundError(
+                f"{path} is missing: the checkpoint was written by a different number of "
+                "processes, so the data position of this process is unknown")
+        return json.loads(path.read_text())
+
+
+@ocp.args.register_with_handler(DataIteratorHandler, for_save=True)
+@dataclasses.dataclass
+class DataIteratorSave(ocp.args.CheckpointArgs):
+    # The state is taken when the save is requested, not when the background
+    # write runs, so it matches the batches the saved train state has seen.
+    state: dict
+
+
+@ocp.args.register_with_handler(DataIteratorHandler, for_restore=True)
+@dataclasses.dataclass
+class DataIteratorRestore(ocp.args.CheckpointArgs):
+    pass
+
+
+def _absolute(workdir: str) -> epath.Path:
+    """Orbax (tensorstore) needs absolute paths; URLs like gs://... already are."""
+    return epath.Path(workdir if "://" in str(workdir) else os.path.abspath(workdir))
+
+
+def _abstract(tree: Any, shardings: Any) -> Any:
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+
+
+class Checkpoints:
+    """The run's checkpoints under `<workdir>/checkpoints`."""
+
+    def __init__(self, workdir: str, *, keep: int = 3, async_save: bool = True, read_only: bool = False):
+        self.directory = _absolute(workdir) / "checkpoints"
+        if read_only:   # another run's checkpoints: never written or cleaned from here
+            options = ocp.CheckpointManagerOptions(read_only=True, save_interval_steps=0, max_to_keep=None,
+                                                   create=False)
+        else:
+            options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save,
+                                                   cleanup_tmp_directories=True)
+        self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=ITEMS)
+
+    def latest_step(self) -> Optional[int]:
+        return self.manager.latest_step()
+
+    def reached_preemption(self, step: int) -> bool:
+        """True on every process once the cluster's preemption notice (SIGTERM) is synced."""
+        return self.manager.reached_preemption(step)
+
+    def save(self, step: int, state, data_state: dict, config: dict, metrics: dict) -> None:
+        args = ocp.args.Composite(
+            state=ocp.args.PyTreeSave(state), data=DataIteratorSave(data_state),
+            config=ocp.args.JsonSave(config), metrics=ocp.args.JsonSave(metrics))
+        self.manager.save(step, args=args, force=True)
+
+    def restore(self, step: int, abstract_state, state_shardings):
+        """(state on the current mesh, data-iterator state, metrics) of `step`."""
+        target = _abstract(abstract_state, state_shardings)
+        restored = self.manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.PyTreeRestore(
+                item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target)),
+            data=DataIteratorRestore(), metrics=ocp.args.JsonRestore()))
+        return restored.state, restored.data, restored.metrics
+
+    def config(self, step: int) -> dict:
+        return self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore())).config
+
+    def restore_params(self, step: int, abstract_params, param_shardings):
+        """Only the params of `step` (a finished stage's weights for the next stage)."""
+        target = {"params": _abstract(abstract_params, param_shardings)}
+        restored = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+            item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+            partial_restore=True)))
+        return restored.state["params"]
+
+    def wait(self) -> None:
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.close()
+
+
+def load_params(workdir: str, step: Optional[int] = None) -> tuple[int, Any]:
+    """(step, params as numpy arrays) of a run's checkpoint (default: the newest).
+
+    Needs no model, mesh or optimizer, and works on any number of devices:
+    for evaluation, export and tests.
+    """
+    store = Checkpoints(workdir, read_only=True)
+    step = store.latest_step() if step is None else step
+    store.close()
+    if step is None:
+        raise FileNotFoundError(f"{workdir} has no complete checkpoint")
+    path = store.directory / str(step) / "state"
+    checkpointer = ocp.PyTreeCheckpointer()
+    target = {"params": checkpointer.metadata(path).item_metadata.tree["params"]}
+    restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), target)
+    restored = checkpointer.restore(path, args=ocp.args.PyTreeRestore(
+        item=target, restore_args=restore_args, partial_restore=True))
+    return step, restored["params"]

@@ -1,0 +1,366 @@
+"""`evejax train`: one trainer for every model and stage; what differs is config.
+
+  evejax train --config configs/eve.py:7b_stage1 [--workdir DIR] [--config.optim.lr=1e-4 ...]
+
+`--workdir` defaults to runs/<config file>_<arg> (runs/eve_7b_stage1). Running
+the same command again resumes from the newest complete checkpoint in it:
+train state, data position and RNG, so the result is the same as a run that
+was never stopped. SIGTERM (Cloud TPU preemption) saves a checkpoint at the
+current step and exits 0. A non-finite loss or gradient norm stops the run
+(exit 1) without saving, so the last good checkpoint stays the newest.
+
+Where a stage starts (`config.stage.start`), when its workdir has no checkpoint:
+  kind="fresh"   random init from config.train.seed
+  kind="stage"   the params of a finished stage's last checkpoint; `workdir` is
+                 that stage's workdir, resolved against this run's parent
+                 directory when relative (runs/eve_7b_stage2 -> runs/eve_7b_stage1)
+  kind="import"  random init, then subtrees replaced by `evejax import` output:
+                 `path` = "DIR" (whole tree) or "SUBTREE=DIR,SUBTREE=DIR,..."
+
+Data comes from `make_data(config, process_index, process_count)`, an endless
+iterator of host batches (dicts of numpy arrays) with get_state / set_state,
+found from `config.data.name`: a pipeline of evejax/data/pipeline.py (llava,
+shapes_caption, ...), a name in DATA_SOURCES (synthetic_text), or
+"package.module:function". The step reads the batch keys of the model's
+`batch_specs`; other keys (ids, statistics) stay on the host.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import signal
+import sys
+import threading
+from typing import Any, Callable
+
+import jax
+import numpy as np
+from etils import epath
+
+from evejax import config as config_lib
+from evejax import sharding
+from evejax.models import registry
+from evejax.train import checkpoint as ckpt_lib
+from evejax.train import metrics as metrics_lib
+from evejax.train import optimizer as optimizer_lib
+from evejax.train import step as step_lib
+
+# Names outside evejax/data/pipeline.py's DATA_NAMES.
+DATA_SOURCES = {"synthetic_text": "evejax.data.synthetic:make_data"}
+START_KINDS = ("fresh", "stage", "import")
+# model.json "format" of an `evejax import` directory -> the module whose
+# load_checkpoint(directory, shardings) reads it.
+IMPORT_FORMATS = {"evejax.lm": "evejax.port.checkpoint", "evejax.eve": "evejax.port.eve"}
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss or gradient norm became NaN/inf; the run stopped without saving."""
+
+
+def data_source(name: str) -> Callable:
+    """make_data for config.data.name: DATA_SOURCES, "package.module:function", or a pipeline name."""
+    from evejax.data import pipeline
+
+    if name in pipeline.DATA_NAMES:
+        return pipeline.make_data
+    target = DATA_SOURCES.get(name, name)
+    module_name, _, attr = target.partition(":")
+    if not attr:
+        raise ValueError(f"config.data.name={name!r} is not known; use one of "
+                         f"{sorted(DATA_SOURCES) + list(pipeline.DATA_NAMES)} or 'module:function'")
+    try:
+        return getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as e:
+        raise ValueError(f"config.data.name={name!r}: cannot load {target} ({e})") from e
+
+
+def weighted_loss(loss_fn: Callable, weights: dict[str, float]) -> Callable:
+    """The stage's loss: sum of weight x term over the terms the model reports in its metrics."""
+    def fn(params, batch, rng):
+        _, metrics = loss_fn(params, batch, rng)
+        missing = sorted(set(weights) - set(metrics))
+        if missing:
+            raise KeyError(f"config.stage.losses names {missing}, but the model's loss reports "
+                           f"{sorted(k for k in metrics if k != 'weight')}")
+        return sum(w * metrics[k] for k, w in weights.items()), metrics
+    return fn
+
+
+def resolve_dir(path: str, workdir: str) -> epath.Path:
+    """Relative stage workdirs live next to this run's workdir."""
+    if "://" in path or os.path.isabs(path):
+        return epath.Path(path)
+    return epath.Path(workdir).parent / path
+
+
+# --------------------------------------------------------------------------
+# Where a stage starts.
+# --------------------------------------------------------------------------
+def stage_params(start, workdir: str, params_shape, param_shardings):
+    """Final params of the previous stage, placed with this run's shardings."""
+    previous = resolve_dir(start.workdir, workdir)
+    store = ckpt_lib.Checkpoints(str(previous), read_only=True)
+    step = store.latest_step()
+    if step is None:
+        raise FileNotFoundError(f"config.stage.start.workdir: {previous} has no checkpoint; "
+                                "run the previous stage first (or set the right workdir)")
+    planned = store.config(step)["train"]["steps"]
+    if step < planned:
+        raise ValueError(f"the previous stage in {previous} stopped at step {step} of {planned}; "
+                         "run its command again to finish it before starting this stage")
+    params = store.restore_params(step, params_shape, param_shardings)
+    store.close()
+    return params, f"params of {previous} at step {step}"
+
+
+def load_imported(directory: str, shardings):
+    """(cfg, params) of an `evejax import` directory, restored straight onto `shardings`."""
+    path = epath.Path(directory) / "model.json"
+    if not path.exists():
+        raise FileNotFoundError(f"config.stage.start.path: {directory} has no model.json; "
+                                "create it with `evejax import`")
+    kind = json.loads(path.read_text()).get("format")
+    if kind not in IMPORT_FORMATS:
+        raise ValueError(f"{directory}: checkpoint format {kind!r} cannot be imported; "
+                         f"known: {sorted(IMPORT_FORMATS)}")
+    return importlib.import_module(IMPORT_FORMATS[kind]).load_checkpoint(directory, shardings)
+
+
+def imported_params(start, params, param_shardings):
+    """`params` with subtrees replaced by directories written by `evejax import`."""
+    params = dict(params)
+    for entry in filter(None, (e.strip() for e in start.path.split(","))):
+        subtree, _, directory = entry.rpartition("=")
+        keys = [k for k in subtree.split("/") if k]
+        target, target_sh = params, param_shardings
+        for k in keys:
+            if k not in target:
+                raise KeyError(f"config.stage.start.path: {subtree!r} is not a parameter subtree; "
+                               f"top level has {sorted(params)}")
+            target, target_sh = target[k], target_sh[k]
+        try:
+            _, loaded = load_imported(directory, target_sh)
+        except (ValueError, TypeError) as e:
+            raise ValueError(f"{directory} does not load as the parameters of {subtree or 'the model'}: "
+                             f"{e}") from e
+        for (kp, new), old in zip(jax.tree_util.tree_leaves_with_path(loaded), jax.tree.leaves(target)):
+            if new.shape != old.shape:
+                where = "/".join(keys + [optimizer_lib.path_str(kp)])
+                raise ValueError(f"{directory}: {where} has shape {new.shape}, the model wants {old.shape}")
+        placed = jax.tree.map(lambda new, old: new.astype(old.dtype), loaded, target)
+        if not keys:
+            params = placed
+            continue
+        node = params
+        for k in keys[:-1]:
+            node[k] = dict(node[k])
+            node = node[k]
+        node[keys[-1]] = placed
+    return params, f"imported {start.path}"
+
+
+# --------------------------------------------------------------------------
+# Training.
+# --------------------------------------------------------------------------
+def train(config, workdir: str) -> dict:
+    """Runs (or resumes) one stage. Returns {"step", "metrics", "preempted"}."""
+    sharding.maybe_initialize_distributed()
+    tc, dc, name = config.train, config.data, config.stage.name
+    total, accum = tc.steps, tc.accum_steps
+    mesh = sharding.make_mesh(dict(config.mesh))
+    if config.stage.start.kind not in START_KINDS:
+        raise ValueError(f"config.stage.start.kind={config.stage.start.kind!r} is not known; "
+                         f"use one of {START_KINDS}")
+    if tc.log_every < 1:
+        raise ValueError(f"config.train.log_every={tc.log_every} must be >= 1")
+    if dc.global_batch % accum or (dc.global_batch // accum) % sharding.data_parallel_size(mesh):
+        raise ValueError(
+            f"config.data.global_batch={dc.global_batch} must split into config.train.accum_steps="
+            f"{accum} micro-batches that divide over the {sharding.data_parallel_size(mesh)} "
+            "data-parallel devices of config.mesh")
+
+    spec = registry.build(config.model)
+    module, init_args, init_kwargs = spec.module, spec.init_args, spec.init_kwargs
+    with sharding.rules_context(mesh):
+        # ---- model, optimizer and the state's shapes and shardings ----
+        boxed = jax.eval_shape(lambda r: module.init(r, *init_args, **init_kwargs)["params"],
+                               jax.random.PRNGKey(0))
+        params_shape = sharding.unbox(boxed)
+        opt = optimizer_lib.make_optimizer(config.optim, config.stage.trainable, params_shape, total)
+        _, shardings = step_lib.abstract_state(module, init_args, init_kwargs, opt.tx, mesh,
+                                               ema=tc.ema_decay > 0)
+        rng = jax.random.PRNGKey(tc.seed)
+        state_shape = jax.eval_shape(
+            lambda r: step_lib.init_state(module, init_args, init_kwargs, opt.tx, shardings, r), rng)
+
+        # ---- data ----
+        data_iter = data_source(dc.name)(config, jax.process_index(), jax.process_count())
+        specs = spec.batch_specs(dc.global_batch, dc.seq_len)
+        batch_shardings = {k: sharding.batch_sharding(mesh, len(s.shape)) for k, s in specs.items()}
+
+        # ---- checkpoints, and where this run starts ----
+        store = ckpt_lib.Checkpoints(workdir, keep=config.checkpoint.keep,
+                                     async_save=config.checkpoint.async_save)
+        latest = store.latest_step()
+        last_metrics: dict = {}
+        if latest is not None:
+            state, data_state, last_metrics = store.restore(latest, state_shape, shardings)
+            data_iter.set_state(data_state)
+            origin = f"resumed from checkpoint {latest} in {store.directory}"
+        elif config.stage.start.kind == "fresh":
+            state = step_lib.init_state(module, init_args, init_kwargs, opt.tx, shardings, rng)
+            origin = f"fresh init (seed {tc.seed})"
+        else:
+            state, origin = _started_state(config, workdir, module, init_args, init_kwargs, opt.tx,
+                                           shardings, state_shape, rng)
+        start_step = int(jax.device_get(state.step))
+
+        # ---- the step: compiled once, before the loop ----
+        train_step = step_lib.make_train_step(
+            weighted_loss(spec.loss_fn, dict(config.stage.losses)), opt.tx, shardings, batch_shardings,
+            accum, trainable=opt.trainable, ema_decay=tc.ema_decay)
+        state_spec = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                                  state_shape, shardings)
+        compiled = train_step.lower(state_spec, specs).compile()
+
+        reporter = metrics_lib.Reporter(
+            name, total, start_step, logdir=str(epath.Path(workdir) / "tensorboard"),
+            flops_per_step=spec.flops_per_step(dc.global_batch, dc.seq_len),
+            tokens_per_step=dc.global_batch * dc.seq_len, num_devices=jax.device_count(),
+            peak_flops_per_device=metrics_lib.peak_flops_per_device(tc.peak_flops_per_device),
+            loss_terms=list(config.stage.losses), progress_bar=tc.progress_bar)
+        n_train = sum(int(np.prod(p.shape)) for p, t in zip(jax.tree.leaves(params_shape),
+                                                            jax.tree.leaves(opt.trainable)) if t)
+        n_all = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(params_shape))
+        reporter.write(f"[{name}] {origin}; workdir {workdir}; mesh {dict(mesh.shape)}; "
+                       f"params {n_all:,} ({n_train:,} trainable); global batch {dc.global_batch} x "
+                       f"{dc.seq_len} tokens in {accum} micro-batch(es); {total} steps")
+        if start_step >= total:
+            reporter.write(f"[{name}] already finished at step {start_step}")
+            reporter.close()
+            store.close()
+            return {"step": start_step, "metrics": last_metrics, "preempted": False}
+
+        config_dict = config.to_dict()
+        every = config.checkpoint.every   # 0: only the final and preemption checkpoints
+        learning_rate = jax.jit(opt.schedule)   # one small compile, not one per jnp op
+        preempted = PreemptionFlag()
+        pending: list[tuple[int, Any]] = []   # device metrics not yet fetched
+        last_saved = start_step
+        reporter.restart_clock(start_step)
+        try:
+            for step in range(start_step + 1, total + 1):
+                host_batch = next(data_iter)
+                if step == start_step + 1:
+                    _check_batch(host_batch, specs, jax.process_count())
+                batch = sharding.global_batch({k: host_batch[k] for k in specs}, mesh)
+                with jax.transfer_guard("disallow"):  # the step itself moves nothing to/from host
+                    state, step_metrics = compiled(state, batch)
+                pending.append((step, step_metrics))
+                stop = preempted.is_set() or store.reached_preemption(step)
+                save = stop or step == total or (every > 0 and step % every == 0)
+                if save or step % tc.log_every == 0:
+                    fetched = [(s, {k: float(v) for k, v in m.items()}) for s, m in jax.device_get(pending)]
+                    pending.clear()
+                    bad = metrics_lib.first_nonfinite(fetched)
+                    if bad is not None:
+                        raise NonFiniteLossError(_nonfinite_message(name, bad, last_saved, store))
+                    last_metrics = reporter.log(step, fetched[-1][1], float(learning_rate(step - 1)))
+                if save:
+                    store.save(step, state, data_iter.get_state(), config_dict, dict(last_metrics, step=step))
+                    last_saved = step
+                reporter.advance(step)
+                if stop:
+                    reporter.write(f"[{name}] preempted: saved checkpoint {step}; run the same command "
+                                   "to resume")
+                    return {"step": step, "metrics": last_metrics, "preempted": True}
+            reporter.write(f"[{name}] finished {total} steps; final checkpoint in {store.directory}")
+            return {"step": total, "metrics": last_metrics, "preempted": False}
+        finally:
+            store.wait()
+            store.close()
+            reporter.close()
+            preempted.restore()
+
+
+def _started_state(config, workdir, module, init_args, init_kwargs, tx, shardings, state_shape, rng):
+    """A step-0 state from a previous stage's or imported params, with fresh optimizer state."""
+    start = config.stage.start
+    if start.kind == "stage":
+        params, origin = stage_params(start, workdir, state_shape.params, shardings.params)
+    else:
+        fresh = step_lib.init_state(module, init_args, init_kwargs, tx, shardings, rng)
+        params, origin = imported_params(start, fresh.params, shardings.params)
+    state_rng = jax.random.split(rng)[1]   # the same split as a fresh init_state
+    return step_lib.state_from_params(params, tx, shardings, state_rng), origin
+
+
+def _check_batch(host_batch, specs, process_count: int) -> None:
+    for key, s in specs.items():
+        if key not in host_batch:
+            raise KeyError(f"the data has no {key!r} (it has {sorted(host_batch)}); the model needs "
+                           f"{sorted(specs)}")
+        want = (s.shape[0] // process_count,) + tuple(s.shape[1:])
+        got = host_batch[key]
+        if tuple(got.shape) != want or got.dtype != s.dtype:
+            raise ValueError(f"data {key!r}: {got.dtype}{list(got.shape)} per host, the step "
+                             f"wants {np.dtype(s.dtype)}{list(want)} (check config.data)")
+
+
+def _nonfinite_message(name, bad, last_saved, store) -> str:
+    step, values = bad
+    shown = ", ".join(f"{k}={v:.4g}" for k, v in sorted(values.items()))
+    return (f"[{name}] non-finite loss at step {step} ({shown}); stopped without saving. "
+            f"The newest checkpoint is step {last_saved} in {store.directory}: lower the learning "
+            "rate or fix the data, then run the same command to resume from it.")
+
+
+class PreemptionFlag:
+    """Set by SIGTERM on a single-process run.
+
+    Multi-process runs leave SIGTERM to JAX's preemption notifier, which
+    `reached_preemption` syncs so every host saves at the same step.
+    """
+
+    def __init__(self):
+        self.event = threading.Event()
+        self.previous = None
+        if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
+            self.previous = signal.signal(signal.SIGTERM, lambda *_: self.event.set())
+
+    def is_set(self) -> bool:
+        return self.event.is_set()
+
+    def restore(self) -> None:
+        if self.previous is not None:
+            signal.signal(signal.SIGTERM, self.previous)
+
+
+# --------------------------------------------------------------------------
+# Command line.
+# --------------------------------------------------------------------------
+def config_name(spec: str) -> str:
+    """configs/eve.py:7b_stage1 -> eve_7b_stage1."""
+    path, _, arg = spec.partition(":")
+    stem = os.path.splitext(os.path.basename(path))[0]
+    return f"{stem}_{arg}" if arg else stem
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    overrides, rest = config_lib.split_overrides(argv)
+    parser = argparse.ArgumentParser(prog="evejax train", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True, help="FILE.py[:ARG], e.g. configs/eve.py:7b_stage1")
+    parser.add_argument("--workdir", default=None, help="default: runs/<file>_<arg>")
+    args = parser.parse_args(rest)
+    config = config_lib.apply_overrides(config_lib.load(args.config), overrides)
+    workdir = args.workdir or os.path.join("runs", config_name(args.config))
+    try:
+        train(config, workdir)
+    except NonFiniteLossError as e:
+        print(e, file=sys.stderr, flush=True)
+        return 1
+    return 0

@@ -1,0 +1,292 @@
+"""The trainer in-process on the tiny LLM: stage chaining, NaN stop, mesh change, checkpoints, metrics."""
+import json
+import math
+import os
+import shutil
+import struct
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+from jax.experimental.compilation_cache import compilation_cache
+
+from evejax import config as config_lib
+from evejax import sharding
+from evejax.data import pipeline, synthetic
+from evejax.train import checkpoint as ckpt_lib
+from evejax.train import metrics as metrics_lib
+from evejax.train import optimizer as optimizer_lib
+from evejax.train import trainer
+
+# Small and fast: short sequences, no rematerialisation, fsdp over the 8 CPU
+# devices. The same run as tests/test_train_resume.py's, so with the shared
+# compilation cache the step compiles once for both files.
+BASE = ["--config.data.seq_len=16", "--config.model.overrides.remat=none", "--config.mesh.data=1",
+        "--config.mesh.fsdp=8", "--config.train.log_every=1", "--config.train.progress_bar=False",
+        "--config.train.steps=12", "--config.checkpoint.every=4"]
+
+
+def tiny(*overrides):
+    return config_lib.apply_overrides(config_lib.load("configs/llm.py:tiny"), BASE + list(overrides))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def compile_cache(tmp_path_factory):
+    """A persistent compilation cache: runs with equal configs compile once."""
+    names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
+             "jax_persistent_cache_min_entry_size_bytes")
+    saved = {n: getattr(jax.config, n) for n in names}
+    jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.getbasetemp() / "jax_cache"))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    compilation_cache.reset_cache()
+    yield
+    for name, value in saved.items():
+        jax.config.update(name, value)
+    compilation_cache.reset_cache()
+
+
+def by_path(tree):
+    return {optimizer_lib.path_str(kp): v for kp, v in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+def saved_state(workdir, step):
+    """A checkpoint's whole train state as a nested dict of numpy arrays."""
+    path = workdir / "checkpoints" / str(step) / "state"
+    checkpointer = ocp.PyTreeCheckpointer()
+    tree = checkpointer.metadata(path).item_metadata.tree
+    restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
+    return checkpointer.restore(path, args=ocp.args.PyTreeRestore(item=tree, restore_args=restore_args))
+
+
+def test_second_stage_starts_from_the_first_stages_final_params(tmp_path):
+    trainer.train(tiny(), str(tmp_path / "s1"))
+    second = tiny("--config.train.steps=2", "--config.stage.trainable=('lm_head/.*',)",
+                  "--config.stage.start.kind=stage", "--config.stage.start.workdir=s1",
+                  "--config.model.overrides.dtype=bfloat16")
+    result = trainer.train(second, str(tmp_path / "s2"))
+    (step1, p1), (step2, p2) = (ckpt_lib.load_params(str(tmp_path / s)) for s in ("s1", "s2"))
+    assert (step1, step2, result["step"]) == (12, 2, 2)
+    for path, value in by_path(p2).items():
+        assert value.dtype == np.float32   # bf16 compute, fp32 master weights
+        same = np.array_equal(value, by_path(p1)[path])
+        assert same != path.startswith("lm_head/"), path
+    # A fresh optimizer: its update counts are this stage's 2, not 12 + 2.
+    opt_state = by_path(saved_state(tmp_path / "s2", 2)["opt_state"])
+    counts = [v for p, v in opt_state.items() if p.endswith("count")]
+    assert counts and all(int(c) == 2 for c in counts)
+
+    # A previous stage that did not finish is refused, with the way out.
+    shutil.rmtree(tmp_path / "s1" / "checkpoints" / "12")
+    with pytest.raises(ValueError, match="stopped at step 8 of 12.*run its command again"):
+        trainer.train(second, str(tmp_path / "s3"))
+
+
+def nan_at_step_5(config, process_index, process_count):
+    """Synthetic batches with NaN in the loss mask of the 5th batch."""
+    return NanAt(synthetic.make_data(config, process_index, process_count), 5)
+
+
+class NanAt:
+    def __init__(self, batches, bad):
+        self.batches, self.bad, self.count = batches, bad, 0
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        batch = next(self.batches)
+        self.count += 1
+        if self.count == self.bad:
+            batch = dict(batch, loss_mask=np.full_like(batch["loss_mask"], np.nan))
+        return batch
+
+    def get_state(self):
+        return dict(self.batches.get_state(), count=self.count)
+
+    def set_state(self, state):
+        state = dict(state)
+        self.count = state.pop("count")
+        self.batches.set_state(state)
+
+
+def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, capsys):
+    workdir = str(tmp_path)
+    # Metrics are fetched every 10 steps but also before every save: the NaN
+    # of step 5 is caught at step 8, before checkpoint 8 would be written.
+    args = ["--config", "configs/llm.py:tiny", "--workdir", workdir, *BASE, "--config.train.log_every=10"]
+    assert trainer.main(args + ["--config.data.name=test_train_trainer:nan_at_step_5"]) == 1
+    err = capsys.readouterr().err
+    assert "non-finite loss at step 5" in err and "newest checkpoint is step 4" in err
+    step, params = ckpt_lib.load_params(workdir)
+    assert step == 4 and all(np.isfinite(v).all() for v in jax.tree.leaves(params))
+    # The same command with clean data resumes from it.
+    assert trainer.main(args) == 0
+    assert "resumed from checkpoint 4" in capsys.readouterr().out
+    assert ckpt_lib.load_params(workdir)[0] == 12
+
+
+def saved_metrics(workdir, step):
+    return json.loads((workdir / "checkpoints" / str(step) / "metrics" / "metrics").read_text())
+
+
+def test_restore_onto_a_different_mesh_gives_the_same_next_loss(tmp_path):
+    a, b = tmp_path / "fsdp8", tmp_path / "data2_fsdp4"
+    trainer.train(tiny(), str(a))
+    for step in (8, 12):   # continue both from checkpoint 4
+        shutil.rmtree(a / "checkpoints" / str(step))
+    shutil.copytree(a, b)
+    trainer.train(tiny("--config.checkpoint.every=5"), str(a))
+    trainer.train(tiny("--config.checkpoint.every=5", "--config.mesh.data=2", "--config.mesh.fsdp=4"), str(b))
+    same_mesh, other_mesh = saved_metrics(a, 5), saved_metrics(b, 5)
+    assert other_mesh["loss"] == pytest.approx(same_mesh["loss"], rel=1e-5)
+    assert other_mesh["grad_norm"] == pytest.approx(same_mesh["grad_norm"], rel=1e-4)
+
+
+def test_half_written_checkpoint_is_ignored(tmp_path):
+    mesh = sharding.make_mesh(dict(data=-1))
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    state = {"w": jax.device_put(jnp.arange(4.0), replicated)}
+    store = ckpt_lib.Checkpoints(str(tmp_path), keep=5)
+    for step in (1, 2):
+        store.save(step, jax.tree.map(lambda x: x * step, state), {"next_index": step}, {"c": 1},
+                   {"loss": 0.5})
+    store.wait()
+    store.close()
+    # What a kill in the middle of saving step 3 leaves: a temporary directory
+    # with part of the files.
+    partial = tmp_path / "checkpoints" / "3.orbax-checkpoint-tmp-1795300000000000"
+    shutil.copytree(tmp_path / "checkpoints" / "2", partial)
+    shutil.rmtree(partial / "state")
+    (partial / "commit_success.txt").unlink()
+
+    store = ckpt_lib.Checkpoints(str(tmp_path), keep=5)
+    assert store.latest_step() == 2
+    restored, data_state, metrics = store.restore(2, state, {"w": replicated})
+    np.testing.assert_array_equal(restored["w"], np.arange(4.0) * 2)
+    assert data_state == {"next_index": 2} and metrics == {"loss": 0.5}
+    # The resumed run saves step 3 again; the leftover is deleted first.
+    store.save(3, restored, {"next_index": 3}, {"c": 1}, {"loss": 0.25})
+    store.wait()
+    assert store.latest_step() == 3 and not partial.exists()
+    store.close()
+
+
+def test_import_start_replaces_the_named_subtrees(tmp_path, monkeypatch):
+    from ml_collections import ConfigDict
+
+    mesh = sharding.make_mesh(dict(data=1, fsdp=8))
+    fsdp = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("fsdp"))
+    params = {"llm": {"w": jnp.zeros(8), "b": jnp.zeros(8)}, "pel": {"w": jnp.ones(8)}}
+    shardings = jax.tree.map(lambda _: fsdp, params)
+    written = {"llm_dir": {"w": np.arange(8, dtype=np.float64), "b": np.full(8, 2.0)},
+               "bad_dir": {"w": np.zeros(4), "b": np.zeros(4)}}
+    for name in written:   # what `evejax import` leaves: model.json naming the format
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "model.json").write_text(json.dumps({"format": "test.format"}))
+    fake = type(sys)("test_import_format")
+    fake.load_checkpoint = lambda directory, shardings: (
+        {}, jax.tree.map(lambda x, s: jax.device_put(x, s) if x.shape == (8,) else jnp.asarray(x),
+                         written[os.path.basename(directory)], shardings))
+    monkeypatch.setitem(sys.modules, "test_import_format", fake)
+    monkeypatch.setitem(trainer.IMPORT_FORMATS, "test.format", "test_import_format")
+
+    start = ConfigDict(dict(kind="import", workdir="", path=f"llm={tmp_path / 'llm_dir'}"))
+    new, origin = trainer.imported_params(start, params, shardings)
+    np.testing.assert_array_equal(new["llm"]["w"], np.arange(8))
+    assert new["llm"]["w"].dtype == jnp.float32 and new["llm"]["w"].sharding == fsdp
+    assert new["pel"]["w"] is params["pel"]["w"] and "llm=" in origin
+    with pytest.raises(ValueError, match=r"bad_dir: llm/b has shape \(4,\), the model wants \(8,\)"):
+        trainer.imported_params(ConfigDict(dict(start, path=f"llm={tmp_path / 'bad_dir'}")), params,
+                                shardings)
+    with pytest.raises(KeyError, match="'vit' is not a parameter subtree"):
+        trainer.imported_params(ConfigDict(dict(start, path=f"vit={tmp_path / 'llm_dir'}")), params,
+                                shardings)
+    with pytest.raises(FileNotFoundError, match="no model.json; create it with `evejax import`"):
+        trainer.imported_params(ConfigDict(dict(start, path=f"llm={tmp_path}")), params, shardings)
+
+
+def test_unknown_override_and_data_source_are_named():
+    with pytest.raises(KeyError, match="train.nosuch"):
+        trainer.main(["--config", "configs/llm.py:tiny", "--config.train.nosuch=1"])
+    with pytest.raises(ValueError, match="config.data.name='nosuch'"):
+        trainer.data_source("nosuch")
+    assert trainer.config_name("configs/eve.py:7b_stage1") == "eve_7b_stage1"
+
+
+def read_scalars(logdir):
+    """{tag: [(step, value)]} from TFRecord event files, without TensorFlow."""
+    from tensorboardX.proto import event_pb2
+
+    scalars = {}
+    for path in logdir.glob("events.out.tfevents.*"):
+        data = path.read_bytes()
+        offset = 0
+        while offset < len(data):
+            (length,) = struct.unpack("<Q", data[offset:offset + 8])
+            event = event_pb2.Event.FromString(data[offset + 12:offset + 12 + length])
+            offset += 12 + length + 4
+            for value in event.summary.value:
+                scalars.setdefault(value.tag, []).append((event.step, value.simple_value))
+    return scalars
+
+
+def test_log_line_mfu_and_tensorboard(tmp_path, capsys, monkeypatch):
+    clock = iter([100.0, 102.0])
+    monkeypatch.setattr(metrics_lib.time, "perf_counter", lambda: next(clock))
+    reporter = metrics_lib.Reporter("demo", 10, 0, logdir=str(tmp_path), flops_per_step=4e9,
+                                    tokens_per_step=1000, num_devices=2, peak_flops_per_device=1e9,
+                                    loss_terms=["ce", "pal"], progress_bar=False)
+    values = reporter.log(4, {"loss": 2.5, "ce": 2.0, "pal": 0.5, "grad_norm": 1.25}, lr=1e-4)
+    reporter.close()
+    assert values["step_time"] == pytest.approx(0.5)
+    assert values["tokens_per_s"] == pytest.approx(2000)
+    assert values["mfu"] == pytest.approx(4e9 / 0.5 / 2e9)
+    line = capsys.readouterr().out
+    for part in ("[demo] step 4/10", "loss 2.5 ce 2 pal 0.5", "lr 1.00e-04", "grad_norm 1.25",
+                 "2e+03 tok/s", "0.5 s/step", "MFU 400.0%", "eta 0:00:03"):
+        assert part in line, (part, line)
+    scalars = read_scalars(tmp_path)
+    assert scalars["train/loss"] == [(4, 2.5)] and scalars["train/mfu"] == [(4, 4.0)]
+    history = [(1, {"loss": 1.0}), (2, {"loss": 1.0, "grad_norm": math.inf})]
+    assert metrics_lib.first_nonfinite(history)[0] == 2
+
+
+def test_eve_stage_configs():
+    paths = ["vision_tokenizer/patch_embedding/kernel", "mm_projector/fc1/kernel",
+             "vision_compressor/input_layer/kernel", "llm/embed_tokens/embedding",
+             "llm/decoder/layers/mlp/wo/kernel", "llm/lm_head/kernel", "clip/encoder/layers/mlp/wo/kernel"]
+    params = {}
+    for path in paths:
+        node = params
+        *parents, leaf = path.split("/")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = jnp.zeros(2)
+    expect = {  # arg: (steps, lr, warmup, global batch, start kind, previous workdir, trains llm)
+        "7b_stage1": (31250, 4e-4, 0.03, 512, "import", "", False),
+        "7b_stage2": (64454, 4e-5, 0.01, 512, "stage", "eve_7b_stage1", True),
+        "7b_stage3": (5198, 2e-5, 0.01, 128, "stage", "eve_7b_stage2", True),
+        "7b_hd_stage3": (14063, 2e-5, 0.01, 128, "stage", "eve_7b_stage2", True),
+        "tiny_stage2": (30, 4e-4, 0.01, 8, "stage", "eve_tiny_stage1", True),
+    }
+    for arg, (steps, lr, warmup, batch, kind, previous, trains_llm) in expect.items():
+        c = config_lib.load(f"configs/eve.py:{arg}")
+        got = (c.train.steps, c.optim.lr, c.optim.warmup_frac, c.data.global_batch)
+        assert got == (steps, lr, warmup, batch), arg
+        assert (c.stage.start.kind, c.stage.start.workdir) == (kind, previous)
+        assert dict(c.stage.losses) == {"ce": 1.0, "pal": 1.0} and c.model.name == "eve"
+        assert (c.optim.weight_decay, c.optim.b1, c.optim.b2, c.optim.eps) == (0.0, 0.9, 0.999, 1e-8)
+        trains = by_path(optimizer_lib.path_mask(params, c.stage.trainable, "trainable"))
+        assert not any(v for p, v in trains.items() if p.startswith("clip/"))
+        assert all(trains[p] for p in paths[:3])
+        assert all(trains[p] == trains_llm for p in paths[3:6])
+    hd = config_lib.load("configs/eve.py:7b_hd_stage3")
+    assert (hd.data.seq_len, hd.data.image_size, hd.data.template) == (4096, 1344, "vicuna_v1")
+    assert config_lib.load("configs/eve.py:7b_stage1").model.overrides.dtype == "bfloat16"
+    for arg in ("7b_stage1", "7b_stage2", "7b_stage3", "7b_hd_stage3", "tiny_stage1", "tiny_stage2",
+                "tiny_stage3"):   # every data config is one the pipeline accepts
+        pipeline.options(config_lib.load(f"configs/eve.py:{arg}").data)
