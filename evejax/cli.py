@@ -5,7 +5,9 @@ and a command's optional dependencies (torch, libtpu) are needed only by it.
 """
 from __future__ import annotations
 
+import glob
 import importlib
+import os
 import sys
 
 COMMANDS = {
@@ -27,8 +29,20 @@ def usage() -> str:
     return "\n".join(lines)
 
 
+def _default_to_cpu_without_accelerators() -> None:
+    """With libtpu installed but no TPU attached, JAX probes for TPU workers and
+    prints pages of warnings; a machine with no accelerator device files runs on
+    the CPU directly. JAX_PLATFORMS set by the user always wins."""
+    if "JAX_PLATFORMS" in os.environ:
+        return
+    if any(glob.glob(p) for p in ("/dev/accel*", "/dev/vfio/[0-9]*", "/dev/nvidia[0-9]*")):
+        return
+    os.environ["JAX_PLATFORMS"] = "cpu"
+
+
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    _default_to_cpu_without_accelerators()
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(usage())
         return 0
