@@ -14,9 +14,31 @@ scope on load). EVE's teacher lives under `prefix="model.vision_clip.backbone."`
 Arrays are numpy in both directions; PyTorch layouts: Linear weight [out, in],
 Conv2d weight [D, C, p, p] (OIHW); Flax: kernel [in, out], conv kernel
 [p, p, C, D] (HWIO), attention kernels split into heads ([D, N, H], [N, H, D]).
+
+A standalone evejax CLIP checkpoint (what EVE's stage 1 imports as its `clip`
+teacher with `stage.start.path="...,clip=DIR"`):
+
+    DIR/model.json   the ClipViTConfig, format "evejax.clip"
+    DIR/params/      the ClipViT parameter tree (Orbax)
+
+    evejax import --family clip SRC OUT_DIR [--config config.json] [--param-dtype D] [--overwrite]
+        SRC: a HF CLIPVisionModel or CLIPModel directory (e.g. a download of
+        openai/clip-vit-large-patch14-336), shard index or weight file; the
+        config is --config, else SRC's config.json (a CLIPConfig's
+        vision_config is used). The text tower and projections are left out.
+    evejax export CLIP_CKPT OUT_DIR [--dtype D] [--max-shard-size 5GB]
+        config.json + safetensors loadable by transformers.CLIPVisionModel.
+
+`save_checkpoint` / `load_checkpoint(dir, shardings=None) -> (cfg, params)`,
+`import_clip` / `export_clip` are the same steps as functions.
 """
 from __future__ import annotations
 
+import argparse
+import dataclasses
+import json
+import os
+from pathlib import Path
 from typing import Any, Mapping
 
 import jax
@@ -24,7 +46,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from evejax.models.vit import ClipViT, ClipViTConfig, clip_vit
-from evejax.port import tables
+from evejax.nn.transformer import TransformerConfig
+from evejax.port import io, tables
 from evejax.port.io import CheckpointError
 from evejax.port.tables import FLAT_BIAS, LINEAR, LINEAR_FROM_HEADS, Row, Transform
 
@@ -159,3 +182,167 @@ def from_hf_config(hf: Mapping[str, Any], **overrides) -> ClipViTConfig:
                    norm_eps=hf["layer_norm_eps"])
     cfg = cfg.replace(num_channels=hf["num_channels"], **overrides)
     return cfg.validate()
+
+
+# ---- evejax CLIP checkpoints ----------------------------------------------------------
+
+MODEL_JSON = "model.json"
+PARAMS_DIR = "params"
+FORMAT = "evejax.clip"
+VERSION = 1
+# config.json model_type of the HF models whose vision tower import reads.
+_HF_MODEL_TYPES = ("clip", "clip_vision_model")
+_VISION_SCOPE = _scope("", True)
+
+
+def config_to_json(cfg: ClipViTConfig) -> dict[str, Any]:
+    return {"format": FORMAT, "version": VERSION, **dataclasses.asdict(cfg)}
+
+
+def config_from_json(data: Mapping[str, Any], source: str = MODEL_JSON) -> ClipViTConfig:
+    data = dict(data)
+    if data.pop("format", None) != FORMAT or data.pop("version", None) != VERSION:
+        raise CheckpointError(f"{source}: not an evejax CLIP config (expected format {FORMAT!r} version {VERSION})")
+    try:
+        return ClipViTConfig(**{**data, "transformer": TransformerConfig(**data.get("transformer", {}))}).validate()
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{source}: fields do not match this evejax version ({e})") from None
+
+
+def save_checkpoint(directory: str | os.PathLike, cfg: ClipViTConfig, params: Any,
+                    overwrite: bool = False) -> Path:
+    """Writes model.json and params/ (Orbax) into `directory`; returns it."""
+    import orbax.checkpoint as ocp
+
+    directory = Path(directory).absolute()
+    target = directory / PARAMS_DIR
+    if target.exists() and not overwrite:
+        raise CheckpointError(f"{target} already exists; choose another directory or overwrite it")
+    directory.mkdir(parents=True, exist_ok=True)
+    checkpointer = ocp.StandardCheckpointer()
+    checkpointer.save(target, jax.tree.map(jnp.asarray, params), force=overwrite)
+    checkpointer.wait_until_finished()
+    # model.json last: a directory with it is a complete checkpoint.
+    (directory / MODEL_JSON).write_text(json.dumps(config_to_json(cfg), indent=2) + "\n")
+    return directory
+
+
+def load_checkpoint(directory: str | os.PathLike, shardings: Any = None) -> tuple[ClipViTConfig, Any]:
+    """(ClipViTConfig, params) of an evejax CLIP checkpoint; params on one device unless
+    `shardings` (a tree like the params) places them, e.g. on EVE's `clip` shardings."""
+    import orbax.checkpoint as ocp
+
+    directory = Path(directory).absolute()
+    path = directory / MODEL_JSON
+    if not path.is_file():
+        raise CheckpointError(f"{directory}: no {MODEL_JSON}; not an evejax CLIP checkpoint "
+                              "(create one with `evejax import --family clip`)")
+    try:
+        cfg = config_from_json(json.loads(path.read_text()), str(path))
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+    abstract = abstract_params(cfg)
+    if shardings is None:
+        device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        shardings = jax.tree.map(lambda _: device, abstract)
+    target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+    try:
+        params = ocp.StandardCheckpointer().restore(directory / PARAMS_DIR, target)
+    except (ValueError, KeyError, FileNotFoundError) as e:
+        raise CheckpointError(f"{directory / PARAMS_DIR}: parameters do not restore for the model in "
+                              f"{MODEL_JSON} ({type(e).__name__}: {e})") from None
+    return cfg, params
+
+
+def is_clip_checkpoint(directory: str | os.PathLike) -> bool:
+    """Whether `directory` holds an evejax CLIP checkpoint (for the export dispatch)."""
+    path = Path(directory) / MODEL_JSON
+    try:
+        return path.is_file() and json.loads(path.read_text()).get("format") == FORMAT
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+        return False
+
+
+def import_clip(src: str | os.PathLike, out_dir: str | os.PathLike, *, config: str | os.PathLike | None = None,
+                param_dtype: str = "float32", overwrite: bool = False) -> str:
+    """HF CLIPVisionModel / CLIPModel weights -> evejax CLIP checkpoint in `out_dir`; returns a note.
+
+    The weights may carry the `vision_model.` scope (hub checkpoints, CLIPModel,
+    transformers < 5) or not (CLIPVisionModel saved by transformers 5); names
+    outside the scope are left out. Everything is checked before anything is written.
+    """
+    src = Path(src)
+    if not src.exists():
+        raise CheckpointError(f"{src}: no such file or directory")
+    config_path = Path(config) if config else (src if src.is_dir() else src.parent) / io.CONFIG_NAME
+    hf = io.load_config_json(config_path)
+    if hf.get("model_type", "clip") not in _HF_MODEL_TYPES:
+        raise CheckpointError(f"{config_path}: model_type {hf['model_type']!r} is not a CLIP model "
+                              f"(expected one of {_HF_MODEL_TYPES})")
+    if (Path(out_dir) / PARAMS_DIR).exists() and not overwrite:
+        raise CheckpointError(f"{out_dir} already holds a checkpoint; pass overwrite=True (--overwrite) "
+                              "to replace it")
+    cfg = from_hf_config(hf, param_dtype=param_dtype)
+    state = io.load_state_dict(src)
+    vision_model = any(k.startswith(_VISION_SCOPE) for k in state)
+    left_out = sum(not k.startswith(_VISION_SCOPE) for k in state) if vision_model else 0
+    params = to_flax(state, cfg, vision_model=vision_model)
+    del state
+    save_checkpoint(out_dir, cfg, params, overwrite=overwrite)
+    t = cfg.transformer
+    note = (f"CLIP vision tower ({t.num_layers} layers, width {t.embed_dim}, {cfg.image_size} px / patch "
+            f"{cfg.patch_size}) -> {out_dir}")
+    return note + (f"; left out {left_out} tensors outside {_VISION_SCOPE}*" if left_out else "")
+
+
+def export_clip(src: str | os.PathLike, out_dir: str | os.PathLike, *, dtype: str = "float32",
+                max_shard_bytes: int = 5 * 10**9) -> list[Path]:
+    """evejax CLIP checkpoint -> out_dir/config.json + safetensors (hub names, `vision_model.*`)."""
+    import ml_dtypes
+
+    cfg, params = load_checkpoint(src)
+    config = {**hf_config(cfg), "torch_dtype": dtype}  # refuses configs with no HF form before writing
+    state = to_torch(jax.tree.map(np.asarray, params), cfg)
+    del params
+    files = io.save_state_dict(state, out_dir, max_shard_bytes=max_shard_bytes,
+                               dtype=ml_dtypes.bfloat16 if dtype == "bfloat16" else dtype,
+                               metadata={"exported_by": "evejax", "family": "clip"})
+    io.save_config_json(config, out_dir)
+    return files
+
+
+def import_main(argv) -> int:
+    """`evejax import --family clip SRC OUT_DIR [--config C] [--param-dtype D] [--overwrite]`."""
+    from evejax.port.commands import _run
+
+    p = argparse.ArgumentParser(prog="evejax import --family clip",
+                                description="HF CLIP vision tower -> evejax CLIP checkpoint")
+    p.add_argument("--family", choices=("clip",), default="clip", help="clip (the dispatch in port.commands)")
+    p.add_argument("src", help="HF CLIPVisionModel or CLIPModel directory, shard index or weight file")
+    p.add_argument("out_dir", help="evejax checkpoint directory to create")
+    p.add_argument("--config", help="config.json (CLIPVisionConfig or CLIPConfig) instead of SRC's")
+    p.add_argument("--param-dtype", default="float32", choices=("float32", "bfloat16"))
+    p.add_argument("--overwrite", action="store_true", help="replace an existing checkpoint in OUT_DIR")
+    args = p.parse_args(argv)
+    return _run("import", lambda: print("evejax import: " + import_clip(
+        args.src, args.out_dir, config=args.config, param_dtype=args.param_dtype, overwrite=args.overwrite)))
+
+
+def export_main(argv) -> int:
+    """`evejax export CLIP_CKPT OUT_DIR [--dtype D] [--max-shard-size 5GB]`."""
+    from evejax.port.commands import _run, parse_size
+
+    p = argparse.ArgumentParser(prog="evejax export (CLIP checkpoint)",
+                                description="evejax CLIP checkpoint -> HF CLIPVisionModel layout")
+    p.add_argument("src", help="evejax CLIP checkpoint directory")
+    p.add_argument("out_dir", help="directory for config.json and safetensors files")
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    p.add_argument("--max-shard-size", default="5GB", type=parse_size)
+    args = p.parse_args(argv)
+
+    def body():
+        files = export_clip(args.src, args.out_dir, dtype=args.dtype, max_shard_bytes=args.max_shard_size)
+        shards = [f for f in files if f.suffix == ".safetensors"]
+        print(f"evejax export: CLIPVisionModel in {len(shards)} safetensors file(s) -> {args.out_dir}")
+
+    return _run("export", body)

@@ -17,6 +17,9 @@
     evejax import --family eve SRC OUT_DIR [--inference] ...   and   evejax export EVE_CKPT OUT_DIR
         EVE (vision parts, PAL, CLIP teacher) has its own converter: see evejax.port.eve.
 
+    evejax import --family clip SRC OUT_DIR ...   and   evejax export CLIP_CKPT OUT_DIR
+        The HF CLIP vision tower (EVE's teacher) alone: see evejax.port.clip.
+
 Every check happens before anything is written; errors a user can cause print
 one message and exit with status 1.
 """
@@ -80,6 +83,8 @@ def _source_config(args):
 
 def import_main(argv) -> int:
     status = _eve_hook("import", argv)
+    if status is None:
+        status = _clip_hook("import", argv)
     if status is not None:
         return status
     args = _import_parser().parse_args(argv)
@@ -113,6 +118,8 @@ def _export_parser() -> argparse.ArgumentParser:
 
 def export_main(argv) -> int:
     status = _eve_hook("export", argv)
+    if status is None:
+        status = _clip_hook("export", argv)
     if status is not None:
         return status
     args = _export_parser().parse_args(argv)
@@ -165,4 +172,22 @@ def _eve_hook(command: str, argv) -> int | None:
         return eve.import_main(argv)
     if command == "export" and any(eve.is_eve_checkpoint(path) for path in args.paths):
         return eve.export_main(argv)
+    return None
+
+
+# ---- CLIP hook --------------------------------------------------------------------------
+
+def _clip_hook(command: str, argv) -> int | None:
+    """Hands `import --family clip` and `export` of a CLIP checkpoint to evejax.port.clip;
+    returns its exit status, or None for another command."""
+    from evejax.port import clip
+
+    probe = argparse.ArgumentParser(add_help=False)
+    probe.add_argument("--family")
+    probe.add_argument("paths", nargs="*")
+    args, _ = probe.parse_known_args(argv)
+    if command == "import" and args.family == "clip":
+        return clip.import_main(argv)
+    if command == "export" and any(clip.is_clip_checkpoint(path) for path in args.paths):
+        return clip.export_main(argv)
     return None

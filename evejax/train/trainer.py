@@ -52,7 +52,8 @@ DATA_SOURCES = {"synthetic_text": "evejax.data.synthetic:make_data"}
 START_KINDS = ("fresh", "stage", "import")
 # model.json "format" of an `evejax import` directory -> the module whose
 # load_checkpoint(directory, shardings) reads it.
-IMPORT_FORMATS = {"evejax.lm": "evejax.port.checkpoint", "evejax.eve": "evejax.port.eve"}
+IMPORT_FORMATS = {"evejax.lm": "evejax.port.checkpoint", "evejax.eve": "evejax.port.eve",
+                  "evejax.clip": "evejax.port.clip"}
 
 
 class NonFiniteLossError(RuntimeError):
