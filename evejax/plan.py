@@ -1,0 +1,488 @@
+"""`evejax plan`: ahead-of-time compile of the sharded train step for a TPU slice.
+
+  evejax plan configs/llm.py:vicuna_7b --topology v5p-64
+  evejax plan configs/llm.py:vicuna_7b --topology v5p-64 --search
+  evejax plan configs/llm.py:tiny --topology v4-8 --batch-per-chip 16 --remat none --config.mesh.data=-1
+
+No TPU is needed: libtpu describes a virtual slice (`jax.experimental.topologies`)
+whose compile-only devices carry the real chip layout, and the step that
+`evejax train` runs (loss + gradients + AdamW, via `registry.build` and
+`train/step.py`) is lowered on abstract shapes and compiled for it. Nothing
+is allocated, so a 7B plan runs in about 1.5 GB of host memory.
+
+For each (remat policy, batch per chip) the plan reports, per chip:
+  memory    from `compiled.memory_analysis()`: arguments (state shard + batch
+            shard), outputs not aliased to donated arguments, temporaries,
+            generated code; total = arguments + unaliased outputs + temporaries,
+            compared with the chip's HBM. When the compiler itself runs out of
+            HBM it stops early; the row then shows its estimate of temporaries.
+  FLOPs     XLA's count from `compiled.cost_analysis()`, which counts the body
+            of the scanned layer stack once, so it is not the model's; and the
+            MaxText-style model FLOPs (`ModelSpec.flops_per_step`, matmuls
+            only, causal attention halved, remat not counted), from which the
+            step time and tokens/s/chip at an assumed MFU follow.
+
+`--search` finds, per remat policy, the largest batch per chip that fits. Each
+probe is one compile (about 30 s CPU for the 7B step with the fast setting), so
+the search does not walk powers of two: memory is close to affine in the batch
+size, and it guesses the boundary from the line through the probes nearest it,
+bracketed and bisected when a guess is off.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import dataclasses
+import math
+import os
+import re
+import sys
+import tempfile
+import time
+from typing import Callable, Optional, Sequence
+
+# Compile-only devices come from libtpu whatever JAX's own backend is; keeping
+# that backend on CPU means a plan never takes a local TPU away from a running
+# job, and the multi-process lock of libtpu is not needed for compiling.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+
+GiB = 1 << 30
+
+# libtpu prints these when it starts outside a TPU VM; they say nothing about the plan.
+_LIBTPU_NOISE = re.compile(
+    r"TPU_ACCELERATOR_TYPE|TPU_WORKER_HOSTNAMES|Logging before InitGoogle|"
+    r"Source Location Trace|libtpu_init_utils|Failed to find host bounds")
+
+
+@dataclasses.dataclass(frozen=True)
+class ChipType:
+    generation: str       # as in the Cloud TPU name: v4, v5p, v5e, v6e
+    libtpu_prefix: str    # how libtpu names it in a topology string
+    cores_per_name: int   # v4-N and v5p-N count TensorCores (2 per chip), v5e/v6e-N count chips
+    torus_dims: int
+    chip_config: str      # v4/v5p run both cores of a chip as one device ("megacore")
+    hbm_bytes: int
+    peak_flops: float     # bf16 FLOP/s per chip
+
+
+CHIPS = {
+    "v4": ChipType("v4", "v4", 2, 3, "megacore", 32 * GiB, 275e12),
+    "v5p": ChipType("v5p", "v5", 2, 3, "megacore", 95 * GiB, 459e12),
+    "v5e": ChipType("v5e", "v5e", 1, 2, "default", 16 * GiB, 197e12),
+    "v6e": ChipType("v6e", "v6e", 1, 2, "default", 32 * GiB, 918e12),
+}
+_ALIASES = {"v5litepod": "v5e", "v6litepod": "v6e"}
+
+
+@dataclasses.dataclass(frozen=True)
+class Topology:
+    name: str
+    chip: ChipType
+    shape: tuple[int, ...]   # chips along each torus dimension
+
+    @property
+    def chips(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def libtpu_name(self) -> str:
+        return f"{self.chip.libtpu_prefix}:{'x'.join(map(str, self.shape))}"
+
+    @property
+    def wrap(self) -> tuple[bool, bool, bool]:
+        # Full slices close their rings: every dimension of a v4/v5p cube of
+        # side >= 4, the 16-chip sides of v5e/v6e pods.
+        full = 4 if self.chip.torus_dims == 3 else 16
+        dims = tuple(self.shape) + (1,) * (3 - len(self.shape))
+        if self.chip.torus_dims == 3 and min(dims) < 4:
+            return (False, False, False)
+        return tuple(d >= full for d in dims)
+
+    @property
+    def chips_per_host_bounds(self) -> tuple[int, int, int]:
+        dims = tuple(self.shape) + (1,) * (3 - len(self.shape))
+        return tuple(min(d, b) for d, b in zip(dims, (2, 2, 1)))
+
+
+def parse_topology(name: str) -> Topology:
+    """`v5p-64` -> 32 chips as 2x4x4; `v5e-256` -> 256 chips as 16x16.
+
+    Slices grow by doubling their shortest side (the last one among equals),
+    which gives Cloud TPU's shapes for power-of-two sizes: v4/v5p 2x2x1, 2x2x2,
+    2x2x4, 2x4x4, 4x4x4, 4x4x8, ...; v5e/v6e 2x2, 2x4, 4x4, 4x8, 8x8, 8x16, 16x16.
+    """
+    m = re.fullmatch(r"(v\d+[a-z]*)-(\d+)", name.strip().lower())
+    generation = m and _ALIASES.get(m.group(1), m.group(1))
+    if not m or generation not in CHIPS:
+        raise ValueError(f"topology {name!r} is not known; use <type>-<size> with type one of "
+                         f"{sorted(CHIPS)}, e.g. v5p-64, v4-128, v5e-256, v6e-256")
+    chip = CHIPS[generation]
+    size = int(m.group(2))
+    chips, rest = divmod(size, chip.cores_per_name)
+    smallest = 4 if chip.torus_dims == 3 else 1
+    if rest or chips < smallest or chips & (chips - 1):
+        unit = "TensorCores (2 per chip)" if chip.cores_per_name == 2 else "chips"
+        raise ValueError(f"topology {name!r}: {generation}-N counts {unit}; planning supports "
+                         f"power-of-two slices of at least {smallest * chip.cores_per_name}")
+    shape = [2, 2, 1] if chip.torus_dims == 3 else [1, 1]
+    while math.prod(shape) < chips:
+        i = max(j for j, d in enumerate(shape) if d == min(shape))
+        shape[i] *= 2
+    return Topology(name.strip().lower(), chip, tuple(shape))
+
+
+@contextlib.contextmanager
+def _quiet_libtpu():
+    """Runs a block with fd 2 captured, then passes on what is not libtpu's start-up noise."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile(mode="w+b") as capture:
+        os.dup2(capture.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            capture.seek(0)
+            for line in capture.read().decode(errors="replace").splitlines():
+                if line.strip() and not _LIBTPU_NOISE.search(line):
+                    print(line, file=sys.stderr)
+
+
+def virtual_devices(topo: Topology) -> list:
+    """Compile-only devices of the slice (needs libtpu, not a TPU)."""
+    from jax.experimental import topologies
+
+    with _quiet_libtpu():
+        desc = topologies.get_topology_desc(
+            platform="tpu", topology_name=topo.libtpu_name, chip_config_name=topo.chip.chip_config,
+            chips_per_host_bounds=topo.chips_per_host_bounds, num_slices=1, wrap=topo.wrap)
+    return list(desc.devices)
+
+
+@dataclasses.dataclass
+class Plan:
+    remat: str
+    batch_per_chip: int
+    global_batch: int
+    seq_len: int
+    fits: bool
+    total_bytes: Optional[int]         # None when not even an estimate is known
+    argument_bytes: Optional[int] = None
+    output_bytes: Optional[int] = None  # outputs not aliased to donated arguments
+    temp_bytes: Optional[int] = None
+    code_bytes: Optional[int] = None
+    xla_flops: Optional[float] = None   # per chip, scanned layer body counted once
+    model_flops: float = 0.0            # per chip
+    compile_seconds: float = 0.0
+    note: str = ""                      # why it does not fit, when the compiler said so
+
+
+@dataclasses.dataclass
+class Planner:
+    """Compiles the train step of `config` on `topo` for given (remat, batch per chip, seq_len).
+
+    `effort` "fast" lowers XLA's optimisation effort for execution time
+    (`exec_time_optimization_effort=-1`): the 7B step compiles about 3x
+    faster and its temporaries come out a few percent larger (22.7 vs 21.9
+    GB on v5p-64 at batch 8, full remat), so fast probes err on the safe side.
+    """
+    config: object
+    topo: Topology
+    devices: list
+    effort: str = "default"
+
+    def __post_init__(self):
+        from evejax import sharding
+
+        try:
+            self.mesh_sizes = sharding.mesh_shape(dict(self.config.mesh), self.topo.chips)
+        except ValueError as e:
+            raise ValueError(f"config.mesh {dict(self.config.mesh)} does not fit {self.topo.name} "
+                             f"({self.topo.chips} chips): {e}") from None
+        self.compiles = 0
+        self.compile_seconds = 0.0
+
+    def model_config(self, remat: str):
+        config = copy.deepcopy(self.config)
+        with config.unlocked():
+            config.model.overrides = dict(config.model.get("overrides", {}) or {}, remat=remat)
+        return config
+
+    def optimizer(self):
+        from evejax.train import step
+
+        o = self.config.get("optim", {})
+        return step.adamw(o.get("lr", 1e-4), b1=o.get("b1", 0.9), b2=o.get("b2", 0.999),
+                          eps=o.get("eps", 1e-8), weight_decay=o.get("weight_decay", 0.0),
+                          clip_norm=o.get("clip_norm", 1.0))
+
+    def __call__(self, remat: str, batch_per_chip: int, seq_len: int) -> Plan:
+        import jax
+        import jax.numpy as jnp
+
+        from evejax import sharding
+        from evejax.models import registry
+        from evejax.train import step
+
+        spec = registry.build(self.model_config(remat).model)
+        mesh = sharding.make_mesh(self.mesh_sizes, self.devices)
+        global_batch = batch_per_chip * self.topo.chips
+        optimizer = self.optimizer()
+        boxed, state_sh = step.abstract_state(spec.module, spec.init_args, spec.init_kwargs, optimizer, mesh)
+        params = sharding.unbox(boxed)
+        state = step.TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=params,
+                                opt_state=jax.eval_shape(optimizer.init, params),
+                                rng=jax.eval_shape(lambda: jax.random.PRNGKey(0)))
+        batch = spec.batch_specs(global_batch, seq_len)
+        batch_sh = jax.tree.map(lambda s: sharding.batch_sharding(mesh, len(s.shape)), batch)
+        accum = int(self.config.get("train", {}).get("accum_steps", 1))
+        plan = Plan(remat, batch_per_chip, global_batch, seq_len, fits=False, total_bytes=None,
+                    model_flops=spec.flops_per_step(global_batch, seq_len) / self.topo.chips)
+        options = {"exec_time_optimization_effort": -1.0} if self.effort == "fast" else {}
+        start = time.perf_counter()
+        try:
+            with sharding.rules_context(mesh):
+                train_step = step.make_train_step(spec.loss_fn, optimizer, state_sh, batch_sh,
+                                                  accum_steps=accum)
+                lowered = train_step.lower(state, batch)
+            with _quiet_libtpu():
+                compiled = lowered.compile(compiler_options=options)
+        except Exception as e:  # the compiler's out-of-memory is a result, not a failure
+            if "RESOURCE_EXHAUSTED" not in str(e):
+                raise
+            plan.note = _first_line(str(e))
+            temps = _required_bytes(str(e))
+            if temps is not None:
+                plan.temp_bytes = temps
+                plan.argument_bytes = _shard_bytes(state, state_sh) + _shard_bytes(batch, batch_sh)
+                plan.total_bytes = plan.argument_bytes + temps
+            return self._timed(plan, start)
+        mem = compiled.memory_analysis()
+        plan.argument_bytes = int(mem.argument_size_in_bytes)
+        plan.output_bytes = int(mem.output_size_in_bytes - mem.alias_size_in_bytes)
+        plan.temp_bytes = int(mem.temp_size_in_bytes)
+        plan.code_bytes = int(mem.generated_code_size_in_bytes)
+        plan.total_bytes = plan.argument_bytes + plan.output_bytes + plan.temp_bytes
+        plan.fits = plan.total_bytes <= self.topo.chip.hbm_bytes
+        cost = compiled.cost_analysis()
+        cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+        plan.xla_flops = float(cost.get("flops", 0.0)) if cost else None
+        return self._timed(plan, start)
+
+    def _timed(self, plan: Plan, start: float) -> Plan:
+        plan.compile_seconds = time.perf_counter() - start
+        self.compiles += 1
+        self.compile_seconds += plan.compile_seconds
+        return plan
+
+
+def _shard_bytes(shapes, shardings) -> int:
+    import jax
+    import numpy as np
+
+    return sum(math.prod(sh.shard_shape(s.shape)) * np.dtype(s.dtype).itemsize
+               for s, sh in zip(jax.tree.leaves(shapes), jax.tree.leaves(shardings)))
+
+
+_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def _required_bytes(message: str) -> Optional[int]:
+    """The compiler's estimate of temporaries in an out-of-HBM error, e.g. "(639.87G)"."""
+    m = (re.search(r"required for HLO temporaries \((\d+(?:\.\d+)?)([KMGT]?)", message)
+         or re.search(r"Used (\d+(?:\.\d+)?)([KMGT]?)", message))
+    return int(float(m.group(1)) * _UNITS[m.group(2)]) if m else None
+
+
+def _first_line(message: str) -> str:
+    return message.strip().splitlines()[0][:200] if message.strip() else ""
+
+
+def largest_fitting(probe: Callable[[int], Plan], hbm_bytes: int,
+                    max_batch: int) -> tuple[Optional[Plan], list[Plan]]:
+    """The largest batch in [1, max_batch] whose plan fits, and every probe made.
+
+    Keeps a bracket (largest fitting, smallest failing batch). After a probe
+    that fits, the next batch is read off the line through the two largest
+    fitting probes (memory grows close to linearly with the batch); after one
+    that does not, the line overshot and the next probe bisects the bracket.
+    The compiler's own estimate for a batch that does not fit is too rough
+    to use.
+    """
+    probes: dict[int, Plan] = {}
+    lo, hi = 0, max_batch + 1
+    batch = 1
+    while True:
+        plan = probes[batch] = probe(batch)
+        lo, hi = (batch, hi) if plan.fits else (lo, batch)
+        if hi - lo <= 1:
+            break
+        guess = _secant_guess(probes, hbm_bytes) if plan.fits else None
+        batch = min(max((lo + hi) // 2 if guess is None else guess, lo + 1), hi - 1)
+    return probes.get(lo), [probes[b] for b in sorted(probes)]
+
+
+def _secant_guess(probes: dict, hbm_bytes: int) -> Optional[int]:
+    """Largest batch predicted to fit, from the fitting probes' measured totals."""
+    known = sorted((b, p.total_bytes) for b, p in probes.items() if p.fits)
+    if not known:
+        return None
+    if len(known) == 1:  # one probe: assume everything but the state grows with the batch
+        (b, total), = known
+        fixed = probes[b].argument_bytes or 0
+        per_row = max(total - fixed, 1) / b
+        return int((hbm_bytes - fixed) // per_row)
+    (b0, m0), (b1, m1) = known[-2:]
+    slope = (m1 - m0) / (b1 - b0)
+    return None if slope <= 0 else b1 + int((hbm_bytes - m1) // slope)
+
+
+# Less recomputation first: at equal batch the earlier policy is faster.
+POLICY_ORDER = ("none", "save_dots", "save_dots_no_batch", "minimal", "save_qkv", "full")
+
+
+def recommend(best: dict[str, Optional[Plan]]) -> Optional[Plan]:
+    """Largest batch per chip; at equal batch the policy that recomputes least."""
+    fitting = [p for p in best.values() if p is not None]
+    if not fitting:
+        return None
+    return max(fitting, key=lambda p: (p.batch_per_chip, -POLICY_ORDER.index(p.remat)))
+
+
+def _size(n: Optional[int], prefix: str = "") -> str:
+    if n is None:
+        return "-"
+    for unit, scale in (("G", GiB), ("M", 1 << 20), ("K", 1 << 10)):
+        if n >= scale:
+            return f"{prefix}{n / scale:.2f}{unit}"
+    return f"{prefix}{n}B"
+
+
+def format_table(plans: Sequence[Plan], topo: Topology, mfu: float,
+                 labels: Optional[Sequence[str]] = None) -> str:
+    hbm = topo.chip.hbm_bytes
+    head = ["", "remat", "batch/chip", "global batch", "args", "out", "temp", "code",
+            "total", "% HBM", "fits", "XLA FLOPs", "model FLOPs", f"step s @{mfu:.0%}",
+            f"tok/s/chip @{mfu:.0%}", "compile s"]
+    rows = []
+    for i, p in enumerate(plans):
+        step_s = p.model_flops / (mfu * topo.chip.peak_flops)
+        rows.append([
+            labels[i] if labels else "", p.remat, str(p.batch_per_chip), str(p.global_batch),
+            _size(p.argument_bytes), _size(p.output_bytes), _size(p.temp_bytes), _size(p.code_bytes),
+            _size(p.total_bytes, "" if p.output_bytes is not None else "~"),
+            "-" if p.total_bytes is None else f"{100 * p.total_bytes / hbm:.0f}",
+            "yes" if p.fits else "no",
+            "-" if p.xla_flops is None else f"{p.xla_flops:.3g}",
+            f"{p.model_flops:.3g}", f"{step_s:.3g}",
+            f"{p.batch_per_chip * p.seq_len / step_s:,.0f}", f"{p.compile_seconds:.0f}"])
+    if not labels:
+        head, rows = head[1:], [r[1:] for r in rows]
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(head)]
+    line = lambda cells: "  ".join(c.rjust(w) for c, w in zip(cells, widths)).rstrip()  # noqa: E731
+    return "\n".join([line(head), line(["-" * w for w in widths])] + [line(r) for r in rows])
+
+
+NOTES = """\
+memory per chip (K/M/G = 2^10/2^20/2^30 bytes): args = state shard + batch shard; out = outputs not aliased to the donated state;
+  total = args + out + temp (code listed apart); fits = total <= {hbm:.0f} GiB HBM of a {gen} chip.
+  "~" marks the compiler's estimate when it stopped early for lack of HBM.
+XLA FLOPs: compiled.cost_analysis() per chip. XLA counts the scanned layer body once, so this is
+  not the model's count. model FLOPs: MaxText-style matmul FLOPs per chip of one step (6 x params x
+  tokens + causal attention), remat recomputation not counted; step time and tokens/s/chip assume
+  {mfu:.0%} MFU of the {peak:.0f} TFLOP/s bf16 peak."""
+
+
+def _parse(argv):
+    from evejax.config import split_overrides
+    from evejax.nn.transformer import REMAT_POLICIES
+
+    p = argparse.ArgumentParser(prog="evejax plan", description=__doc__.split("\n\n")[0])
+    p.add_argument("config", help="config spec, e.g. configs/llm.py:vicuna_7b")
+    p.add_argument("--topology", required=True, help="v5p-64, v4-128, v5e-256, v6e-256, ...")
+    p.add_argument("--batch-per-chip", type=int, help="default: config.data.global_batch / chips")
+    p.add_argument("--seq-len", type=int, help="default: config.data.seq_len")
+    p.add_argument("--remat", choices=sorted(REMAT_POLICIES), help="default: the config's")
+    p.add_argument("--search", action="store_true",
+                   help="largest batch per chip that fits, for each policy in --policies")
+    p.add_argument("--policies", default="none,save_dots,minimal,save_qkv,full",
+                   help="comma-separated remat policies for --search")
+    p.add_argument("--max-batch-per-chip", type=int, default=512, help="upper end of --search")
+    p.add_argument("--mfu", type=float, default=0.5, help="assumed MFU for step time and tokens/s")
+    p.add_argument("--effort", choices=("fast", "default"),
+                   help="XLA optimisation effort; default: fast for search probes, default otherwise")
+    overrides, rest = split_overrides(argv)
+    return p.parse_args(rest), overrides
+
+
+def main(argv=None) -> int:
+    """Exit status: 0 fits, 1 does not fit (or, with --search, nothing fits), 2 bad arguments."""
+    args, overrides = _parse(list(sys.argv[1:] if argv is None else argv))
+    from evejax import config as config_lib
+    from evejax.nn.transformer import REMAT_POLICIES
+
+    try:
+        topo = parse_topology(args.topology)
+        config = config_lib.apply_overrides(config_lib.load(args.config), overrides)
+        policies = [s.strip() for s in args.policies.split(",") if s.strip()]
+        unknown = [s for s in policies if s not in REMAT_POLICIES]
+        if unknown:
+            raise ValueError(f"--policies: {unknown} not known; use {sorted(REMAT_POLICIES)}")
+        planner = Planner(config, topo, virtual_devices(topo))
+    except (ValueError, KeyError, FileNotFoundError) as e:
+        print(f"evejax plan: {e}", file=sys.stderr)
+        return 2
+    data = config.get("data", {})
+    seq_len = args.seq_len or int(data.get("seq_len", 2048))
+    remat = args.remat or (config.model.get("overrides", {}) or {}).get("remat", "full")
+    mesh = " ".join(f"{k}={v}" for k, v in planner.mesh_sizes.items())
+    print(f"evejax plan {args.config} on {topo.name}: {topo.chips} chips "
+          f"({topo.libtpu_name}, {topo.chip.chip_config}), HBM {topo.chip.hbm_bytes / GiB:.0f} GiB/chip, "
+          f"peak {topo.chip.peak_flops / 1e12:.0f} TFLOP/s/chip bf16")
+    print(f"mesh {mesh}; seq len {seq_len}")
+    notes = NOTES.format(hbm=topo.chip.hbm_bytes / GiB, gen=topo.chip.generation, mfu=args.mfu,
+                         peak=topo.chip.peak_flops / 1e12)
+    if not args.search:
+        planner.effort = args.effort or "default"
+        batch = args.batch_per_chip or max(1, int(data.get("global_batch", topo.chips)) // topo.chips)
+        plan = planner(remat, batch, seq_len)
+        print(format_table([plan], topo, args.mfu))
+        if plan.note:
+            print(f"compiler: {plan.note}")
+        print(notes)
+        return 0 if plan.fits else 1
+
+    planner.effort = args.effort or "fast"
+    start = time.perf_counter()
+    best, rows, labels = {}, [], []
+    for policy in policies:
+        fit, probes = largest_fitting(lambda b: planner(policy, b, seq_len), topo.chip.hbm_bytes,
+                                      args.max_batch_per_chip)
+        best[policy] = fit
+        rows.append(fit or probes[0])
+        labels.append(f"{len(probes)} probes" + (" (cap)" if fit and fit.batch_per_chip == args.max_batch_per_chip else ""))
+        print(f"  {policy}: largest batch per chip {fit.batch_per_chip if fit else 0} "
+              f"(probed {', '.join(str(p.batch_per_chip) for p in probes)})", flush=True)
+    choice = recommend(best)
+    if choice is not None and args.effort is None:
+        # Probes ran at the fast setting; the recommendation is compiled as training will compile it.
+        planner.effort = "default"
+        confirmed = planner(choice.remat, choice.batch_per_chip, seq_len)
+        while not confirmed.fits and confirmed.batch_per_chip > 1:
+            confirmed = planner(choice.remat, confirmed.batch_per_chip - 1, seq_len)
+        choice = confirmed if confirmed.fits else None
+    if choice is not None:
+        rows.append(choice)
+        labels.append("recommended")
+    print(format_table(rows, topo, args.mfu, labels))
+    print(f"{planner.compiles} compiles in {time.perf_counter() - start:.0f} s "
+          f"({planner.compile_seconds:.0f} s compiling); probes at effort {args.effort or 'fast'}"
+          + ("" if args.effort else ", the recommended row at default effort"))
+    print("recommended: the largest batch per chip, at equal batch the policy that recomputes least"
+          + ("" if choice else ": nothing fits"))
+    print(notes)
+    return 0 if choice is not None else 1

@@ -1,0 +1,93 @@
+"""`evejax plan`: slice names, the batch search, and AOT compiles of the tiny LM for a virtual TPU slice."""
+import importlib.util
+
+import pytest
+
+from evejax import config as config_lib
+from evejax import plan
+
+needs_libtpu = pytest.mark.skipif(
+    importlib.util.find_spec("libtpu") is None,
+    reason="compiling for a TPU topology needs libtpu (pip install -e .[tpu]; CI installs it)")
+
+
+@pytest.mark.parametrize("name, chips, libtpu_name", [
+    ("v5p-8", 4, "v5:2x2x1"), ("v5p-64", 32, "v5:2x4x4"), ("v5p-128", 64, "v5:4x4x4"),
+    ("v4-8", 4, "v4:2x2x1"), ("v4-128", 64, "v4:4x4x4"), ("v5e-8", 8, "v5e:2x4"),
+    ("v5e-256", 256, "v5e:16x16"), ("v6e-256", 256, "v6e:16x16"), ("v5litepod-16", 16, "v5e:4x4"),
+])
+def test_topology_names(name, chips, libtpu_name):
+    topo = plan.parse_topology(name)
+    assert (topo.chips, topo.libtpu_name) == (chips, libtpu_name)
+
+
+@pytest.mark.parametrize("name", ["v5p-9", "v5p-4", "v3-8", "h100-8", "v5e-24"])
+def test_unknown_topologies_fail(name):
+    with pytest.raises(ValueError, match=name):
+        plan.parse_topology(name)
+
+
+@pytest.mark.parametrize("memory", [
+    lambda b: 10 + 3 * b, lambda b: 60 + b, lambda b: 10 + b + 0.05 * b * b, lambda b: 10 + 30 * b ** 0.5])
+@pytest.mark.parametrize("hbm", [12, 100, 1000, 5000])
+def test_search_finds_the_largest_fitting_batch(memory, hbm):
+    def probe(b):
+        m = memory(b)
+        return plan.Plan("full", b, b, 1, fits=m <= hbm, total_bytes=int(m) if m <= hbm else None,
+                         argument_bytes=10)
+
+    best, probes = plan.largest_fitting(probe, hbm, max_batch=512)
+    truth = max((b for b in range(1, 513) if memory(b) <= hbm), default=0)
+    assert (best.batch_per_chip if best else 0) == truth
+    assert len(probes) <= 10
+
+
+def test_recommend_prefers_batch_then_less_remat():
+    mk = lambda remat, b: plan.Plan(remat, b, b, 1, fits=True, total_bytes=1)  # noqa: E731
+    assert plan.recommend({"none": mk("none", 2), "full": mk("full", 8)}).remat == "full"
+    assert plan.recommend({"full": mk("full", 4), "save_dots": mk("save_dots", 4)}).remat == "save_dots"
+    assert plan.recommend({"none": None}) is None
+
+
+def _tiny_flops(global_batch, seq_len):
+    """configs/llm.py:tiny by hand: d 64, 2 layers, 4 heads of 16, 2 kv heads, SwiGLU 128, vocab 256."""
+    per_layer = 64 * 16 * (4 + 2 * 2) + 4 * 16 * 64 + 3 * 64 * 128  # q,k,v + out + gate,up,down = 36864
+    matmul_params = 2 * per_layer + 64 * 256                          # + lm_head = 90112
+    attention = 12 * global_batch * seq_len ** 2 * 4 * 16 * 2 / 2     # causal: half
+    return 6 * matmul_params * global_batch * seq_len + attention
+
+
+def test_analytic_flops_of_tiny_by_hand():
+    assert _tiny_flops(8, 64) == 301_989_888
+
+
+@needs_libtpu
+def test_tiny_step_compiles_for_v5p_8():
+    topo = plan.parse_topology("v5p-8")
+    planner = plan.Planner(config_lib.load("configs/llm.py:tiny"), topo, plan.virtual_devices(topo),
+                           effort="fast")
+    p = planner("full", 2, 64)
+    assert p.fits and p.global_batch == 8
+    assert p.argument_bytes > 0 and p.temp_bytes > 0 and p.total_bytes >= p.argument_bytes
+    assert p.xla_flops > 0
+    assert p.model_flops == pytest.approx(_tiny_flops(8, 64) / 4)
+
+
+@needs_libtpu
+def test_search_then_too_big_then_bad_mesh(capsys):
+    rc = plan.main(["configs/llm.py:tiny", "--topology", "v4-8", "--search", "--policies", "none,full",
+                    "--max-batch-per-chip", "4", "--effort", "fast"])
+    out = capsys.readouterr().out
+    assert rc == 0
+    assert "none: largest batch per chip 4" in out and "full: largest batch per chip 4" in out
+    assert "recommended" in out
+
+    # [B, heads, T, T] float32 attention probabilities alone: 1024 x 4 x 2048^2 x 4 B = 64 GiB per chip.
+    rc = plan.main(["configs/llm.py:tiny", "--topology", "v4-8", "--seq-len", "2048",
+                    "--batch-per-chip", "1024", "--remat", "none", "--effort", "fast"])
+    out = capsys.readouterr().out
+    assert rc == 1 and " no " in out
+
+    rc = plan.main(["configs/llm.py:tiny", "--topology", "v5p-8", "--config.mesh.data=3"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "does not fit v5p-8 (4 chips)" in err and "'data': 3" in err
