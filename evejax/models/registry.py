@@ -96,7 +96,47 @@ def _eve_loss_fn(module, pal_weight: float):
     return loss_fn
 
 
-FAMILIES: dict[str, Callable[[Any], ModelSpec]] = {"llm": _build_llm, "eve": _build_eve}
+def _build_clip_classifier(model_cfg) -> ModelSpec:
+    """A ClipViT + linear head on image labels (models/vit.py `ClipClassifier`), e.g. a small
+    teacher whose `clip` params become EVE's. model_cfg: size (vit.CLIP_SIZES), overrides
+    (ClipViTConfig or TransformerConfig fields), num_classes. Batches: pixels [B, S, S, 3]
+    float32, label [B] int32 (-1 marks a padding row); seq_len is not used."""
+    import jax
+
+    from evejax.models import vit
+    from evejax.train import losses
+
+    overrides = dict(model_cfg.get("overrides", {}) or {})
+    cfg = vit.get_clip_config(model_cfg.size, **overrides)
+    module = vit.ClipClassifier(cfg, int(model_cfg.num_classes))
+    s = cfg.image_size
+
+    def loss_fn(params, batch, rng):
+        logits = module.apply({"params": params}, batch["pixels"], deterministic=False, rngs={"dropout": rng})
+        labels = batch["label"]
+        valid = labels >= 0
+        ce, weight = losses.cross_entropy(logits[:, None], jnp.maximum(labels, 0)[:, None], valid[:, None])
+        right = jnp.sum((jnp.argmax(logits, axis=-1) == labels) & valid)
+        return ce, {"ce": ce, "accuracy": right / jnp.maximum(weight, 1.0), "weight": weight}
+
+    def batch_specs(batch, seq_len):
+        return {"pixels": jax.ShapeDtypeStruct((batch, s, s, 3), jnp.float32),
+                "label": jax.ShapeDtypeStruct((batch,), jnp.int32)}
+
+    def flops_per_step(batch, seq_len):
+        # Forward + backward, 6 FLOPs per multiply-add; attention scores and values as matmuls.
+        t, tokens = cfg.transformer, 1 + cfg.num_patches
+        d = t.embed_dim
+        layer = tokens * (4 * d * d + 2 * d * t.mlp_dim) + 2 * tokens * tokens * d
+        macs = cfg.num_patches * 3 * cfg.patch_size ** 2 * d + t.num_layers * layer + d * module.num_classes
+        return 6.0 * batch * macs
+
+    return ModelSpec(module=module, init_args=(jnp.zeros((1, s, s, 3), jnp.float32),), init_kwargs={},
+                     loss_fn=loss_fn, batch_specs=batch_specs, flops_per_step=flops_per_step, config=cfg)
+
+
+FAMILIES: dict[str, Callable[[Any], ModelSpec]] = {"llm": _build_llm, "eve": _build_eve,
+                                                    "clip_classifier": _build_clip_classifier}
 
 
 def build(model_cfg) -> ModelSpec:

@@ -27,6 +27,11 @@ Parameters (Flax paths, stacked layers on axis 0; N heads, H = D / N, F mlp):
   post_norm/{scale,bias} [D].
 `evejax.port.clip` maps these to and from the HF names.
 
+`ClipClassifier`: pixel_values [B, S, S, C] -> logits [B, num_classes] float32,
+a linear `head` on the pooled output of a ClipViT named `clip` (so its
+parameters drop into EVE's `clip` teacher slot as they are); trains a small
+teacher from class labels when no pre-trained CLIP fits.
+
 Position embeddings are not interpolated: an input of another size raises.
 (HF interpolates bicubically with PyTorch's kernel, which `jax.image.resize`
 does not reproduce exactly, and EVE always feeds the teacher 336 x 336.)
@@ -149,3 +154,17 @@ class ClipViT(nn.Module):
         pooled = LayerNorm(eps=t.norm_eps, dtype=dtype, param_dtype=pdtype, name="post_norm")(h[:, 0])
         hidden = jnp.concatenate([x[None], layer_out], axis=0) if return_hidden else None
         return ClipViTOutput(last_hidden_state=h, pooler_output=pooled, hidden_states=hidden)
+
+
+class ClipClassifier(nn.Module):
+    """pixel_values [B, S, S, C] -> logits [B, num_classes] float32 (see the module docstring)."""
+    cfg: ClipViTConfig
+    num_classes: int
+
+    @nn.compact
+    def __call__(self, pixel_values, *, deterministic: bool = True):
+        t = self.cfg.transformer
+        pooled = ClipViT(self.cfg, name="clip")(pixel_values, deterministic=deterministic).pooler_output
+        head = Dense((self.num_classes,), ("embed",), (None,), use_bias=True, dtype=jnp.dtype(t.dtype),
+                     param_dtype=jnp.dtype(t.param_dtype), name="head")
+        return head(pooled).astype(jnp.float32)

@@ -1,0 +1,334 @@
+"""`evejax bench`: speed benchmarks. `lm` is here; `data` is evejax/data/bench.py.
+
+  evejax bench lm [--steps 2] [--repeats 5] [--size llama_110m] [--batch 4] [--seq-len 512]
+                  [--variant remat=full,scan_unroll=1 ...] [--threads N]
+
+`lm` times one training step (forward + backward + clipped AdamW update) of an
+evejax CausalLM against transformers' LlamaForCausalLM built with the same
+shapes (eager PyTorch, float32, `torch.optim.AdamW`, global-norm clipping at
+1.0, the same token batch [B, T] int32 and next-token targets). Both run on
+this machine's CPU with one thread per core. After warm-up the frameworks are
+measured alternately, evejax then PyTorch, `--repeats` times, each
+measurement `--steps` steps, so drifting background load hits both alike;
+medians are reported.
+
+Peak FLOP/s: a 2048 x 2048 x 2048 float32 matmul in both frameworks, timed
+inside every repeat (medians); the higher of the two is the machine's peak.
+Model FLOPs per step are `llm.training_flops_per_step` (MaxText's count).
+
+The evejax side uses `BENCH_OPTIONS`, ordinary TransformerConfig fields a
+training config can set too; `--variant` adds evejax runs with other options
+to the same alternation, to measure a choice.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import platform
+import statistics
+import sys
+import time
+from typing import Callable, Optional, Sequence
+
+# What the evejax step uses on CPU, chosen with `--variant` runs (see the
+# module's measurements in the report of the commit that set them).
+BENCH_OPTIONS = dict(remat="none", scan_unroll=12, attention_impl="xla")
+
+# Passed to XLA before the CPU backend starts (it reads XLA_FLAGS once).
+XLA_CPU_FLAGS: tuple[str, ...] = ()
+
+
+def parse_options(text: str) -> dict:
+    """"remat=full,scan_unroll=1" -> {"remat": "full", "scan_unroll": 1}."""
+    import ast
+
+    out = {}
+    for item in filter(None, (s.strip() for s in text.split(","))):
+        key, eq, value = item.partition("=")
+        if not eq:
+            raise ValueError(f"variant item {item!r} must look like key=value")
+        try:
+            out[key.strip()] = ast.literal_eval(value.strip())
+        except (ValueError, SyntaxError):
+            out[key.strip()] = value.strip()
+    return out
+
+
+def _seconds_per_call(fn: Callable[[], object], n: int) -> float:
+    start = time.perf_counter()
+    for _ in range(n):
+        fn()
+    return (time.perf_counter() - start) / n
+
+
+class JaxLM:
+    """The evejax train step on one CPU device; `step()` runs and waits for one step."""
+
+    def __init__(self, size: str, batch: int, seq_len: int, options: dict, seed: int = 0):
+        import jax
+        import jax.numpy as jnp
+
+        from evejax import sharding
+        from evejax.models import llm
+        from evejax.train import losses, step
+
+        self.config = llm.get_config(size, **options)
+        module = llm.CausalLM(self.config)
+        optimizer = step.adamw(1e-4)
+        mesh = sharding.make_mesh({"data": 1}, jax.devices()[:1])
+        init_args = (jnp.zeros((1, 8), jnp.int32),)
+        _, shardings = step.abstract_state(module, init_args, {}, optimizer, mesh)
+        host_batch = losses.dummy_lm_batch(batch, seq_len, self.config.vocab_size, seed)
+        batch_sh = {k: sharding.batch_sharding(mesh, v.ndim) for k, v in host_batch.items()}
+        with sharding.rules_context(mesh):
+            self.state = step.init_state(module, init_args, {}, optimizer, shardings, jax.random.PRNGKey(seed))
+            self.train_step = step.make_train_step(losses.lm_loss_fn(module), optimizer, shardings, batch_sh)
+        self.batch = jax.device_put(host_batch, batch_sh)
+        self.loss = None
+
+    def step(self):
+        import jax
+
+        self.state, metrics = self.train_step(self.state, self.batch)
+        self.loss = float(jax.block_until_ready(metrics["loss"]))
+
+
+class TorchLM:
+    """transformers' LlamaForCausalLM with the same shapes, eager, and its AdamW step."""
+
+    def __init__(self, config, batch: int, seq_len: int, seed: int = 0):
+        import torch
+        import transformers
+
+        from evejax.train import losses
+
+        t = config.transformer
+        hf = transformers.LlamaConfig(
+            vocab_size=config.vocab_size, hidden_size=t.embed_dim, intermediate_size=t.mlp_dim,
+            num_hidden_layers=t.num_layers, num_attention_heads=t.num_heads,
+            num_key_value_heads=t.num_kv_heads, head_dim=t.head_dim, rms_norm_eps=t.norm_eps,
+            max_position_embeddings=max(t.max_position_embeddings, seq_len), rope_theta=t.rope_base,
+            tie_word_embeddings=False, attention_dropout=0.0)
+        torch.manual_seed(seed)
+        self.model = transformers.LlamaForCausalLM(hf).float().train()
+        self.attention = self.model.config._attn_implementation
+        try:  # the fused CPU kernel where this torch has it: the strongest eager baseline
+            self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-4, weight_decay=0.0, fused=True)
+            self.optimizer_kind = "fused"
+        except (RuntimeError, TypeError):
+            self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-4, weight_decay=0.0, foreach=True)
+            self.optimizer_kind = "foreach"
+        b = losses.dummy_lm_batch(batch, seq_len, config.vocab_size, seed)
+        self.tokens = torch.from_numpy(b["tokens"]).long()
+        self.targets = torch.from_numpy(b["targets"]).long()
+        self.mask = torch.from_numpy(b["loss_mask"])
+        self.loss = None
+
+    def step(self):
+        import torch
+        import torch.nn.functional as F
+
+        logits = self.model(input_ids=self.tokens).logits
+        nll = F.cross_entropy(logits.flatten(0, 1), self.targets.flatten(), reduction="none")
+        loss = (nll * self.mask.flatten()).sum() / self.mask.sum().clamp(min=1.0)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.loss = float(loss)
+
+
+def matmul_timers(n: int):
+    """(jax_fn, torch_fn): each runs one n x n x n float32 matmul to completion."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    import torch
+
+    rng = np.random.default_rng(0)
+    a, b = (rng.standard_normal((n, n), dtype=np.float32) for _ in range(2))
+    ja, jb = jnp.asarray(a), jnp.asarray(b)
+    matmul = jax.jit(jnp.matmul)
+    ta, tb = torch.from_numpy(a), torch.from_numpy(b)
+    return (lambda: matmul(ja, jb).block_until_ready()), (lambda: torch.mm(ta, tb))
+
+
+@dataclasses.dataclass
+class LMResult:
+    size: str
+    batch: int
+    seq_len: int
+    steps: int
+    repeats: int
+    threads: int
+    xla_flags: str
+    torch_attention: str
+    torch_optimizer: str
+    flops_per_step: float
+    matmul_size: int
+    jax_matmul_flops: float        # median FLOP/s of the matmul, per framework
+    torch_matmul_flops: float
+    peak_flops: float              # the higher of the two
+    variants: list                 # [options dict] per evejax run, the first is BENCH_OPTIONS
+    jax_step_s: list               # [median step seconds] per variant
+    jax_samples: list              # [[seconds per step, one per repeat]] per variant
+    torch_step_s: float
+    torch_samples: list
+    jax_loss: list                 # last loss per variant (all start at ~log(vocab))
+    torch_loss: float
+
+    @property
+    def tokens(self) -> int:
+        return self.batch * self.seq_len
+
+    def tokens_per_s(self, seconds: float) -> float:
+        return self.tokens / seconds
+
+    def fraction_of_peak(self, seconds: float) -> float:
+        return self.flops_per_step / seconds / self.peak_flops
+
+
+def run_lm(size: str = "llama_110m", batch: int = 4, seq_len: int = 512, steps: int = 2, repeats: int = 5,
+           variants: Sequence[dict] = (), matmul_size: int = 2048, threads: Optional[int] = None,
+           warmup: int = 2, log: Callable[[str], None] = lambda s: None) -> LMResult:
+    """Measures evejax (BENCH_OPTIONS, then each variant's options on top) and PyTorch alternately."""
+    import jax
+    import torch
+
+    threads = threads or os.cpu_count() or 1
+    torch.set_num_threads(threads)
+    option_sets = [dict(BENCH_OPTIONS)] + [dict(BENCH_OPTIONS, **v) for v in variants]
+    jax_runs = []
+    for options in option_sets:
+        start = time.perf_counter()
+        run = JaxLM(size, batch, seq_len, options)
+        for _ in range(warmup):
+            run.step()
+        log(f"evejax {options}: compile + {warmup} warm-up steps {time.perf_counter() - start:.1f} s")
+        jax_runs.append(run)
+    start = time.perf_counter()
+    torch_run = TorchLM(jax_runs[0].config, batch, seq_len)
+    for _ in range(warmup):
+        torch_run.step()
+    log(f"torch: build + {warmup} warm-up steps {time.perf_counter() - start:.1f} s")
+    jax_mm, torch_mm = matmul_timers(matmul_size)
+    jax_mm(), torch_mm()
+
+    jax_samples = [[] for _ in jax_runs]
+    torch_samples, jax_mm_s, torch_mm_s = [], [], []
+    for r in range(repeats):
+        jax_mm_s.append(_seconds_per_call(jax_mm, 3))
+        torch_mm_s.append(_seconds_per_call(torch_mm, 3))
+        for i, run in enumerate(jax_runs):
+            jax_samples[i].append(_seconds_per_call(run.step, steps))
+        torch_samples.append(_seconds_per_call(torch_run.step, steps))
+        log(f"repeat {r + 1}/{repeats}: evejax " + " ".join(f"{s[-1]:.3f}" for s in jax_samples)
+            + f" s/step, torch {torch_samples[-1]:.3f} s/step")
+
+    mm_flops = 2.0 * matmul_size ** 3
+    jax_mm_flops = mm_flops / statistics.median(jax_mm_s)
+    torch_mm_flops = mm_flops / statistics.median(torch_mm_s)
+    from evejax.models import llm
+
+    return LMResult(
+        size=size, batch=batch, seq_len=seq_len, steps=steps, repeats=repeats, threads=threads,
+        xla_flags=os.environ.get("XLA_FLAGS", ""), torch_attention=str(torch_run.attention),
+        torch_optimizer=torch_run.optimizer_kind,
+        flops_per_step=llm.training_flops_per_step(jax_runs[0].config, batch, seq_len),
+        matmul_size=matmul_size, jax_matmul_flops=jax_mm_flops, torch_matmul_flops=torch_mm_flops,
+        peak_flops=max(jax_mm_flops, torch_mm_flops), variants=option_sets,
+        jax_step_s=[statistics.median(s) for s in jax_samples], jax_samples=jax_samples,
+        torch_step_s=statistics.median(torch_samples), torch_samples=torch_samples,
+        jax_loss=[run.loss for run in jax_runs], torch_loss=torch_run.loss)
+
+
+def format_lm(res: LMResult) -> str:
+    import jax
+    import torch
+    import transformers
+
+    from evejax.models import llm
+
+    t = llm.get_config(res.size).transformer
+    lines = [
+        f"evejax bench lm: {res.size} (d {t.embed_dim}, {t.num_layers} layers, {t.num_heads} heads, "
+        f"SwiGLU {t.mlp_dim}, vocab {llm.get_config(res.size).vocab_size}), batch {res.batch} x {res.seq_len}, "
+        "float32, forward + backward + AdamW",
+        f"machine: {os.cpu_count()} CPU cores ({platform.processor() or platform.machine()}); "
+        f"torch {torch.__version__} threads {res.threads}; jax {jax.__version__}; "
+        f"transformers {transformers.__version__}",
+        f"XLA_FLAGS: {res.xla_flags or '(none)'}",
+        f"torch: LlamaForCausalLM eager, attention {res.torch_attention}, AdamW {res.torch_optimizer}",
+        f"{res.repeats} alternating repeats of {res.steps} steps each; medians",
+        "",
+    ]
+    names = ["evejax" if i == 0 else f"variant {i}" for i in range(len(res.variants))]
+    head = ["", *names, "torch"]
+    rows = [
+        ["s/step", *(f"{s:.3f}" for s in res.jax_step_s), f"{res.torch_step_s:.3f}"],
+        ["tokens/s", *(f"{res.tokens_per_s(s):,.0f}" for s in res.jax_step_s),
+         f"{res.tokens_per_s(res.torch_step_s):,.0f}"],
+        ["x torch tokens/s", *(f"{res.torch_step_s / s:.2f}" for s in res.jax_step_s), "1.00"],
+        ["GFLOP/s (model)", *(f"{res.flops_per_step / s / 1e9:.1f}" for s in res.jax_step_s),
+         f"{res.flops_per_step / res.torch_step_s / 1e9:.1f}"],
+        ["fraction of peak", *(f"{res.fraction_of_peak(s):.1%}" for s in res.jax_step_s),
+         f"{res.fraction_of_peak(res.torch_step_s):.1%}"],
+        ["min..max s/step", *(f"{min(s):.3f}..{max(s):.3f}" for s in res.jax_samples),
+         f"{min(res.torch_samples):.3f}..{max(res.torch_samples):.3f}"],
+        ["last loss", *(f"{x:.3f}" for x in res.jax_loss), f"{res.torch_loss:.3f}"],
+    ]
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(head)]
+    fmt = lambda cells: "  ".join(c.ljust(w) if i == 0 else c.rjust(w)  # noqa: E731
+                                  for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
+    lines += [fmt(head), fmt(["-" * w for w in widths])] + [fmt(r) for r in rows]
+    lines += [
+        "",
+        f"model FLOPs per step: {res.flops_per_step:.4g} (training_flops_per_step, MaxText's count)",
+        f"peak: {res.matmul_size}^3 float32 matmul, jax {res.jax_matmul_flops / 1e9:.1f} GFLOP/s, "
+        f"torch {res.torch_matmul_flops / 1e9:.1f} GFLOP/s -> peak {res.peak_flops / 1e9:.1f} GFLOP/s",
+    ]
+    for name, options in zip(names, res.variants):
+        lines.append(f"{name} options: " + ", ".join(f"{k}={v}" for k, v in options.items()))
+    return "\n".join(lines)
+
+
+def _lm_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="evejax bench lm", description="evejax vs PyTorch eager LM train step")
+    p.add_argument("--size", default="llama_110m", help="an evejax.models.llm size")
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--seq-len", type=int, default=512)
+    p.add_argument("--steps", type=int, default=2, help="steps per measurement")
+    p.add_argument("--repeats", type=int, default=5, help="alternating measurements per framework")
+    p.add_argument("--variant", action="append", default=[],
+                   help="extra evejax run with these options on top of BENCH_OPTIONS, e.g. remat=full")
+    p.add_argument("--threads", type=int, help="torch threads (default: CPU cores)")
+    p.add_argument("--matmul-size", type=int, default=2048)
+    return p
+
+
+def bench_lm(argv: Sequence[str]) -> int:
+    args = _lm_parser().parse_args(argv)
+    if XLA_CPU_FLAGS:
+        # Only effective when the CPU backend has not started yet, as under the CLI.
+        current = os.environ.get("XLA_FLAGS", "")
+        extra = [f for f in XLA_CPU_FLAGS if f.split("=")[0] not in current]
+        os.environ["XLA_FLAGS"] = " ".join([current] + extra).strip()
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    res = run_lm(args.size, args.batch, args.seq_len, args.steps, args.repeats,
+                 [parse_options(v) for v in args.variant], args.matmul_size, args.threads,
+                 log=lambda s: print(s, file=sys.stderr, flush=True))
+    print(format_lm(res))
+    return 0
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] not in ("lm", "data"):
+        print("usage: evejax bench lm|data [args]  (evejax bench lm --help)", file=sys.stderr)
+        return 2
+    if argv[0] == "data":
+        from evejax.data.bench import bench_data
+
+        return int(bench_data(argv[1:]) or 0)
+    return bench_lm(argv[1:])

@@ -1,0 +1,283 @@
+"""Exact-match VQA evaluation of an EVE checkpoint on held-out shapes questions.
+
+  evejax eval CHECKPOINT [--num-questions 500] [--batch-size 100] [--seed 0] [--show 5]
+
+CHECKPOINT is a trainer workdir (`evejax train --workdir`, newest checkpoint)
+or an evejax EVE checkpoint directory (`evejax import --family eve`).
+
+Questions: the QA rounds of held-out scenes 0, 1, 2, ... of
+`evejax.data.shapes` (split "heldout": no scene geometry of it is ever
+trained on), in order, each asked on its own as the first user turn
+("<image>\\n" + question, vicuna_v1), until `num_questions` are collected.
+A prediction is the greedy answer (KV cache, at most MAX_NEW_TOKENS tokens,
+up to EOS), decoded and stripped; it is right when it equals the reference
+answer exactly.
+
+Text-only baseline ("blank"): the same prompts with each image replaced by a
+canvas of the same size filled with the shapes' background colour (white),
+so the prompt, the aspect ratio and the image-token layout are unchanged and
+only the picture's content is gone (the image is not dropped: the model was
+never trained on prompts without image tokens).
+
+Chance (`chance_accuracy`): for each question type, the rate of its most
+frequent reference answer among the evaluated questions of that type,
+weighted by the type's share of the questions; i.e. the accuracy of a
+guesser that knows each type's majority answer: sum over types of
+(count of that type's majority answer) / number of questions.
+
+Sizes: B batch of questions, N text length of the longest prompt, M image
+slots of the model, T = N - 1 + M spliced length, V vocabulary.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import dataclasses
+import functools
+import json
+import sys
+from pathlib import Path
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from PIL import Image
+
+from evejax.data import image as image_lib
+from evejax.data import shapes
+from evejax.data import text as text_lib
+from evejax.eval.generate import greedy_generate
+from evejax.models import eve as eve_lib
+from evejax.models import llm as llm_lib
+
+# Answers are one word, then EOS; two spare tokens show a model that rambles on.
+MAX_NEW_TOKENS = 4
+TEMPLATE = "vicuna_v1"
+
+# Question type by the start and end of the question text (shapes._questions).
+QUESTION_TYPES = (
+    ("count_shapes", "how many shapes", ""),
+    ("count_kind", "how many", ""),
+    ("colour", "what colour is the", ""),
+    ("shape", "what shape is the", ""),
+    ("presence", "is there a", ""),
+    ("left_right", "is the", "on the left or on the right?"),
+    ("top_bottom", "is the", "at the top or at the bottom?"),
+)
+
+
+def question_type(question: str) -> str:
+    for name, start, end in QUESTION_TYPES:
+        if question.startswith(start) and question.endswith(end):
+            return name
+    raise ValueError(f"question {question!r} is not one of the shapes question types")
+
+
+@dataclasses.dataclass(frozen=True)
+class Question:
+    scene_index: int
+    image: Image.Image
+    question: str
+    answer: str
+
+    @property
+    def kind(self) -> str:
+        return question_type(self.question)
+
+
+def heldout_questions(num_questions: int, seed: int = 0, min_side: int = 32,
+                      max_side: int = 64) -> list[Question]:
+    """The first `num_questions` QA rounds of held-out scenes 0, 1, 2, ... (module docstring)."""
+    if num_questions < 1:
+        raise ValueError(f"num_questions must be positive, got {num_questions}")
+    out: list[Question] = []
+    index = 0
+    while len(out) < num_questions:
+        scene = shapes.scene(index, "heldout", seed, min_side, max_side)
+        picture = shapes.render(scene)
+        for question, answer in shapes.qa(scene, index, "heldout", seed):
+            out.append(Question(index, picture, question, answer))
+        index += 1
+    return out[:num_questions]
+
+
+def blank_like(picture: Image.Image) -> Image.Image:
+    """A canvas of the picture's size in the shapes' background colour."""
+    return Image.new("RGB", picture.size, shapes.BACKGROUND)
+
+
+def chance_accuracy(questions: Sequence[Question]) -> tuple[float, dict[str, tuple[str, float]]]:
+    """(weighted chance, {type: (majority answer, its rate)}); see the module docstring."""
+    by_type: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
+    for q in questions:
+        by_type[q.kind][q.answer] += 1
+    per_type = {t: (c.most_common(1)[0][0], c.most_common(1)[0][1] / sum(c.values()))
+                for t, c in by_type.items()}
+    return sum(c.most_common(1)[0][1] for c in by_type.values()) / len(questions), per_type
+
+
+# ---- the model --------------------------------------------------------------------------
+
+class Answerer:
+    """Greedy answers of an inference EVE (no PAL, no teacher) to (image, question) pairs.
+
+    Every batch is padded to the same [batch_size, N] so generation compiles once.
+    """
+
+    def __init__(self, cfg: eve_lib.EVEConfig, params, batch_size: int = 100,
+                 tokenizer: text_lib.Tokenizer | None = None, anyres: image_lib.AnyResConfig | None = None):
+        if cfg.with_pal:
+            anyres = anyres or cfg.anyres()
+            params = {k: v for k, v in params.items() if k not in ("vision_compressor", "clip")}
+            cfg = cfg.replace(with_pal=False)
+        if anyres is None:
+            raise ValueError("an inference EVE config has no teacher view; pass its AnyResConfig")
+        self.cfg, self.params, self.batch_size = cfg, params, batch_size
+        self.tokenizer = tokenizer or shapes.tokenizer()
+        self.anyres = anyres
+
+    def answer(self, pictures: Sequence[Image.Image], questions: Sequence[str]) -> list[str]:
+        prompts = [prompt_ids(q, self.tokenizer) for q in questions]
+        width = max(len(p) for p in prompts)
+        answers: list[str] = []
+        for start in range(0, len(prompts), self.batch_size):
+            rows = list(range(start, min(start + self.batch_size, len(prompts))))
+            n_real = len(rows)
+            # The last batch repeats its final row, so every call has the same shape.
+            rows += [rows[-1]] * (self.batch_size - n_real)
+            tokens = np.full((self.batch_size, width), self.tokenizer.pad_id, np.int32)
+            segment_ids = np.zeros((self.batch_size, width), np.int32)
+            views = [image_lib.preprocess_anyres(pictures[r], self.anyres, with_teacher=False) for r in rows]
+            for i, r in enumerate(rows):
+                tokens[i, :len(prompts[r])] = prompts[r]
+                segment_ids[i, :len(prompts[r])] = 1
+            embeds, mask = _left_padded_prompt(self.params, tokens, segment_ids,
+                                               np.stack([v.pixels for v in views]),
+                                               np.stack([v.mask for v in views]), cfg=self.cfg)
+            new = np.asarray(greedy_generate(llm_lib.CausalLM(self.cfg.llm), self.params["llm"], None, mask,
+                                             MAX_NEW_TOKENS, self.tokenizer.eos_id, inputs_embeds=embeds))
+            answers += [decode_answer(new[i], self.tokenizer) for i in range(n_real)]
+        return answers
+
+
+def prompt_ids(question: str, tokenizer: text_lib.Tokenizer) -> np.ndarray:
+    """int32 [N]: BOS, system prompt, "USER: <image>\\n{question} ASSISTANT:" (vicuna_v1)."""
+    return text_lib.encode_prompt(text_lib.IMAGE_PLACEHOLDER + "\n" + question, tokenizer, TEMPLATE)
+
+
+def decode_answer(ids: Sequence[int], tokenizer: text_lib.Tokenizer) -> str:
+    ids = list(int(i) for i in ids)
+    if tokenizer.eos_id in ids:
+        ids = ids[:ids.index(tokenizer.eos_id)]
+    return tokenizer.decode(ids).strip()
+
+
+@functools.partial(jax.jit, static_argnames=("cfg",))
+def _left_padded_prompt(params, tokens, segment_ids, pixels, pixel_mask, *, cfg):
+    """Spliced prompt embeddings moved to the right end of each row, as greedy_generate wants.
+
+    EVE splices right-padded rows (text, image tokens, text, padding); rolling
+    each row by its padding keeps the order of its real positions.
+    """
+    spliced = eve_lib.EVE(cfg).apply({"params": params}, tokens, segment_ids, pixels, pixel_mask,
+                                     method=eve_lib.EVE.embed_inputs)
+    real = spliced.segment_ids > 0
+    length = real.shape[1]
+    shift = length - jnp.sum(real, axis=1)
+    index = (jnp.arange(length)[None, :] - shift[:, None]) % length
+    embeds = jnp.take_along_axis(spliced.embeds, index[..., None], axis=1)
+    mask = (jnp.arange(length)[None, :] >= shift[:, None]).astype(jnp.int32)
+    return embeds, mask
+
+
+# ---- evaluation -------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class Result:
+    accuracy: float
+    per_type: dict[str, float]          # type -> accuracy
+    counts: dict[str, int]              # type -> number of questions
+    predictions: list[str]
+
+
+def score(questions: Sequence[Question], predictions: Sequence[str]) -> Result:
+    right: dict[str, int] = collections.Counter()
+    counts: dict[str, int] = collections.Counter()
+    for q, p in zip(questions, predictions, strict=True):
+        counts[q.kind] += 1
+        right[q.kind] += int(p == q.answer.strip())
+    return Result(accuracy=sum(right.values()) / len(questions),
+                  per_type={t: right[t] / counts[t] for t in counts}, counts=dict(counts),
+                  predictions=list(predictions))
+
+
+def evaluate(answerer: Answerer, questions: Sequence[Question], blank: bool = False) -> Result:
+    """Exact-match accuracy of `answerer` on `questions` (images blanked when `blank`)."""
+    pictures = [blank_like(q.image) if blank else q.image for q in questions]
+    return score(questions, answerer.answer(pictures, [q.question for q in questions]))
+
+
+# ---- checkpoints ------------------------------------------------------------------------
+
+def load_model(path: str | Path) -> tuple[eve_lib.EVEConfig, dict, image_lib.AnyResConfig]:
+    """(config, params, preprocessing) of a trainer workdir or an evejax EVE checkpoint."""
+    from evejax.port import eve as eve_port
+
+    path = Path(path)
+    if (path / eve_port.MODEL_JSON).is_file():
+        cfg, params = eve_port.load_checkpoint(path)
+        if not cfg.with_pal:
+            raise ValueError(f"{path} holds an inference EVE; its preprocessing sizes come from the "
+                             "training model (with the teacher); evaluate the training checkpoint")
+        return cfg, params, cfg.anyres()
+    import ml_collections
+
+    from evejax.models import registry
+    from evejax.train import checkpoint as ckpt_lib
+
+    if not (path / "checkpoints").is_dir():
+        raise FileNotFoundError(f"{path} is neither a trainer workdir (no checkpoints/) nor an evejax EVE "
+                                f"checkpoint (no {eve_port.MODEL_JSON})")
+    step, params = ckpt_lib.load_params(str(path))
+    store = ckpt_lib.Checkpoints(str(path), read_only=True)
+    config = store.config(step)
+    store.close()
+    if config["model"]["name"] != "eve":
+        raise ValueError(f"{path} trained a {config['model']['name']!r} model, not EVE")
+    cfg = registry.build(ml_collections.ConfigDict(config["model"])).config
+    return cfg, params, cfg.anyres()
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="evejax eval", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("checkpoint", help="trainer workdir or evejax EVE checkpoint directory")
+    p.add_argument("--num-questions", type=int, default=500)
+    p.add_argument("--batch-size", type=int, default=100)
+    p.add_argument("--seed", type=int, default=0, help="seed of the shapes set the model was trained on")
+    p.add_argument("--show", type=int, default=5, help="print this many predictions")
+    p.add_argument("--json", help="also write the figures to this file")
+    args = p.parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        cfg, params, anyres = load_model(args.checkpoint)
+        questions = heldout_questions(args.num_questions, args.seed)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"evejax eval: error: {e}", file=sys.stderr)
+        return 1
+    answerer = Answerer(cfg, params, args.batch_size, anyres=anyres)
+    result, blank = evaluate(answerer, questions), evaluate(answerer, questions, blank=True)
+    chance, majority = chance_accuracy(questions)
+    print(f"{len(questions)} held-out questions: accuracy {100 * result.accuracy:.1f}%, blank image "
+          f"{100 * blank.accuracy:.1f}%, chance {100 * chance:.1f}%")
+    for t in sorted(result.counts):
+        print(f"  {t:<13} n={result.counts[t]:<4} accuracy {100 * result.per_type[t]:5.1f}%  blank "
+              f"{100 * blank.per_type[t]:5.1f}%  chance {100 * majority[t][1]:5.1f}% ({majority[t][0]!r})")
+    for q, pred in list(zip(questions, result.predictions))[:args.show]:
+        print(f"  scene {q.scene_index}: {q.question} -> {pred!r} (answer {q.answer!r})")
+    if args.json:
+        Path(args.json).write_text(json.dumps(
+            {"accuracy": result.accuracy, "blank_accuracy": blank.accuracy, "chance": chance,
+             "per_type": result.per_type, "blank_per_type": blank.per_type, "counts": result.counts,
+             "majority": majority}, indent=2) + "\n")
+    return 0
