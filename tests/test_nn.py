@@ -54,11 +54,12 @@ def test_mask_semantics():
     assert pm[0, 1] and not pm[2, 3]
 
 
-def test_attention_impls_agree_with_gqa():
+@pytest.mark.parametrize("kv_heads", [2, 4])  # grouped (GQA) and plain multi-head paths
+def test_attention_impls_agree(kv_heads):
     ks = jax.random.split(jax.random.PRNGKey(1), 3)
     q = jax.random.normal(ks[0], (2, 6, 4, 8))
-    k = jax.random.normal(ks[1], (2, 6, 2, 8))
-    v = jax.random.normal(ks[2], (2, 6, 2, 8))
+    k = jax.random.normal(ks[1], (2, 6, kv_heads, 8))
+    v = jax.random.normal(ks[2], (2, 6, kv_heads, 8))
     seg = jnp.array([[1, 1, 1, 1, 0, 0], [1, 1, 2, 2, 2, 2]])
     idx = jnp.broadcast_to(jnp.arange(6), (2, 6))
     mask = attention.make_mask(seg, seg, idx, idx, causal=True)
@@ -67,7 +68,8 @@ def test_attention_impls_agree_with_gqa():
     valid = np.asarray(seg > 0)
     assert _rel(np.asarray(a)[valid], np.asarray(b)[valid]) < 1e-5
     # Reference: repeat KV heads, plain softmax.
-    kr, vr = jnp.repeat(k, 2, axis=2), jnp.repeat(v, 2, axis=2)
+    rep = 4 // kv_heads
+    kr, vr = jnp.repeat(k, rep, axis=2), jnp.repeat(v, rep, axis=2)
     logits = jnp.einsum("bthd,bshd->bhts", q, kr) * 8 ** -0.5
     logits = jnp.where(mask, logits, -1e30)
     ref = jnp.einsum("bhts,bshd->bthd", jax.nn.softmax(logits, -1), vr)
@@ -134,3 +136,19 @@ def test_bf16_compute_keeps_fp32_params():
     out = jax.eval_shape(lambda: model.apply(jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), params),
                                              jnp.zeros((1, 4), jnp.int32)))
     assert out.dtype == jnp.float32
+
+
+def test_matmul_2d_same_params_same_gradients(tiny_lm):
+    """matmul_2d (one 2-D matmul per projection, the CPU bench setting) is a layout choice only."""
+    cfg, _, params = tiny_lm
+    tokens = jnp.asarray(np.random.default_rng(2).integers(0, cfg.vocab_size, (2, 12)))
+
+    def loss_and_grads(**kw):
+        model = llm.CausalLM(cfg.replace(**kw))
+        return jax.value_and_grad(lambda p: jnp.mean(model.apply({"params": p}, tokens) ** 2))(params)
+
+    (l2, g2), (l1, g1) = loss_and_grads(matmul_2d=True), loss_and_grads(matmul_2d=False)
+    assert abs(float(l2) - float(l1)) <= 1e-5 * abs(float(l1))
+    assert jax.tree.structure(g2) == jax.tree.structure(g1)
+    for a, b in zip(jax.tree.leaves(g2), jax.tree.leaves(g1)):
+        assert _rel(a, b) < 1e-5

@@ -96,7 +96,8 @@ class CausalLM(nn.Module):
             embedding_init=param_with_axes(default_kernel_init, ("vocab", "embed")))
         self.decoder = TransformerStack(t)
         self.final_norm = RMSNorm(eps=t.norm_eps, dtype=dtype, param_dtype=pdtype)
-        self.lm_head = Dense((self.cfg.vocab_size,), ("embed",), ("vocab",), dtype=dtype, param_dtype=pdtype)
+        self.lm_head = Dense((self.cfg.vocab_size,), ("embed",), ("vocab",), dtype=dtype, param_dtype=pdtype,
+                             flatten=t.matmul_2d)
 
     def embed(self, tokens):
         return self.embed_tokens(tokens)

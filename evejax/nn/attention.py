@@ -43,6 +43,14 @@ def attend(q, k, v, mask, *, scale: float, impl: str = "xla"):
         raise ValueError(f"attention impl {impl!r} is not known; use 'xla', 'dot' or 'cudnn'")
     b, t, n, h = q.shape
     kv = k.shape[2]
+    if kv == n:
+        # Plain multi-head attention keeps 4-D [B, N, T, S] logits: XLA:CPU runs
+        # the softmax and its gradient on them much faster than on the grouped
+        # 5-D form with a unit group axis (about 40% less attention time).
+        logits = jnp.einsum("btnh,bsnh->bnts", q, k, preferred_element_type=jnp.float32) * scale
+        logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
+        probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+        return jnp.einsum("bnts,bsnh->btnh", probs, v)
     qg = q.reshape(b, t, kv, n // kv, h)
     logits = jnp.einsum("btkgh,bskh->bkgts", qg, k, preferred_element_type=jnp.float32) * scale
     logits = jnp.where(mask[:, :, None], logits, jnp.finfo(jnp.float32).min)
@@ -71,10 +79,11 @@ class Attention(nn.Module):
     impl: str = "xla"
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
+    flatten: bool = False  # Dense.flatten
 
     @nn.compact
     def __call__(self, x, positions, segment_ids, prefix=None, decode: bool = False):
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, flatten=self.flatten)
         q = Dense((self.num_heads, self.head_dim), ("embed",), ("heads", "head_dim"),
                   use_bias=self.qkv_bias, name="query", **kw)(x)
         k = Dense((self.num_kv_heads, self.head_dim), ("embed",), ("kv_heads", "head_dim"),

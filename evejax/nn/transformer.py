@@ -45,6 +45,7 @@ class TransformerConfig:
     attention_impl: str = "xla"
     remat: str = "full"
     scan_unroll: int = 1
+    matmul_2d: bool = False  # Dense.flatten for every projection: faster on CPU, not needed on TPU
     dtype: str = "float32"
     param_dtype: str = "float32"
 
@@ -94,14 +95,14 @@ class DecoderLayer(nn.Module):
             causal=cfg.causal, qkv_bias=cfg.qkv_bias, out_bias=cfg.out_bias,
             rope_base=cfg.rope_base, rope_layout=cfg.rope_layout, rope_scaling=cfg.rope_scaling,
             max_position_embeddings=cfg.max_position_embeddings, impl=cfg.attention_impl,
-            dtype=dtype, param_dtype=pdtype, name="attention",
+            dtype=dtype, param_dtype=pdtype, flatten=cfg.matmul_2d, name="attention",
         )(h, positions, segment_ids, prefix, decode=self.decode)
         h = checkpoint_name(h, "context")
         drop = DropPath()
         x = x + drop(h, drop_path_rate, deterministic=self.deterministic)
         h = make_norm(cfg.norm, cfg.norm_eps, dtype, pdtype, "mlp_norm")(x)
         h = MLP(cfg.mlp_dim, act=cfg.mlp_act, gated=cfg.mlp_gated, use_bias=cfg.mlp_bias,
-                dtype=dtype, param_dtype=pdtype, name="mlp")(h)
+                dtype=dtype, param_dtype=pdtype, flatten=cfg.matmul_2d, name="mlp")(h)
         x = x + drop(h, drop_path_rate, deterministic=self.deterministic)
         x = constrain(x, ("batch", "length", "act_embed"))
         return x, (x if self.return_hidden else None)
