@@ -45,8 +45,10 @@ def config_from_json(data: Mapping[str, Any], source: str = MODEL_JSON) -> LMCon
         raise CheckpointError(f"{source}: fields do not match this evejax version ({e})") from None
 
 
-def save_checkpoint(directory: str | os.PathLike, cfg: LMConfig, params: Any, overwrite: bool = False) -> Path:
-    """Writes model.json and params/ into `directory`; returns the directory."""
+def write_checkpoint(directory: str | os.PathLike, config_json: Mapping[str, Any], params: Any,
+                     overwrite: bool = False) -> Path:
+    """Writes params/ (Orbax) and then model.json into `directory`; returns it. Every family's
+    `save_checkpoint` is this with its own config JSON."""
     import orbax.checkpoint as ocp
 
     directory = Path(directory).absolute()
@@ -58,38 +60,51 @@ def save_checkpoint(directory: str | os.PathLike, cfg: LMConfig, params: Any, ov
     checkpointer.save(target, jax.tree.map(jax.numpy.asarray, params), force=overwrite)
     checkpointer.wait_until_finished()
     # model.json last: a directory with it is a complete checkpoint.
-    (directory / MODEL_JSON).write_text(json.dumps(config_to_json(cfg), indent=2) + "\n")
+    (directory / MODEL_JSON).write_text(json.dumps(dict(config_json), indent=2) + "\n")
     return directory
 
 
-def load_config(directory: str | os.PathLike) -> LMConfig:
+def read_model_json(directory: str | os.PathLike, what: str, hint: str) -> tuple[dict, str]:
+    """(model.json contents, its path) of a checkpoint directory; `what` and `hint` name the
+    kind of checkpoint and how to make one, for the error."""
     path = Path(directory) / MODEL_JSON
     if not path.is_file():
-        raise CheckpointError(f"{directory}: no {MODEL_JSON}; not an evejax checkpoint "
-                              "(create one with `evejax import`)")
+        raise CheckpointError(f"{directory}: no {MODEL_JSON}; not an evejax {what} ({hint})")
     try:
-        data = json.loads(path.read_text())
+        return json.loads(path.read_text()), str(path)
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{path}: not valid JSON ({e})") from None
-    return config_from_json(data, str(path))
 
 
-def load_checkpoint(directory: str | os.PathLike, shardings: Any = None) -> tuple[LMConfig, Any]:
-    """(LMConfig, params) of an evejax checkpoint directory."""
+def restore_params(directory: str | os.PathLike, abstract: Any, shardings: Any = None) -> Any:
+    """params/ of a checkpoint directory, restored to the shapes and dtypes of `abstract`
+    (a ShapeDtypeStruct tree); on one device unless `shardings` (a tree like it) places them."""
     import orbax.checkpoint as ocp
 
-    from evejax.port.tables import abstract_params
-
     directory = Path(directory).absolute()
-    cfg = load_config(directory)
-    abstract = abstract_params(cfg)
     if shardings is None:
         device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
         shardings = jax.tree.map(lambda _: device, abstract)
     target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
     try:
-        params = ocp.StandardCheckpointer().restore(directory / PARAMS_DIR, target)
+        return ocp.StandardCheckpointer().restore(directory / PARAMS_DIR, target)
     except (ValueError, KeyError, FileNotFoundError) as e:
         raise CheckpointError(f"{directory / PARAMS_DIR}: parameters do not restore for the model in "
                               f"{MODEL_JSON} ({type(e).__name__}: {e})") from None
-    return cfg, params
+
+
+def save_checkpoint(directory: str | os.PathLike, cfg: LMConfig, params: Any, overwrite: bool = False) -> Path:
+    """Writes model.json and params/ into `directory`; returns the directory."""
+    return write_checkpoint(directory, config_to_json(cfg), params, overwrite)
+
+
+def load_config(directory: str | os.PathLike) -> LMConfig:
+    return config_from_json(*read_model_json(directory, "checkpoint", "create one with `evejax import`"))
+
+
+def load_checkpoint(directory: str | os.PathLike, shardings: Any = None) -> tuple[LMConfig, Any]:
+    """(LMConfig, params) of an evejax checkpoint directory."""
+    from evejax.port.tables import abstract_params
+
+    cfg = load_config(directory)
+    return cfg, restore_params(directory, abstract_params(cfg), shardings)

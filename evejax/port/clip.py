@@ -47,6 +47,7 @@ import numpy as np
 
 from evejax.models.vit import ClipViT, ClipViTConfig, clip_vit
 from evejax.nn.transformer import TransformerConfig
+from evejax.port import checkpoint as lm_checkpoint
 from evejax.port import io, tables
 from evejax.port.io import CheckpointError
 from evejax.port.tables import FLAT_BIAS, LINEAR, LINEAR_FROM_HEADS, Row, Transform
@@ -186,8 +187,7 @@ def from_hf_config(hf: Mapping[str, Any], **overrides) -> ClipViTConfig:
 
 # ---- evejax CLIP checkpoints ----------------------------------------------------------
 
-MODEL_JSON = "model.json"
-PARAMS_DIR = "params"
+MODEL_JSON, PARAMS_DIR = lm_checkpoint.MODEL_JSON, lm_checkpoint.PARAMS_DIR
 FORMAT = "evejax.clip"
 VERSION = 1
 # config.json model_type of the HF models whose vision tower import reads.
@@ -212,46 +212,15 @@ def config_from_json(data: Mapping[str, Any], source: str = MODEL_JSON) -> ClipV
 def save_checkpoint(directory: str | os.PathLike, cfg: ClipViTConfig, params: Any,
                     overwrite: bool = False) -> Path:
     """Writes model.json and params/ (Orbax) into `directory`; returns it."""
-    import orbax.checkpoint as ocp
-
-    directory = Path(directory).absolute()
-    target = directory / PARAMS_DIR
-    if target.exists() and not overwrite:
-        raise CheckpointError(f"{target} already exists; choose another directory or overwrite it")
-    directory.mkdir(parents=True, exist_ok=True)
-    checkpointer = ocp.StandardCheckpointer()
-    checkpointer.save(target, jax.tree.map(jnp.asarray, params), force=overwrite)
-    checkpointer.wait_until_finished()
-    # model.json last: a directory with it is a complete checkpoint.
-    (directory / MODEL_JSON).write_text(json.dumps(config_to_json(cfg), indent=2) + "\n")
-    return directory
+    return lm_checkpoint.write_checkpoint(directory, config_to_json(cfg), params, overwrite)
 
 
 def load_checkpoint(directory: str | os.PathLike, shardings: Any = None) -> tuple[ClipViTConfig, Any]:
     """(ClipViTConfig, params) of an evejax CLIP checkpoint; params on one device unless
     `shardings` (a tree like the params) places them, e.g. on EVE's `clip` shardings."""
-    import orbax.checkpoint as ocp
-
-    directory = Path(directory).absolute()
-    path = directory / MODEL_JSON
-    if not path.is_file():
-        raise CheckpointError(f"{directory}: no {MODEL_JSON}; not an evejax CLIP checkpoint "
-                              "(create one with `evejax import --family clip`)")
-    try:
-        cfg = config_from_json(json.loads(path.read_text()), str(path))
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
-    abstract = abstract_params(cfg)
-    if shardings is None:
-        device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-        shardings = jax.tree.map(lambda _: device, abstract)
-    target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
-    try:
-        params = ocp.StandardCheckpointer().restore(directory / PARAMS_DIR, target)
-    except (ValueError, KeyError, FileNotFoundError) as e:
-        raise CheckpointError(f"{directory / PARAMS_DIR}: parameters do not restore for the model in "
-                              f"{MODEL_JSON} ({type(e).__name__}: {e})") from None
-    return cfg, params
+    cfg = config_from_json(*lm_checkpoint.read_model_json(
+        directory, "CLIP checkpoint", "create one with `evejax import --family clip`"))
+    return cfg, lm_checkpoint.restore_params(directory, abstract_params(cfg), shardings)
 
 
 def is_clip_checkpoint(directory: str | os.PathLike) -> bool:

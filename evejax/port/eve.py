@@ -53,8 +53,7 @@ from evejax.port.tables import LINEAR, Row, Transform
 CLIP_PREFIX = "model.vision_clip.backbone."
 DUPLICATE_CLIP_PREFIX = "model.vision_tower_compressor.clip_layer.backbone."
 PAL_PREFIX = "model.vision_tower_compressor."
-MODEL_JSON = "model.json"
-PARAMS_DIR = "params"
+MODEL_JSON, PARAMS_DIR = lm_checkpoint.MODEL_JSON, lm_checkpoint.PARAMS_DIR
 FORMAT = "evejax.eve"
 VERSION = 1
 
@@ -297,45 +296,15 @@ def config_from_json(data: Mapping[str, Any], source: str = MODEL_JSON) -> eve_l
 def save_checkpoint(directory: str | os.PathLike, cfg: eve_lib.EVEConfig, params: Any,
                     overwrite: bool = False) -> Path:
     """Writes model.json and params/ (Orbax) into `directory`; returns it."""
-    import orbax.checkpoint as ocp
-
-    directory = Path(directory).absolute()
-    target = directory / PARAMS_DIR
-    if target.exists() and not overwrite:
-        raise CheckpointError(f"{target} already exists; choose another directory or overwrite it")
-    directory.mkdir(parents=True, exist_ok=True)
-    checkpointer = ocp.StandardCheckpointer()
-    checkpointer.save(target, jax.tree.map(jax.numpy.asarray, params), force=overwrite)
-    checkpointer.wait_until_finished()
-    # model.json last: a directory with it is a complete checkpoint.
-    (directory / MODEL_JSON).write_text(json.dumps(config_to_json(cfg), indent=2) + "\n")
-    return directory
+    return lm_checkpoint.write_checkpoint(directory, config_to_json(cfg), params, overwrite)
 
 
 def load_checkpoint(directory: str | os.PathLike, shardings: Any = None) -> tuple[eve_lib.EVEConfig, Any]:
-    """(EVEConfig, params) of an evejax EVE checkpoint; params on one device unless `shardings`."""
-    import orbax.checkpoint as ocp
-
-    directory = Path(directory).absolute()
-    path = directory / MODEL_JSON
-    if not path.is_file():
-        raise CheckpointError(f"{directory}: no {MODEL_JSON}; not an evejax EVE checkpoint "
-                              "(create one with `evejax import --family eve`)")
-    try:
-        cfg = config_from_json(json.loads(path.read_text()), str(path))
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
-    abstract = abstract_params(cfg)
-    if shardings is None:
-        device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-        shardings = jax.tree.map(lambda _: device, abstract)
-    target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
-    try:
-        params = ocp.StandardCheckpointer().restore(directory / PARAMS_DIR, target)
-    except (ValueError, KeyError, FileNotFoundError) as e:
-        raise CheckpointError(f"{directory / PARAMS_DIR}: parameters do not restore for the model in "
-                              f"{MODEL_JSON} ({type(e).__name__}: {e})") from None
-    return cfg, params
+    """(eve_lib.EVEConfig, params) of an evejax EVE checkpoint; params on one device unless
+    `shardings`."""
+    cfg = config_from_json(*lm_checkpoint.read_model_json(
+        directory, "EVE checkpoint", "create one with `evejax import --family eve`"))
+    return cfg, lm_checkpoint.restore_params(directory, abstract_params(cfg), shardings)
 
 
 # ---- files ----------------------------------------------------------------------------
