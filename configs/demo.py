@@ -11,50 +11,52 @@ on generated shapes (evejax/data/shapes.py), on a CPU in minutes.
   evejax train --config configs/demo.py:stage2 --workdir DIR/stage2   # reads DIR/stage1
   evejax train --config configs/demo.py:stage3 --workdir DIR/stage3   # reads DIR/stage2
 
-teacher  ClipClassifier (the `clip` geometry of EVE "tiny": 32 px, patch 4,
+teacher  ClipClassifier (the `clip` geometry of EVE "demo": 32 px, patch 8,
          width 32, 2 layers) + linear head on the 12 shapes classes
          (kind and colour of the largest shape), all parameters trained.
 stage1   EVE PEL (vision_tokenizer + mm_projector) and PAL (vision_compressor)
          train on captions (plain template), the LLM frozen; the PAL pulls the
          LLM's image states toward the frozen teacher's layer -2 patch features.
 stage2   everything but the teacher trains on captions.
-stage3   everything but the teacher trains on the question rounds (vicuna_v1).
+stage3   everything but the teacher trains on the question rounds (vicuna_v1),
+         8 of the questions an image answers per conversation (qa_rounds="all").
 CE + 1.0 x PAL in every EVE stage, as official.
 
-The tiny EVE: LLaMA decoder width 128, 4 layers, 4 heads, MLP 256, PEL width
-64 (8 heads), canvas 64 px, patch 4, CA1 pool 2 -> at most 8 x 8 image patches
-(73 image tokens with CLS and SPL); teacher view 32 px, patch 4 (grid 8).
+The tiny EVE (size "demo" of evejax/models/eve.py + the overrides below): LLaMA
+decoder width 128, 4 layers, 4 heads, MLP 256; PEL width 64 (8 heads), canvas
+64 px, patch 8, CA1 pool 2 -> at most 4 x 4 image patches of 16 x 16 pixels
+(21 image tokens with CLS and SPL); teacher view 32 px, patch 8 (grid 4).
 Args: teacher | stage1 | stage2 | stage3.
 """
 import ml_collections
 
-# LLM and PEL sizes on top of EVE "tiny" (its teacher geometry is kept, so the
-# teacher below fits its `clip` slot). No rematerialisation: the model is
-# small, and recomputation only costs CPU time.
+# The LLM on top of EVE "demo". No rematerialisation: the model is small, and
+# recomputation only costs CPU time; 2-D matmuls are faster on CPU (evejax/bench.py).
 EVE_OVERRIDES = dict(dtype="float32", remat="none", embed_dim=128, num_layers=4, num_heads=4, num_kv_heads=4,
-                     head_dim=32, mlp_dim=256, vision_width=64, vision_heads=8)
-# EVE "tiny"'s teacher is CLIP "tiny" at 32 px (its image_size is the only difference).
-TEACHER_OVERRIDES = dict(image_size=32, remat="none")
+                     head_dim=32, mlp_dim=256, matmul_2d=True)
+# EVE "demo"'s teacher is CLIP "tiny" at 32 px with patch 8.
+TEACHER_OVERRIDES = dict(image_size=32, patch_size=8, remat="none")
 
-# config.data common to all stages: shapes 32-64 px of any aspect ratio, the EVE
-# view at 64 px and the teacher view at 32 px, both with patch 4.
-SHAPES = dict(image_size=64, patch_size=4, pool=2, teacher_image_size=32, teacher_patch_size=4,
-              tokenizer="shapes", min_side=32, max_side=64, num_examples=1_000_000, seed=0,
+# config.data common to all stages: shapes on a grid of 16 px cells, 1 to 4 cells by 4
+# (aspect 1:4 to 4:1), the EVE view at 64 px and the teacher view at 32 px, both with
+# patch 8, so every image token sees one cell.
+SHAPES = dict(image_size=64, patch_size=8, pool=2, teacher_image_size=32, teacher_patch_size=8,
+              tokenizer="shapes", min_side=16, max_side=64, num_examples=1_000_000, seed=0,
               read_threads=2, overlong="truncate")
 
 PEL_PAL = (r"vision_tokenizer/.*", r"mm_projector/.*", r"vision_compressor/.*")
 ALL_BUT_CLIP = PEL_PAL + (r"llm/.*",)
 
 # arg -> data name, template, text positions per row, batch, steps, peak lr, trainable.
-# Captions fit in 48 positions; 64 hold the system prompt and one to two question
-# rounds (overlong="truncate" cuts later rounds).
+# Rows hold the image tokens (at most 21) and the text: a caption fits in 56 positions,
+# the system prompt with MAX_ROUNDS (8) questions of an image in 176.
 STAGES = {
-    "stage1": dict(data="shapes_caption", template="plain", seq_len=48, batch=32, steps=100, lr=2e-3,
+    "stage1": dict(data="shapes_caption", template="plain", seq_len=56, batch=32, steps=100, lr=2e-3,
                    trainable=PEL_PAL),
-    "stage2": dict(data="shapes_caption", template="plain", seq_len=48, batch=32, steps=500, lr=2e-3,
+    "stage2": dict(data="shapes_caption", template="plain", seq_len=56, batch=32, steps=500, lr=2e-3,
                    trainable=ALL_BUT_CLIP),
-    "stage3": dict(data="shapes_qa", template="vicuna_v1", seq_len=64, batch=32, steps=300, lr=2e-3,
-                   trainable=ALL_BUT_CLIP),
+    "stage3": dict(data="shapes_qa", template="vicuna_v1", seq_len=176, batch=32, steps=500, lr=1e-3,
+                   trainable=ALL_BUT_CLIP, qa_rounds="all"),
 }
 PREVIOUS = {"stage2": "stage1", "stage3": "stage2"}
 ARGS = ("teacher",) + tuple(STAGES)
@@ -76,7 +78,7 @@ def get_config(arg: str = "teacher"):
     if arg not in ARGS:
         raise ValueError(f"configs/demo.py takes one of {ARGS}, got {arg!r}")
     if arg == "teacher":
-        c = _common(steps=300, lr=3e-3)
+        c = _common(steps=400, lr=3e-3)
         c.model = dict(name="clip_classifier", size="tiny", num_classes=12, overrides=TEACHER_OVERRIDES)
         # seq_len is unused by image batches; the trainer reads it for throughput figures.
         c.data = dict(SHAPES, name="shapes_class", global_batch=64, seq_len=1)
@@ -85,8 +87,10 @@ def get_config(arg: str = "teacher"):
         return c
     s = STAGES[arg]
     c = _common(steps=s["steps"], lr=s["lr"])
-    c.model = dict(name="eve", size="tiny", overrides=EVE_OVERRIDES, pal_weight=1.0)
+    c.model = dict(name="eve", size="demo", overrides=EVE_OVERRIDES, pal_weight=1.0)
     c.data = dict(SHAPES, name=s["data"], template=s["template"], seq_len=s["seq_len"], global_batch=s["batch"])
+    if "qa_rounds" in s:
+        c.data.qa_rounds = s["qa_rounds"]
     if arg in PREVIOUS:
         start = dict(kind="stage", workdir=PREVIOUS[arg], path="")
     else:

@@ -58,7 +58,7 @@ config.data fields (FIELDS; a key not listed there is an error):
                      (too_long); "truncate": its ids are cut to seq_len + 1 as
                      official EVE does, dropped only if no answer token is left ("skip")
   image_size, patch_size, pool, teacher_image_size, teacher_patch_size
-                     AnyResConfig (672, 14, 2, 336, 14; shapes_*: 64, 4, 2, 32, 4;
+                     AnyResConfig (672, 14, 2, 336, 14; shapes_*: 64, 8, 2, 32, 8;
                      tfds_imagenet: image_size 224 is the crop)
   with_teacher       add the CLIP teacher view (True)
   with_ids           add example_id, for inspection and tests (False)
@@ -71,7 +71,9 @@ config.data fields (FIELDS; a key not listed there is an error):
   -- shapes_* --
   split              "train" | "heldout" ("train")
   num_examples       size of the generated split (100000)
-  min_side, max_side image side range in pixels (32, 64)
+  min_side, max_side image side range in pixels (16, 64; see evejax/data/shapes.py)
+  qa_rounds          shapes_qa: "sample" (1 to 3 questions per image, as held out)
+                     or "all" (every question the image answers)
   -- tfds_imagenet --
   tfds_name          ("imagenet2012")
   tfds_dir           TFDS data_dir, local or gs:// ("": TFDS's default)
@@ -101,10 +103,10 @@ FIELDS: dict[str, Any] = dict(
     seq_len=2048, template="vicuna_v1", tokenizer="", pack=False, overlong="skip",
     image_size=672, patch_size=14, pool=2, teacher_image_size=336, teacher_patch_size=14,
     with_teacher=True, with_ids=False, path="", image_root="",
-    split="train", num_examples=100_000, min_side=32, max_side=64,
+    split="train", num_examples=100_000, min_side=16, max_side=64, qa_rounds="sample",
     tfds_name="imagenet2012", tfds_dir="", image_key="image", label_key="label", augment=True,
 )
-_SHAPES_DEFAULTS = dict(image_size=64, patch_size=4, pool=2, teacher_image_size=32, teacher_patch_size=4,
+_SHAPES_DEFAULTS = dict(image_size=64, patch_size=8, pool=2, teacher_image_size=32, teacher_patch_size=8,
                         tokenizer="shapes", seq_len=128)
 NAME_DEFAULTS: dict[str, dict[str, Any]] = {
     "shapes_caption": dict(_SHAPES_DEFAULTS, template="plain"),
@@ -366,4 +368,4 @@ def make_data(config, process_index: int, process_count: int) -> packing.BatchIt
 
 def _shapes_source(task: str, opts: dict) -> shapes.ShapesSource:
     return shapes.ShapesSource(task, opts["split"], opts["num_examples"], opts["seed"],
-                               opts["min_side"], opts["max_side"])
+                               opts["min_side"], opts["max_side"], opts["qa_rounds"])

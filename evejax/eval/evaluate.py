@@ -58,7 +58,6 @@ TEMPLATE = "vicuna_v1"
 # Question type by the start and end of the question text (shapes._questions).
 QUESTION_TYPES = (
     ("count_shapes", "how many shapes", ""),
-    ("count_kind", "how many", ""),
     ("colour", "what colour is the", ""),
     ("shape", "what shape is the", ""),
     ("presence", "is there a", ""),
@@ -86,7 +85,7 @@ class Question:
         return question_type(self.question)
 
 
-def heldout_questions(num_questions: int, seed: int = 0, min_side: int = 32,
+def heldout_questions(num_questions: int, seed: int = 0, min_side: int = 16,
                       max_side: int = 64) -> list[Question]:
     """The first `num_questions` QA rounds of held-out scenes 0, 1, 2, ... (module docstring)."""
     if num_questions < 1:
