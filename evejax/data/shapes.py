@@ -192,7 +192,8 @@ def _questions(s: Scene, rng: np.random.Generator) -> list[tuple[str, str]]:
 
     A shape is named by one attribute that singles it out ("the circle", "the
     red one"), and presence asks for one attribute ("a circle", "a red
-    shape"), yes or no with equal odds."""
+    shape"), yes or no with equal odds unless the scene has every kind (or
+    every colour), when the answer is yes."""
     kinds = [t.kind for t in s.shapes]
     colours = [t.colour for t in s.shapes]
     pick = lambda seq: seq[int(rng.integers(len(seq)))]
