@@ -76,6 +76,15 @@ def read_model_json(directory: str | os.PathLike, what: str, hint: str) -> tuple
         raise CheckpointError(f"{path}: not valid JSON ({e})") from None
 
 
+def has_format(directory: str | os.PathLike, fmt: str) -> bool:
+    """Whether `directory`'s model.json names format `fmt` (the export dispatch between families)."""
+    path = Path(directory) / MODEL_JSON
+    try:
+        return path.is_file() and json.loads(path.read_text()).get("format") == fmt
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+        return False
+
+
 def restore_params(directory: str | os.PathLike, abstract: Any, shardings: Any = None) -> Any:
     """params/ of a checkpoint directory, restored to the shapes and dtypes of `abstract`
     (a ShapeDtypeStruct tree); on one device unless `shardings` (a tree like it) places them."""

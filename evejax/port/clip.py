@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 from pathlib import Path
 from typing import Any, Mapping
@@ -225,11 +224,7 @@ def load_checkpoint(directory: str | os.PathLike, shardings: Any = None) -> tupl
 
 def is_clip_checkpoint(directory: str | os.PathLike) -> bool:
     """Whether `directory` holds an evejax CLIP checkpoint (for the export dispatch)."""
-    path = Path(directory) / MODEL_JSON
-    try:
-        return path.is_file() and json.loads(path.read_text()).get("format") == FORMAT
-    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
-        return False
+    return lm_checkpoint.has_format(directory, FORMAT)
 
 
 def import_clip(src: str | os.PathLike, out_dir: str | os.PathLike, *, config: str | os.PathLike | None = None,

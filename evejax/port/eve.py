@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import re
 import sys
@@ -418,8 +417,4 @@ def export_main(argv) -> int:
 
 def is_eve_checkpoint(directory: str | os.PathLike) -> bool:
     """Whether `directory` holds an evejax EVE checkpoint (for the export dispatch)."""
-    path = Path(directory) / MODEL_JSON
-    try:
-        return path.is_file() and json.loads(path.read_text()).get("format") == FORMAT
-    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
-        return False
+    return lm_checkpoint.has_format(directory, FORMAT)
