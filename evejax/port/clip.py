@@ -262,17 +262,12 @@ def import_clip(src: str | os.PathLike, out_dir: str | os.PathLike, *, config: s
 def export_clip(src: str | os.PathLike, out_dir: str | os.PathLike, *, dtype: str = "float32",
                 max_shard_bytes: int = 5 * 10**9) -> list[Path]:
     """evejax CLIP checkpoint -> out_dir/config.json + safetensors (hub names, `vision_model.*`)."""
-    import ml_dtypes
-
     cfg, params = load_checkpoint(src)
     config = {**hf_config(cfg), "torch_dtype": dtype}  # refuses configs with no HF form before writing
     state = to_torch(jax.tree.map(np.asarray, params), cfg)
     del params
-    files = io.save_state_dict(state, out_dir, max_shard_bytes=max_shard_bytes,
-                               dtype=ml_dtypes.bfloat16 if dtype == "bfloat16" else dtype,
-                               metadata={"exported_by": "evejax", "family": "clip"})
-    io.save_config_json(config, out_dir)
-    return files
+    return io.save_hf_checkpoint(state, config, out_dir, family="clip", dtype=dtype,
+                                 max_shard_bytes=max_shard_bytes)
 
 
 def import_main(argv) -> int:

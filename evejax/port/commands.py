@@ -82,9 +82,7 @@ def _source_config(args):
 
 
 def import_main(argv) -> int:
-    status = _eve_hook("import", argv)
-    if status is None:
-        status = _clip_hook("import", argv)
+    status = _family_hook("import", argv)
     if status is not None:
         return status
     args = _import_parser().parse_args(argv)
@@ -117,9 +115,7 @@ def _export_parser() -> argparse.ArgumentParser:
 
 
 def export_main(argv) -> int:
-    status = _eve_hook("export", argv)
-    if status is None:
-        status = _clip_hook("export", argv)
+    status = _family_hook("export", argv)
     if status is not None:
         return status
     args = _export_parser().parse_args(argv)
@@ -127,8 +123,6 @@ def export_main(argv) -> int:
 
 
 def _export(args) -> None:
-    import ml_dtypes
-
     from evejax.port.checkpoint import load_checkpoint
     from evejax.port.tables import hf_config, to_torch
 
@@ -136,10 +130,8 @@ def _export(args) -> None:
     config = hf_config(cfg, args.dtype)  # refuses configs with no official form before writing
     state = to_torch(params, cfg)
     del params
-    dtype = ml_dtypes.bfloat16 if args.dtype == "bfloat16" else args.dtype
-    files = io.save_state_dict(state, args.out_dir, max_shard_bytes=args.max_shard_size, dtype=dtype,
-                               metadata={"exported_by": "evejax", "family": cfg.family})
-    io.save_config_json(config, args.out_dir)
+    files = io.save_hf_checkpoint(state, config, args.out_dir, family=cfg.family, dtype=args.dtype,
+                                  max_shard_bytes=args.max_shard_size)
     shards = [f for f in files if f.suffix == ".safetensors"]
     print(f"evejax export: {len(state)} tensors in {len(shards)} safetensors file(s) -> {args.out_dir}")
     if cfg.family == "internlm2":
@@ -157,37 +149,21 @@ def _run(command: str, body) -> int:
     return 0
 
 
-# ---- EVE hook ---------------------------------------------------------------------------
+# ---- other families ----------------------------------------------------------------------
 
-def _eve_hook(command: str, argv) -> int | None:
-    """Hands `import --family eve` and `export` of an EVE checkpoint to evejax.port.eve;
-    returns its exit status, or None for an LM command."""
-    from evejax.port import eve
-
-    probe = argparse.ArgumentParser(add_help=False)
-    probe.add_argument("--family")
-    probe.add_argument("paths", nargs="*")
-    args, _ = probe.parse_known_args(argv)
-    if command == "import" and args.family == "eve":
-        return eve.import_main(argv)
-    if command == "export" and any(eve.is_eve_checkpoint(path) for path in args.paths):
-        return eve.export_main(argv)
-    return None
-
-
-# ---- CLIP hook --------------------------------------------------------------------------
-
-def _clip_hook(command: str, argv) -> int | None:
-    """Hands `import --family clip` and `export` of a CLIP checkpoint to evejax.port.clip;
-    returns its exit status, or None for another command."""
-    from evejax.port import clip
+def _family_hook(command: str, argv) -> int | None:
+    """Hands `import --family eve|clip` and `export` of an EVE or CLIP checkpoint to
+    evejax.port.eve / evejax.port.clip; returns its exit status, or None for an LM command."""
+    from evejax.port import clip, eve
 
     probe = argparse.ArgumentParser(add_help=False)
     probe.add_argument("--family")
     probe.add_argument("paths", nargs="*")
     args, _ = probe.parse_known_args(argv)
-    if command == "import" and args.family == "clip":
-        return clip.import_main(argv)
-    if command == "export" and any(clip.is_clip_checkpoint(path) for path in args.paths):
-        return clip.export_main(argv)
+    for family, module, is_checkpoint in (("eve", eve, eve.is_eve_checkpoint),
+                                          ("clip", clip, clip.is_clip_checkpoint)):
+        if command == "import" and args.family == family:
+            return module.import_main(argv)
+        if command == "export" and any(is_checkpoint(path) for path in args.paths):
+            return module.export_main(argv)
     return None

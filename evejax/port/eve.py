@@ -338,19 +338,14 @@ def import_eve(src: str | os.PathLike, out_dir: str | os.PathLike, *, config: st
 def export_eve(src: str | os.PathLike, out_dir: str | os.PathLike, *, inference: bool = False,
                dtype: str = "float32", max_shard_bytes: int = 5 * 10**9) -> list[Path]:
     """evejax EVE checkpoint -> out_dir/config.json + safetensors (sharded, with an index)."""
-    import ml_dtypes
-
     cfg, params = load_checkpoint(src)
     if inference and cfg.with_pal:
         params, cfg = drop_training_parts(params, cfg)
     config = hf_config(cfg, dtype)
     state = to_torch(jax.tree.map(np.asarray, params), cfg)
     del params
-    files = io.save_state_dict(state, out_dir, max_shard_bytes=max_shard_bytes,
-                               dtype=ml_dtypes.bfloat16 if dtype == "bfloat16" else dtype,
-                               metadata={"exported_by": "evejax", "family": "eve"})
-    io.save_config_json(config, out_dir)
-    return files
+    return io.save_hf_checkpoint(state, config, out_dir, family="eve", dtype=dtype,
+                                 max_shard_bytes=max_shard_bytes)
 
 
 def _import_parser() -> argparse.ArgumentParser:

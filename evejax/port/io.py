@@ -388,6 +388,18 @@ def check_state_dict(
     )
 
 
+def save_hf_checkpoint(state: Mapping[str, Any], config: Mapping[str, Any], out_dir: str | os.PathLike, *,
+                       family: str, dtype: str = "float32", max_shard_bytes: int = 5 * 2**30) -> list[Path]:
+    """An official-layout checkpoint: the safetensors of ``state`` in ``dtype`` ("float32" or
+    "bfloat16"), tagged as exported by evejax for ``family``, then ``config.json``; returns
+    the weight files written. Every family's export ends here."""
+    files = save_state_dict(state, out_dir, max_shard_bytes=max_shard_bytes,
+                            dtype=ml_dtypes.bfloat16 if dtype == "bfloat16" else dtype,
+                            metadata={"exported_by": "evejax", "family": family})
+    save_config_json(config, out_dir)
+    return files
+
+
 def save_config_json(config: Mapping[str, Any], out_dir: str | os.PathLike) -> Path:
     """Writes ``out_dir/config.json`` (sorted keys, as transformers writes it); returns its path."""
     out_dir = Path(out_dir)
