@@ -7,10 +7,13 @@
 evejax CausalLM against transformers' LlamaForCausalLM built with the same
 shapes (eager PyTorch, float32, `torch.optim.AdamW`, global-norm clipping at
 1.0, the same token batch [B, T] int32 and next-token targets). Both run on
-this machine's CPU with one thread per core. After warm-up the frameworks are
-measured alternately, evejax then PyTorch, `--repeats` times, each
-measurement `--steps` steps, so drifting background load hits both alike;
-medians are reported.
+this machine's CPU with one thread per core, each run in its own worker
+process that sets up host memory first (`evejax.hostmem`: freed memory stays
+in the process, so steps after the first take no page faults; set
+EVEJAX_MALLOC=system to measure without). After warm-up the runs are measured
+alternately, evejax then PyTorch, `--repeats` times, each measurement
+`--steps` steps, so drifting background load hits both alike; medians are
+reported, with the minor page faults per step.
 
 Peak FLOP/s: a 2048 x 2048 x 2048 float32 matmul in both frameworks, timed
 inside every repeat (medians); the higher of the two is the machine's peak.
@@ -37,15 +40,18 @@ from typing import Callable, Optional, Sequence
 #                    transposing copies of the activations (-20% step time).
 #   remat            "save_dots_no_batch" keeps the projections' outputs and
 #                    recomputes attention: 10.7 s against 11.6 "none", 12.0
-#                    "full", 11.6 "minimal", 10.8 "save_dots". Less memory to
-#                    touch per step (XLA:CPU maps fresh temporaries on every
-#                    run: ~1.9M page faults per step) is worth the recompute.
+#                    "full", 11.6 "minimal", 10.8 "save_dots" (measured with
+#                    the system allocator, when every touched page of the
+#                    temporaries was a page fault). With evejax.hostmem's kept
+#                    memory the three leading choices are within noise:
+#                    5.95 s against 6.10 "none" and 5.91 "save_dots".
 #   scan_unroll      1: unrolling the 12 layers gave 11.4 s against 10.7.
 #   attention_impl   "xla" (4-D einsum softmax); "dot" 12.9 s.
 # XLA:CPU flags tried and left at their defaults: YNNPACK fusions limited to
 # dots or disabled (11.6 s against 11.1), --xla_cpu_use_onednn, single-threaded
 # Eigen; glibc huge pages for the temporaries (GLIBC_TUNABLES=glibc.malloc.hugetlb=1,
-# 14.8 s). Fusing q/k/v or gate/up kernels into one matmul was 3-7% slower.
+# 14.8 s). Host memory: evejax.hostmem (used by both workers) took the step from
+# 8.14 to 5.95 s and PyTorch's from 10.82 to 9.46 (EVEJAX_MALLOC=system runs). Fusing q/k/v or gate/up kernels into one matmul was 3-7% slower.
 BENCH_OPTIONS = dict(matmul_2d=True, remat="save_dots_no_batch", scan_unroll=1, attention_impl="xla")
 
 
@@ -149,19 +155,21 @@ class TorchLM:
         self.loss = float(loss.detach())
 
 
-def matmul_timers(n: int):
-    """(jax_fn, torch_fn): each runs one n x n x n float32 matmul to completion."""
-    import jax
-    import jax.numpy as jnp
+def matmul_timer(kind: str, n: int) -> Callable[[], object]:
+    """Runs one n x n x n float32 matmul to completion in "jax" or "torch"."""
     import numpy as np
+
+    a, b = (np.random.default_rng(0).standard_normal((n, n), dtype=np.float32) for _ in range(2))
+    if kind == "jax":
+        import jax
+        import jax.numpy as jnp
+
+        matmul, ja, jb = jax.jit(jnp.matmul), jnp.asarray(a), jnp.asarray(b)
+        return lambda: matmul(ja, jb).block_until_ready()
     import torch
 
-    rng = np.random.default_rng(0)
-    a, b = (rng.standard_normal((n, n), dtype=np.float32) for _ in range(2))
-    ja, jb = jnp.asarray(a), jnp.asarray(b)
-    matmul = jax.jit(jnp.matmul)
     ta, tb = torch.from_numpy(a), torch.from_numpy(b)
-    return (lambda: matmul(ja, jb).block_until_ready()), (lambda: torch.mm(ta, tb))
+    return lambda: torch.mm(ta, tb)
 
 
 @dataclasses.dataclass
@@ -175,6 +183,7 @@ class LMResult:
     xla_flags: str
     torch_attention: str
     torch_optimizer: str
+    allocator: str                 # host malloc mode of the workers (evejax.hostmem)
     flops_per_step: float
     matmul_size: int
     jax_matmul_flops: float        # median FLOP/s of the matmul, per framework
@@ -185,6 +194,8 @@ class LMResult:
     jax_samples: list              # [[seconds per step, one per repeat]] per variant
     torch_step_s: float
     torch_samples: list
+    jax_faults: list               # median minor page faults per step, per variant
+    torch_faults: float
     jax_loss: list                 # last loss per variant (all start at ~log(vocab))
     torch_loss: float
 
@@ -199,64 +210,139 @@ class LMResult:
         return self.flops_per_step / seconds / self.peak_flops
 
 
+def _worker(conn, kind: str, size: str, batch: int, seq_len: int, option_sets: list,
+            threads: int, matmul_size: int, warmup: int) -> None:
+    """One framework in its own process: builds and warms up its runs (one per
+    evejax option set), then answers ("step", run, n) and ("matmul", n) with
+    (seconds per call, minor page faults per call) until ("stop",). Own processes
+    keep the frameworks' heaps and thread pools apart; both set up host memory
+    the same way, first."""
+    from evejax import hostmem
+
+    try:
+        allocator = hostmem.keep_freed_memory()
+        info = dict(allocator=allocator, setup_s=[])
+        if kind == "jax":
+            make = lambda options: JaxLM(size, batch, seq_len, options)  # noqa: E731
+        else:
+            import torch
+
+            from evejax.models import llm
+
+            torch.set_num_threads(threads)
+            make = lambda options: TorchLM(llm.get_config(size), batch, seq_len)  # noqa: E731
+        runs = []
+        for options in option_sets:
+            start = time.perf_counter()
+            runs.append(make(options))
+            for _ in range(warmup):
+                runs[-1].step()
+            info["setup_s"].append(time.perf_counter() - start)
+        if kind == "jax":
+            info["config"] = runs[0].config
+        else:
+            info.update(attention=str(runs[0].attention), optimizer=runs[0].optimizer_kind)
+        matmul = matmul_timer(kind, matmul_size)
+        matmul()
+        conn.send(info)
+        while True:
+            cmd, *arg = conn.recv()
+            if cmd == "stop":
+                conn.send([run.loss for run in runs])
+                return
+            fn, n = (runs[arg[0]].step, arg[1]) if cmd == "step" else (matmul, arg[0])
+            faults = hostmem.minor_page_faults()
+            seconds = _seconds_per_call(fn, n)
+            conn.send((seconds, (hostmem.minor_page_faults() - faults) / n))
+    except BaseException:  # reported by the parent with the worker's traceback
+        import traceback
+
+        conn.send(("error", traceback.format_exc()))
+
+
+class _Worker:
+    def __init__(self, ctx, name: str, *args):
+        self.name = name
+        self.conn, child = ctx.Pipe()
+        self.process = ctx.Process(target=_worker, args=(child, *args), daemon=True)
+        self.process.start()
+        child.close()
+
+    def ask(self, *cmd):
+        try:
+            if cmd:
+                self.conn.send(cmd)
+            reply = self.conn.recv()
+        except (EOFError, OSError):
+            self.process.join(5)
+            raise RuntimeError(f"bench worker {self.name} died (exit code {self.process.exitcode}; "
+                               "a negative code is the signal, -9 often the out-of-memory killer)")
+        if isinstance(reply, tuple) and reply and reply[0] == "error":
+            raise RuntimeError(f"bench worker {self.name} failed:\n{reply[1]}")
+        return reply
+
+
 def run_lm(size: str = "llama_110m", batch: int = 4, seq_len: int = 512, steps: int = 2, repeats: int = 5,
            variants: Sequence[dict] = (), matmul_size: int = 2048, threads: Optional[int] = None,
            warmup: int = 2, log: Callable[[str], None] = lambda s: None) -> LMResult:
-    """Measures evejax (BENCH_OPTIONS, then each variant's options on top) and PyTorch alternately."""
-    import jax
-    import torch
+    """Measures evejax (BENCH_OPTIONS, then each variant's options on top) and PyTorch
+    alternately: all evejax runs in one worker process, PyTorch in another."""
+    import multiprocessing
 
+    ctx = multiprocessing.get_context("spawn")
     threads = threads or os.cpu_count() or 1
-    torch.set_num_threads(threads)
     option_sets = [dict(BENCH_OPTIONS)] + [dict(BENCH_OPTIONS, **v) for v in variants]
-    jax_runs = []
-    for options in option_sets:
-        start = time.perf_counter()
-        run = JaxLM(size, batch, seq_len, options)
-        for _ in range(warmup):
-            run.step()
-        log(f"evejax {options}: compile + {warmup} warm-up steps {time.perf_counter() - start:.1f} s")
-        jax_runs.append(run)
-    start = time.perf_counter()
-    torch_run = TorchLM(jax_runs[0].config, batch, seq_len)
-    for _ in range(warmup):
-        torch_run.step()
-    log(f"torch: build + {warmup} warm-up steps {time.perf_counter() - start:.1f} s")
-    jax_mm, torch_mm = matmul_timers(matmul_size)
-    jax_mm(), torch_mm()
-
-    jax_samples = [[] for _ in jax_runs]
-    torch_samples, jax_mm_s, torch_mm_s = [], [], []
-    for r in range(repeats):
-        jax_mm_s.append(_seconds_per_call(jax_mm, 3))
-        torch_mm_s.append(_seconds_per_call(torch_mm, 3))
-        for i, run in enumerate(jax_runs):
-            jax_samples[i].append(_seconds_per_call(run.step, steps))
-        torch_samples.append(_seconds_per_call(torch_run.step, steps))
-        log(f"repeat {r + 1}/{repeats}: evejax " + " ".join(f"{s[-1]:.3f}" for s in jax_samples)
-            + f" s/step, torch {torch_samples[-1]:.3f} s/step")
+    names = [f"evejax {o}" for o in option_sets] + ["torch"]
+    workers = []
+    try:
+        # One after the other: a worker's set-up (compiles, warm-up) must not overlap another's.
+        for kind, sets in (("jax", option_sets), ("torch", [None])):
+            workers.append(_Worker(ctx, kind, kind, size, batch, seq_len, sets, threads, matmul_size, warmup))
+            workers[-1].info = workers[-1].ask()
+        jax_worker, torch_worker = workers
+        for name, t in zip(names, jax_worker.info["setup_s"] + torch_worker.info["setup_s"]):
+            log(f"{name}: build + {warmup} warm-up steps {t:.1f} s")
+        runs = [(jax_worker, i) for i in range(len(option_sets))] + [(torch_worker, 0)]
+        samples = [[] for _ in runs]
+        faults = [[] for _ in runs]
+        jax_mm_s, torch_mm_s = [], []
+        for r in range(repeats):
+            jax_mm_s.append(jax_worker.ask("matmul", 3)[0])
+            torch_mm_s.append(torch_worker.ask("matmul", 3)[0])
+            for i, (w, k) in enumerate(runs):
+                seconds, n = w.ask("step", k, steps)
+                samples[i].append(seconds)
+                faults[i].append(n)
+            log(f"repeat {r + 1}/{repeats}: evejax " + " ".join(f"{s[-1]:.3f}" for s in samples[:-1])
+                + f" s/step, torch {samples[-1][-1]:.3f} s/step")
+        losses = jax_worker.ask("stop") + torch_worker.ask("stop")
+    finally:
+        for w in workers:
+            w.process.join(30)
+            if w.process.is_alive():
+                w.process.kill()
 
     mm_flops = 2.0 * matmul_size ** 3
     jax_mm_flops = mm_flops / statistics.median(jax_mm_s)
     torch_mm_flops = mm_flops / statistics.median(torch_mm_s)
     from evejax.models import llm
 
+    config = jax_worker.info["config"]
     return LMResult(
         size=size, batch=batch, seq_len=seq_len, steps=steps, repeats=repeats, threads=threads,
-        xla_flags=os.environ.get("XLA_FLAGS", ""), torch_attention=str(torch_run.attention),
-        torch_optimizer=torch_run.optimizer_kind,
-        flops_per_step=llm.training_flops_per_step(jax_runs[0].config, batch, seq_len),
+        xla_flags=os.environ.get("XLA_FLAGS", ""), torch_attention=torch_worker.info["attention"],
+        torch_optimizer=torch_worker.info["optimizer"], allocator=torch_worker.info["allocator"],
+        flops_per_step=llm.training_flops_per_step(config, batch, seq_len),
         matmul_size=matmul_size, jax_matmul_flops=jax_mm_flops, torch_matmul_flops=torch_mm_flops,
         peak_flops=max(jax_mm_flops, torch_mm_flops), variants=option_sets,
-        jax_step_s=[statistics.median(s) for s in jax_samples], jax_samples=jax_samples,
-        torch_step_s=statistics.median(torch_samples), torch_samples=torch_samples,
-        jax_loss=[run.loss for run in jax_runs], torch_loss=torch_run.loss)
+        jax_step_s=[statistics.median(s) for s in samples[:-1]], jax_samples=samples[:-1],
+        torch_step_s=statistics.median(samples[-1]), torch_samples=samples[-1],
+        jax_faults=[statistics.median(f) for f in faults[:-1]], torch_faults=statistics.median(faults[-1]),
+        jax_loss=losses[:-1], torch_loss=losses[-1])
 
 
 def format_lm(res: LMResult) -> str:
-    import jax
-    import torch
-    import transformers
+    from importlib.metadata import version
 
     from evejax.models import llm
 
@@ -266,8 +352,9 @@ def format_lm(res: LMResult) -> str:
         f"SwiGLU {t.mlp_dim}, vocab {llm.get_config(res.size).vocab_size}), batch {res.batch} x {res.seq_len}, "
         "float32, forward + backward + AdamW",
         f"machine: {os.cpu_count()} CPU cores ({platform.processor() or platform.machine()}); "
-        f"torch {torch.__version__} threads {res.threads}; jax {jax.__version__}; "
-        f"transformers {transformers.__version__}",
+        f"torch {version('torch')} threads {res.threads}; jax {version('jax')}; "
+        f"transformers {version('transformers')}",
+        f"host memory: {res.allocator}, in each framework's worker process",
         f"XLA_FLAGS: {res.xla_flags or '(none)'}",
         f"torch: LlamaForCausalLM eager, attention {res.torch_attention}, AdamW {res.torch_optimizer}",
         f"{res.repeats} alternating repeats of {res.steps} steps each; medians",
@@ -286,6 +373,7 @@ def format_lm(res: LMResult) -> str:
          f"{res.fraction_of_peak(res.torch_step_s):.1%}"],
         ["min..max s/step", *(f"{min(s):.3f}..{max(s):.3f}" for s in res.jax_samples),
          f"{min(res.torch_samples):.3f}..{max(res.torch_samples):.3f}"],
+        ["page faults/step", *(f"{x:,.0f}" for x in res.jax_faults), f"{res.torch_faults:,.0f}"],
         ["last loss", *(f"{x:.3f}" for x in res.jax_loss), f"{res.torch_loss:.3f}"],
     ]
     widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(head)]

@@ -43,6 +43,10 @@ def _default_to_cpu_without_accelerators() -> None:
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     _default_to_cpu_without_accelerators()
+    if os.environ.get("JAX_PLATFORMS") == "cpu":
+        from evejax import hostmem
+
+        hostmem.keep_freed_memory()  # before JAX starts its threads
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(usage())
         return 0

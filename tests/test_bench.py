@@ -23,6 +23,9 @@ def test_lm_bench_toy_size():
     assert len(res.jax_step_s) == 2 and all(len(s) == 2 for s in res.jax_samples)
     assert min(res.jax_step_s) > 0 and res.torch_step_s > 0
     assert res.flops_per_step == llm.training_flops_per_step(llm.get_config("llama_tiny"), 2, 16)
+    assert len(res.jax_faults) == 2 and min(res.jax_faults + [res.torch_faults]) >= 0
+    # Each worker set up host memory before its framework started.
+    assert res.allocator.startswith(("glibc malloc keeps", "system allocator (not glibc)")), res.allocator
     assert res.peak_flops == max(res.jax_matmul_flops, res.torch_matmul_flops) > 0
     s = res.jax_step_s[0]
     assert res.tokens_per_s(s) == pytest.approx(32 / s)
@@ -31,3 +34,4 @@ def test_lm_bench_toy_size():
     assert all(abs(x - 5.5) < 1.0 for x in res.jax_loss + [res.torch_loss])
     table = bench.format_lm(res)
     assert "x torch tokens/s" in table and "fraction of peak" in table and "variant 1" in table
+    assert "page faults/step" in table and res.allocator in table
