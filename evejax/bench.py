@@ -50,8 +50,9 @@ from typing import Callable, Optional, Sequence
 # XLA:CPU flags tried and left at their defaults: YNNPACK fusions limited to
 # dots or disabled (11.6 s against 11.1), --xla_cpu_use_onednn, single-threaded
 # Eigen; glibc huge pages for the temporaries (GLIBC_TUNABLES=glibc.malloc.hugetlb=1,
-# 14.8 s). Host memory: evejax.hostmem (used by both workers) took the step from
-# 8.14 to 5.95 s and PyTorch's from 10.82 to 9.46 (EVEJAX_MALLOC=system runs). Fusing q/k/v or gate/up kernels into one matmul was 3-7% slower.
+# 14.8 s). Fusing q/k/v or gate/up kernels into one matmul was 3-7% slower.
+# Host memory: evejax.hostmem (used by both workers) took the step from 8.14 to
+# 5.95 s and PyTorch's from 10.82 to 9.46 (against an EVEJAX_MALLOC=system run).
 BENCH_OPTIONS = dict(matmul_2d=True, remat="save_dots_no_batch", scan_unroll=1, attention_impl="xla")
 
 
