@@ -9,7 +9,7 @@ import pytest
 
 # A fresh process per mode: the setting must come before JAX starts its threads.
 PROBE = """
-import json, sys
+import json
 from evejax import hostmem
 mode = hostmem.keep_freed_memory()
 import time
@@ -50,7 +50,7 @@ def test_kept_memory_ends_page_faults():
 
 def test_cli_sets_it_up_for_cpu_runs():
     code = "from evejax import cli, hostmem; cli.main(['--help']); print(hostmem._mode)"
-    for platforms, want in (("cpu", "glibc malloc keeps"), ("tpu", "None")):
+    for platforms, want in (("cpu", ("glibc malloc keeps", "system allocator (not glibc)")), ("tpu", "None")):
         env = dict(os.environ, JAX_PLATFORMS=platforms, EVEJAX_MALLOC="keep")
         out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
         assert out.returncode == 0, out.stderr[-2000:]
