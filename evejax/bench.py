@@ -268,6 +268,7 @@ class _Worker:
         self.process = ctx.Process(target=_worker, args=(child, *args), daemon=True)
         self.process.start()
         child.close()
+        self.info = self.ask()  # waits for the build and warm-up
 
     def ask(self, *cmd):
         try:
@@ -301,7 +302,6 @@ def run_lm(size: str = "llama_110m", batch: int = 4, seq_len: int = 512, steps: 
         # One after the other: a worker's set-up (compiles, warm-up) must not overlap another's.
         for kind, sets in (("jax", option_sets), ("torch", [None])):
             workers.append(_Worker(ctx, kind, kind, size, batch, seq_len, sets, threads, matmul_size, warmup))
-            workers[-1].info = workers[-1].ask()
         jax_worker, torch_worker = workers
         for name, t in zip(names, jax_worker.info["setup_s"] + torch_worker.info["setup_s"]):
             log(f"{name}: build + {warmup} warm-up steps {t:.1f} s")
