@@ -88,7 +88,8 @@ class JaxLM:
 
         from evejax import sharding
         from evejax.models import llm
-        from evejax.train import losses, step
+        from evejax.models import losses
+        from evejax.train import step
 
         self.config = llm.get_config(size, **options)
         module = llm.CausalLM(self.config)
@@ -118,7 +119,7 @@ class TorchLM:
         import torch
         import transformers
 
-        from evejax.train import losses
+        from evejax.models import losses
 
         t = config.transformer
         hf = transformers.LlamaConfig(

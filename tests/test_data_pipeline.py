@@ -175,7 +175,7 @@ def test_conversation_batch_layout(tmp_path):
 
 def test_packed_rows_give_the_same_per_sample_loss(tmp_path):
     from evejax.models import llm
-    from evejax.train.losses import cross_entropy
+    from evejax.models.losses import cross_entropy
 
     path, good = write_llava(tmp_path, n_good=12, bad=False, images=False)
     model = llm.CausalLM(llm.get_config("llama_tiny", remat="none"))

@@ -8,7 +8,7 @@ import pytest
 
 from evejax import sharding
 from evejax.models import llm
-from evejax.train import losses
+from evejax.models import losses
 from evejax.train import step as train_step
 
 

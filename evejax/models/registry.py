@@ -24,7 +24,7 @@ class ModelSpec:
 
 def _build_llm(model_cfg) -> ModelSpec:
     from evejax.models import llm
-    from evejax.train import losses
+    from evejax.models import losses
 
     overrides = dict(model_cfg.get("overrides", {}) or {})
     cfg = llm.get_config(model_cfg.size, **overrides)
@@ -79,7 +79,7 @@ def _eve_loss_fn(module, pal_weight: float):
     inference model.
     """
     from evejax.models import eve
-    from evejax.train import losses
+    from evejax.models import losses
 
     def loss_fn(params, batch, rng):
         out = module.apply({"params": params}, batch["tokens"], batch["segment_ids"], batch["pixels"],
@@ -104,7 +104,7 @@ def _build_clip_classifier(model_cfg) -> ModelSpec:
     import jax
 
     from evejax.models import vit
-    from evejax.train import losses
+    from evejax.models import losses
 
     overrides = dict(model_cfg.get("overrides", {}) or {})
     cfg = vit.get_clip_config(model_cfg.size, **overrides)

@@ -1,4 +1,5 @@
-"""Losses. Each returns a scalar and the weight (number of supervised items) it averaged over."""
+"""Losses of the model families (used by the registry). Each returns a scalar and the weight (number
+of supervised items) it averaged over."""
 from __future__ import annotations
 
 import jax
