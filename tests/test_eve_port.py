@@ -137,3 +137,17 @@ def test_official_config_json():
         k: v for k, v in OFFICIAL_7B_CONFIG.items() if k != "transformers_version"}
     with pytest.raises(CheckpointError, match="teacher"):
         eve_port.config_from_hf({**OFFICIAL_7B_CONFIG, "mm_vision_tower_clip": "someone/other-clip"})
+
+
+def test_family_converters_do_not_import_the_command_module():
+    """Imports point one way: port.commands dispatches to port.eve / port.clip, which
+    take their shared command-line pieces from port.command_line, never from commands."""
+    import ast
+    import importlib
+
+    for name in ("evejax.port.eve", "evejax.port.clip", "evejax.port.command_line"):
+        tree = ast.parse(open(importlib.import_module(name).__file__).read())
+        imported = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+        imported |= {f"{node.module}.{a.name}" for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)
+                     for a in node.names}
+        assert not {"evejax.port.commands", "evejax.port.eve"} & imported - {name}, name

@@ -34,7 +34,6 @@ import argparse
 import dataclasses
 import os
 import re
-import sys
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -46,6 +45,7 @@ from evejax.models import vit
 from evejax.port import checkpoint as lm_checkpoint
 from evejax.port import clip as clip_port
 from evejax.port import io, tables
+from evejax.port.command_line import parse_size, run_command
 from evejax.port.io import CheckpointError
 from evejax.port.tables import LINEAR, Row, Transform
 
@@ -362,8 +362,6 @@ def _import_parser() -> argparse.ArgumentParser:
 
 
 def _export_parser() -> argparse.ArgumentParser:
-    from evejax.port.commands import parse_size
-
     p = argparse.ArgumentParser(prog="evejax export (EVE checkpoint)",
                                 description="evejax EVE checkpoint -> official EVELlamaForCausalLM layout")
     p.add_argument("src", help="evejax EVE checkpoint directory")
@@ -372,16 +370,6 @@ def _export_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     p.add_argument("--max-shard-size", default="5GB", type=parse_size)
     return p
-
-
-def _run(command: str, body) -> int:
-    """Runs a command body; errors a user can cause print one line and give status 1."""
-    try:
-        body()
-    except (CheckpointError, FileNotFoundError) as e:
-        print(f"evejax {command}: error: {e}", file=sys.stderr)
-        return 1
-    return 0
 
 
 def import_main(argv) -> int:
@@ -393,7 +381,7 @@ def import_main(argv) -> int:
                                param_dtype=args.param_dtype, overwrite=args.overwrite):
             print(f"evejax import: {note}")
 
-    return _run("import", body)
+    return run_command("import", body)
 
 
 def export_main(argv) -> int:
@@ -407,9 +395,4 @@ def export_main(argv) -> int:
         print(f"evejax export: EVE {'inference model' if args.inference else 'model with PAL and teacher'} "
               f"in {len(shards)} safetensors file(s) -> {args.out_dir}")
 
-    return _run("export", body)
-
-
-def is_eve_checkpoint(directory: str | os.PathLike) -> bool:
-    """Whether `directory` holds an evejax EVE checkpoint (for the export dispatch)."""
-    return lm_checkpoint.has_format(directory, FORMAT)
+    return run_command("export", body)
