@@ -16,17 +16,23 @@ Official names (reference/eve.md §5; PyTorch layouts, Linear weight [out, in]):
 The official module also registers the teacher as `vision_tower_compressor.clip_layer`,
 so a release may hold the CLIP weights twice (`...clip_layer.backbone.vision_model.*`).
 Import accepts that copy when it equals the other one (either copy alone also
-works); export writes the teacher once, under `model.vision_clip`.
+works); export writes the teacher once, under `model.vision_clip`, or under both
+names with `both_teacher_copies` (`--both-teacher-copies`) so a strict
+`load_state_dict` into the official module passes.
 
     to_flax(state_dict, cfg)  -> (params, notes)      numpy trees / dicts
     to_torch(params, cfg)     -> state_dict
-    hf_config(cfg) / config_from_hf(config.json dict)
+    hf_config(cfg, names) / config_from_hf(config.json dict)
     import_eve(src, out_dir)  official directory, shard index or file -> evejax EVE checkpoint
     export_eve(ckpt, out_dir) evejax EVE checkpoint -> config.json + sharded safetensors
-    save_checkpoint / load_checkpoint   CKPT/model.json (format "evejax.eve") + CKPT/params (Orbax)
+                              (+ OUT/teacher_clip when no official name builds the teacher)
+    save_checkpoint / load_checkpoint / load_names
+        CKPT/model.json (format "evejax.eve"; with the official processor and teacher
+        names it was imported with) + CKPT/params (Orbax)
 
 `inference=True` (import or export) drops the PAL and the CLIP teacher, as the
-paper removes them at inference; the config then says requires_cliploss=false.
+paper removes them at inference; the config then says requires_cliploss=false
+and still carries the teacher view sizes that set the preprocessing.
 """
 from __future__ import annotations
 
