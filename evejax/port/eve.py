@@ -512,14 +512,19 @@ def import_main(argv) -> int:
 
 
 def export_main(argv) -> int:
-    """`evejax export EVE_CKPT OUT_DIR [--inference] [--dtype D] [--max-shard-size 5GB]`."""
+    """`evejax export EVE_CKPT OUT_DIR [--inference] [--both-teacher-copies] [--dtype D]
+    [--max-shard-size 5GB]`."""
     args = _export_parser().parse_args(argv)
 
     def body():
         files = export_eve(args.src, args.out_dir, inference=args.inference, dtype=args.dtype,
                            max_shard_bytes=args.max_shard_size, both_teacher_copies=args.both_teacher_copies)
-        shards = [f for f in files if f.suffix == ".safetensors"]
+        out = Path(args.out_dir).absolute()
+        shards = [f for f in files if f.suffix == ".safetensors" and f.parent.absolute() == out]
         print(f"evejax export: EVE {'inference model' if args.inference else 'model with PAL and teacher'} "
               f"in {len(shards)} safetensors file(s) -> {args.out_dir}")
+        if any(f.parent.absolute() == out / TEACHER_DIR for f in files):
+            print(f"evejax export: no official name builds the teacher; wrote it to {out / TEACHER_DIR}, "
+                  "which mm_vision_tower_clip names (move it and that path must follow)")
 
     return run_command("export", body)
