@@ -123,9 +123,9 @@ class EVEConfig:
     def anyres(self) -> AnyResConfig:
         """The preprocessing that feeds this model (teacher view sized for its CLIP)."""
         if self.teacher_image_size is None or self.teacher_patch_size is None:
-            raise ValueError("this inference EVE config has no teacher view sizes (teacher_image_size, "
-                             "teacher_patch_size), which set the preprocessing; it predates them: set them, "
-                             "or drop the teacher again from the training config")
+            raise ValueError("this inference EVE config has no teacher view sizes, which set the preprocessing "
+                             "(it predates them); set teacher_image_size and teacher_patch_size (in a "
+                             "checkpoint's model.json), or drop the teacher again from the training config")
         return AnyResConfig(image_size=self.image_size, patch_size=self.patch_size, pool=self.pool,
                             teacher_image_size=self.teacher_image_size,
                             teacher_patch_size=self.teacher_patch_size)
