@@ -20,7 +20,7 @@ from PIL import Image  # noqa: E402
 
 from evejax.data import image as im  # noqa: E402
 from evejax.data.text import IGNORE_INDEX, IMAGE_TOKEN_INDEX  # noqa: E402
-from evejax.models import eve  # noqa: E402
+from evejax.models import eve, vit  # noqa: E402
 from evejax.models.registry import build  # noqa: E402
 from evejax.port import clip as clip_port  # noqa: E402
 from evejax.port import eve as eve_port  # noqa: E402
@@ -372,3 +372,15 @@ def test_sharded_training_loss_and_frozen_teacher():
     norms = {k: float(sum(np.sum(np.square(g)) for g in jax.tree.leaves(v))) for k, v in grads.items()}
     assert norms["clip"] == 0.0
     assert all(norms[k] > 0 for k in ("llm", "vision_tokenizer", "mm_projector", "vision_compressor"))
+
+
+def test_inference_config_keeps_the_preprocessing():
+    """Dropping the teacher keeps its view sizes, which set where preprocessing pads."""
+    for size in ("tiny", "7b_hd"):
+        training = eve.get_config(size)
+        inference = training.replace(with_pal=False)
+        assert inference.clip is None and inference.anyres() == training.anyres()
+    with pytest.raises(ValueError, match="differs from the CLIP teacher"):
+        eve.get_config("tiny", teacher_image_size=64)
+    other_teacher = eve.get_config("tiny").replace(clip=vit.clip_vit(32, 8, 32, 2, 4, 64))
+    assert other_teacher.validate().anyres().teacher_patch_size == 8

@@ -7,11 +7,14 @@ import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
-pytest.importorskip("transformers")
+
+transformers = pytest.importorskip("transformers")
 
 from test_eve_model import CFG, official_state_dict, reference_model  # noqa: E402
 
-from evejax.models import eve  # noqa: E402
+from evejax.data import shapes  # noqa: E402
+from evejax.models import eve, vit  # noqa: E402
+from evejax.port import clip as clip_port  # noqa: E402
 from evejax.port import commands  # noqa: E402
 from evejax.port import eve as eve_port  # noqa: E402
 from evejax.port import io  # noqa: E402
@@ -137,3 +140,142 @@ def test_official_config_json():
         k: v for k, v in OFFICIAL_7B_CONFIG.items() if k != "transformers_version"}
     with pytest.raises(CheckpointError, match="teacher"):
         eve_port.config_from_hf({**OFFICIAL_7B_CONFIG, "mm_vision_tower_clip": "someone/other-clip"})
+
+
+def test_family_converters_do_not_import_the_command_module():
+    """Imports point one way: port.commands dispatches to port.eve / port.clip, which
+    take their shared command-line pieces from port.command_line, never from commands."""
+    import ast
+    import importlib
+
+    for name in ("evejax.port.eve", "evejax.port.clip", "evejax.port.command_line"):
+        tree = ast.parse(open(importlib.import_module(name).__file__).read())
+        imported = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+        imported |= {f"{node.module}.{a.name}" for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)
+                     for a in node.names}
+        assert not {"evejax.port.commands", "evejax.port.eve"} & imported - {name}, name
+
+
+# ---- issue 11: names and teacher on export, preprocessing of inference checkpoints, strict loads ----
+
+# The demo size with the shapes tokenizer's vocabulary, so `evejax eval` decodes what it generates.
+DEMO = eve.get_config("demo").replace(llm=eve.get_config("demo").llm.replace(vocab_size=shapes.tokenizer().vocab_size))
+
+
+@pytest.fixture(scope="module")
+def demo_checkpoint(tmp_path_factory):
+    """A demo-size EVE training checkpoint (no imported names), random weights."""
+    from test_eve_model import random_jax_params
+
+    directory = tmp_path_factory.mktemp("demo_ckpt") / "ckpt"
+    params = random_jax_params(DEMO, seed=3)
+    eve_port.save_checkpoint(directory, DEMO, params)
+    return directory, params
+
+
+def test_export_writes_a_teacher_the_reference_builds_from_its_name(demo_checkpoint, tmp_path):
+    ckpt, params = demo_checkpoint
+    out = tmp_path / "out"
+    assert commands.export_main([str(ckpt), str(out)]) == 0
+    config = io.load_config_json(out)
+    teacher_dir = out / eve_port.TEACHER_DIR
+    # The demo teacher is no hub CLIP: it is written next to the export and named by its path.
+    assert config["mm_vision_tower_clip"] == str(teacher_dir.absolute())
+    assert io.load_config_json(teacher_dir) == {**clip_port.hf_config(DEMO.clip), "torch_dtype": "float32"}
+    assert transformers.CLIPImageProcessor.from_pretrained(teacher_dir).crop_size == {"height": 32, "width": 32}
+
+    # The PyTorch reference builds the teacher from that name, as the official builder does,
+    # and its features equal the JAX teacher's (CLIP layer -2, CLS dropped).
+    model = ref.from_pretrained(out)
+    assert model.model.vision_tower_compressor.clip_layer is model.model.vision_clip
+    pixels = np.random.default_rng(0).standard_normal((2, 32, 32, 3)).astype(np.float32)
+    hidden = vit.ClipViT(DEMO.clip).apply({"params": params["clip"]}, pixels, return_hidden=True).hidden_states
+    want = np.asarray(hidden[DEMO.teacher_layer][:, 1:])
+    with torch.no_grad():
+        got = model.model.vision_clip(torch.from_numpy(pixels.transpose(0, 3, 1, 2))).numpy()
+    assert got.shape == want.shape == (2, 16, 32)
+    assert np.max(np.abs(got - want)) / np.max(np.abs(want)) <= 1e-5
+
+    # Read back, the name survives; a second export writes no second teacher.
+    eve_port.import_eve(out, tmp_path / "again")
+    cfg, _ = eve_port.load_checkpoint(tmp_path / "again")
+    assert cfg == DEMO
+    eve_port.export_eve(tmp_path / "again", tmp_path / "out2")
+    assert io.load_config_json(tmp_path / "out2")["mm_vision_tower_clip"] == str(teacher_dir.absolute())
+    assert not (tmp_path / "out2" / eve_port.TEACHER_DIR).exists()
+
+
+def test_imported_names_survive_export(official, tmp_path):
+    _, teacher = reference_model()
+    teacher_dir = tmp_path / "my_teacher"
+    teacher.save_pretrained(teacher_dir)
+    transformers.CLIPImageProcessor(crop_size=32, size=32).save_pretrained(teacher_dir)
+    _write_bin_shards(official, tmp_path / "release")
+    config = io.load_config_json(tmp_path / "release")
+    config.update(mm_vision_tower="my-org/eve-processor-tiny", mm_vision_tower_clip=str(teacher_dir))
+    del config["evejax"]["clip"]  # the teacher's sizes come from its directory, as official code reads them
+    io.save_config_json(config, tmp_path / "release")
+
+    eve_port.import_eve(tmp_path / "release", tmp_path / "ckpt")
+    assert eve_port.load_checkpoint(tmp_path / "ckpt")[0] == CFG
+    for inference in (False, True):
+        out = tmp_path / f"out_{inference}"
+        eve_port.export_eve(tmp_path / "ckpt", out, inference=inference)
+        written = io.load_config_json(out)
+        assert (written["mm_vision_tower"], written["mm_vision_tower_clip"]) == (
+            "my-org/eve-processor-tiny", str(teacher_dir))
+        assert not (out / eve_port.TEACHER_DIR).exists()
+
+
+def test_export_refuses_a_teacher_path_the_official_builder_misreads(demo_checkpoint, tmp_path):
+    out = tmp_path / "evaluation" / "out"
+    with pytest.raises(CheckpointError, match="'eva'"):
+        eve_port.export_eve(demo_checkpoint[0], out)
+    assert not out.exists()
+    eve_port.export_eve(demo_checkpoint[0], out, inference=True)  # no teacher, nothing to misread
+
+
+def test_inference_checkpoints_keep_their_preprocessing(official, tmp_path):
+    assert eve_port.config_from_hf(OFFICIAL_7B_CONFIG, with_pal=False).anyres() == eve.get_config("7b").anyres()
+    _write_bin_shards(official, tmp_path / "release")
+    eve_port.import_eve(tmp_path / "release", tmp_path / "infer", inference=True)
+    cfg, _ = eve_port.load_checkpoint(tmp_path / "infer")
+    assert not cfg.with_pal and cfg.anyres() == CFG.anyres()
+    # Exported and imported again, from a training and from an inference checkpoint.
+    eve_port.import_eve(tmp_path / "release", tmp_path / "train")
+    for src in ("train", "infer"):
+        eve_port.export_eve(tmp_path / src, tmp_path / f"{src}_hf", inference=True)
+        geometry = io.load_config_json(tmp_path / f"{src}_hf")["evejax"]
+        assert (geometry["teacher_image_size"], geometry["teacher_patch_size"]) == (32, 4)
+        eve_port.import_eve(tmp_path / f"{src}_hf", tmp_path / f"{src}_again")
+        assert eve_port.load_checkpoint(tmp_path / f"{src}_again")[0].anyres() == CFG.anyres()
+
+
+def test_an_inference_checkpoint_runs_in_evejax_eval(demo_checkpoint, tmp_path, capsys):
+    from evejax import cli
+
+    eve_port.export_eve(demo_checkpoint[0], tmp_path / "hf", inference=True)
+    eve_port.import_eve(tmp_path / "hf", tmp_path / "infer", inference=True)
+    figures = tmp_path / "figures.json"
+    assert cli.main(["eval", str(tmp_path / "infer"), "--num-questions", "6", "--batch-size", "3",
+                     "--show", "0", "--json", str(figures)]) == 0
+    assert "6 held-out questions: accuracy" in capsys.readouterr().out
+    assert sum(json.loads(figures.read_text())["counts"].values()) == 6
+
+
+def test_both_teacher_copies_load_strictly(demo_checkpoint, tmp_path):
+    ckpt, params = demo_checkpoint
+    eve_port.export_eve(ckpt, tmp_path / "once")
+    model = ref.from_pretrained(tmp_path / "once")
+    once = {k: torch.from_numpy(v) for k, v in io.load_state_dict(tmp_path / "once").items()}
+    with pytest.raises(RuntimeError, match="Missing key.*clip_layer"):
+        model.load_state_dict(once, strict=True)
+
+    assert commands.export_main([str(ckpt), str(tmp_path / "twice"), "--both-teacher-copies"]) == 0
+    twice = io.load_state_dict(tmp_path / "twice")
+    assert twice.keys() == model.state_dict().keys()
+    model.load_state_dict({k: torch.from_numpy(v) for k, v in twice.items()}, strict=True)
+    notes = eve_port.import_eve(tmp_path / "twice", tmp_path / "again")
+    assert any("equals" in n for n in notes)
+    _, again = eve_port.load_checkpoint(tmp_path / "again")
+    assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(again), jax.tree.leaves(params)))

@@ -215,3 +215,24 @@ def test_pal_hd_pools_the_grid():
     assert patches.shape == (2 * 4, LAYERS + 1, D)
     grid = states[1:].reshape(4, 9, LAYERS + 1, D)[:, :8]
     torch.testing.assert_close(patches[0], grid[:2, :2].mean((0, 1)))
+
+
+def test_teacher_registered_twice_under_official_names():
+    """As official: one CLIPVisionTower is both model.vision_clip and the compressor's
+    clip_layer, so a state_dict names the teacher twice, transformers-4 style."""
+    teacher = transformers.CLIPVisionModel(transformers.CLIPVisionConfig(
+        hidden_size=CLIP, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4, image_size=16,
+        patch_size=4, attn_implementation="eager"))
+    model = _model(teacher=teacher)
+    names = set(model.state_dict())
+    hf = {f"backbone.vision_model.{k}" for k in teacher.state_dict()}
+    assert {k[len("model.vision_clip."):] for k in names if k.startswith("model.vision_clip.")} == hf
+    copy = "model.vision_tower_compressor.clip_layer."
+    assert {k[len(copy):] for k in names if k.startswith(copy)} == hf
+    imgs, texts, ids, mask, labels, pixels, _, clip_mask = _batch(model)
+    teacher_pixels = torch.from_numpy(np.stack([x.teacher_pixels.transpose(2, 0, 1) for x in imgs]))
+    with torch.no_grad():
+        features = teacher(teacher_pixels, output_hidden_states=True).hidden_states[-2][:, 1:]
+        by_pixels = model(ids, mask, pixels, teacher_pixels=teacher_pixels, clip_mask=clip_mask).pal_loss
+        by_features = model(ids, mask, pixels, clip_features=features, clip_mask=clip_mask).pal_loss
+    assert torch.equal(by_pixels, by_features)

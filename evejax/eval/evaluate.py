@@ -126,12 +126,10 @@ class Answerer:
 
     def __init__(self, cfg: eve_lib.EVEConfig, params, batch_size: int = 100,
                  tokenizer: text_lib.Tokenizer | None = None, anyres: image_lib.AnyResConfig | None = None):
+        anyres = anyres or cfg.anyres()
         if cfg.with_pal:
-            anyres = anyres or cfg.anyres()
             params = {k: v for k, v in params.items() if k not in ("vision_compressor", "clip")}
             cfg = cfg.replace(with_pal=False)
-        if anyres is None:
-            raise ValueError("an inference EVE config has no teacher view; pass its AnyResConfig")
         self.cfg, self.params, self.batch_size = cfg, params, batch_size
         self.tokenizer = tokenizer or shapes.tokenizer()
         self.anyres = anyres
@@ -226,9 +224,6 @@ def load_model(path: str | Path) -> tuple[eve_lib.EVEConfig, dict, image_lib.Any
     path = Path(path)
     if (path / eve_port.MODEL_JSON).is_file():
         cfg, params = eve_port.load_checkpoint(path)
-        if not cfg.with_pal:
-            raise ValueError(f"{path} holds an inference EVE; its preprocessing sizes come from the "
-                             "training model (with the teacher); evaluate the training checkpoint")
         return cfg, params, cfg.anyres()
     import ml_collections
 

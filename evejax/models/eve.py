@@ -65,6 +65,11 @@ class EVEConfig:
     The vision parts compute in the LLM's dtype and store parameters in its
     param_dtype. Official values: patch 14, pool 2, 8 heads in CA1/CA2/CA3, PAL
     taps every 4th hidden state, teacher layer -2 (`mm_vision_select_layer`).
+
+    teacher_image_size / teacher_patch_size are the teacher's view sizes, which
+    also set where preprocessing pads the EVE view (`anyres()`); they are taken
+    from `clip` when it is set and kept when the teacher is dropped, so an
+    inference config still preprocesses as the model was trained.
     """
     llm: llm_lib.LMConfig
     clip: Optional[vit.ClipViTConfig]
@@ -76,6 +81,16 @@ class EVEConfig:
     pal_interval: int = 4
     pal_heads: int = 8
     teacher_layer: int = -2
+    teacher_image_size: Optional[int] = None
+    teacher_patch_size: Optional[int] = None
+
+    def __post_init__(self):
+        if self.clip is not None:
+            # Frozen dataclass: fill the view sizes once, so equal models compare equal.
+            for name, value in (("teacher_image_size", self.clip.image_size),
+                                ("teacher_patch_size", self.clip.patch_size)):
+                if getattr(self, name) is None:
+                    object.__setattr__(self, name, value)
 
     @property
     def with_pal(self) -> bool:
@@ -107,12 +122,13 @@ class EVEConfig:
 
     def anyres(self) -> AnyResConfig:
         """The preprocessing that feeds this model (teacher view sized for its CLIP)."""
-        if not self.with_pal:
-            raise ValueError("the inference EVE config has no teacher; AnyResConfig needs one "
-                             "(build it from the training config)")
+        if self.teacher_image_size is None or self.teacher_patch_size is None:
+            raise ValueError("this inference EVE config has no teacher view sizes, which set the preprocessing "
+                             "(it predates them); set teacher_image_size and teacher_patch_size (in a "
+                             "checkpoint's model.json), or drop the teacher again from the training config")
         return AnyResConfig(image_size=self.image_size, patch_size=self.patch_size, pool=self.pool,
-                            teacher_image_size=self.clip.image_size,
-                            teacher_patch_size=self.clip.patch_size)
+                            teacher_image_size=self.teacher_image_size,
+                            teacher_patch_size=self.teacher_patch_size)
 
     def validate(self) -> "EVEConfig":
         def need(ok, what):
@@ -125,6 +141,9 @@ class EVEConfig:
         need(self.vision_width % self.vision_heads == 0,
              f"vision_width={self.vision_width} is not a multiple of vision_heads={self.vision_heads}")
         if self.with_pal:
+            need((self.teacher_image_size, self.teacher_patch_size) == (self.clip.image_size, self.clip.patch_size),
+                 f"teacher view {self.teacher_image_size} px / patch {self.teacher_patch_size} differs from "
+                 f"the CLIP teacher's {self.clip.image_size} px / patch {self.clip.patch_size}")
             cc = self.clip.transformer.embed_dim
             need(cc % self.pal_heads == 0, f"teacher width {cc} is not a multiple of pal_heads={self.pal_heads}")
             need(self.grid % self.clip.grid == 0,
@@ -159,6 +178,10 @@ class EVEConfig:
             shared = {k: v for k, v in t_kw.items() if k in _SHARED_TRANSFORMER_FIELDS}
             if cfg.clip is not None and shared:
                 own.setdefault("clip", cfg.clip.replace(**shared))
+        if own.get("clip") is not None:
+            # A new teacher brings its own view sizes unless they are given too.
+            own.setdefault("teacher_image_size", None)
+            own.setdefault("teacher_patch_size", None)
         return dataclasses.replace(cfg, **own)
 
 

@@ -48,6 +48,7 @@ from evejax.models.vit import ClipViT, ClipViTConfig, clip_vit
 from evejax.nn.transformer import TransformerConfig
 from evejax.port import checkpoint as lm_checkpoint
 from evejax.port import io, tables
+from evejax.port.command_line import parse_size, run_command
 from evejax.port.io import CheckpointError
 from evejax.port.tables import FLAT_BIAS, LINEAR, LINEAR_FROM_HEADS, Row, Transform
 
@@ -222,11 +223,6 @@ def load_checkpoint(directory: str | os.PathLike, shardings: Any = None) -> tupl
     return cfg, lm_checkpoint.restore_params(directory, abstract_params(cfg), shardings)
 
 
-def is_clip_checkpoint(directory: str | os.PathLike) -> bool:
-    """Whether `directory` holds an evejax CLIP checkpoint (for the export dispatch)."""
-    return lm_checkpoint.has_format(directory, FORMAT)
-
-
 def import_clip(src: str | os.PathLike, out_dir: str | os.PathLike, *, config: str | os.PathLike | None = None,
                 param_dtype: str = "float32", overwrite: bool = False) -> str:
     """HF CLIPVisionModel / CLIPModel weights -> evejax CLIP checkpoint in `out_dir`; returns a note.
@@ -272,8 +268,6 @@ def export_clip(src: str | os.PathLike, out_dir: str | os.PathLike, *, dtype: st
 
 def import_main(argv) -> int:
     """`evejax import --family clip SRC OUT_DIR [--config C] [--param-dtype D] [--overwrite]`."""
-    from evejax.port.commands import _run
-
     p = argparse.ArgumentParser(prog="evejax import --family clip",
                                 description="HF CLIP vision tower -> evejax CLIP checkpoint")
     p.add_argument("--family", choices=("clip",), default="clip", help="clip (the dispatch in port.commands)")
@@ -283,14 +277,12 @@ def import_main(argv) -> int:
     p.add_argument("--param-dtype", default="float32", choices=("float32", "bfloat16"))
     p.add_argument("--overwrite", action="store_true", help="replace an existing checkpoint in OUT_DIR")
     args = p.parse_args(argv)
-    return _run("import", lambda: print("evejax import: " + import_clip(
+    return run_command("import", lambda: print("evejax import: " + import_clip(
         args.src, args.out_dir, config=args.config, param_dtype=args.param_dtype, overwrite=args.overwrite)))
 
 
 def export_main(argv) -> int:
     """`evejax export CLIP_CKPT OUT_DIR [--dtype D] [--max-shard-size 5GB]`."""
-    from evejax.port.commands import _run, parse_size
-
     p = argparse.ArgumentParser(prog="evejax export (CLIP checkpoint)",
                                 description="evejax CLIP checkpoint -> HF CLIPVisionModel layout")
     p.add_argument("src", help="evejax CLIP checkpoint directory")
@@ -304,4 +296,4 @@ def export_main(argv) -> int:
         shards = [f for f in files if f.suffix == ".safetensors"]
         print(f"evejax export: CLIPVisionModel in {len(shards)} safetensors file(s) -> {args.out_dir}")
 
-    return _run("export", body)
+    return run_command("export", body)

@@ -26,24 +26,17 @@ one message and exit with status 1.
 from __future__ import annotations
 
 import argparse
-import re
-import sys
+import importlib
 from pathlib import Path
 
 from evejax.port import io
+from evejax.port.command_line import parse_size, run_command
 from evejax.port.io import CheckpointError
 
-_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
-          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
-
-
-def parse_size(text: str) -> int:
-    """"5GB" (powers of 10, as transformers reads them), "2GiB", "100KB" or plain bytes -> bytes."""
-    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", text)
-    unit = match.group(2).upper() if match else None
-    if unit not in _UNITS:
-        raise argparse.ArgumentTypeError(f"size {text!r} is not understood; write e.g. 5GB, 500MB, 2GiB or 1000000")
-    return int(float(match.group(1)) * _UNITS[unit])
+# Families with their own converter module (its import_main / export_main and its
+# checkpoint FORMAT): `import --family F` goes to it, and so does `export` of a
+# checkpoint in its format. The modules sit below this one and never import it.
+FAMILY_CONVERTERS = {"eve": "evejax.port.eve", "clip": "evejax.port.clip"}
 
 
 def _import_parser() -> argparse.ArgumentParser:
@@ -86,7 +79,7 @@ def import_main(argv) -> int:
     if status is not None:
         return status
     args = _import_parser().parse_args(argv)
-    return _run("import", lambda: _import(args))
+    return run_command("import", lambda: _import(args))
 
 
 def _import(args) -> None:
@@ -119,7 +112,7 @@ def export_main(argv) -> int:
     if status is not None:
         return status
     args = _export_parser().parse_args(argv)
-    return _run("export", lambda: _export(args))
+    return run_command("export", lambda: _export(args))
 
 
 def _export(args) -> None:
@@ -140,30 +133,22 @@ def _export(args) -> None:
               "with trust_remote_code=True")
 
 
-def _run(command: str, body) -> int:
-    try:
-        body()
-    except (CheckpointError, FileNotFoundError) as e:
-        print(f"evejax {command}: error: {e}", file=sys.stderr)
-        return 1
-    return 0
-
-
 # ---- other families ----------------------------------------------------------------------
 
 def _family_hook(command: str, argv) -> int | None:
-    """Hands `import --family eve|clip` and `export` of an EVE or CLIP checkpoint to
-    evejax.port.eve / evejax.port.clip; returns its exit status, or None for an LM command."""
-    from evejax.port import clip, eve
+    """Hands `import --family eve|clip` and `export` of an EVE or CLIP checkpoint to the
+    family's converter (FAMILY_CONVERTERS); returns its exit status, or None for an LM command."""
+    from evejax.port.checkpoint import has_format
 
     probe = argparse.ArgumentParser(add_help=False)
     probe.add_argument("--family")
     probe.add_argument("paths", nargs="*")
     args, _ = probe.parse_known_args(argv)
-    for family, module, is_checkpoint in (("eve", eve, eve.is_eve_checkpoint),
-                                          ("clip", clip, clip.is_clip_checkpoint)):
+    for family, module_name in FAMILY_CONVERTERS.items():
         if command == "import" and args.family == family:
-            return module.import_main(argv)
-        if command == "export" and any(is_checkpoint(path) for path in args.paths):
-            return module.export_main(argv)
+            return importlib.import_module(module_name).import_main(argv)
+        if command == "export":
+            module = importlib.import_module(module_name)
+            if any(has_format(path, module.FORMAT) for path in args.paths):
+                return module.export_main(argv)
     return None

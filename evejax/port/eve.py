@@ -16,25 +16,31 @@ Official names (reference/eve.md §5; PyTorch layouts, Linear weight [out, in]):
 The official module also registers the teacher as `vision_tower_compressor.clip_layer`,
 so a release may hold the CLIP weights twice (`...clip_layer.backbone.vision_model.*`).
 Import accepts that copy when it equals the other one (either copy alone also
-works); export writes the teacher once, under `model.vision_clip`.
+works); export writes the teacher once, under `model.vision_clip`, or under both
+names with `both_teacher_copies` (`--both-teacher-copies`) so a strict
+`load_state_dict` into the official module passes.
 
     to_flax(state_dict, cfg)  -> (params, notes)      numpy trees / dicts
     to_torch(params, cfg)     -> state_dict
-    hf_config(cfg) / config_from_hf(config.json dict)
+    hf_config(cfg, names) / config_from_hf(config.json dict)
     import_eve(src, out_dir)  official directory, shard index or file -> evejax EVE checkpoint
     export_eve(ckpt, out_dir) evejax EVE checkpoint -> config.json + sharded safetensors
-    save_checkpoint / load_checkpoint   CKPT/model.json (format "evejax.eve") + CKPT/params (Orbax)
+                              (+ OUT/teacher_clip when no official name builds the teacher)
+    save_checkpoint / load_checkpoint / load_names
+        CKPT/model.json (format "evejax.eve"; with the official processor and teacher
+        names it was imported with) + CKPT/params (Orbax)
 
 `inference=True` (import or export) drops the PAL and the CLIP teacher, as the
-paper removes them at inference; the config then says requires_cliploss=false.
+paper removes them at inference; the config then says requires_cliploss=false
+and still carries the teacher view sizes that set the preprocessing.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import os
 import re
-import sys
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -46,6 +52,7 @@ from evejax.models import vit
 from evejax.port import checkpoint as lm_checkpoint
 from evejax.port import clip as clip_port
 from evejax.port import io, tables
+from evejax.port.command_line import parse_size, run_command
 from evejax.port.io import CheckpointError
 from evejax.port.tables import LINEAR, Row, Transform
 
@@ -55,6 +62,10 @@ PAL_PREFIX = "model.vision_tower_compressor."
 MODEL_JSON, PARAMS_DIR = lm_checkpoint.MODEL_JSON, lm_checkpoint.PARAMS_DIR
 FORMAT = "evejax.eve"
 VERSION = 1
+# config.json names of the PEL processor folder and of the CLIP teacher; model.json keeps
+# the imported ones under NAMES_ENTRY so export writes them back.
+NAME_KEYS = ("mm_vision_tower", "mm_vision_tower_clip")
+NAMES_ENTRY = "official_names"
 
 # Official teacher name <-> evejax CLIP size.
 OFFICIAL_TEACHERS = {"openai/clip-vit-large-patch14-336": "L/14-336"}
@@ -184,12 +195,18 @@ def _teacher_to_flax(main, duplicate, cfg, abstract_clip, source, notes) -> dict
     return jax.tree.map(lambda x, a: np.ascontiguousarray(x, dtype=a.dtype), params, abstract_clip)
 
 
-def to_torch(params: Mapping, cfg: eve_lib.EVEConfig) -> dict[str, np.ndarray]:
-    """EVE params -> official state dict (numpy), teacher once under model.vision_clip."""
+def to_torch(params: Mapping, cfg: eve_lib.EVEConfig, both_teacher_copies: bool = False
+             ) -> dict[str, np.ndarray]:
+    """EVE params -> official state dict (numpy): the teacher once under model.vision_clip, and
+    with `both_teacher_copies` again under the compressor's clip_layer, as the official module
+    registers it, so a strict `load_state_dict` finds every name."""
     abstract = abstract_params(cfg)
     state = tables.convert_to_torch(rows(cfg), _without_clip(params), _without_clip(abstract))
     if cfg.with_pal:
-        state.update(clip_port.to_torch(params["clip"], cfg.clip, prefix=CLIP_PREFIX, vision_model=True))
+        teacher = clip_port.to_torch(params["clip"], cfg.clip, prefix=CLIP_PREFIX, vision_model=True)
+        state.update(teacher)
+        if both_teacher_copies:
+            state.update({DUPLICATE_CLIP_PREFIX + k[len(CLIP_PREFIX):]: v for k, v in teacher.items()})
     return state
 
 
@@ -201,27 +218,50 @@ def drop_training_parts(params: Mapping, cfg: eve_lib.EVEConfig) -> tuple[dict, 
 
 # ---- config.json ----------------------------------------------------------------------
 
-def hf_config(cfg: eve_lib.EVEConfig, dtype: str = "float32") -> dict[str, Any]:
+def hf_config(cfg: eve_lib.EVEConfig, dtype: str = "float32", names: Mapping[str, str] | None = None
+              ) -> dict[str, Any]:
     """config.json of the official EVELlamaForCausalLM (reference/eve.md §1.1) plus an
-    "evejax" entry with the sizes official code reads from its processor folder."""
+    "evejax" entry with the sizes official code reads from its processor folder.
+
+    `names` ({"mm_vision_tower": ..., "mm_vision_tower_clip": ...}) are written as
+    given; a name left out is made from the geometry (the processor folder name) or,
+    for the teacher, is the official one of its size, else left out.
+    """
+    names = dict(names or {})
     config = tables.hf_config(cfg.llm, dtype)
-    teacher = None
-    if cfg.with_pal:
-        shape = clip_port.hf_config(cfg.clip)
-        teacher = next((name for name, size in OFFICIAL_TEACHERS.items()
-                        if clip_port.hf_config(vit.get_clip_config(size)) == shape), None)
     config.update(
         architectures=["EVELlamaForCausalLM"], model_type="eve",
         mm_hidden_size=cfg.vision_width, mm_projector_type="mlp2x_gelu",
-        mm_vision_tower=f"openai/eve-patch{cfg.patch_size}-anypixel-{cfg.image_size}",
-        mm_vision_tower_clip=teacher or "openai/clip-vit-large-patch14-336",
+        mm_vision_tower=names.get("mm_vision_tower")
+        or f"openai/eve-patch{cfg.patch_size}-anypixel-{cfg.image_size}",
         mm_vision_select_layer=cfg.teacher_layer, mm_vision_select_feature="patch",
         requires_cliploss=cfg.with_pal, mm_use_im_start_end=False, mm_use_im_patch_token=False,
         image_aspect_ratio="square",
         evejax=dict(image_size=cfg.image_size, patch_size=cfg.patch_size, pool=cfg.pool,
                     vision_heads=cfg.vision_heads, pal_interval=cfg.pal_interval, pal_heads=cfg.pal_heads,
+                    teacher_image_size=cfg.teacher_image_size, teacher_patch_size=cfg.teacher_patch_size,
                     clip=clip_port.hf_config(cfg.clip) if cfg.with_pal else None))
+    teacher = names.get("mm_vision_tower_clip") or (official_teacher_name(cfg.clip) if cfg.with_pal else None)
+    if teacher:
+        config["mm_vision_tower_clip"] = teacher
     return config
+
+
+def official_teacher_name(clip: vit.ClipViTConfig) -> str | None:
+    """The hub name of the official teacher with `clip`'s sizes, or None."""
+    shape = clip_port.hf_config(clip)
+    return next((name for name, size in OFFICIAL_TEACHERS.items()
+                 if clip_port.hf_config(vit.get_clip_config(size)) == shape), None)
+
+
+def teacher_from_name(name: str | None) -> vit.ClipViTConfig | None:
+    """The CLIP config the official builder would load for `mm_vision_tower_clip`: an official
+    hub name, or a CLIPVisionModel directory (config.json); None when neither."""
+    if name in OFFICIAL_TEACHERS:
+        return vit.get_clip_config(OFFICIAL_TEACHERS[name])
+    if name and (Path(name) / io.CONFIG_NAME).is_file():
+        return clip_port.from_hf_config(io.load_config_json(name))
+    return None
 
 
 def config_from_hf(config: Mapping[str, Any], with_pal: bool = True, **overrides) -> eve_lib.EVEConfig:
@@ -229,7 +269,9 @@ def config_from_hf(config: Mapping[str, Any], with_pal: bool = True, **overrides
 
     Official configs carry no PEL geometry; it comes from the processor name
     (`openai/eve-patch14-anypixel-672`: patch 14, image 672) with the official
-    pool 2 and 8 heads. `overrides` set TransformerConfig fields (dtype, ...).
+    pool 2 and 8 heads, and the teacher view sizes from the teacher
+    `mm_vision_tower_clip` names (a known hub name or a CLIPVisionModel
+    directory). `overrides` set TransformerConfig fields (dtype, ...).
     """
     if config.get("model_type") != "eve":
         raise CheckpointError(f"config.json has model_type {config.get('model_type')!r}, not 'eve'")
@@ -241,29 +283,38 @@ def config_from_hf(config: Mapping[str, Any], with_pal: bool = True, **overrides
     tower = str(config.get("mm_vision_tower", ""))
     found = re.search(r"patch(\d+)-anypixel-(\d+)", tower)
     patch, image = (int(found.group(1)), int(found.group(2))) if found else (None, None)
-    teacher = None
-    if with_pal:
-        if ours.get("clip"):
-            teacher = clip_port.from_hf_config(ours["clip"])
-        else:
-            name = config.get("mm_vision_tower_clip")
-            if name not in OFFICIAL_TEACHERS:
-                raise CheckpointError(f"config.json: teacher {name!r} is not known (known: "
-                                      f"{sorted(OFFICIAL_TEACHERS)}); import with --inference to drop it")
-            teacher = vit.get_clip_config(OFFICIAL_TEACHERS[name])
+    name = config.get("mm_vision_tower_clip")
+    teacher = clip_port.from_hf_config(ours["clip"]) if ours.get("clip") else teacher_from_name(name)
+    view = (ours.get("teacher_image_size"), ours.get("teacher_patch_size"))
+    if None in view and teacher is not None:
+        view = (teacher.image_size, teacher.patch_size)
+    if with_pal and teacher is None:
+        raise CheckpointError(f"config.json: teacher {name!r} is not known (known: {sorted(OFFICIAL_TEACHERS)}, "
+                              "or a CLIPVisionModel directory); import with --inference to drop it")
+    if None in view:
+        raise CheckpointError(f"config.json: cannot tell the teacher view sizes that set the preprocessing: "
+                              f"teacher {name!r} is neither known nor a CLIPVisionModel directory; add "
+                              '"evejax": {"teacher_image_size": T, "teacher_patch_size": P} to the config '
+                              "(--config)")
     if ours.get("image_size", image) is None:
         raise CheckpointError(f"config.json: cannot tell the EVE image size from mm_vision_tower {tower!r}; "
                               "expected a name like openai/eve-patch14-anypixel-672")
     cfg = eve_lib.EVEConfig(
-        llm=llm_cfg, clip=teacher, image_size=int(ours.get("image_size", image)),
+        llm=llm_cfg, clip=teacher if with_pal else None, image_size=int(ours.get("image_size", image)),
         patch_size=int(ours.get("patch_size", patch)), pool=int(ours.get("pool", 2)),
         vision_width=int(config.get("mm_hidden_size", 1024)), vision_heads=int(ours.get("vision_heads", 8)),
         pal_interval=int(ours.get("pal_interval", 4)), pal_heads=int(ours.get("pal_heads", 8)),
-        teacher_layer=int(config.get("mm_vision_select_layer", -2)))
+        teacher_layer=int(config.get("mm_vision_select_layer", -2)),
+        teacher_image_size=int(view[0]), teacher_patch_size=int(view[1]))
     try:
         return (cfg.replace(**overrides) if overrides else cfg).validate()
     except ValueError as e:
         raise CheckpointError(f"config.json: {e}") from None
+
+
+def official_names(config: Mapping[str, Any]) -> dict[str, str]:
+    """The processor and teacher names an EVE config.json gives, to write back on export."""
+    return {k: config[k] for k in NAME_KEYS if isinstance(config.get(k), str)}
 
 
 # ---- evejax EVE checkpoints -----------------------------------------------------------
@@ -284,6 +335,7 @@ def config_from_json(data: Mapping[str, Any], source: str = MODEL_JSON) -> eve_l
         raise CheckpointError(f"{source}: not an evejax EVE config (expected format {FORMAT!r} version {VERSION})")
     llm_cfg = lm_checkpoint.config_from_json(data.pop("llm", {}), source)
     clip = data.pop("clip", None)
+    data.pop(NAMES_ENTRY, None)
     try:
         if clip is not None:
             clip = vit.ClipViTConfig(**{**clip, "transformer": vit.TransformerConfig(**clip["transformer"])})
@@ -293,17 +345,27 @@ def config_from_json(data: Mapping[str, Any], source: str = MODEL_JSON) -> eve_l
 
 
 def save_checkpoint(directory: str | os.PathLike, cfg: eve_lib.EVEConfig, params: Any,
-                    overwrite: bool = False) -> Path:
-    """Writes model.json and params/ (Orbax) into `directory`; returns it."""
-    return lm_checkpoint.write_checkpoint(directory, config_to_json(cfg), params, overwrite)
+                    overwrite: bool = False, names: Mapping[str, str] | None = None) -> Path:
+    """Writes model.json (with the official `names` it was imported with, if any) and
+    params/ (Orbax) into `directory`; returns it."""
+    return lm_checkpoint.write_checkpoint(directory, {**config_to_json(cfg), NAMES_ENTRY: dict(names or {})},
+                                          params, overwrite)
+
+
+def _read_model_json(directory: str | os.PathLike) -> tuple[dict, str]:
+    return lm_checkpoint.read_model_json(directory, "EVE checkpoint", "create one with `evejax import --family eve`")
 
 
 def load_checkpoint(directory: str | os.PathLike, shardings: Any = None) -> tuple[eve_lib.EVEConfig, Any]:
     """(eve_lib.EVEConfig, params) of an evejax EVE checkpoint; params on one device unless
     `shardings`."""
-    cfg = config_from_json(*lm_checkpoint.read_model_json(
-        directory, "EVE checkpoint", "create one with `evejax import --family eve`"))
+    cfg = config_from_json(*_read_model_json(directory))
     return cfg, lm_checkpoint.restore_params(directory, abstract_params(cfg), shardings)
+
+
+def load_names(directory: str | os.PathLike) -> dict[str, str]:
+    """The official names (NAME_KEYS) an EVE checkpoint was imported with; {} if none."""
+    return dict(_read_model_json(directory)[0].get(NAMES_ENTRY) or {})
 
 
 # ---- files ----------------------------------------------------------------------------
@@ -331,21 +393,83 @@ def import_eve(src: str | os.PathLike, out_dir: str | os.PathLike, *, config: st
     cfg = config_from_hf(hf, with_pal=with_pal, param_dtype=param_dtype)
     params, notes = to_flax(state, cfg, source=str(src))
     del state
-    save_checkpoint(out_dir, cfg, params, overwrite=overwrite)
+    save_checkpoint(out_dir, cfg, params, overwrite=overwrite, names=official_names(hf))
     return notes + [f"wrote an EVE {'training' if with_pal else 'inference'} checkpoint to {out_dir}"]
 
 
+# The exported teacher's directory when no official name builds it; its absolute path becomes
+# mm_vision_tower_clip (the official builder takes an existing path as well as a hub name).
+TEACHER_DIR = "teacher_clip"
+_PREPROCESSOR_CONFIG = "preprocessor_config.json"
+
+
+def _official_builds(name: str | None, clip: vit.ClipViTConfig) -> bool:
+    """Whether the official builder, given `name`, makes a CLIP of `clip`'s sizes."""
+    built = teacher_from_name(name)
+    return built is not None and clip_port.hf_config(built) == clip_port.hf_config(clip) and (
+        name in OFFICIAL_TEACHERS or (Path(name) / _PREPROCESSOR_CONFIG).is_file())
+
+
+def teacher_processor_config(clip: vit.ClipViTConfig) -> dict[str, Any]:
+    """preprocessor_config.json of a CLIPImageProcessor for `clip` (CLIPVisionTower loads one
+    from the teacher's name next to the model), with the hub CLIP checkpoints' settings."""
+    from evejax.data.image import CLIP_MEAN, CLIP_STD
+
+    side = clip.image_size
+    return {"image_processor_type": "CLIPImageProcessor", "do_resize": True, "size": {"shortest_edge": side},
+            "resample": 3, "do_center_crop": True, "crop_size": {"height": side, "width": side},
+            "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True, "image_mean": list(CLIP_MEAN),
+            "image_std": list(CLIP_STD), "do_convert_rgb": True}
+
+
 def export_eve(src: str | os.PathLike, out_dir: str | os.PathLike, *, inference: bool = False,
-               dtype: str = "float32", max_shard_bytes: int = 5 * 10**9) -> list[Path]:
-    """evejax EVE checkpoint -> out_dir/config.json + safetensors (sharded, with an index)."""
+               dtype: str = "float32", max_shard_bytes: int = 5 * 10**9,
+               both_teacher_copies: bool = False) -> list[Path]:
+    """evejax EVE checkpoint -> out_dir/config.json + safetensors (sharded, with an index).
+
+    The names the checkpoint was imported with are written back. A training
+    export whose teacher no official name builds (not a known hub CLIP of its
+    size, nor an existing CLIPVisionModel directory) also gets the teacher as
+    out_dir/teacher_clip (config.json, model.safetensors, preprocessor_config.json),
+    and mm_vision_tower_clip is that directory's absolute path. The official
+    builder takes any path holding "eva" for an EVA-CLIP, so such an out_dir is
+    refused before anything is written. `both_teacher_copies` also writes the
+    teacher under the compressor's clip_layer (see `to_torch`).
+    """
     cfg, params = load_checkpoint(src)
+    names = load_names(src)
     if inference and cfg.with_pal:
         params, cfg = drop_training_parts(params, cfg)
-    config = hf_config(cfg, dtype)
-    state = to_torch(jax.tree.map(np.asarray, params), cfg)
-    del params
-    return io.save_hf_checkpoint(state, config, out_dir, family="eve", dtype=dtype,
-                                 max_shard_bytes=max_shard_bytes)
+    teacher_dir = None
+    if cfg.with_pal and not _official_builds(names.get("mm_vision_tower_clip"), cfg.clip):
+        names["mm_vision_tower_clip"] = official_teacher_name(cfg.clip)
+        if names["mm_vision_tower_clip"] is None:
+            teacher_dir = (Path(out_dir) / TEACHER_DIR).absolute()
+            if "eva" in str(teacher_dir).lower():
+                raise CheckpointError(
+                    f"{teacher_dir}: the teacher would be written here, but the official builder loads any "
+                    "teacher path holding 'eva' as an EVA-CLIP, not a CLIPVisionModel; export to a directory "
+                    "whose path has no 'eva' in it")
+            names["mm_vision_tower_clip"] = str(teacher_dir)
+    config = hf_config(cfg, dtype, names)
+    params = jax.tree.map(np.asarray, params)
+    state = to_torch(params, cfg, both_teacher_copies=both_teacher_copies)
+    files = []
+    if teacher_dir is not None:
+        # The teacher first: the EVE config.json that names it is the last file written.
+        files += io.save_hf_checkpoint(clip_port.to_torch(params["clip"], cfg.clip),
+                                       {**clip_port.hf_config(cfg.clip), "torch_dtype": dtype}, teacher_dir,
+                                       family="clip", dtype=dtype, max_shard_bytes=max_shard_bytes)
+        files.append(_write_json(teacher_processor_config(cfg.clip), teacher_dir / _PREPROCESSOR_CONFIG))
+    return files + io.save_hf_checkpoint(state, config, out_dir, family="eve", dtype=dtype,
+                                         max_shard_bytes=max_shard_bytes)
+
+
+def _write_json(data: Mapping[str, Any], path: Path) -> Path:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(dict(data), indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+    return path
 
 
 def _import_parser() -> argparse.ArgumentParser:
@@ -362,26 +486,17 @@ def _import_parser() -> argparse.ArgumentParser:
 
 
 def _export_parser() -> argparse.ArgumentParser:
-    from evejax.port.commands import parse_size
-
     p = argparse.ArgumentParser(prog="evejax export (EVE checkpoint)",
                                 description="evejax EVE checkpoint -> official EVELlamaForCausalLM layout")
     p.add_argument("src", help="evejax EVE checkpoint directory")
     p.add_argument("out_dir", help="directory for config.json and safetensors files")
     p.add_argument("--inference", action="store_true", help="leave out the PAL and the CLIP teacher")
+    p.add_argument("--both-teacher-copies", action="store_true",
+                   help="also write the teacher under model.vision_tower_compressor.clip_layer, as the official "
+                        "module registers it, so load_state_dict(strict=True) passes")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     p.add_argument("--max-shard-size", default="5GB", type=parse_size)
     return p
-
-
-def _run(command: str, body) -> int:
-    """Runs a command body; errors a user can cause print one line and give status 1."""
-    try:
-        body()
-    except (CheckpointError, FileNotFoundError) as e:
-        print(f"evejax {command}: error: {e}", file=sys.stderr)
-        return 1
-    return 0
 
 
 def import_main(argv) -> int:
@@ -393,23 +508,23 @@ def import_main(argv) -> int:
                                param_dtype=args.param_dtype, overwrite=args.overwrite):
             print(f"evejax import: {note}")
 
-    return _run("import", body)
+    return run_command("import", body)
 
 
 def export_main(argv) -> int:
-    """`evejax export EVE_CKPT OUT_DIR [--inference] [--dtype D] [--max-shard-size 5GB]`."""
+    """`evejax export EVE_CKPT OUT_DIR [--inference] [--both-teacher-copies] [--dtype D]
+    [--max-shard-size 5GB]`."""
     args = _export_parser().parse_args(argv)
 
     def body():
         files = export_eve(args.src, args.out_dir, inference=args.inference, dtype=args.dtype,
-                           max_shard_bytes=args.max_shard_size)
-        shards = [f for f in files if f.suffix == ".safetensors"]
+                           max_shard_bytes=args.max_shard_size, both_teacher_copies=args.both_teacher_copies)
+        out = Path(args.out_dir).absolute()
+        shards = [f for f in files if f.suffix == ".safetensors" and f.parent.absolute() == out]
         print(f"evejax export: EVE {'inference model' if args.inference else 'model with PAL and teacher'} "
               f"in {len(shards)} safetensors file(s) -> {args.out_dir}")
+        if any(f.parent.absolute() == out / TEACHER_DIR for f in files):
+            print(f"evejax export: no official name builds the teacher; wrote it to {out / TEACHER_DIR}, "
+                  "which mm_vision_tower_clip names (move it and that path must follow)")
 
-    return _run("export", body)
-
-
-def is_eve_checkpoint(directory: str | os.PathLike) -> bool:
-    """Whether `directory` holds an evejax EVE checkpoint (for the export dispatch)."""
-    return lm_checkpoint.has_format(directory, FORMAT)
+    return run_command("export", body)

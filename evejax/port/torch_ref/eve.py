@@ -22,19 +22,27 @@ Cc = CLIP teacher width (1024), S = EVE image side, T = teacher image side.
     right padding; returns logits [B, N', V] (N' = N - 1 + image tokens) and,
     given CLIP features, the PAL loss.
 
-The official checkpoint also holds the frozen CLIP teacher (`model.vision_clip.*`
-and the same weights again under `model.vision_tower_compressor.clip_layer.*`);
-`strip_teacher_keys` removes them so the rest loads with strict=True.
+The official training model also holds the frozen CLIP teacher, registered twice:
+`model.vision_clip` and `model.vision_tower_compressor.clip_layer` are one `CLIPTeacher`
+(HF CLIPVisionModel as `.backbone`). `EVEReference(..., teacher=CLIPVisionModel)` does
+the same, so its state_dict names both copies; without a teacher,
+`strip_teacher_keys` removes them from a checkpoint so the rest loads with strict=True.
+
+`from_pretrained(directory)` builds an EVEReference from an EVE directory
+(config.json + weights, e.g. `evejax export`) as official `from_pretrained` does: the
+teacher from `mm_vision_tower_clip` (hub name or CLIPVisionModel directory) when
+`requires_cliploss`, then the weights, a teacher saved once filling both registrations.
 """
 from __future__ import annotations
 
 import dataclasses
+import re
 from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import CLIPVisionModel, LlamaConfig, LlamaForCausalLM
 
 from evejax.data.text import IGNORE_INDEX, IMAGE_TOKEN_INDEX
 
@@ -225,6 +233,25 @@ class VisionCompressor(nn.Module):
         return total / max(count, 1)
 
 
+class CLIPTeacher(nn.Module):
+    """Official CLIPVisionTower: a frozen CLIPVisionModel; pixel_values [B, 3, T, T] ->
+    hidden_states[select_layer] without CLS, [B, (T / p)^2, Cc].
+
+    Its weights are named `backbone.vision_model.*`, as transformers < 5 (the official
+    code's) registers a CLIPVisionModel; transformers 5 drops that inner scope, so it is
+    put back here.
+    """
+
+    def __init__(self, clip: CLIPVisionModel, select_layer: int = -2):
+        super().__init__()
+        self.backbone = nn.ModuleDict({"vision_model": clip.requires_grad_(False)})
+        self.select_layer = select_layer
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        out = self.backbone["vision_model"](pixel_values, output_hidden_states=True)
+        return out.hidden_states[self.select_layer][:, 1:]
+
+
 def strip_teacher_keys(state_dict: dict, keep_pal: bool = True) -> dict:
     """Drops the frozen CLIP teacher (and, unless keep_pal, the PAL) from an official state dict."""
     drop = ("model.vision_clip.", "model.vision_tower_compressor.clip_layer.")
@@ -251,7 +278,8 @@ class EVEReference(nn.Module):
     def __init__(self, config: LlamaConfig, mm_hidden_size: int = 1024, patch_size: int = 14,
                  pool: int = 2, num_heads: int = 8, with_pal: bool = True,
                  clip_hidden_size: int = 1024, layer_interval: int = 4, pal_heads: int = 8,
-                 patch_ratio: int = 1, teacher_patch_size: int = 14):
+                 patch_ratio: int = 1, teacher_patch_size: int = 14,
+                 teacher: Optional[CLIPVisionModel] = None, teacher_layer: int = -2):
         super().__init__()
         llm = LlamaForCausalLM(config)
         self.config = config
@@ -263,6 +291,9 @@ class EVEReference(nn.Module):
             self.model.vision_tower_compressor = VisionCompressor(
                 config.hidden_size, clip_hidden_size, config.num_hidden_layers, layer_interval,
                 pal_heads, patch_ratio, teacher_patch_size)
+            if teacher is not None:
+                self.model.vision_clip = CLIPTeacher(teacher, teacher_layer)
+                self.model.vision_tower_compressor.clip_layer = self.model.vision_clip
 
     def splice(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor],
                pixel_values: Optional[torch.Tensor], labels: Optional[torch.Tensor] = None):
@@ -309,10 +340,15 @@ class EVEReference(nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
                 pixel_values: Optional[torch.Tensor] = None, labels: Optional[torch.Tensor] = None,
                 clip_features: Optional[torch.Tensor] = None,
-                clip_mask: Optional[torch.Tensor] = None) -> EVEReferenceOutput:
+                clip_mask: Optional[torch.Tensor] = None,
+                teacher_pixels: Optional[torch.Tensor] = None) -> EVEReferenceOutput:
         """input_ids [B, N] (right padded), attention_mask [B, N], pixel_values [B, 4, S, S],
-        labels [B, N] (IGNORE_INDEX = -100 where unsupervised), clip_features [B, P, Cc],
-        clip_mask [B, T, T]."""
+        labels [B, N] (IGNORE_INDEX = -100 where unsupervised), clip_features [B, P, Cc]
+        or teacher_pixels [B, 3, T, T] for the registered teacher, clip_mask [B, T, T]."""
+        if teacher_pixels is not None:
+            if not hasattr(self.model, "vision_clip"):
+                raise ValueError("teacher_pixels given but the model was built without a teacher")
+            clip_features = self.model.vision_clip(teacher_pixels)
         embeds, mask, new_labels, starts, grids = self.splice(input_ids, attention_mask,
                                                               pixel_values, labels)
         out = self.model(inputs_embeds=embeds, attention_mask=mask, output_hidden_states=True)
@@ -330,3 +366,48 @@ class EVEReference(nn.Module):
             result.pal_loss = self.model.vision_tower_compressor(
                 out.hidden_states, starts, grids, clip_features, clip_mask)
         return result
+
+
+def from_pretrained(directory) -> EVEReference:
+    """EVEReference (eval mode) of an EVE directory: config.json + safetensors or .bin weights.
+
+    Sizes: LLaMA from config.json; the PEL geometry from its "evejax" entry,
+    else from the processor name (`...patch14-anypixel-672`, pool 2, 8 heads);
+    with `requires_cliploss` the teacher is `CLIPVisionModel.from_pretrained(
+    mm_vision_tower_clip)`, as the official builder makes it. Weights load
+    strictly except that a teacher stored once (vision_clip or clip_layer) fills
+    both registrations of the shared module.
+    """
+    import transformers
+
+    from evejax.port import io
+
+    config = io.load_config_json(directory)
+    ours = config.get("evejax") or {}
+    found = re.search(r"patch(\d+)-anypixel-(\d+)", str(config.get("mm_vision_tower", "")))
+    patch = ours.get("patch_size", int(found.group(1)) if found else None)
+    image = ours.get("image_size", int(found.group(2)) if found else None)
+    if patch is None or image is None:
+        raise ValueError(f"{directory}: config.json gives no PEL geometry (no 'evejax' entry and "
+                         f"mm_vision_tower {config.get('mm_vision_tower')!r} is not ...patchP-anypixel-S)")
+    llama_fields = set(transformers.LlamaConfig().to_dict()) - {"architectures", "model_type"}
+    llama = LlamaConfig(**{k: v for k, v in config.items() if k in llama_fields}, attn_implementation="eager")
+    pool = ours.get("pool", 2)
+    kw = dict(mm_hidden_size=config["mm_hidden_size"], patch_size=patch, pool=pool,
+              num_heads=ours.get("vision_heads", 8), with_pal=bool(config.get("requires_cliploss")))
+    if kw["with_pal"]:
+        teacher = CLIPVisionModel.from_pretrained(config["mm_vision_tower_clip"], attn_implementation="eager")
+        t = teacher.config
+        kw.update(clip_hidden_size=t.hidden_size, layer_interval=ours.get("pal_interval", 4),
+                  pal_heads=ours.get("pal_heads", 8), teacher_patch_size=t.patch_size, teacher=teacher,
+                  patch_ratio=(image // (patch * pool)) // (t.image_size // t.patch_size),
+                  teacher_layer=config.get("mm_vision_select_layer", -2))
+    model = EVEReference(llama, **kw).eval()
+    state = {k: torch.from_numpy(v) for k, v in io.load_state_dict(directory).items()
+             if not k.endswith("rotary_emb.inv_freq")}
+    copies = ("model.vision_clip.", "model.vision_tower_compressor.clip_layer.")
+    for have, other in (copies, copies[::-1]):
+        for k in [k for k in state if k.startswith(have)]:
+            state.setdefault(other + k[len(have):], state[k])
+    model.load_state_dict(state, strict=True)
+    return model
