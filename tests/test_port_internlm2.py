@@ -174,7 +174,7 @@ def test_greedy_decoding_cache_recompute_and_reference_agree():
     params = tables.to_flax(_state(ref), cfg)
     model = CausalLM(cfg)
     tokens, mask = _batch(seed=2)
-    max_new = 10  # 12 + 10 tokens stay below max_position_embeddings (see evejax.eval.generate)
+    max_new = 10  # 12 + 10 tokens stay below max_position_embeddings, where recomputation agrees
 
     cached = np.asarray(greedy_generate(model, params, tokens, mask, max_new))
     print("internlm2 greedy tokens:", cached.tolist())
@@ -189,3 +189,18 @@ def test_greedy_decoding_cache_recompute_and_reference_agree():
     np.testing.assert_array_equal(cached, _ref_generate(ref, tokens, mask, max_new, eos))
     assert (cached[1, step:] == eos).all() and eos not in cached[1, :step]
 
+
+
+@pytest.mark.parametrize("lengths", [(40, 33), (25, 20)], ids=["long", "short"])
+def test_dynamic_rope_cached_decoding_matches_official_past_max_positions(lengths):
+    """Prompts longer and shorter than max_position_embeddings (32), decoded past it: the official
+    cache rotates each step's key by the length so far (kv_seq_len) and keeps earlier keys."""
+    ref = _reference(seed=11)
+    cfg = _cfg()
+    params = tables.to_flax(_state(ref), cfg)
+    tokens, mask = _batch(seed=11, lengths=lengths)
+    cached = np.asarray(greedy_generate(CausalLM(cfg), params, tokens, mask, 12))
+    print(f"internlm2 dynamic NTK, prompts {lengths}: {cached.tolist()}")
+    reference = ref.generate(torch.tensor(tokens, dtype=torch.long), 12, attention_mask=torch.tensor(mask))
+    np.testing.assert_array_equal(cached, reference[:, tokens.shape[1]:].numpy())
+    assert len(set(cached.ravel().tolist())) > 6

@@ -23,10 +23,13 @@ slots ``0..G-1`` of group ``k`` are query heads ``k G .. k G + G - 1``, slot ``G
 is key head ``k`` and slot ``G + 1`` is value head ``k``.
 
 ``InternLM2ForCausalLM.forward`` takes ``input_ids`` [B, L] or ``inputs_embeds``
-[B, L, D] and an optional padding mask [B, L] (1 = token, 0 = padding) and returns
-float32 logits [B, L, V]; with ``output_hidden_states`` also a tuple of ``layers + 1``
-tensors [B, L, D]: the input of every layer, then the final *normed* output, as the
-official code returns them. ``generate`` is greedy decoding by full recomputation.
+[B, L, D] and an optional padding mask [B, S] (1 = token, 0 = padding; S = cached + L)
+and returns float32 logits [B, L, V]; with ``output_hidden_states`` also a tuple of
+``layers + 1`` tensors [B, L, D]: the input of every layer, then the final *normed*
+output, as the official code returns them. ``past_key_values`` is the KV cache: a list,
+empty at first, that each forward extends with every layer's keys (after RoPE) and
+values [B, K, S, d]. ``generate`` is greedy decoding with that cache, as the official
+model under transformers' ``generate``, or by full recomputation.
 """
 from __future__ import annotations
 
@@ -183,14 +186,17 @@ class InternLM2Config:
 
 
 def rope_base(config: InternLM2Config, seq_len: int) -> float:
-    """RoPE base for a forward pass over ``seq_len`` tokens (cached + new).
+    """RoPE base for a forward pass over ``seq_len`` tokens (cached + new, padding included:
+    the official attention passes ``kv_seq_len``).
 
     Dynamic NTK (official): above ``max_position_embeddings`` the base grows to
     ``theta * (factor * seq_len / max_pos - (factor - 1)) ** (d / (d - 2))``; at or
-    below it the plain ``theta`` is used, so short inputs are unaffected. The
-    official module caches its tables and never shrinks them, so after one long
-    input it keeps the enlarged base for later short ones; this reference is
-    stateless and matches a freshly loaded official model.
+    below it the plain ``theta`` is used, so short inputs are unaffected. Under the
+    cache only the new tokens are rotated with it; cached keys keep the base of the
+    forward that wrote them. The official module caches its tables and never shrinks
+    them, so after one long input it keeps the enlarged base for later shorter ones;
+    this reference is stateless and matches a freshly loaded official model (within
+    one ``generate`` the length only grows, so the two agree there).
     """
     if config.rope_scaling is None or seq_len <= config.max_position_embeddings:
         return config.rope_theta
@@ -237,8 +243,12 @@ class InternLM2Attention(nn.Module):
         self.wqkv = nn.Linear(config.hidden_size, (H + 2 * K) * d, bias=False)
         self.wo = nn.Linear(H * d, config.hidden_size, bias=False)
 
-    def forward(self, x, cos, sin, allowed):
-        """x [B, L, D], cos/sin [B, L, d], allowed [B, 1, L, L] bool -> [B, L, D]."""
+    def forward(self, x, cos, sin, allowed, cache: list):
+        """x [B, L, D], cos/sin [B, L, d], allowed [B, 1, L, S] bool -> [B, L, D].
+
+        ``cache`` holds this layer's earlier keys and values ([] or [(k, v)], each
+        [B, K, S - L, d]); they are replaced by the extended ones.
+        """
         B, L, _ = x.shape
         H, K, d = self.config.num_attention_heads, self.config.num_key_value_heads, self.config.head_dim
         G = H // K
@@ -249,6 +259,9 @@ class InternLM2Attention(nn.Module):
         cos, sin = cos[:, None].to(x.dtype), sin[:, None].to(x.dtype)
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
+        if cache:
+            k, v = torch.cat([cache[0][0], k], dim=2), torch.cat([cache[0][1], v], dim=2)
+        cache[:] = [(k, v)]
         # Query head h reads KV head h // G.
         k = k.repeat_interleave(G, dim=1)
         v = v.repeat_interleave(G, dim=1)
@@ -278,8 +291,8 @@ class InternLM2DecoderLayer(nn.Module):
         self.attention_norm = InternLM2RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.ffn_norm = InternLM2RMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def forward(self, h, cos, sin, allowed):
-        h = h + self.attention(self.attention_norm(h), cos, sin, allowed)
+    def forward(self, h, cos, sin, allowed, cache):
+        h = h + self.attention(self.attention_norm(h), cos, sin, allowed, cache)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -316,29 +329,34 @@ class InternLM2ForCausalLM(nn.Module):
         output_hidden_states: bool = False,
         inputs_embeds: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
+        past_key_values: list | None = None,
     ):
         """Logits [B, L, V] float32, or (logits, hidden_states) — see the module docstring.
 
-        ``position_ids`` [B, L] defaults to ``0..L-1`` for every row, as in the
-        official forward; pass them for left-padded batches. Outputs at padded
-        query positions are finite but meaningless.
+        ``position_ids`` [B, L] defaults to ``P..P+L-1`` for every row (P cached
+        tokens), as in the official forward; pass them for left-padded batches.
+        Outputs at padded query positions are finite but meaningless.
         """
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
         h = self.model.tok_embeddings(input_ids) if inputs_embeds is None else inputs_embeds
         B, L, _ = h.shape
+        caches = past_key_values if past_key_values is not None else []
+        if not caches:
+            caches[:] = [[] for _ in self.model.layers]
+        P = caches[0][0][0].shape[2] if caches[0] else 0
         if position_ids is None:
-            position_ids = torch.arange(L, device=h.device).expand(B, L)
-        cos, sin = rotary_cos_sin(self.config, position_ids, seq_len=L)
+            position_ids = torch.arange(P, P + L, device=h.device).expand(B, L)
+        cos, sin = rotary_cos_sin(self.config, position_ids, seq_len=P + L)
 
-        allowed = torch.ones(L, L, dtype=torch.bool, device=h.device).tril()[None, None]
+        allowed = torch.ones(L, P + L, dtype=torch.bool, device=h.device).tril(P)[None, None]
         if attention_mask is not None:
             allowed = allowed & attention_mask.bool()[:, None, None, :]
 
         hidden_states = []
-        for layer in self.model.layers:
+        for layer, cache in zip(self.model.layers, caches):
             hidden_states.append(h)
-            h = layer(h, cos, sin, allowed)
+            h = layer(h, cos, sin, allowed, cache)
         h = self.model.norm(h)
         hidden_states.append(h)
         logits = self.output(h).float()
@@ -351,19 +369,27 @@ class InternLM2ForCausalLM(nn.Module):
         max_new_tokens: int,
         attention_mask: torch.Tensor | None = None,
         eos_token_id: int | None = None,
+        use_cache: bool = True,
     ) -> torch.Tensor:
-        """Greedy decoding, recomputing the whole prefix each step: [B, L] -> [B, L + n].
+        """Greedy decoding: [B, L] -> [B, L + n].
 
-        Batches are left-padded (mask 0 on the left); positions count real tokens
-        only, as transformers' generation derives them from the mask. Rows that
-        emitted ``eos_token_id`` keep emitting it; decoding stops early once all have.
+        With ``use_cache`` the prompt runs once and then one token per step, as the
+        official model does under transformers' ``generate``; without, the whole
+        sequence is recomputed each step (``use_cache=False`` there). The two differ
+        once dynamic NTK scaling is active. Batches are left-padded (mask 0 on the
+        left); positions count real tokens only, as transformers' generation derives
+        them from the mask. Rows that emitted ``eos_token_id`` keep emitting it;
+        decoding stops early once all have.
         """
         B = input_ids.shape[0]
         mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.long()
         finished = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
-        for _ in range(max_new_tokens):
+        cache = [] if use_cache else None
+        for step in range(max_new_tokens):
             position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
-            logits = self(input_ids, attention_mask=mask, position_ids=position_ids)
+            new = slice(-1, None) if use_cache and step else slice(None)
+            logits = self(input_ids[:, new], attention_mask=mask, position_ids=position_ids[:, new],
+                          past_key_values=cache)
             next_token = logits[:, -1].argmax(-1)
             if eos_token_id is not None:
                 next_token = torch.where(finished, torch.full_like(next_token, eos_token_id), next_token)
