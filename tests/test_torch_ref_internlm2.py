@@ -38,6 +38,21 @@ def test_state_dict_names_are_official():
         (4 + 2 * 2) * 16, 64)
 
 
+def test_defaults_and_bias_are_official():
+    """configuration_internlm2.py defaults; `bias` puts zero-initialised biases on wqkv and wo only."""
+    default = InternLM2Config()
+    assert (default.vocab_size, default.hidden_size, default.num_key_value_heads, default.hidden_act) == (
+        103168, 4096, 32, "silu")
+    assert (default.rms_norm_eps, default.rope_theta, default.max_position_embeddings, default.bias,
+            default.pad_token_id) == (1e-6, 10000.0, 2048, True, 0)
+    config = dataclasses.replace(InternLM2Config.tiny(), bias=True)
+    state = _model(config).state_dict()
+    biases = {k for k in state if k.endswith(".bias")}
+    assert biases == {f"model.layers.{i}.attention.{m}.bias" for i in range(2) for m in ("wqkv", "wo")}
+    assert {k: tuple(v.shape) for k, v in state.items()} == config.param_shapes()
+    assert all(not state[k].any() for k in biases)
+
+
 def test_1_8b_shapes_match_hovle_brief():
     shapes = InternLM2Config.internlm2_1_8b().param_shapes()
     assert shapes["model.layers.23.attention.wqkv.weight"] == (4096, 2048)
