@@ -15,7 +15,10 @@ by the length so far, max(positions) + 1 over the whole batch (so the longest
 row sets it for all), and the cache keeps every key as its own step rotated it,
 while the oracle re-rotates all keys by the full length. The official InternLM2
 counts the cache length instead, padding included: the same number whenever
-some row is unpadded, as `left_pad` makes it.
+some row is unpadded, as `left_pad` makes it. Both keep grown frequencies across
+calls (transformers until a call starts below `max_position_embeddings`, the
+official InternLM2 for good); evejax is stateless, so it matches a freshly
+loaded model, and transformers also after such a reset.
 
 `evejax generate CKPT_DIR --prompt-ids 1,5,7 [--prompt-ids 4,2] --max-new 16`
 prints the new token ids of each prompt (up to and including EOS).
