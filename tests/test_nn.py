@@ -37,6 +37,11 @@ def test_rope_dynamic_scaling_only_beyond_max_positions():
     plain = rope.inverse_frequencies(8, 1e4)
     np.testing.assert_array_equal(short, plain)
     assert np.all(np.asarray(long[1:]) < np.asarray(plain[1:]))
+    # The length may be traced, so one compiled decode step serves every length so far.
+    traced = jax.jit(lambda n: rope.inverse_frequencies(8, 1e4, seq_len=n, scaling={"type": "dynamic", "factor": 2.0},
+                                                        max_position_embeddings=32))
+    np.testing.assert_array_equal(traced(32), plain)
+    np.testing.assert_allclose(traced(64), long, rtol=1e-6)
     with pytest.raises(ValueError, match="not known"):
         rope.inverse_frequencies(8, 1e4, scaling={"type": "yarn"})
 

@@ -1,4 +1,6 @@
 """InternLM2 port: the official-names PyTorch reference <-> CausalLM, both directions, CLIs, greedy decoding."""
+import dataclasses
+
 import jax
 import numpy as np
 import pytest
@@ -18,13 +20,14 @@ PAD = 2  # InternLM2's pad id
 
 # GQA (4 query heads over 2 KV heads) and dynamic NTK that switches on above 32 tokens.
 CONFIG = InternLM2Config(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, rope_theta=10_000.0,
-                         rope_scaling={"type": "dynamic", "factor": 2.0}, max_position_embeddings=32)
+                         num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-5, bias=False,
+                         rope_theta=10_000.0, rope_scaling={"type": "dynamic", "factor": 2.0},
+                         max_position_embeddings=32, pad_token_id=PAD)
 
 
-def _reference(seed=0):
+def _reference(seed=0, config=CONFIG):
     torch.manual_seed(seed)
-    model = InternLM2ForCausalLM(CONFIG).eval()
+    model = InternLM2ForCausalLM(config).eval()
     with torch.no_grad():  # larger than the official init so greedy choices are clear-cut
         for name, p in model.named_parameters():
             if name.endswith("norm.weight"):
@@ -76,6 +79,71 @@ def test_config_matches_reference():
     assert InternLM2Config.from_hf_config_dict(tables.hf_config(cfg)) == CONFIG
     assert tables.config_from_hf(tables.hf_config(cfg), "internlm2") == cfg
     assert tables.expected_torch_shapes(tables.table(cfg), tables.abstract_params(cfg)) == CONFIG.param_shapes()
+
+
+def test_missing_config_keys_take_the_official_defaults():
+    """configuration_internlm2.py: rms_norm_eps 1e-6, rope_theta 10000, max_position_embeddings 2048,
+    bias True, hidden_act silu, no rope scaling, K = N, pad 0 (an InternLM2-7B-like shape)."""
+    shape = {"vocab_size": 256, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+             "num_attention_heads": 4}
+    t = tables.config_from_hf({"model_type": "internlm2", **shape}).transformer
+    assert (t.norm_eps, t.rope_base, t.max_position_embeddings, t.rope_scaling) == (1e-6, 10000.0, 2048, None)
+    assert t.qkv_bias and t.out_bias and not t.mlp_bias and t.mlp_act == "silu" and t.num_kv_heads == 4
+    cfg = tables.config_from_hf({"model_type": "internlm2"})
+    assert (cfg.vocab_size, cfg.transformer.embed_dim, cfg.transformer.mlp_dim, cfg.transformer.num_layers,
+            cfg.transformer.num_heads) == (103168, 4096, 11008, 32, 32)
+    assert (cfg.bos_id, cfg.eos_id, cfg.pad_id) == (1, 2, 0)
+
+
+@pytest.mark.parametrize("fields", [{"hidden_act": "gelu"}, {"bias": True},
+                                    {"rope_scaling": {"type": "linear", "factor": 2.0}}],
+                         ids=["gelu", "bias", "linear_rope"])
+def test_official_config_fields_are_applied(fields):
+    """Each field the official modeling code reads changes the model as it does there: imported
+    weights give the reference's logits (40 tokens, past max_position_embeddings), and config,
+    weights and biases export back exactly."""
+    config = dataclasses.replace(CONFIG, **fields)
+    ref = _reference(config=config)
+    cfg = tables.config_from_hf(config.to_hf_config_dict(), "internlm2")
+    state = _state(ref)
+    params = tables.to_flax(state, cfg)
+    tokens, mask = _batch(lengths=(40, 33))
+    diff = _rel_diff(_jax_logits(cfg, params, tokens, mask), _ref_logits(ref, tokens, mask), mask)
+    print(f"internlm2 {fields}: max rel diff {diff:.2e}")
+    assert diff <= TOLERANCE
+    # The field matters: the default model on the same weights gives other logits.
+    if "bias" not in fields:
+        plain = _jax_logits(_cfg(), params, tokens, mask)
+        assert _rel_diff(plain, _ref_logits(ref, tokens, mask), mask) > 100 * TOLERANCE
+    assert InternLM2Config.from_hf_config_dict(tables.hf_config(cfg)) == config
+    assert tables.config_from_hf(tables.hf_config(cfg), "internlm2") == cfg
+    back = tables.to_torch(params, cfg)
+    assert list(back) == list(state) and all(np.array_equal(back[k], state[k]) for k in state)
+
+
+@pytest.mark.parametrize("fields, named", [
+    ({"hidden_act": "relu"}, "'relu'"),
+    ({"rope_scaling": {"type": "yarn", "factor": 2.0}}, "yarn"),
+    ({"rope_scaling": {"type": "dynamic", "factor": 2.0, "original_max_position_embeddings": 8}},
+     "original_max_position_embeddings"),
+    ({"rope_scaling": {"type": "linear", "factor": 0.5}}, "0.5"),
+    ({"tie_word_embeddings": True}, "tie_word_embeddings"),
+])
+def test_unsupported_config_is_refused_by_name(fields, named):
+    with pytest.raises(io.CheckpointError, match="config.json") as err:
+        tables.config_from_hf({**CONFIG.to_hf_config_dict(), **fields})
+    assert named in str(err.value)
+
+
+def test_activation_aliases_are_the_same_functions():
+    """hidden_act names reading accepts compute what transformers' ACT2FN computes for them."""
+    transformers = pytest.importorskip("transformers")
+    from evejax.nn.layers import ACTIVATIONS
+
+    x = np.linspace(-6, 6, 1001, dtype=np.float32)
+    for hf_name, name in tables._FROM_HF_ACTIVATIONS.items():
+        want = transformers.activations.ACT2FN[hf_name](torch.tensor(x)).numpy()
+        np.testing.assert_allclose(np.asarray(ACTIVATIONS[name](x)), want, rtol=1e-6, atol=1e-6, err_msg=hf_name)
 
 
 # 40 tokens cross max_position_embeddings=32, so dynamic NTK scaling is compared too.
@@ -174,7 +242,7 @@ def test_greedy_decoding_cache_recompute_and_reference_agree():
     params = tables.to_flax(_state(ref), cfg)
     model = CausalLM(cfg)
     tokens, mask = _batch(seed=2)
-    max_new = 10  # 12 + 10 tokens stay below max_position_embeddings (see evejax.eval.generate)
+    max_new = 10  # 12 + 10 tokens stay below max_position_embeddings, where recomputation agrees
 
     cached = np.asarray(greedy_generate(model, params, tokens, mask, max_new))
     print("internlm2 greedy tokens:", cached.tolist())
@@ -189,3 +257,18 @@ def test_greedy_decoding_cache_recompute_and_reference_agree():
     np.testing.assert_array_equal(cached, _ref_generate(ref, tokens, mask, max_new, eos))
     assert (cached[1, step:] == eos).all() and eos not in cached[1, :step]
 
+
+
+@pytest.mark.parametrize("lengths", [(40, 33), (25, 20)], ids=["long", "short"])
+def test_dynamic_rope_cached_decoding_matches_official_past_max_positions(lengths):
+    """Prompts longer and shorter than max_position_embeddings (32), decoded past it: the official
+    cache rotates each step's key by the length so far (kv_seq_len) and keeps earlier keys."""
+    ref = _reference(seed=11)
+    cfg = _cfg()
+    params = tables.to_flax(_state(ref), cfg)
+    tokens, mask = _batch(seed=11, lengths=lengths)
+    cached = np.asarray(greedy_generate(CausalLM(cfg), params, tokens, mask, 12))
+    print(f"internlm2 dynamic NTK, prompts {lengths}: {cached.tolist()}")
+    reference = ref.generate(torch.tensor(tokens, dtype=torch.long), 12, attention_mask=torch.tensor(mask))
+    np.testing.assert_array_equal(cached, reference[:, tokens.shape[1]:].numpy())
+    assert len(set(cached.ravel().tolist())) > 6

@@ -1,4 +1,5 @@
 """LLaMA port: transformers LlamaForCausalLM <-> CausalLM, both directions, CLIs, greedy decoding."""
+import copy
 import json
 
 import jax
@@ -18,12 +19,16 @@ from evejax.sharding import unbox  # noqa: E402
 TOLERANCE = 1e-5  # max |diff| / max |reference| in float32
 
 
+
+
+
 def _hf_model(seed=0, **overrides):
-    config = transformers.LlamaConfig(
-        vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-5, max_position_embeddings=512,
-        initializer_range=0.1, bos_token_id=1, eos_token_id=2, pad_token_id=0,
-        attn_implementation="eager", **overrides)
+    config = transformers.LlamaConfig(**{
+        **dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+               num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-5, max_position_embeddings=512,
+               initializer_range=0.1, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+               attn_implementation="eager"),
+        **overrides})
     torch.manual_seed(seed)
     model = transformers.LlamaForCausalLM(config).float().eval()
     with torch.no_grad():  # non-trivial norm scales, so a swapped norm would show
@@ -194,12 +199,12 @@ def test_bad_state_dict_names_every_problem():
     assert "shape mismatch: lm_head.weight expected (256, 64), got (100, 64)" in message
 
 
-def _hf_generate(hf, tokens, mask, max_new, eos):
+def _hf_generate(hf, tokens, mask, max_new, eos, use_cache=True):
     hf.generation_config.eos_token_id = eos
     hf.generation_config.pad_token_id = 0 if eos is None else eos  # HF pads finished rows with it
     with torch.no_grad():
         out = hf.generate(torch.tensor(tokens, dtype=torch.long), attention_mask=torch.tensor(mask),
-                          max_new_tokens=max_new, do_sample=False)
+                          max_new_tokens=max_new, do_sample=False, use_cache=use_cache)
     new = out[:, tokens.shape[1]:].numpy()
     fill = np.full((new.shape[0], max_new - new.shape[1]), 0 if eos is None else eos)
     return np.concatenate([new, fill], axis=1)  # HF stops once every row has finished
@@ -229,6 +234,31 @@ def test_greedy_decoding_cache_recompute_and_hf_agree():
         generate_full_recompute(model, params, tokens, mask, max_new, eos_id=eos)))
     np.testing.assert_array_equal(cached, _hf_generate(hf, tokens, mask, max_new, eos))
     assert (cached[0, step:] == eos).all() and eos not in cached[0, :step]
+
+
+def test_dynamic_rope_decoding_matches_hf_past_max_positions():
+    """Dynamic NTK past max_position_embeddings (32), prompts longer (40) and shorter (25) than it.
+    HF scales each forward by max(position_ids) + 1 over the batch and its cache keeps keys as they
+    were rotated, so one-token steps must scale by the length so far, not by their own length."""
+    hf = _hf_model(seed=7, max_position_embeddings=32,
+                   rope_parameters={"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0})
+    cfg = tables.config_from_hf(hf.config.to_dict(), "llama")
+    assert dict(cfg.transformer.rope_scaling) == {"type": "dynamic", "factor": 2.0}
+    params = tables.to_flax(_state(hf), cfg)
+    model = CausalLM(cfg)
+    fresh = copy.deepcopy(hf)  # HF keeps grown frequencies across calls
+    # Both batches 40 wide (one compilation); the second is padded in every row, where HF's
+    # positions, not the padded width, set the length. Once grown, HF's frequencies reset only
+    # when a call starts below 32, as the second call here does.
+    for lengths in ((40, 33), (25, 20)):
+        tokens, mask = (np.pad(a, ((0, 0), (40 - max(lengths), 0))) for a in _batch(seed=7, lengths=lengths))
+        cached = np.asarray(greedy_generate(model, params, tokens, mask, 12))
+        print(f"llama dynamic NTK, prompts {lengths}: {cached.tolist()}")
+        np.testing.assert_array_equal(cached, _hf_generate(hf, tokens, mask, 12, None))
+        assert len(set(cached.ravel().tolist())) > 6
+    # Without a cache every key is rotated by the full length, in one forward.
+    tokens, mask = _batch(seed=7, lengths=(52, 45))
+    assert _rel_diff(_jax_logits(cfg, params, tokens, mask), _hf_logits(fresh, tokens, mask), mask) <= TOLERANCE
 
 
 def test_greedy_from_inputs_embeds_matches_tokens():

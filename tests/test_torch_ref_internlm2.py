@@ -38,6 +38,21 @@ def test_state_dict_names_are_official():
         (4 + 2 * 2) * 16, 64)
 
 
+def test_defaults_and_bias_are_official():
+    """configuration_internlm2.py defaults; `bias` puts zero-initialised biases on wqkv and wo only."""
+    default = InternLM2Config()
+    assert (default.vocab_size, default.hidden_size, default.num_key_value_heads, default.hidden_act) == (
+        103168, 4096, 32, "silu")
+    assert (default.rms_norm_eps, default.rope_theta, default.max_position_embeddings, default.bias,
+            default.pad_token_id) == (1e-6, 10000.0, 2048, True, 0)
+    config = dataclasses.replace(InternLM2Config.tiny(), bias=True)
+    state = _model(config).state_dict()
+    biases = {k for k in state if k.endswith(".bias")}
+    assert biases == {f"model.layers.{i}.attention.{m}.bias" for i in range(2) for m in ("wqkv", "wo")}
+    assert {k: tuple(v.shape) for k, v in state.items()} == config.param_shapes()
+    assert all(not state[k].any() for k in biases)
+
+
 def test_1_8b_shapes_match_hovle_brief():
     shapes = InternLM2Config.internlm2_1_8b().param_shapes()
     assert shapes["model.layers.23.attention.wqkv.weight"] == (4096, 2048)
@@ -62,9 +77,9 @@ def _rms(x, w, eps):
 
 
 def _rope(x, positions, base):
-    """x [L, d]: pairs (i, i + d/2) rotate by angle pos * base^(-2i/d)."""
+    """x [L, d]: pairs (i, i + d/2) rotate by angle pos * base^(-2i/d); base: scalar or one per position."""
     d = x.shape[-1]
-    angle = positions[:, None] * base ** (-np.arange(d // 2) * 2.0 / d)
+    angle = positions[:, None] * np.broadcast_to(base, positions.shape)[:, None] ** (-np.arange(d // 2) * 2.0 / d)
     x1, x2 = x[:, : d // 2], x[:, d // 2:]
     return np.concatenate([x1 * np.cos(angle) - x2 * np.sin(angle),
                            x2 * np.cos(angle) + x1 * np.sin(angle)], -1)
@@ -134,14 +149,40 @@ def test_grouped_wqkv_and_rope_match_independent_gqa(seq_len):
     weights = _random_weights_into(model, config)
     ids = np.random.default_rng(2).integers(0, config.vocab_size, seq_len)
 
-    # Dynamic NTK, written out from the official formula, applies only above max_position_embeddings.
+    want = _independent_logits(config, weights, ids, _dynamic_base(config, seq_len))
+    got = model(torch.tensor(ids)[None])[0].detach().numpy()
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+def _dynamic_base(config, seq_len):
+    """Dynamic NTK, written out from the official formula: only above max_position_embeddings."""
     base, factor, d = config.rope_theta, config.rope_scaling["factor"], config.head_dim
     if seq_len > config.max_position_embeddings:
         base *= (factor * seq_len / config.max_position_embeddings - (factor - 1)) ** (d / (d - 2))
+    return base
 
-    want = _independent_logits(config, weights, ids, base)
-    got = model(torch.tensor(ids)[None])[0].detach().numpy()
-    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+@pytest.mark.parametrize("prompt_len", [25, 40])
+def test_cached_steps_rotate_new_tokens_by_the_length_so_far(prompt_len):
+    """The official cache: a forward over kv_seq_len cached + new tokens rotates its queries and new
+    keys with the base of kv_seq_len; cached keys keep the base of the forward that wrote them."""
+    config = InternLM2Config.tiny()
+    model = _model(config)
+    weights = _random_weights_into(model, config)
+    total = 45
+    ids = np.random.default_rng(6).integers(0, config.vocab_size, total)
+    cache = []
+    with torch.no_grad():
+        chunks = [model(torch.tensor(ids[:prompt_len])[None], past_key_values=cache)[0]]
+        chunks += [model(torch.tensor(ids[j:j + 1])[None], past_key_values=cache)[0]
+                   for j in range(prompt_len, total)]
+    assert cache[0][0][0].shape == (1, config.num_key_value_heads, total, config.head_dim)
+    bases = np.array([_dynamic_base(config, max(prompt_len, j + 1)) for j in range(total)])
+    want = _independent_logits(config, weights, ids, bases)
+    np.testing.assert_allclose(torch.cat(chunks).numpy(), want, rtol=1e-4, atol=1e-4)
+    # Full recomputation rotates every key by the final length instead.
+    assert not np.allclose(torch.cat(chunks).numpy(), _independent_logits(config, weights, ids, bases[-1]),
+                           rtol=1e-4, atol=1e-4)
 
 
 def test_dynamic_ntk_is_identity_up_to_max_positions():

@@ -5,12 +5,20 @@ padding; prompts are LEFT-padded so every row's last prompt token is at T - 1),
 or inputs_embeds [B, T, D] in place of the tokens (a VLM's spliced image and
 text embeddings). Output: new tokens [B, max_new_tokens] int32. Positions count
 real tokens only (cumsum(mask) - 1), as transformers derives them from the
-attention mask, so a padded row decodes as if it were alone. After a row emits
+attention mask, so a padded row decodes as if it were alone (dynamic NTK RoPE
+past `max_position_embeddings` aside, below). After a row emits
 `eos_id` it emits `eos_id` to the end.
 
-With InternLM2's dynamic NTK RoPE the two paths agree only while prompt + new
-tokens stay within `max_position_embeddings`: the cached path scales RoPE by
-the length of each forward chunk, the oracle by the whole sequence.
+With dynamic NTK RoPE past `max_position_embeddings` the two paths differ, as
+transformers' `generate` with and without its cache does: each step scales RoPE
+by the length so far, max(positions) + 1 over the whole batch (so the longest
+row sets it for all), and the cache keeps every key as its own step rotated it,
+while the oracle re-rotates all keys by the full length. The official InternLM2
+counts the cache length instead, padding included: the same number whenever
+some row is unpadded, as `left_pad` makes it. Both keep grown frequencies across
+calls (transformers until a call starts below `max_position_embeddings`, the
+official InternLM2 for good); evejax is stateless, so it matches a freshly
+loaded model, and transformers also after such a reset.
 
 `evejax generate CKPT_DIR --prompt-ids 1,5,7 [--prompt-ids 4,2] --max-new 16`
 prints the new token ids of each prompt (up to and including EOS).

@@ -96,9 +96,14 @@ class Attention(nn.Module):
 
         b, t = x.shape[:2]
         if self.rope_base is not None:
+            # Dynamic NTK sees the length so far, max(positions) + 1 over the whole
+            # batch, as transformers does: not this chunk's length, so one-token
+            # decode steps scale like the prompt they extend. Cached keys keep
+            # the scaling of the step that wrote them, as in HF's cache.
             rope = dict(base=self.rope_base, layout=self.rope_layout,
                         scaling=dict(self.rope_scaling) if self.rope_scaling else None,
-                        max_position_embeddings=self.max_position_embeddings, seq_len=t)
+                        max_position_embeddings=self.max_position_embeddings,
+                        seq_len=jnp.max(positions) + 1)
             q = apply_rope(q, positions, **rope)
             k = apply_rope(k, positions, **rope)
         q_index = jnp.broadcast_to(jnp.arange(t), (b, t))

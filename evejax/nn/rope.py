@@ -3,8 +3,10 @@
 Two layouts of the rotated pairs:
 - `rotate_half`: pairs (i, i + d/2), as HF LLaMA and InternLM2 store q/k;
 - `interleaved`: pairs (2i, 2i + 1), as xPos/RetNet and the original Meta LLaMA.
-Scaling: `linear` divides positions by `factor`; `dynamic` is InternLM2's dynamic
-NTK, which raises the base once the sequence exceeds `max_position_embeddings`.
+Scaling: `linear` divides positions by `factor`; `dynamic` is dynamic NTK (HF LLaMA,
+InternLM2), which raises the base once `seq_len`, the length seen so far, exceeds
+`max_position_embeddings`. `seq_len` may be a traced scalar, so one compiled decode
+step serves every length.
 """
 from __future__ import annotations
 
@@ -13,20 +15,24 @@ from typing import Optional
 import jax.numpy as jnp
 
 
-def inverse_frequencies(head_dim: int, base: float, seq_len: int = 0,
+def inverse_frequencies(head_dim: int, base: float, seq_len=0,
                         scaling: Optional[dict] = None, max_position_embeddings: int = 0):
+    """[head_dim / 2] float32; `seq_len` (int or int scalar array) matters only to `dynamic`."""
     kind = (scaling or {}).get("type")
-    if kind == "dynamic" and seq_len > max_position_embeddings:
-        factor = scaling["factor"]
-        base = base * ((factor * seq_len / max_position_embeddings) - (factor - 1)) ** (head_dim / (head_dim - 2))
-    elif kind not in (None, "dynamic", "linear"):
+    if kind not in (None, "dynamic", "linear"):
         raise ValueError(f"rope scaling {kind!r} is not known; use 'linear' or 'dynamic'")
+    if kind == "dynamic":
+        factor = scaling["factor"]
+        length = jnp.maximum(jnp.asarray(seq_len, jnp.float32), max_position_embeddings)
+        grown = base * ((factor * length / max_position_embeddings) - (factor - 1)) ** (head_dim / (head_dim - 2))
+        # Up to max_position_embeddings the plain base, exactly, whatever the factor's rounding.
+        base = jnp.where(length > max_position_embeddings, grown, base)
     return 1.0 / (base ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
 
 
 def apply_rope(x, positions, *, base: float = 10000.0, layout: str = "rotate_half",
-               scaling: Optional[dict] = None, max_position_embeddings: int = 0, seq_len: int = 0):
-    """x: [B, T, N, H]; positions: [B, T] (int). Returns x rotated, same dtype."""
+               scaling: Optional[dict] = None, max_position_embeddings: int = 0, seq_len=0):
+    """x: [B, T, N, H]; positions: [B, T] (int); seq_len: int scalar. Returns x rotated, same dtype."""
     head_dim = x.shape[-1]
     inv = inverse_frequencies(head_dim, base, seq_len, scaling, max_position_embeddings)
     pos = positions.astype(jnp.float32)

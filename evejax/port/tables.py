@@ -15,7 +15,8 @@ V vocabulary, L layers, G = N / K):
         q/k/v_proj [N H | K H, D]    <-> query/key/value kernel [D, N | K, H]
         o_proj [D, N H]              <-> out kernel [N, H, D]
     InternLM2 wqkv [(N + 2K) H, D]   <-> query [D, N, H], key [D, K, H], value [D, K, H]
-        (rows grouped per KV head k: its G query heads, then key k, then value k)
+        (rows grouped per KV head k: its G query heads, then key k, then value k;
+        its bias [(N + 2K) H] <-> [N, H], [K, H], [K, H] likewise)
     per-layer tensors (pattern with `{i}`) <-> one array with a leading [L] axis
     embeddings and norm scales are copied as they are.
 
@@ -102,28 +103,28 @@ LINEAR = linear(1)
 LINEAR_FROM_HEADS = linear(2)  # o_proj / wo: input is the [N, H] heads
 
 
+# The fused weight has a D axis the bias lacks: Flax keeps it first ([D, heads, H]),
+# PyTorch last; a bias runs through the same code with a unit D axis.
 def _wqkv_to_flax(t, shapes):
-    (d, n, h), (_, k, _) = shapes[0], shapes[1]
-    grouped = t.reshape(k, n // k + 2, h, d)
-    q = grouped[:, :-2].reshape(n, h, d).transpose(2, 0, 1)
-    return [q, grouped[:, -2].transpose(2, 0, 1), grouped[:, -1].transpose(2, 0, 1)]
+    (n, h), k = shapes[0][-2:], shapes[1][-2]
+    grouped = t.reshape(k, n // k + 2, h, -1)
+    parts = [grouped[:, :-2].reshape(n, h, -1), grouped[:, -2], grouped[:, -1]]
+    return [np.moveaxis(p, -1, 0).reshape(shape) for p, shape in zip(parts, shapes)]
 
 
 def _wqkv_to_torch(arrays):
-    q, k, v = arrays
-    d, n, h = q.shape
-    kv = k.shape[1]
-    q = q.transpose(1, 2, 0).reshape(kv, n // kv, h, d)
-    grouped = np.concatenate([q, k.transpose(1, 2, 0)[:, None], v.transpose(1, 2, 0)[:, None]], axis=1)
-    return grouped.reshape(-1, d)
+    q, k, v = (np.moveaxis(a.reshape(-1, *a.shape[-2:]), 0, -1) for a in arrays)  # [heads, H, D or 1]
+    grouped = np.concatenate([q.reshape(k.shape[0], -1, *q.shape[1:]), k[:, None], v[:, None]], axis=1)
+    flat = grouped.reshape(-1, grouped.shape[-1])
+    return flat if arrays[0].ndim == 3 else flat[:, 0]
 
 
-# InternLM2's fused projection, rows grouped per KV head (hovle.md §4.3).
+# InternLM2's fused projection (weight or bias), rows grouped per KV head (hovle.md §4.3).
 GROUPED_WQKV = Transform(
     "grouped_wqkv",
     to_flax=_wqkv_to_flax,
     to_torch=_wqkv_to_torch,
-    torch_shape=lambda shapes: ((shapes[0][1] + 2 * shapes[1][1]) * shapes[0][2], shapes[0][0]),
+    torch_shape=lambda shapes: ((shapes[0][-2] + 2 * shapes[1][-2]) * shapes[0][-1], *shapes[0][:-2]),
 )
 
 
@@ -179,12 +180,15 @@ def llama_layer_rows(t: TransformerConfig) -> list[Row]:
                    Row("post_attention_layernorm.weight", "mlp_norm/scale")]
 
 
-def internlm2_layer_rows() -> list[Row]:
-    """One official InternLM2DecoderLayer (names relative to `model.layers.{i}.`, in its state-dict order)."""
+def internlm2_layer_rows(bias: bool = False) -> list[Row]:
+    """One official InternLM2DecoderLayer (names relative to `model.layers.{i}.`, in its state-dict order);
+    `bias` is the config's: wqkv and wo biases."""
+    qkv = lambda leaf: tuple(f"attention/{name}/{leaf}" for name in ("query", "key", "value"))  # noqa: E731
     return [
-        Row("attention.wqkv.weight",
-            ("attention/query/kernel", "attention/key/kernel", "attention/value/kernel"), GROUPED_WQKV),
+        Row("attention.wqkv.weight", qkv("kernel"), GROUPED_WQKV),
+        *([Row("attention.wqkv.bias", qkv("bias"), GROUPED_WQKV)] if bias else []),
         Row("attention.wo.weight", "attention/out/kernel", LINEAR_FROM_HEADS),
+        *([Row("attention.wo.bias", "attention/out/bias")] if bias else []),
         Row("feed_forward.w1.weight", "mlp/wi_gate/kernel", LINEAR),
         Row("feed_forward.w3.weight", "mlp/wi_up/kernel", LINEAR),
         Row("feed_forward.w2.weight", "mlp/wo/kernel", LINEAR),
@@ -204,7 +208,7 @@ def llama_rows(cfg: LMConfig) -> list[Row]:
 def internlm2_rows(cfg: LMConfig) -> list[Row]:
     """Official InternLM2ForCausalLM <-> CausalLM."""
     return ([Row("model.tok_embeddings.weight", "embed_tokens/embedding")]
-            + prefixed(internlm2_layer_rows(), "model.layers.{i}.", "decoder/layers")
+            + prefixed(internlm2_layer_rows(cfg.transformer.qkv_bias), "model.layers.{i}.", "decoder/layers")
             + [Row("model.norm.weight", "final_norm/scale"),
                Row("output.weight", "lm_head/kernel", LINEAR)])
 
@@ -346,10 +350,20 @@ def to_torch(params: Mapping, cfg: LMConfig) -> dict[str, np.ndarray]:
 
 # ---- config.json <-> LMConfig ---------------------------------------------------------
 
-# evejax activation name <-> transformers ACT2FN name.
+# evejax activation name -> the transformers ACT2FN name export writes; reading also
+# takes the ACT2FN aliases of the same functions.
 _HF_ACTIVATIONS = {"silu": "silu", "gelu": "gelu", "gelu_tanh": "gelu_pytorch_tanh",
                    "quick_gelu": "quick_gelu"}
+_FROM_HF_ACTIVATIONS = {**{hf: name for name, hf in _HF_ACTIVATIONS.items()},
+                        "swish": "silu", "gelu_python": "gelu", "gelu_new": "gelu_tanh"}
 _SCALINGS = ("linear", "dynamic")
+
+
+def _activation(hidden_act) -> str:
+    if hidden_act not in _FROM_HF_ACTIVATIONS:
+        raise CheckpointError(f"config.json: hidden_act {hidden_act!r} is not supported; "
+                              f"use one of {sorted(_FROM_HF_ACTIVATIONS)}")
+    return _FROM_HF_ACTIVATIONS[hidden_act]
 
 
 def _rope_scaling(kind, factor, where: str):
@@ -378,10 +392,7 @@ def _llama_from_hf(c: Mapping[str, Any]) -> LMConfig:
     if c.get("tie_word_embeddings", False):
         raise CheckpointError("config.json: tie_word_embeddings=true is not supported (CausalLM keeps a "
                               "separate lm_head)")
-    act = {v: k for k, v in _HF_ACTIVATIONS.items()}.get(c.get("hidden_act", "silu"))
-    if act is None:
-        raise CheckpointError(f"config.json: hidden_act {c['hidden_act']!r} is not supported; "
-                              f"use one of {sorted(_HF_ACTIVATIONS.values())}")
+    act = _activation(c.get("hidden_act", "silu"))
     # transformers >= 5 writes rope_parameters; older versions rope_theta + rope_scaling.
     rope = c.get("rope_parameters") or {}
     legacy = c.get("rope_scaling") or {}
@@ -402,6 +413,7 @@ def _llama_from_hf(c: Mapping[str, Any]) -> LMConfig:
 
 
 def _internlm2_from_hf(c: Mapping[str, Any]) -> LMConfig:
+    """Every field the official modeling code reads; missing ones take the official class defaults."""
     from evejax.port.torch_ref.internlm2 import InternLM2Config
 
     _check_family(c, "internlm2")
@@ -413,11 +425,12 @@ def _internlm2_from_hf(c: Mapping[str, Any]) -> LMConfig:
     t = TransformerConfig(
         num_layers=ref.num_hidden_layers, embed_dim=ref.hidden_size, num_heads=ref.num_attention_heads,
         num_kv_heads=ref.num_key_value_heads, head_dim=ref.head_dim, mlp_dim=ref.intermediate_size,
+        mlp_act=_activation(ref.hidden_act), qkv_bias=bool(ref.bias), out_bias=bool(ref.bias),
         norm_eps=float(ref.rms_norm_eps), rope_base=float(ref.rope_theta),
         rope_scaling=_rope_scaling(scaling.get("type"), scaling.get("factor"), "config.json"),
         max_position_embeddings=int(ref.max_position_embeddings))
-    return LMConfig("internlm2", ref.vocab_size, t, bos_id=_first_id(c.get("bos_token_id"), 1),
-                    eos_id=_first_id(c.get("eos_token_id"), 2), pad_id=_first_id(c.get("pad_token_id"), 2))
+    return LMConfig("internlm2", ref.vocab_size, t, bos_id=_first_id(ref.bos_token_id, 1),
+                    eos_id=_first_id(ref.eos_token_id, 2), pad_id=_first_id(ref.pad_token_id, 0))
 
 
 def config_from_hf(config: Mapping[str, Any], family: str | None = None) -> LMConfig:
@@ -455,17 +468,20 @@ def hf_config(cfg: LMConfig, dtype: str = "float32") -> dict[str, Any]:
     if cfg.family == "internlm2":
         from evejax.port.torch_ref.internlm2 import InternLM2Config
 
-        if t.mlp_act != "silu" or t.qkv_bias or t.mlp_bias or t.head_dim * t.num_heads != t.embed_dim:
-            raise CheckpointError("InternLM2 needs silu, no biases and head_dim * heads == width; "
-                                  f"got {t.mlp_act}, qkv_bias={t.qkv_bias}, mlp_bias={t.mlp_bias}, "
-                                  f"{t.head_dim} x {t.num_heads} vs {t.embed_dim}")
-        ref = InternLM2Config(
-            vocab_size=cfg.vocab_size, hidden_size=t.embed_dim, intermediate_size=t.mlp_dim,
-            num_hidden_layers=t.num_layers, num_attention_heads=t.num_heads,
-            num_key_value_heads=t.num_kv_heads, rms_norm_eps=t.norm_eps, rope_theta=t.rope_base,
-            rope_scaling=scaling, max_position_embeddings=t.max_position_embeddings)
-        return {**ref.to_hf_config_dict(), "bos_token_id": cfg.bos_id, "eos_token_id": cfg.eos_id,
-                "pad_token_id": cfg.pad_id, "torch_dtype": dtype}
+        if t.mlp_bias or t.head_dim * t.num_heads != t.embed_dim:
+            raise CheckpointError("InternLM2 has no MLP bias and needs head_dim * heads == width; "
+                                  f"got mlp_bias={t.mlp_bias}, {t.head_dim} x {t.num_heads} vs {t.embed_dim}")
+        try:
+            ref = InternLM2Config(
+                vocab_size=cfg.vocab_size, hidden_size=t.embed_dim, intermediate_size=t.mlp_dim,
+                num_hidden_layers=t.num_layers, num_attention_heads=t.num_heads,
+                num_key_value_heads=t.num_kv_heads, hidden_act=_HF_ACTIVATIONS[t.mlp_act],
+                max_position_embeddings=t.max_position_embeddings, rms_norm_eps=t.norm_eps,
+                bias=t.qkv_bias, rope_theta=t.rope_base, rope_scaling=scaling,
+                bos_token_id=cfg.bos_id, eos_token_id=cfg.eos_id, pad_token_id=cfg.pad_id)
+        except ValueError as e:
+            raise CheckpointError(f"this internlm2 model has no official config: {e}") from None
+        return {**ref.to_hf_config_dict(), "torch_dtype": dtype}
     if cfg.family != "llama":
         raise CheckpointError(f"family {cfg.family!r} has no HF config writer; use llama or internlm2")
     return {
