@@ -90,7 +90,9 @@ def get_config(arg: str = "teacher"):
     c = _common(steps=s["steps"], lr=s["lr"])
     c.model = dict(name="eve", size="demo", overrides=EVE_OVERRIDES, pal_weight=1.0)
     c.data = config_lib.data_config(**SHAPES, name=s["data"], template=s["template"], seq_len=s["seq_len"],
-                                    global_batch=s["batch"], qa_rounds=s.get("qa_rounds", config_lib.DATA_KEYS["qa_rounds"]))
+                                    global_batch=s["batch"])
+    if "qa_rounds" in s:
+        c.data.qa_rounds = s["qa_rounds"]
     if arg in PREVIOUS:
         start = dict(kind="stage", workdir=PREVIOUS[arg], path="")
     else:

@@ -180,7 +180,7 @@ class BatchIterator(grain.DatasetIterator):
     """Host batches with counters; state = parent position + counters (see module docstring)."""
 
     def __init__(self, parent: grain.DatasetIterator, batcher: Batcher, bad_limit: int | None = None,
-                 describe: Callable[[int, str], str] = lambda n, kinds: f"{n} records in a row were bad: {kinds}"):
+                 describe: Callable[[int, str], str] | None = None):
         super().__init__(parent)
         self._batcher = batcher
         self._pending: tuple[dict, Any] | None = None   # (example, parent state before it)
@@ -224,7 +224,8 @@ class BatchIterator(grain.DatasetIterator):
         n = sum(self._bad_run.values())
         if self._bad_limit is not None and n >= self._bad_limit:
             kinds = ", ".join(f"{k} {v}" for k, v in sorted(self._bad_run.items(), key=lambda kv: -kv[1]))
-            raise NoGoodRecordsError(self._describe(n, kinds))
+            raise NoGoodRecordsError(self._describe(n, kinds) if self._describe else
+                                     f"{n} records in a row were bad; skipped by kind: {kinds}")
 
     def get_state(self) -> dict:
         parent = self._pending[1] if self._pending is not None else self._parent.get_state()
@@ -249,13 +250,12 @@ class BatchIterator(grain.DatasetIterator):
 
 class BatchIterDataset(grain.IterDataset):
     """`parent` elements -> host batches via a fresh `make_batcher()` per iterator;
-    `bad_limit` and `describe(n)` as for BatchIterator."""
+    `bad_limit` and `describe(n, kinds)` (the error message) as for BatchIterator."""
 
     def __init__(self, parent: grain.IterDataset, make_batcher: Callable[[], Batcher],
                  bad_limit: int | None = None, describe: Callable[[int, str], str] | None = None):
         super().__init__(parent)
-        self._make_batcher = make_batcher
-        self._bad_limit = dict(bad_limit=bad_limit) | (dict(describe=describe) if describe else {})
+        self._make_batcher, self._bad_limit, self._describe = make_batcher, bad_limit, describe
 
     def __iter__(self) -> BatchIterator:
-        return BatchIterator(self._parent.__iter__(), self._make_batcher(), **self._bad_limit)
+        return BatchIterator(self._parent.__iter__(), self._make_batcher(), self._bad_limit, self._describe)

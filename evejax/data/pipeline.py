@@ -389,8 +389,8 @@ def build(source, transform: Callable, make_batcher: Callable[[], packing.Batche
     def describe(n: int, kinds: str) -> str:
         why = (f"a whole pass over this host's {per_pass} records" if n >= per_pass else
                f"config.data.max_bad_run={opts['max_bad_run']}; raise it if such runs are expected")
-        return (f"{n} records in a row of {what} were bad, none good ({why}); skipped by kind: {kinds}. Fix the "
-                "data or config.data (path, image_root, tokenizer, template, seq_len, overlong)")
+        return (f"{n} records in a row of {what} were bad, none good ({why}); skipped by kind: {kinds}. "
+                "Fix the data or config.data (path, image_root, tokenizer, template, seq_len, overlong)")
 
     return iter(packing.BatchIterDataset(it, make_batcher, limit, describe))
 
@@ -414,7 +414,9 @@ def make_data(config, process_index: int, process_count: int) -> packing.BatchIt
         fields = {"pixels": blank.pixels, "pixel_mask": blank.mask}
         if opts["with_teacher"]:
             fields.update(teacher_pixels=blank.teacher_pixels, teacher_mask=blank.teacher_mask)
-        what = (opts["path"] or name) + (f" (images under {opts['image_root']})" if opts["image_root"] else "")
+        what = opts["path"] or name
+        if opts["image_root"]:
+            what += f" (images under {opts['image_root']})"
         return build(source, ConversationMap(decode, opts),
                      lambda: packing.SequencePacker(b, opts["seq_len"], opts["pack"], pad_id, fields,
                                                     opts["with_ids"]),

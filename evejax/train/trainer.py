@@ -282,7 +282,7 @@ def train(config, workdir: str) -> dict:
                 reporter.advance(step)
                 if stop:
                     reporter.write(f"[{name}] preempted: saved checkpoint {step}; run the same command "
-                                   "to resume")
+                                   "to resume" if step else f"[{name}] preempted before step 1: nothing to save")
                     return {"step": step, "metrics": last_metrics, "preempted": True}
             reporter.write(f"[{name}] finished {total} steps; final checkpoint in {store.directory}")
             return {"step": total, "metrics": last_metrics, "preempted": False}
