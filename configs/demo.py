@@ -30,6 +30,8 @@ Args: teacher | stage1 | stage2 | stage3.
 """
 import ml_collections
 
+from evejax import config as config_lib
+
 # The LLM on top of EVE "demo". No rematerialisation: the model is small, and
 # recomputation only costs CPU time; 2-D matmuls are faster on CPU (evejax/bench.py).
 EVE_OVERRIDES = dict(dtype="float32", remat="none", embed_dim=128, num_layers=4, num_heads=4, num_kv_heads=4,
@@ -38,10 +40,9 @@ EVE_OVERRIDES = dict(dtype="float32", remat="none", embed_dim=128, num_layers=4,
 TEACHER_OVERRIDES = dict(image_size=32, patch_size=8, remat="none")
 
 # config.data common to all stages: shapes on a grid of 16 px cells, 1 to 4 cells by 4
-# (aspect 1:4 to 4:1), the EVE view at 64 px and the teacher view at 32 px, both with
-# patch 8, so every image token sees one cell.
-SHAPES = dict(image_size=64, patch_size=8, pool=2, teacher_image_size=32, teacher_patch_size=8,
-              tokenizer="shapes", min_side=16, max_side=64, num_examples=1_000_000, seed=0,
+# (aspect 1:4 to 4:1). The image geometry is the models': the EVE view at 64 px and the
+# teacher view at 32 px, both with patch 8, so every image token sees one cell.
+SHAPES = dict(tokenizer="shapes", min_side=16, max_side=64, num_examples=1_000_000, seed=0,
               read_threads=2, overlong="truncate")
 
 PEL_PAL = (r"vision_tokenizer/.*", r"mm_projector/.*", r"vision_compressor/.*")
@@ -81,14 +82,15 @@ def get_config(arg: str = "teacher"):
         c = _common(steps=400, lr=3e-3)
         c.model = dict(name="clip_classifier", size="tiny", num_classes=12, overrides=TEACHER_OVERRIDES)
         # seq_len is unused by image batches; the trainer reads it for throughput figures.
-        c.data = dict(SHAPES, name="shapes_class", global_batch=64, seq_len=1)
+        c.data = config_lib.data_config(**SHAPES, name="shapes_class", global_batch=64, seq_len=1)
         c.stage = dict(name="demo_teacher", trainable=(".*",), losses=dict(ce=1.0),
                        start=dict(kind="fresh", workdir="", path=""))
         return c
     s = STAGES[arg]
     c = _common(steps=s["steps"], lr=s["lr"])
     c.model = dict(name="eve", size="demo", overrides=EVE_OVERRIDES, pal_weight=1.0)
-    c.data = dict(SHAPES, name=s["data"], template=s["template"], seq_len=s["seq_len"], global_batch=s["batch"])
+    c.data = config_lib.data_config(**SHAPES, name=s["data"], template=s["template"], seq_len=s["seq_len"],
+                                    global_batch=s["batch"])
     if "qa_rounds" in s:
         c.data.qa_rounds = s["qa_rounds"]
     if arg in PREVIOUS:

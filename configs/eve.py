@@ -13,7 +13,11 @@ With `--workdir gs://BUCKET/eve/eve_7b_stage1` etc. the stages find each
 other in gs://BUCKET/eve/ (a relative `stage.start.workdir` is resolved next to
 the run's own workdir). Re-running a command resumes it. Data paths are
 placeholders: point `--config.data.path` / `--config.data.image_root` at the
-LLaVA-style JSON of each stage (reference/eve.md §2.3, §3).
+LLaVA-style JSON of each stage (reference/eve.md §2.3, §3). Every config here
+(and in demo.py) has the same data keys, so the tiny stages take LLaVA data too
+(`--config.data.name=llava --config.data.path=x.jsonl --config.data.image_root=DIR`,
+tokenizer "shapes" or a tokenizer.model of the model's vocabulary); the image
+preprocessing always follows config.model.
 
 Paper targets (Table 3): EVE-7B VQAv2 75.4, GQA 60.8, VizWiz 41.8, SQA-I 63.0,
 TextVQA 51.9, POPE 83.6, MME 1217.3, MMB 49.5, SEED 54.3, MM-Vet 25.6;
@@ -38,6 +42,8 @@ The tiny stages run the same chain on CPU on generated shapes (evejax/data/shape
 import math
 
 import ml_collections
+
+from evejax import config as config_lib
 
 PEL_PAL = (r"vision_tokenizer/.*", r"mm_projector/.*", r"vision_compressor/.*")
 ALL_BUT_CLIP = PEL_PAL + (r"llm/.*",)
@@ -67,16 +73,17 @@ ARGS = {"7b_stage1": ("7b", "stage1"), "7b_stage2": ("7b", "stage2"), "7b_stage3
 
 
 def data_config(size: str, stage: str) -> dict:
-    """config.data for evejax/data/pipeline.py (its FIELDS)."""
+    """config.data: the keys of every pipeline config (evejax.config.data_config); the image
+    geometry comes from config.model, so `--config.model.size=tiny` takes the tiny model's."""
     s = STAGES[stage]
     if size == "tiny":
-        return dict(name="shapes_qa" if s["template"] == "vicuna_v1" else "shapes_caption",
-                    template=s["template"], seq_len=64, global_batch=8, seed=0)
-    hd = size == "7b_hd"
-    return dict(name="llava", path=f"data/eve/{s['json']}", image_root="data/eve/images",
-                tokenizer="checkpoints/vicuna_7b/tokenizer.model", template=s["template"],
-                seq_len=4096 if hd else 2048, overlong="truncate", image_size=1344 if hd else 672,
-                teacher_image_size=336, global_batch=s["global_batch"], seed=0)
+        return config_lib.data_config(name="shapes_qa" if s["template"] == "vicuna_v1" else "shapes_caption",
+                                      tokenizer="shapes", template=s["template"], seq_len=64, global_batch=8,
+                                      seed=0)
+    return config_lib.data_config(name="llava", path=f"data/eve/{s['json']}", image_root="data/eve/images",
+                                  tokenizer="checkpoints/vicuna_7b/tokenizer.model", template=s["template"],
+                                  seq_len=4096 if size == "7b_hd" else 2048, overlong="truncate",
+                                  global_batch=s["global_batch"], seed=0)
 
 
 def get_config(arg: str = "tiny_stage1"):

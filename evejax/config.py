@@ -14,6 +14,25 @@ import ml_collections
 
 REPO_CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 
+# config.data of every config whose data is a grain pipeline (evejax/data/pipeline.py documents
+# the keys), so the same overrides (name, path, image_root, tokenizer, ...) work on any of them.
+# No image geometry: the pipeline takes it from config.model, so the two cannot disagree.
+DATA_KEYS = dict(
+    name="", global_batch=0, seed=0, shuffle=True, num_epochs=0, num_workers=0, read_threads=2,
+    max_bad_run=10_000, seq_len=2048, template="vicuna_v1", tokenizer="", pack=False, overlong="skip",
+    with_teacher=True, with_ids=False, path="", image_root="",
+    split="train", num_examples=100_000, min_side=16, max_side=64, qa_rounds="sample",
+    tfds_name="imagenet2012", tfds_dir="", image_key="image", label_key="label", augment=True,
+)
+
+
+def data_config(**values) -> dict:
+    """config.data: every key of DATA_KEYS, with `values` set."""
+    unknown = sorted(set(values) - set(DATA_KEYS))
+    if unknown:
+        raise KeyError(f"data key(s) {unknown} are not pipeline keys; known: {sorted(DATA_KEYS)}")
+    return dict(DATA_KEYS, **values)
+
 
 def load(spec: str) -> ml_collections.ConfigDict:
     """Loads `path.py[:arg]`; a bare name like `llm.py:tiny` is looked up in configs/."""

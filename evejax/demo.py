@@ -92,7 +92,7 @@ def teacher_accuracy(workdir: Path, config, num_images: int) -> float:
 
     spec = registry.build(config.model)
     _, params = ckpt_lib.load_params(str(workdir))
-    anyres = pipeline.anyres_config(pipeline.options(config.data))
+    anyres = pipeline.image_geometry(config)
     scenes = [shapes.scene(i, "heldout", config.data.seed, config.data.min_side, config.data.max_side)
               for i in range(num_images)]
     pixels = np.stack([image_lib.preprocess_anyres(shapes.render(s), anyres).teacher_pixels for s in scenes])

@@ -63,6 +63,10 @@ def write_llava(root, n_good=24, bad=True, images=True):
             json.dumps({"id": "long", "conversations": [
                 {"from": "human", "value": "how many shapes are there?"},
                 {"from": "gpt", "value": " ".join(["red"] * 200)}]}).encode(),
+            json.dumps({"id": "twice", "image": "img/0.jpg", "conversations": [
+                {"from": "human", "value": "<image>\nwhat colour is the circle? <image>"},
+                {"from": "gpt", "value": "red"}]}).encode(),
+            json.dumps({"id": "unplaced", "image": "img/0.jpg", "conversations": _conversation(0, False)}).encode(),
         ]
     path = root / "data.jsonl"
     path.write_bytes(b"\n".join(lines) + b"\n")
@@ -146,6 +150,29 @@ def test_each_bad_record_kind_is_skipped_and_counted(tmp_path):
     it = make(llava_data(path, tmp_path, num_epochs=1, shuffle=False, global_batch=8, overlong="truncate"))
     list(it)
     assert it.stats()["skipped_too_long"] == 0 and it.stats()["examples"] == 3
+
+
+def test_images_the_text_does_not_place_once_are_counted_skips(tmp_path):
+    """Official EVE would train "unplaced" as text without its image, merge "twice"'s two
+    placeholders into one and train "late" with its <image> cut off; all three are skipped."""
+    path, _ = write_llava(tmp_path, n_good=2, bad=False)
+    turns = _conversation(1, False) + [{"from": "human", "value": "<image>\nwhat colour is the circle?"},
+                                       {"from": "gpt", "value": "red"}]
+    turns[1]["value"] = " ".join(["red"] * 150)
+    with open(path, "a") as f:
+        for record in [{"id": "unplaced", "image": "img/0.jpg", "conversations": _conversation(0, False)},
+                       {"id": "twice", "image": "img/0.jpg", "conversations": [
+                           {"from": "human", "value": "<image>\nwhat colour is the circle?\n<image>"},
+                           {"from": "gpt", "value": "red"}]},
+                       {"id": "late", "image": "img/0.jpg", "conversations": turns}]:
+            f.write(json.dumps(record) + "\n")
+    it = make(llava_data(path, tmp_path, num_epochs=1, shuffle=False, global_batch=8, overlong="truncate",
+                         with_ids=True))
+    (batch,) = list(it)
+    stats = it.stats()
+    assert (stats["skipped_image_without_placeholder"], stats["skipped_multiple_images"],
+            stats["skipped_too_long"], stats["examples"]) == (1, 1, 1, 2)
+    assert sorted(set(batch["example_id"].ravel()) - {-1}) == [0, 1]
 
 
 def test_conversation_batch_layout(tmp_path):

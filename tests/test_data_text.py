@@ -121,11 +121,11 @@ def test_user_errors(turns, message):
         tx.encode_conversation(turns, _word_tokenizer())
 
 
-def test_placeholders_in_one_turn_collapse_as_official():
-    tok = _word_tokenizer()
-    out = tx.encode_conversation([{"from": "human", "value": "Where <image> is <image> it?"},
-                                  {"from": "gpt", "value": "A red square."}], tok)
-    assert (out.input_ids == tx.IMAGE_TOKEN_INDEX).sum() == 1
+def test_two_placeholders_in_one_turn_are_an_error_not_merged():
+    # Official preprocess_multimodal merges them into one; one image cannot fill two places.
+    with pytest.raises(tx.MultipleImagesError, match="2 <image>"):
+        tx.encode_conversation([{"from": "human", "value": "Where <image> is <image> it?"},
+                                {"from": "gpt", "value": "A red square."}], _word_tokenizer())
     assert tx.render_conversation([{"from": "human", "value": "Where <image> is it?"},
                                    {"from": "gpt", "value": "x"}]).endswith("USER: <image>\nWhere  is it? ASSISTANT: x</s>")
 

@@ -285,7 +285,8 @@ def test_eve_stage_configs():
         assert all(trains[p] for p in paths[:3])
         assert all(trains[p] == trains_llm for p in paths[3:6])
     hd = config_lib.load("configs/eve.py:7b_hd_stage3")
-    assert (hd.data.seq_len, hd.data.image_size, hd.data.template) == (4096, 1344, "vicuna_v1")
+    assert (hd.data.seq_len, hd.data.template) == (4096, "vicuna_v1")
+    assert pipeline.image_geometry(hd).image_size == 1344
     assert config_lib.load("configs/eve.py:7b_stage1").model.overrides.dtype == "bfloat16"
     for arg in ("7b_stage1", "7b_stage2", "7b_stage3", "7b_hd_stage3", "tiny_stage1", "tiny_stage2",
                 "tiny_stage3"):   # every data config is one the pipeline accepts

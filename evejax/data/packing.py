@@ -8,6 +8,9 @@ starts the next one. The iterator's state is the parent's state from before
 the first example not yet emitted, plus the counters, so a restored iterator
 re-reads that example and yields exactly the batches an uninterrupted one
 would (JSON-serialisable, for the checkpoint). `stats()` gives the counters.
+After `bad_limit` markers in a row (a whole pass over the host's records, or
+fewer) it raises sources.NoGoodRecordsError naming the source and the skips
+by kind, rather than skip forever.
 
 `SequencePacker` (conversation examples -> text rows of length T)
   example in:  index int, ids int32 [L] (IMAGE_TOKEN_INDEX where the image
@@ -45,7 +48,7 @@ from typing import Any, Callable, Mapping, Protocol
 import grain
 import numpy as np
 
-from evejax.data.sources import BadRecord
+from evejax.data.sources import BadRecord, NoGoodRecordsError
 from evejax.data.text import IMAGE_TOKEN_INDEX
 
 
@@ -176,11 +179,14 @@ COUNTERS = ("examples", "batches", "tokens", "capacity") + tuple(f"skipped_{k}" 
 class BatchIterator(grain.DatasetIterator):
     """Host batches with counters; state = parent position + counters (see module docstring)."""
 
-    def __init__(self, parent: grain.DatasetIterator, batcher: Batcher):
+    def __init__(self, parent: grain.DatasetIterator, batcher: Batcher, bad_limit: int | None = None,
+                 describe: Callable[[int, str], str] | None = None):
         super().__init__(parent)
         self._batcher = batcher
         self._pending: tuple[dict, Any] | None = None   # (example, parent state before it)
         self._counts = dict.fromkeys(COUNTERS, 0)
+        self._bad_limit, self._describe = bad_limit, describe
+        self._bad_run: dict[str, int] = {}   # kind -> markers since the last good example
 
     def __next__(self) -> dict[str, np.ndarray]:
         b = self._batcher
@@ -195,8 +201,9 @@ class BatchIterator(grain.DatasetIterator):
                         raise
                     break
                 if "bad" in element:
-                    self._counts[f"skipped_{element['bad']}"] += 1
+                    self._skip(element["bad"])
                     continue
+                self._bad_run.clear()
                 self._pending = (element, before)
             if not b.add(self._pending[0]):
                 if b.empty():
@@ -210,6 +217,15 @@ class BatchIterator(grain.DatasetIterator):
             self._counts["tokens"] += int(np.count_nonzero(batch["segment_ids"]))
             self._counts["capacity"] += batch["segment_ids"].size
         return batch
+
+    def _skip(self, kind: str) -> None:
+        self._counts[f"skipped_{kind}"] += 1
+        self._bad_run[kind] = self._bad_run.get(kind, 0) + 1
+        n = sum(self._bad_run.values())
+        if self._bad_limit is not None and n >= self._bad_limit:
+            kinds = ", ".join(f"{k} {v}" for k, v in sorted(self._bad_run.items(), key=lambda kv: -kv[1]))
+            raise NoGoodRecordsError(self._describe(n, kinds) if self._describe else
+                                     f"{n} records in a row were bad; skipped by kind: {kinds}")
 
     def get_state(self) -> dict:
         parent = self._pending[1] if self._pending is not None else self._parent.get_state()
@@ -233,11 +249,13 @@ class BatchIterator(grain.DatasetIterator):
 
 
 class BatchIterDataset(grain.IterDataset):
-    """`parent` elements -> host batches via a fresh `make_batcher()` per iterator."""
+    """`parent` elements -> host batches via a fresh `make_batcher()` per iterator;
+    `bad_limit` and `describe(n, kinds)` (the error message) as for BatchIterator."""
 
-    def __init__(self, parent: grain.IterDataset, make_batcher: Callable[[], Batcher]):
+    def __init__(self, parent: grain.IterDataset, make_batcher: Callable[[], Batcher],
+                 bad_limit: int | None = None, describe: Callable[[int, str], str] | None = None):
         super().__init__(parent)
-        self._make_batcher = make_batcher
+        self._make_batcher, self._bad_limit, self._describe = make_batcher, bad_limit, describe
 
     def __iter__(self) -> BatchIterator:
-        return BatchIterator(self._parent.__iter__(), self._make_batcher())
+        return BatchIterator(self._parent.__iter__(), self._make_batcher(), self._bad_limit, self._describe)

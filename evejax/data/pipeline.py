@@ -10,7 +10,9 @@ Every pipeline has the same shape:
                                   a marker {"bad": kind} (sources.BadRecord.KINDS)
   .to_iter_dataset(read_threads)  [.mp_prefetch(num_workers) worker processes]
   BatchIterDataset                drops and counts markers, packs / stacks into host
-                                  batches (packing.py); get_state / set_state / stats
+                                  batches (packing.py); get_state / set_state / stats;
+                                  stops with sources.NoGoodRecordsError after a run of
+                                  min(max_bad_run, this host's records) markers
 
 Bad records are dropped after the workers, in this process, so the counters
 (`iterator.stats()`: examples, batches, skipped, skipped_<kind>, fill) live in
@@ -48,6 +50,9 @@ config.data fields (FIELDS; a key not listed there is an error):
                      padded (empty rows: segment_ids 0, label -1) (0)
   num_workers        grain worker processes; 0 = in this process (0)
   read_threads       threads per process running the map step (2)
+  max_bad_run        stop with an error (the file and the skips by kind) when this
+                     many records in a row, or a whole pass over this host's
+                     records, are bad (10000)
   -- conversation data: llava, arrayrecord, shapes_caption, shapes_qa --
   seq_len            T, text positions per row; a sample of L ids takes L - 1 (2048)
   template           "plain" | "vicuna_v1" (vicuna_v1; shapes_caption: plain)
@@ -58,8 +63,13 @@ config.data fields (FIELDS; a key not listed there is an error):
                      (too_long); "truncate": its ids are cut to seq_len + 1 as
                      official EVE does, dropped only if no answer token is left ("skip")
   image_size, patch_size, pool, teacher_image_size, teacher_patch_size
-                     AnyResConfig (672, 14, 2, 336, 14; shapes_*: 64, 8, 2, 32, 8;
-                     tfds_imagenet: image_size 224 is the crop)
+                     AnyResConfig. With config.model (the trainer) they come from the
+                     model (`model_geometry`: EVE's canvas, patch, pool and teacher;
+                     a CLIP classifier's input) and config.data must not set them;
+                     only the pipeline used on its own reads them here (672, 14, 2,
+                     336, 14; shapes_*: 64, 8, 2, 32, 8; tfds_imagenet: image_size
+                     224 is the crop). Config files build config.data with
+                     evejax.config.data_config: every other key, in every config.
   with_teacher       add the CLIP teacher view (True)
   with_ids           add example_id, for inspection and tests (False)
   -- llava, arrayrecord --
@@ -90,6 +100,7 @@ import grain
 import numpy as np
 from PIL import Image
 
+from evejax import config as config_lib
 from evejax.data import image as image_lib
 from evejax.data import packing, shapes, sources
 from evejax.data import text as text_lib
@@ -98,14 +109,9 @@ from evejax.data.sources import BadRecord
 DATA_NAMES = ("llava", "arrayrecord", "shapes_caption", "shapes_qa", "shapes_class", "tfds_imagenet")
 CONVERSATION_NAMES = ("llava", "arrayrecord", "shapes_caption", "shapes_qa")
 
-FIELDS: dict[str, Any] = dict(
-    name="", global_batch=0, seed=0, shuffle=True, num_epochs=0, num_workers=0, read_threads=2,
-    seq_len=2048, template="vicuna_v1", tokenizer="", pack=False, overlong="skip",
-    image_size=672, patch_size=14, pool=2, teacher_image_size=336, teacher_patch_size=14,
-    with_teacher=True, with_ids=False, path="", image_root="",
-    split="train", num_examples=100_000, min_side=16, max_side=64, qa_rounds="sample",
-    tfds_name="imagenet2012", tfds_dir="", image_key="image", label_key="label", augment=True,
-)
+GEOMETRY = ("image_size", "patch_size", "pool", "teacher_image_size", "teacher_patch_size")
+FIELDS: dict[str, Any] = dict(config_lib.DATA_KEYS, image_size=672, patch_size=14, pool=2,
+                              teacher_image_size=336, teacher_patch_size=14)
 _SHAPES_DEFAULTS = dict(image_size=64, patch_size=8, pool=2, teacher_image_size=32, teacher_patch_size=8,
                         tokenizer="shapes", seq_len=128)
 NAME_DEFAULTS: dict[str, dict[str, Any]] = {
@@ -116,8 +122,9 @@ NAME_DEFAULTS: dict[str, dict[str, Any]] = {
 }
 
 
-def options(data) -> dict[str, Any]:
-    """config.data (ConfigDict or dict) with defaults filled in, checked."""
+def options(data, geometry: image_lib.AnyResConfig | None = None) -> dict[str, Any]:
+    """config.data (ConfigDict or dict) with defaults filled in, checked; the GEOMETRY fields
+    from `geometry` (the model's) when given, which config.data must then leave out."""
     given = data.to_dict() if hasattr(data, "to_dict") else dict(data)
     unknown = sorted(set(given) - set(FIELDS))
     if unknown:
@@ -128,6 +135,12 @@ def options(data) -> dict[str, Any]:
         raise ValueError(f"config.data.name={name!r} is not a pipeline here; use one of {DATA_NAMES}")
     opts = dict(FIELDS, **NAME_DEFAULTS.get(name, {}))
     opts.update(given)
+    if geometry is not None:
+        doubled = sorted(set(given) & set(GEOMETRY))
+        if doubled:
+            raise ValueError(f"config.data sets {doubled}, but the image geometry comes from config.model "
+                             "(its size and overrides); remove them from config.data")
+        opts.update({k: getattr(geometry, k) for k in GEOMETRY})
 
     def need(ok, what):
         if not ok:
@@ -136,6 +149,7 @@ def options(data) -> dict[str, Any]:
     need(int(opts["global_batch"]) > 0, f"global_batch must be positive, got {opts['global_batch']}")
     need(opts["num_epochs"] >= 0 and opts["num_workers"] >= 0 and opts["read_threads"] >= 1,
          "num_epochs and num_workers must be >= 0 and read_threads >= 1")
+    need(opts["max_bad_run"] >= 1, f"max_bad_run must be >= 1, got {opts['max_bad_run']}")
     if name in CONVERSATION_NAMES:
         need(opts["seq_len"] >= 2, f"seq_len must be >= 2, got {opts['seq_len']}")
         need(opts["overlong"] in ("skip", "truncate"), f"overlong={opts['overlong']!r}: use 'skip' or 'truncate'")
@@ -145,6 +159,32 @@ def options(data) -> dict[str, Any]:
     if name in ("llava", "arrayrecord"):
         need(bool(opts["path"]), f"path is required for {name}")
     return opts
+
+
+def model_geometry(model) -> image_lib.AnyResConfig:
+    """The image preprocessing config.model takes: EVE's canvas, patch, pool and its teacher's
+    view; a CLIP classifier's input size and patch (its view is the teacher view)."""
+    from evejax.models import registry
+
+    cfg = registry.build(model).config
+    if hasattr(cfg, "anyres"):
+        return cfg.anyres()
+    if hasattr(cfg, "patch_size"):
+        return image_lib.AnyResConfig(image_size=cfg.image_size, patch_size=cfg.patch_size, pool=1,
+                                      teacher_image_size=cfg.image_size, teacher_patch_size=cfg.patch_size)
+    raise ValueError(f"config.model.name={model.name!r} takes no images; its data cannot be {DATA_NAMES}")
+
+
+def config_options(config) -> dict[str, Any]:
+    """options() of config.data, with the image geometry of config.model when the config has
+    a model, else of config.data's fields (the pipeline used on its own)."""
+    model = getattr(config, "model", None)
+    return options(config.data, None if model is None else model_geometry(model))
+
+
+def image_geometry(config) -> image_lib.AnyResConfig:
+    """The image preprocessing of the pipeline that `config` builds."""
+    return anyres_config(config_options(config))
 
 
 def anyres_config(opts: dict) -> image_lib.AnyResConfig:
@@ -182,6 +222,14 @@ class ConversationMap:
     encoded bytes, or a path string resolved against `image_root`. Text is
     checked before the image is read, so a too-long sample costs no decoding.
     Picklable for grain's worker processes: the tokenizer is built on first use.
+
+    Records official EVE trains differently are counted skips here, never
+    silently changed: an image without `<image>` in the text
+    ("image_without_placeholder"; official training keeps the text and drops
+    the image, `cur_image_features[0:0]`, and its plain template asserts), more
+    than one `<image>` ("multiple_images"; official `preprocess_multimodal`
+    merges those of one turn into one), and, with overlong="truncate", an
+    `<image>` that the cut to seq_len + 1 ids removed ("too_long").
     """
 
     def __init__(self, decode: Callable, opts: dict):
@@ -214,19 +262,25 @@ class ConversationMap:
         if not turns or (isinstance(turns, list) and all(
                 isinstance(t, dict) and not str(t.get("value", "")).strip() for t in turns)):
             raise BadRecord("empty_conversation", f"record {record.get('id')!r} has no conversation")
+        mentions_image = any(isinstance(t, dict) and text_lib.IMAGE_PLACEHOLDER in str(t.get("value"))
+                             for t in turns)
+        if image is not None and not mentions_image:
+            raise BadRecord("image_without_placeholder", "the record has an image but no <image> in its text")
         try:
             encoded = text_lib.encode_conversation(turns, self.tokenizer, self.template,
                                                    self.seq_len + 1 if self.truncate else None)
+        except text_lib.MultipleImagesError as e:
+            raise BadRecord("multiple_images", str(e)) from e
         except ValueError as e:
             raise BadRecord("malformed", str(e)) from e
         ids, mask = encoded.input_ids, encoded.loss_mask
-        if len(ids) - 1 > self.seq_len or not mask[1:].any():
-            raise BadRecord("too_long", f"{len(ids)} ids for rows of {self.seq_len} positions")
         placeholder = bool((ids == text_lib.IMAGE_TOKEN_INDEX).any())
         if placeholder and image is None:
             raise BadRecord("malformed", "<image> in the text but the record has no image")
-        if image is not None and not placeholder and not self.truncate:
-            raise BadRecord("malformed", "the record has an image but no <image> in its text")
+        cut_image = image is not None and not placeholder
+        if len(ids) - 1 > self.seq_len or not mask[1:].any() or cut_image:
+            raise BadRecord("too_long", f"{len(ids)} ids for rows of {self.seq_len} positions"
+                            + ("; the cut removed <image>" if cut_image else ""))
         example = {"index": np.int64(index), "ids": ids, "loss_mask": mask}
         if placeholder:
             view = image_lib.preprocess_anyres(_load_image(image, self.image_root), self.anyres,
@@ -299,8 +353,10 @@ class _WithIndex:
 
 
 def build(source, transform: Callable, make_batcher: Callable[[], packing.Batcher], opts: dict,
-          process_index: int, process_count: int, random: bool = False) -> packing.BatchIterator:
-    """The pipeline of the module docstring over any random-access `source`."""
+          process_index: int, process_count: int, random: bool = False,
+          what: str = "the data") -> packing.BatchIterator:
+    """The pipeline of the module docstring over any random-access `source`, named `what`
+    in errors."""
     if not 0 <= process_index < process_count:
         raise ValueError(f"process_index {process_index} is not in [0, {process_count})")
     if opts["global_batch"] % process_count:
@@ -310,6 +366,7 @@ def build(source, transform: Callable, make_batcher: Callable[[], packing.Batche
         raise ValueError(f"the data has {len(source)} records, fewer than the {process_count} processes")
     ds = grain.MapDataset.source(source).map_with_index(_WithIndex(len(source)))
     ds = ds[process_index::process_count]
+    per_pass = len(ds)
     if opts["shuffle"]:
         ds = ds.shuffle(seed=opts["seed"])
     ds = ds.repeat(opts["num_epochs"] or None)
@@ -327,12 +384,20 @@ def build(source, transform: Callable, make_batcher: Callable[[], packing.Batche
             flags.FLAGS.mark_as_parsed()
         it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=opts["num_workers"],
                                                          per_worker_buffer_size=4))
-    return iter(packing.BatchIterDataset(it, make_batcher))
+    limit = min(per_pass, opts["max_bad_run"])
+
+    def describe(n: int, kinds: str) -> str:
+        why = (f"a whole pass over this host's {per_pass} records" if n >= per_pass else
+               f"config.data.max_bad_run={opts['max_bad_run']}; raise it if such runs are expected")
+        return (f"{n} records in a row of {what} were bad, none good ({why}); skipped by kind: {kinds}. "
+                "Fix the data or config.data (path, image_root, tokenizer, template, seq_len, overlong)")
+
+    return iter(packing.BatchIterDataset(it, make_batcher, limit, describe))
 
 
 def make_data(config, process_index: int, process_count: int) -> packing.BatchIterator:
     """This host's iterator of host batches for config.data (module docstring)."""
-    opts = options(config.data)
+    opts = config_options(config)
     name, b = opts["name"], opts["global_batch"] // max(process_count, 1)
     if name in CONVERSATION_NAMES:
         if name == "llava":
@@ -349,10 +414,13 @@ def make_data(config, process_index: int, process_count: int) -> packing.BatchIt
         fields = {"pixels": blank.pixels, "pixel_mask": blank.mask}
         if opts["with_teacher"]:
             fields.update(teacher_pixels=blank.teacher_pixels, teacher_mask=blank.teacher_mask)
+        what = opts["path"] or name
+        if opts["image_root"]:
+            what += f" (images under {opts['image_root']})"
         return build(source, ConversationMap(decode, opts),
                      lambda: packing.SequencePacker(b, opts["seq_len"], opts["pack"], pad_id, fields,
                                                     opts["with_ids"]),
-                     opts, process_index, process_count)
+                     opts, process_index, process_count, what=what)
     if name == "shapes_class":
         t = opts["teacher_image_size"]
         pad = {"pixels": np.zeros((t, t, 3), np.float32), "pixel_mask": np.zeros((t, t), np.float32),
@@ -363,7 +431,7 @@ def make_data(config, process_index: int, process_count: int) -> packing.BatchIt
     pad = {"pixels": np.zeros((s, s, 3), np.float32), "label": np.int32(-1)}
     source = sources.tfds_source(opts["tfds_name"], opts["split"], opts["tfds_dir"] or None, opts["image_key"])
     return build(source, ImageClassMap(opts), lambda: packing.Stacker(b, pad), opts, process_index,
-                 process_count, random=True)
+                 process_count, random=True, what=f"TFDS {opts['tfds_name']} {opts['split']}")
 
 
 def _shapes_source(task: str, opts: dict) -> shapes.ShapesSource:

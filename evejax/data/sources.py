@@ -45,13 +45,19 @@ class BadRecord(ValueError):
     """A record the pipeline skips; `kind` names the counter it adds to."""
 
     KINDS = ("undecodable_text", "malformed", "empty_conversation", "missing_image", "corrupt_image",
-             "too_long")
+             "too_long", "multiple_images", "image_without_placeholder")
 
     def __init__(self, kind: str, message: str):
         if kind not in self.KINDS:
             raise ValueError(f"unknown bad-record kind {kind!r}")
         super().__init__(f"{kind}: {message}")
         self.kind = kind
+
+
+class NoGoodRecordsError(RuntimeError):
+    """The pipeline read a whole pass over its records, or config.data.max_bad_run records,
+    in a row without one good record: the data or config.data is wrong, and skipping on
+    would never yield a batch."""
 
 
 # ---- LLaVA JSON / JSONL ----------------------------------------------------------------

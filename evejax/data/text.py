@@ -174,9 +174,17 @@ def get_template(template: str | ConversationTemplate) -> ConversationTemplate:
     return TEMPLATES[template]
 
 
+class MultipleImagesError(ValueError):
+    """A conversation with more than one `<image>`."""
+
+
 def _checked_pairs(turns) -> list[tuple[str, str]]:
     """(question, answer) pairs of a LLaVA record, with `<image>` moved to the
-    front of its turn as official `preprocess_multimodal` does."""
+    front of its turn as official `preprocess_multimodal` does.
+
+    More than one `<image>` raises MultipleImagesError, also within one turn,
+    where official `preprocess_multimodal` removes them all and puts one in
+    front (two images' placeholders become one, for one image)."""
     if not isinstance(turns, (list, tuple)) or not turns:
         raise ValueError(f"a conversation must be a non-empty list of turns, got {turns!r:.200}")
     for k, turn in enumerate(turns):
@@ -187,6 +195,10 @@ def _checked_pairs(turns) -> list[tuple[str, str]]:
     if turns[0]["from"] != "human":
         # Official training drops a leading assistant turn.
         turns = turns[1:]
+    n_images = sum(t["value"].count(IMAGE_PLACEHOLDER) for t in turns)
+    if n_images > 1:
+        raise MultipleImagesError(f"EVE takes at most one image per sample; this conversation has "
+                                  f"{n_images} {IMAGE_PLACEHOLDER} placeholders")
     if len(turns) % 2 or not turns:
         raise ValueError("a conversation must alternate human/gpt turns and end with a gpt turn; "
                          f"got roles {[t['from'] for t in turns]}")
@@ -200,10 +212,6 @@ def _checked_pairs(turns) -> list[tuple[str, str]]:
         if IMAGE_PLACEHOLDER in value:
             value = (IMAGE_PLACEHOLDER + "\n" + value.replace(IMAGE_PLACEHOLDER, "").strip()).strip()
         values.append(value)
-    n_images = sum(v.count(IMAGE_PLACEHOLDER) for v in values)
-    if n_images > 1:
-        raise ValueError(f"EVE takes at most one image per sample; this conversation has {n_images} "
-                         f"{IMAGE_PLACEHOLDER} placeholders")
     if any(IMAGE_PLACEHOLDER in v for v in values[1::2]):
         raise ValueError(f"{IMAGE_PLACEHOLDER} may only appear in a human turn")
     return list(zip(values[0::2], values[1::2]))

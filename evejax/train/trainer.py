@@ -6,7 +6,9 @@
 the same command again resumes from the newest complete checkpoint in it:
 train state, data position and RNG, so the result is the same as a run that
 was never stopped. SIGTERM (Cloud TPU preemption) saves a checkpoint at the
-current step and exits 0. A non-finite loss or gradient norm stops the run
+current step and exits 0, also while the trainer waits for data (the batch is
+read in a helper thread). Data with no good record in a whole pass stops the
+run (exit 1) naming the file and the skips by kind. A non-finite loss or gradient norm stops the run
 (exit 1) without saving, so the last good checkpoint stays the newest.
 
 Where a stage starts (`config.stage.start`), when its workdir has no checkpoint:
@@ -41,6 +43,7 @@ from etils import epath
 
 from evejax import config as config_lib
 from evejax import sharding
+from evejax.data.sources import NoGoodRecordsError
 from evejax.models import registry
 from evejax.train import checkpoint as ckpt_lib
 from evejax.train import metrics as metrics_lib
@@ -251,18 +254,22 @@ def train(config, workdir: str) -> dict:
         pending: list[tuple[int, Any]] = []   # device metrics not yet fetched
         last_saved = start_step
         reporter.restart_clock(start_step)
+        feed = DataWait(data_iter, preempted.event)
         try:
             for step in range(start_step + 1, total + 1):
-                host_batch = next(data_iter)
-                if step == start_step + 1:
-                    _check_batch(host_batch, specs, jax.process_count())
-                batch = sharding.global_batch({k: host_batch[k] for k in specs}, mesh)
-                with jax.transfer_guard("disallow"):  # the step itself moves nothing to/from host
-                    state, step_metrics = compiled(state, batch)
-                pending.append((step, step_metrics))
+                host_batch = feed.next()
+                if host_batch is None:   # SIGTERM while waiting for data: stop after the previous step
+                    step -= 1
+                else:
+                    if step == start_step + 1:
+                        _check_batch(host_batch, specs, jax.process_count())
+                    batch = sharding.global_batch({k: host_batch[k] for k in specs}, mesh)
+                    with jax.transfer_guard("disallow"):  # the step itself moves nothing to/from host
+                        state, step_metrics = compiled(state, batch)
+                    pending.append((step, step_metrics))
                 stop = preempted.is_set() or store.reached_preemption(step)
-                save = stop or step == total or (every > 0 and step % every == 0)
-                if save or step % tc.log_every == 0:
+                save = (stop or step == total or (every > 0 and step % every == 0)) and step > last_saved
+                if pending and (save or step % tc.log_every == 0):
                     fetched = [(s, {k: float(v) for k, v in m.items()}) for s, m in jax.device_get(pending)]
                     pending.clear()
                     bad = metrics_lib.first_nonfinite(fetched)
@@ -270,12 +277,12 @@ def train(config, workdir: str) -> dict:
                         raise NonFiniteLossError(_nonfinite_message(name, bad, last_saved, store))
                     last_metrics = reporter.log(step, fetched[-1][1], float(learning_rate(step - 1)))
                 if save:
-                    store.save(step, state, data_iter.get_state(), config_dict, dict(last_metrics, step=step))
+                    store.save(step, state, feed.get_state(), config_dict, dict(last_metrics, step=step))
                     last_saved = step
                 reporter.advance(step)
                 if stop:
                     reporter.write(f"[{name}] preempted: saved checkpoint {step}; run the same command "
-                                   "to resume")
+                                   "to resume" if step else f"[{name}] preempted before step 1: nothing to save")
                     return {"step": step, "metrics": last_metrics, "preempted": True}
             reporter.write(f"[{name}] finished {total} steps; final checkpoint in {store.directory}")
             return {"step": total, "metrics": last_metrics, "preempted": False}
@@ -316,6 +323,42 @@ def _nonfinite_message(name, bad, last_saved, store) -> str:
     return (f"[{name}] non-finite loss at step {step} ({shown}); stopped without saving. "
             f"The newest checkpoint is step {last_saved} in {store.directory}: lower the learning "
             "rate or fix the data, then run the same command to resume from it.")
+
+
+class DataWait:
+    """The data iterator, read in a helper thread so that SIGTERM is honoured while the
+    trainer waits for a batch (a slow or stalled source). One batch in flight at a time,
+    so the batches and the checkpointed data state are those of plain `next`."""
+
+    def __init__(self, data_iter, stop: threading.Event):
+        self.data_iter, self.stop = data_iter, stop
+        self.state = None   # the iterator's state before the batch in flight
+
+    def next(self):
+        """The next batch, or None when `stop` was set first (the fetch is abandoned)."""
+        self.state = self.data_iter.get_state()
+        out: list = []
+
+        def fetch():
+            try:
+                out.append((next(self.data_iter), None))
+            except BaseException as e:  # re-raised in the trainer's thread
+                out.append((None, e))
+
+        thread = threading.Thread(target=fetch, name="evejax-data", daemon=True)
+        thread.start()
+        while thread.is_alive():
+            thread.join(0.05)
+            if self.stop.is_set() and thread.is_alive():
+                return None
+        batch, error = out[0]
+        if error is not None:
+            raise error
+        self.state = None
+        return batch
+
+    def get_state(self):
+        return self.data_iter.get_state() if self.state is None else self.state
 
 
 class PreemptionFlag:
@@ -361,7 +404,7 @@ def main(argv=None) -> int:
     workdir = args.workdir or os.path.join("runs", config_name(args.config))
     try:
         train(config, workdir)
-    except NonFiniteLossError as e:
+    except (NonFiniteLossError, NoGoodRecordsError) as e:
         print(e, file=sys.stderr, flush=True)
         return 1
     return 0
