@@ -85,19 +85,27 @@ def test_interrupted_import_overwrite_keeps_the_old_checkpoint(lm, tmp_path, mon
     before = _files(ckpt)
     argv = ["import", "--family", "llama", str(root / "hf"), str(ckpt), "--overwrite"]
 
-    def disk_full(self):
+    save = ocp.StandardCheckpointer.save
+
+    def save_then_fail(self, *args, **kwargs):
+        save(self, *args, **kwargs)
+        self.wait_until_finished()
         raise OSError("No space left on device")
 
-    # The new parameters fail to reach the disk: the old checkpoint is intact, nothing is left beside it.
-    monkeypatch.setattr(ocp.StandardCheckpointer, "wait_until_finished", disk_full)
+    # The parameters are written, then the write fails: the old checkpoint is intact, nothing is left beside it.
+    monkeypatch.setattr(ocp.StandardCheckpointer, "save", save_then_fail)
     with pytest.raises(OSError, match="No space"):
         cli.main(argv)
     monkeypatch.undo()
     assert _files(ckpt) == before and sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
 
-    # SIGKILL while Orbax writes: no cleanup runs; the old checkpoint is intact and still loads.
+    # SIGKILL while Orbax writes in the background: no cleanup runs; the old checkpoint is intact and loads.
     script = ("import os, signal, sys\nimport orbax.checkpoint as ocp\nfrom evejax import cli\n"
-              "ocp.StandardCheckpointer.wait_until_finished = lambda self: os.kill(os.getpid(), signal.SIGKILL)\n"
+              "save = ocp.StandardCheckpointer.save\n"
+              "def save_then_die(self, *args, **kwargs):\n"
+              "    save(self, *args, **kwargs)\n"
+              "    os.kill(os.getpid(), signal.SIGKILL)\n"
+              "ocp.StandardCheckpointer.save = save_then_die\n"
               "cli.main(sys.argv[1:])\n")
     done = subprocess.run([sys.executable, "-c", script, *argv], capture_output=True,
                           env=dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu"))
@@ -195,37 +203,21 @@ def test_export_takes_an_eve_workdir(tmp_path):
     assert io.load_config_json(tmp_path / "hf")["architectures"] == ["EVELlamaForCausalLM"]
 
 
-# ---- items 12 and 15: eval of an under-trained EVE workdir ----------------------------------
-
-class _Records(logging.Handler):
-    def __init__(self):
-        super().__init__(logging.WARNING)
-        self.messages = []
-
-    def emit(self, record):
-        self.messages.append(record.getMessage())
-
+# ---- items 12 and 15: eval of an under-trained EVE workdir, quiet reads -----------------------
 
 @pytest.fixture(scope="module")
-def eve_eval(tmp_path_factory):
-    """`evejax eval` of a random-init EVE workdir: (status, figures written, warnings logged)."""
+def eve_workdir(tmp_path_factory):
     root = tmp_path_factory.mktemp("eve")
-    _, params = _init(EVE_MODEL, 0)
-    _workdir(root / "run", {"model": EVE_MODEL, "data": {"seed": 0}}, params, 2)
-    records = _Records()
-    logging.getLogger().addHandler(records)
-    try:
-        status = ev.main([str(root / "run"), "--num-questions", "6", "--batch-size", "6", "--json",
-                          str(root / "eval.json")])
-    finally:
-        logging.getLogger().removeHandler(records)
-    figures = json.loads((root / "eval.json").read_text()) if status == 0 else None
-    return status, figures, records.messages
+    cfg, params = _init(EVE_MODEL, 0)
+    _workdir(root / "run", {"model": EVE_MODEL}, params, 2)
+    return root / "run", cfg
 
 
-def test_unknown_generated_ids_are_wrong_answers_and_counted(eve_eval):
-    status, figures, _ = eve_eval
-    assert status == 0
+def test_unknown_generated_ids_are_wrong_answers_and_counted(eve_workdir, tmp_path):
+    workdir, _ = eve_workdir
+    argv = [str(workdir), "--num-questions", "6", "--batch-size", "6", "--json", str(tmp_path / "eval.json")]
+    assert ev.main(argv) == 0
+    figures = json.loads((tmp_path / "eval.json").read_text())
     assert 0 < figures["out_of_vocabulary"] <= 6 and figures["blank_out_of_vocabulary"] >= 0
     assert figures["accuracy"] <= (6 - figures["out_of_vocabulary"]) / 6
     tokenizer = shapes.tokenizer()
@@ -234,9 +226,11 @@ def test_unknown_generated_ids_are_wrong_answers_and_counted(eve_eval):
     assert ev.decode_answer(tokenizer.encode("yes") + [tokenizer.eos_id, 200], tokenizer) == "yes"
 
 
-def test_eval_of_a_workdir_logs_no_expected_orbax_warnings(eve_eval):
-    _, _, messages = eve_eval
-    assert not [m for m in messages if m.startswith(EXPECTED_WARNINGS)], messages
+def test_eval_reads_a_workdir_without_expected_orbax_warnings(eve_workdir, caplog):
+    workdir, cfg = eve_workdir
+    with caplog.at_level(logging.WARNING):
+        assert ev.load_model(workdir)[0] == cfg
+    assert not [r for r in caplog.records if r.getMessage().startswith(EXPECTED_WARNINGS)], caplog.text
 
 
 def test_silencing_keeps_other_warnings(caplog):
