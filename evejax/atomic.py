@@ -83,36 +83,51 @@ def leftover_note(path: str | os.PathLike) -> str:
             f"command, or rename that directory to {path.name}")
 
 
-def _check_owned(path: Path, owned: Sequence[str] | None) -> None:
+def _foreign(path: Path, owned: Sequence[str] | None) -> list[Path]:
     if owned is None or not path.is_dir():
-        return
-    foreign = sorted(e.name for e in path.iterdir() if not any(fnmatch.fnmatch(e.name, p) for p in owned))
-    if foreign:
-        raise FileExistsError(f"{path} holds files this command does not write ({', '.join(foreign[:5])}"
-                              f"{', ...' if len(foreign) > 5 else ''}); it replaces the whole directory, so "
-                              "choose an empty or new one")
+        return []
+    return sorted(e for e in path.iterdir() if not any(fnmatch.fnmatch(e.name, p) for p in owned))
+
+
+def _link_into(entry: Path, directory: Path) -> None:
+    """`entry` under `directory` by hard links: the same bytes, nothing copied."""
+    if entry.is_dir() and not entry.is_symlink():
+        shutil.copytree(entry, directory / entry.name, symlinks=True, copy_function=os.link)
+    elif entry.is_symlink():
+        os.symlink(os.readlink(entry), directory / entry.name)
+    else:
+        os.link(entry, directory / entry.name)
 
 
 @contextlib.contextmanager
-def replaced_dir(path: str | os.PathLike, owned: Sequence[str] | None = None) -> Iterator[Path]:
+def replaced_dir(path: str | os.PathLike, owned: Sequence[str] | None = None,
+                 keep_others: bool = False) -> Iterator[Path]:
     """Yields an empty directory beside `path`; on a normal exit it replaces `path`.
 
-    `owned`: glob patterns of the entries a previous write put in `path`; an
-    existing `path` holding anything else is refused (FileExistsError) before
-    anything is written, so the swap never deletes files it did not write.
-    Whether replacing is allowed at all is the caller's check.
+    `owned`: glob patterns of the entries a previous write put in `path`. Any
+    other entry of an existing `path` is refused (FileExistsError, before
+    anything is written) or, with `keep_others`, hard-linked into the new
+    directory before the swap (files a user put beside an export), so the
+    swap never deletes files it did not write. Whether replacing is allowed
+    at all is the caller's check.
     """
     path = Path(path).absolute()
     path.parent.mkdir(parents=True, exist_ok=True)
     recover(path)
     if path.exists() and not path.is_dir():
         raise FileExistsError(f"{path} is a file, not a directory")
-    _check_owned(path, owned)
+    foreign = _foreign(path, owned)
+    if foreign and not keep_others:
+        names = ", ".join(e.name for e in foreign[:5]) + (", ..." if len(foreign) > 5 else "")
+        raise FileExistsError(f"{path} holds files this command does not write ({names}); it replaces the "
+                              "whole directory, so choose an empty or new one")
     token = uuid.uuid4().hex
     tmp = path.with_name(f"{path.name}.tmp-{token}")
     tmp.mkdir()
     try:
         yield tmp
+        for entry in foreign:
+            _link_into(entry, tmp)
         _fsync_tree(tmp)
     except BaseException:
         _remove(tmp)
