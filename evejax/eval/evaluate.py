@@ -246,8 +246,7 @@ def load_model(path: str | Path) -> tuple[eve_lib.EVEConfig, dict, image_lib.Any
     from evejax.port import checkpoint
     from evejax.port import eve as eve_port
 
-    path = Path(path)
-    if (path / eve_port.MODEL_JSON).is_file():
+    if (Path(path) / eve_port.MODEL_JSON).is_file():
         cfg, params = eve_port.load_checkpoint(path)
         if not cfg.with_pal:
             raise ValueError(f"{path} holds an inference EVE; its preprocessing sizes come from the "

@@ -5,7 +5,12 @@
 
 `load_checkpoint(dir) -> (cfg, params)` is all a reader needs; params come back
 as jax arrays, on one device unless `shardings` (a tree like the params) says
-otherwise, so a checkpoint can be restored straight onto a mesh.
+otherwise, so a checkpoint can be restored straight onto a mesh. A damaged one
+is a one-line CheckpointError naming it.
+
+`load_workdir(workdir) -> (model name, cfg, params, step)` reads the newest
+checkpoint of a training workdir instead (through evejax.train.checkpoint), for
+the commands that take either.
 """
 from __future__ import annotations
 
