@@ -3,7 +3,7 @@ checkpoint, damage is one line naming the path, training workdirs are taken by e
 generate and eval, unknown generated ids are wrong answers, and reads are quiet.
 
 Workdirs are written through evejax.train.checkpoint.Checkpoints (the trainer's writer)
-with random-init params, so no training step is compiled.
+with random normal params in the models' shapes, so nothing is compiled to make them.
 """
 import json
 import logging
@@ -23,7 +23,7 @@ from evejax import cli
 from evejax import config as config_lib
 from evejax.data import shapes
 from evejax.eval import evaluate as ev
-from evejax.models import llm, registry
+from evejax.models import registry
 from evejax.port import checkpoint as port_ckpt
 from evejax.port import eve as eve_port
 from evejax.port import io, tables
