@@ -370,4 +370,7 @@ def main(argv=None) -> int:
         print(f"evejax demo: error: {out} is not empty; choose another --out or delete it", file=sys.stderr)
         return 1
     out.mkdir(parents=True, exist_ok=True)
-    return run(out, args.quick)
+    from evejax.port.checkpoint import expected_orbax_warnings_silenced
+
+    with expected_orbax_warnings_silenced():  # each stage reads the one before it read-only
+        return run(out, args.quick)

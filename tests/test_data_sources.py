@@ -1,6 +1,11 @@
 """Record sources: LLaVA JSON/JSONL, the ArrayRecord conversion round trip, TFDS."""
 import io
 import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -115,3 +120,74 @@ def test_tfds_imagenet_pipeline_on_a_tfds_array_record_set(tmp_path):
     grey = (batch["pixels"] * std + mean).mean(axis=(1, 2, 3)) * 255
     assert sorted(batch["label"].tolist()) == [0, 1, 2, 3]
     np.testing.assert_allclose(grey, 10 * batch["label"], atol=0.05)
+
+
+def _files(directory):
+    return {p.name: p.read_bytes() for p in sorted(directory.iterdir())}
+
+
+def test_convert_overwrite_keeps_the_old_set_until_the_new_one_is_complete(tmp_path, capsys, monkeypatch):
+    path, _ = write_llava(tmp_path, n_good=10, bad=False)
+    out = tmp_path / "ar"
+    argv = ["convert", path, "--out", str(out), "--shards", "2", "--overwrite"]
+    assert commands.main(argv) == 0
+    before = _files(out)
+    # A typo in the source path: an error, and the old set untouched.
+    assert commands.main(["convert", path + "x", "--out", str(out), "--overwrite"]) == 1
+    assert "does not exist" in capsys.readouterr().err
+    assert _files(out) == before
+    # A conversion that fails after some records (as a kill or a full disk would cut it).
+    written = []
+
+    def failing_encode(record, image):
+        if len(written) == 4:
+            raise OSError("No space left on device")
+        written.append(record)
+        return sources.MAGIC + b"\0\0\0\0"
+
+    monkeypatch.setattr(sources, "encode_record", failing_encode)
+    with pytest.raises(OSError, match="No space"):
+        commands.main(["convert", path, "--out", str(out), "--shards", "3", "--overwrite"])
+    monkeypatch.undo()
+    assert len(written) == 4 and _files(out) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ar", "data.jsonl", "img"]
+    # A complete conversion replaces it; info.json describes exactly the shards on disk.
+    assert commands.main(["convert", path, "--out", str(out), "--shards", "3", "--overwrite"]) == 0
+    info = json.loads((out / "info.json").read_text())
+    assert sorted(_files(out)) == ["data.array_record-0000{}-of-00003".format(k) for k in range(3)] + ["info.json"]
+    assert info["shards"] == 3 and len(list(sources.iter_arrayrecord(str(out)))) == info["num_records"] == 10
+
+
+def test_convert_killed_midway_leaves_the_old_set(tmp_path):
+    path, _ = write_llava(tmp_path, n_good=6, bad=False)
+    out = tmp_path / "ar"
+    assert commands.main(["convert", path, "--out", str(out), "--shards", "2"]) == 0
+    before = _files(out)
+    # SIGKILL from inside the writer after the second record: no cleanup code runs.
+    script = (
+        "import os, signal, sys\n"
+        "from evejax.data import commands, sources\n"
+        "encode, n = sources.encode_record, [0]\n"
+        "def killing(record, image):\n"
+        "    n[0] += 1\n"
+        "    if n[0] == 3: os.kill(os.getpid(), signal.SIGKILL)\n"
+        "    return encode(record, image)\n"
+        "sources.encode_record = killing\n"
+        "commands.main(sys.argv[1:])\n")
+    done = subprocess.run([sys.executable, "-c", script, "convert", path, "--out", str(out), "--overwrite"],
+                          env=dict(os.environ, PYTHONPATH=str(Path(__file__).parents[1])), capture_output=True)
+    assert done.returncode == -signal.SIGKILL, done.stderr
+    assert _files(out) == before
+    assert any(p.name.startswith("ar.tmp-") for p in tmp_path.iterdir())  # the killed run's partial output
+    assert commands.main(["convert", path, "--out", str(out), "--overwrite"]) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ar", "data.jsonl", "img"]  # cleaned up
+    assert json.loads((out / "info.json").read_text())["shards"] == 1
+
+
+def test_convert_refuses_a_directory_with_other_files(tmp_path, capsys):
+    path, _ = write_llava(tmp_path, n_good=4, bad=False)
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "todo.txt").write_text("mine")
+    assert commands.main(["convert", path, "--out", str(tmp_path / "notes")]) == 1
+    assert "todo.txt" in capsys.readouterr().err
+    assert _files(tmp_path / "notes") == {"todo.txt": b"mine"}

@@ -186,3 +186,31 @@ def test_config_json_round_trip(tmp_path):
     assert io.load_config_json(path) == config
     with pytest.raises(io.CheckpointError, match="no config.json"):
         io.load_config_json(tmp_path / "elsewhere")
+
+
+def test_export_over_an_export_is_swapped_in_whole_and_keeps_other_files(tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    io.save_hf_checkpoint(_state(0), {"model_type": "llama", "torch_dtype": "float32"}, out, family="llama",
+                          max_shard_bytes=600)
+    (out / "modeling_internlm2.py").write_text("# remote code the user copied in\n")
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert len(before) >= 5  # shards, index, config.json, the user's file
+
+    def disk_full(config, directory):
+        raise OSError("No space left on device")
+
+    # The weights are written, config.json fails: the earlier export stays whole, nothing is left beside it.
+    monkeypatch.setattr(io, "save_config_json", disk_full)
+    with pytest.raises(OSError, match="No space"):
+        io.save_hf_checkpoint(_state(1), {"model_type": "llama", "torch_dtype": "bfloat16"}, out,
+                              family="llama", dtype="bfloat16")
+    monkeypatch.undo()
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+
+    files = io.save_hf_checkpoint(_state(1), {"model_type": "llama"}, out, family="llama")
+    assert files == [out / "model.safetensors"]
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors", "modeling_internlm2.py"]
+    assert (out / "modeling_internlm2.py").read_bytes() == before["modeling_internlm2.py"]
+    _assert_same(io.load_state_dict(out), _state(1))
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]

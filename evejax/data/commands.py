@@ -6,7 +6,9 @@
         image file's original bytes; otherwise its path, resolved at read time
         against config.data.image_root or the --image-root recorded in info.json.
         Unreadable records (and, with --embed-images, missing images) are skipped
-        and counted in info.json.
+        and counted in info.json. DIR is replaced only once the new shards are
+        complete: a failed or killed conversion leaves the earlier one as it was.
+        A DIR holding files other than shards and info.json is refused.
 
     evejax data inspect PATH [-n 3]
         PATH: a conversion directory, a shard glob, or a JSON / JSONL file: prints
@@ -34,7 +36,7 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--image-root", default=None, help="directory the records' image paths are relative to")
     c.add_argument("--embed-images", action="store_true", help="store image bytes in the records")
     c.add_argument("--shards", type=int, default=1, help="number of shards (default 1)")
-    c.add_argument("--overwrite", action="store_true", help="replace shards already in --out")
+    c.add_argument("--overwrite", action="store_true", help="replace a conversion already in --out")
     i = sub.add_parser("inspect", help="count and show records")
     i.add_argument("path", help="conversion directory, shard glob, or JSON / JSONL file")
     i.add_argument("-n", type=int, default=3, help="records to show (default 3)")
@@ -42,14 +44,12 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _convert(args) -> int:
-    existing = glob.glob(os.path.join(args.out, "data.array_record-*"))
+    existing = [e for pattern in sources.OUTPUTS for e in glob.glob(os.path.join(args.out, pattern))]
     if existing and not args.overwrite:
-        raise FileExistsError(f"{args.out} already holds {len(existing)} shard(s); pass --overwrite "
-                              "to replace them or choose another --out")
+        raise FileExistsError(f"{args.out} already holds a conversion ({len(existing)} file(s)); pass "
+                              "--overwrite to replace it or choose another --out")
     if args.image_root and "://" not in args.image_root and not os.path.isdir(args.image_root):
         raise FileNotFoundError(f"--image-root {args.image_root} is not a directory")
-    for path in existing:
-        os.remove(path)
     info = sources.convert_conversations(args.src, args.out, args.image_root, args.embed_images, args.shards)
     skipped = ", ".join(f"{k} {v}" for k, v in sorted(info["skipped"].items())) or "none"
     print(f"{info['num_records']} records in {info['shards']} shard(s) at {args.out}; skipped: {skipped}")

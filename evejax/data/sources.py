@@ -35,10 +35,13 @@ from typing import Callable, Iterable
 
 import numpy as np
 
+from evejax import atomic
+
 MAGIC = b"EVJX"
 FORMAT_VERSION = 1
 SHARD_PATTERN = "data.array_record-{:05d}-of-{:05d}"
 INFO_FILE = "info.json"
+OUTPUTS = (INFO_FILE, "data.array_record-*")   # everything a conversion directory holds
 
 
 class BadRecord(ValueError):
@@ -241,6 +244,11 @@ def convert_conversations(src: str, out: str, image_root: str | None = None, emb
     decoded: a corrupt image is caught by the pipeline). Good records keep
     their source order and are split into `shards` contiguous runs. Returns
     the info written to out/info.json.
+
+    Everything is written into a directory beside `out` that replaces `out`
+    only when complete (`evejax.atomic.replaced_dir`), so `out` always holds
+    exactly the shards its info.json describes: an earlier conversion until
+    this one has finished, however it ends. An `out` holding other files is refused.
     """
     from array_record.python.array_record_module import ArrayRecordWriter
 
@@ -259,24 +267,23 @@ def convert_conversations(src: str, out: str, image_root: str | None = None, emb
             good.append(i)
         except BadRecord as e:
             skipped[e.kind] = skipped.get(e.kind, 0) + 1
-    os.makedirs(out, exist_ok=True)
     bounds = np.linspace(0, len(good), shards + 1).round().astype(int)
-    for k in range(shards):
-        path = os.path.join(out, SHARD_PATTERN.format(k, shards))
-        # group_size:1 keeps every record independently seekable (random access).
-        writer = ArrayRecordWriter(path, "group_size:1")
-        for i in good[bounds[k]:bounds[k + 1]]:
-            record = parse_record(source[i])
-            image = read_image_bytes(record["image"], image_root) if embed_images and "image" in record else None
-            writer.write(encode_record(record, image))
-        writer.close()
-        log(f"wrote {path} ({bounds[k + 1] - bounds[k]} records)")
     info = {"format": "evejax-conversations", "version": FORMAT_VERSION, "source": os.path.abspath(src),
             "num_records": len(good), "shards": shards, "embedded": bool(embed_images),
             "image_root": os.path.abspath(image_root) if image_root and "://" not in image_root else image_root,
             "skipped": skipped}
-    with open(os.path.join(out, INFO_FILE), "w", encoding="utf-8") as f:
-        json.dump(info, f, indent=1)
+    with atomic.replaced_dir(out, owned=OUTPUTS) as tmp:
+        for k in range(shards):
+            name = SHARD_PATTERN.format(k, shards)
+            # group_size:1 keeps every record independently seekable (random access).
+            writer = ArrayRecordWriter(str(tmp / name), "group_size:1")
+            for i in good[bounds[k]:bounds[k + 1]]:
+                record = parse_record(source[i])
+                image = read_image_bytes(record["image"], image_root) if embed_images and "image" in record else None
+                writer.write(encode_record(record, image))
+            writer.close()
+            log(f"wrote {os.path.join(out, name)} ({bounds[k + 1] - bounds[k]} records)")
+        (tmp / INFO_FILE).write_text(json.dumps(info, indent=1), encoding="utf-8")
     return info
 
 

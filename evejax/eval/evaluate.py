@@ -11,7 +11,9 @@ trained on), in order, each asked on its own as the first user turn
 ("<image>\\n" + question, vicuna_v1), until `num_questions` are collected.
 A prediction is the greedy answer (KV cache, at most MAX_NEW_TOKENS tokens,
 up to EOS), decoded and stripped; it is right when it equals the reference
-answer exactly.
+answer exactly. An answer holding a token id the tokenizer does not know
+(an under-trained model can emit any id of the LLM's larger vocabulary) is
+wrong, and counted in `out_of_vocabulary`.
 
 Text-only baseline ("blank"): the same prompts with each image replaced by a
 canvas of the same size filled with the shapes' background colour (white),
@@ -35,6 +37,7 @@ import collections
 import dataclasses
 import functools
 import json
+import re
 import sys
 from pathlib import Path
 from typing import Sequence
@@ -44,6 +47,7 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
+from evejax import atomic
 from evejax.data import image as image_lib
 from evejax.data import shapes
 from evejax.data import text as text_lib
@@ -164,10 +168,27 @@ def prompt_ids(question: str, tokenizer: text_lib.Tokenizer) -> np.ndarray:
 
 
 def decode_answer(ids: Sequence[int], tokenizer: text_lib.Tokenizer) -> str:
+    """The answer text of generated ids, up to EOS. The LLM's vocabulary can be larger than
+    the tokenizer's (the demo: 256 ids, 67 words); an answer holding an id the tokenizer
+    does not know is `out_of_vocabulary_answer(id)`, which equals no reference answer."""
     ids = list(int(i) for i in ids)
     if tokenizer.eos_id in ids:
         ids = ids[:ids.index(tokenizer.eos_id)]
+    unknown = [i for i in ids if not 0 <= i < tokenizer.vocab_size]
+    if unknown:
+        return out_of_vocabulary_answer(unknown[0])
     return tokenizer.decode(ids).strip()
+
+
+_OUT_OF_VOCABULARY = re.compile(r"<id -?\d+ outside the vocabulary>")
+
+
+def out_of_vocabulary_answer(token_id: int) -> str:
+    return f"<id {token_id} outside the vocabulary>"
+
+
+def is_out_of_vocabulary(prediction: str) -> bool:
+    return _OUT_OF_VOCABULARY.fullmatch(prediction) is not None
 
 
 @functools.partial(jax.jit, static_argnames=("cfg",))
@@ -196,6 +217,7 @@ class Result:
     per_type: dict[str, float]          # type -> accuracy
     counts: dict[str, int]              # type -> number of questions
     predictions: list[str]
+    out_of_vocabulary: int              # answers holding an id the tokenizer does not know (all wrong)
 
 
 def score(questions: Sequence[Question], predictions: Sequence[str]) -> Result:
@@ -206,7 +228,7 @@ def score(questions: Sequence[Question], predictions: Sequence[str]) -> Result:
         right[q.kind] += int(p == q.answer.strip())
     return Result(accuracy=sum(right.values()) / len(questions),
                   per_type={t: right[t] / counts[t] for t in counts}, counts=dict(counts),
-                  predictions=list(predictions))
+                  predictions=list(predictions), out_of_vocabulary=sum(map(is_out_of_vocabulary, predictions)))
 
 
 def evaluate(answerer: Answerer, questions: Sequence[Question], blank: bool = False) -> Result:
@@ -219,27 +241,18 @@ def evaluate(answerer: Answerer, questions: Sequence[Question], blank: bool = Fa
 
 def load_model(path: str | Path) -> tuple[eve_lib.EVEConfig, dict, image_lib.AnyResConfig]:
     """(config, params, preprocessing) of a trainer workdir or an evejax EVE checkpoint."""
+    from evejax.port import checkpoint
     from evejax.port import eve as eve_port
 
-    path = Path(path)
-    if (path / eve_port.MODEL_JSON).is_file():
+    if (Path(path) / eve_port.MODEL_JSON).is_file():
         cfg, params = eve_port.load_checkpoint(path)
         return cfg, params, cfg.anyres()
-    import ml_collections
-
-    from evejax.models import registry
-    from evejax.train import checkpoint as ckpt_lib
-
-    if not (path / "checkpoints").is_dir():
+    if not checkpoint.is_workdir(path):
         raise FileNotFoundError(f"{path} is neither a trainer workdir (no checkpoints/) nor an evejax EVE "
                                 f"checkpoint (no {eve_port.MODEL_JSON})")
-    step, params = ckpt_lib.load_params(str(path))
-    store = ckpt_lib.Checkpoints(str(path), read_only=True)
-    config = store.config(step)
-    store.close()
-    if config["model"]["name"] != "eve":
-        raise ValueError(f"{path} trained a {config['model']['name']!r} model, not EVE")
-    cfg = registry.build(ml_collections.ConfigDict(config["model"])).config
+    name, cfg, params, _ = checkpoint.load_workdir(path)
+    if name != "eve":
+        raise ValueError(f"{path} trained a {name!r} model, not EVE")
     return cfg, params, cfg.anyres()
 
 
@@ -251,7 +264,7 @@ def main(argv=None) -> int:
     p.add_argument("--batch-size", type=int, default=100)
     p.add_argument("--seed", type=int, default=0, help="seed of the shapes set the model was trained on")
     p.add_argument("--show", type=int, default=5, help="print this many predictions")
-    p.add_argument("--json", help="also write the figures to this file")
+    p.add_argument("--json", help="also write the figures to this file (replaced only once complete)")
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
     try:
         cfg, params, anyres = load_model(args.checkpoint)
@@ -264,14 +277,18 @@ def main(argv=None) -> int:
     chance, majority = chance_accuracy(questions)
     print(f"{len(questions)} held-out questions: accuracy {100 * result.accuracy:.1f}%, blank image "
           f"{100 * blank.accuracy:.1f}%, chance {100 * chance:.1f}%")
+    if result.out_of_vocabulary or blank.out_of_vocabulary:
+        print(f"  {result.out_of_vocabulary} answers ({blank.out_of_vocabulary} with blank images) hold token ids "
+              f"outside the tokenizer's vocabulary; they count as wrong")
     for t in sorted(result.counts):
         print(f"  {t:<13} n={result.counts[t]:<4} accuracy {100 * result.per_type[t]:5.1f}%  blank "
               f"{100 * blank.per_type[t]:5.1f}%  chance {100 * majority[t][1]:5.1f}% ({majority[t][0]!r})")
     for q, pred in list(zip(questions, result.predictions))[:args.show]:
         print(f"  scene {q.scene_index}: {q.question} -> {pred!r} (answer {q.answer!r})")
     if args.json:
-        Path(args.json).write_text(json.dumps(
+        atomic.write_text(args.json, json.dumps(
             {"accuracy": result.accuracy, "blank_accuracy": blank.accuracy, "chance": chance,
              "per_type": result.per_type, "blank_per_type": blank.per_type, "counts": result.counts,
-             "majority": majority}, indent=2) + "\n")
+             "majority": majority, "out_of_vocabulary": result.out_of_vocabulary,
+             "blank_out_of_vocabulary": blank.out_of_vocabulary}, indent=2) + "\n")
     return 0

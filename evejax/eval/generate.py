@@ -21,7 +21,8 @@ official InternLM2 for good); evejax is stateless, so it matches a freshly
 loaded model, and transformers also after such a reset.
 
 `evejax generate CKPT_DIR --prompt-ids 1,5,7 [--prompt-ids 4,2] --max-new 16`
-prints the new token ids of each prompt (up to and including EOS).
+prints the new token ids of each prompt (up to and including EOS); CKPT_DIR is an
+evejax LM checkpoint or a training workdir (newest checkpoint; an EVE's LLM).
 """
 from __future__ import annotations
 
@@ -146,13 +147,29 @@ def _token_ids(text: str) -> list[int]:
     return ids
 
 
+def load_lm(path: str):
+    """(LMConfig, params) of an evejax LM checkpoint directory or of a training workdir's newest
+    checkpoint (an llm model, or the LLM of an eve model)."""
+    from evejax.port import checkpoint
+    from evejax.port.io import CheckpointError
+
+    if not checkpoint.is_workdir(path):
+        return checkpoint.load_checkpoint(path)
+    name, cfg, params, _ = checkpoint.load_workdir(path)
+    if name == "eve":
+        return cfg.llm, params["llm"]
+    if name != "llm":
+        raise CheckpointError(f"{path} trained a {name!r} model; generate runs llm and eve models")
+    return cfg, params
+
+
 def main(argv) -> int:
     from evejax.models.llm import CausalLM
-    from evejax.port.checkpoint import load_checkpoint
     from evejax.port.io import CheckpointError
 
     p = argparse.ArgumentParser(prog="evejax generate", description="greedy generation from token ids")
-    p.add_argument("checkpoint", help="evejax checkpoint directory (model.json + params/)")
+    p.add_argument("checkpoint", help="evejax checkpoint directory (model.json + params/) or training "
+                   "workdir (its newest checkpoint; for an EVE the LLM alone)")
     p.add_argument("--prompt-ids", type=_token_ids, action="append", required=True,
                    help="comma-separated prompt token ids; repeat for a batch")
     p.add_argument("--max-new", type=int, default=16, help="number of tokens to generate")
@@ -162,8 +179,8 @@ def main(argv) -> int:
     if args.max_new < 1:
         p.error("--max-new must be >= 1")
     try:
-        cfg, params = load_checkpoint(args.checkpoint)
-    except CheckpointError as e:
+        cfg, params = load_lm(args.checkpoint)
+    except (CheckpointError, FileNotFoundError) as e:
         print(f"evejax generate: error: {e}", file=sys.stderr)
         return 1
     vocab = cfg.vocab_size

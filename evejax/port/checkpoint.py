@@ -5,18 +5,28 @@
 
 `load_checkpoint(dir) -> (cfg, params)` is all a reader needs; params come back
 as jax arrays, on one device unless `shardings` (a tree like the params) says
-otherwise, so a checkpoint can be restored straight onto a mesh.
+otherwise, so a checkpoint can be restored straight onto a mesh. A damaged one
+is a one-line CheckpointError naming it.
+
+`load_workdir(workdir) -> (model name, cfg, params, step)` reads the newest
+checkpoint of a training workdir instead (through evejax.train.checkpoint), for
+the commands that take either.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+import logging
 import os
+import re
+import sys
 from pathlib import Path
 from typing import Any, Mapping
 
 import jax
 
+from evejax import atomic
 from evejax.models.llm import LMConfig
 from evejax.nn.transformer import TransformerConfig
 from evejax.port.io import CheckpointError
@@ -47,20 +57,26 @@ def config_from_json(data: Mapping[str, Any], source: str = MODEL_JSON) -> LMCon
 
 def write_checkpoint(directory: str | os.PathLike, config_json: Mapping[str, Any], params: Any,
                      overwrite: bool = False) -> Path:
-    """Writes params/ (Orbax) and then model.json into `directory`; returns it. Every family's
-    `save_checkpoint` is this with its own config JSON."""
+    """Writes params/ (Orbax) and model.json into `directory`; returns it. Every family's
+    `save_checkpoint` is this with its own config JSON.
+
+    Both are written beside `directory` and swapped in when complete
+    (`evejax.atomic.replaced_dir`): with `overwrite` the old checkpoint stays
+    until the new one is whole, whatever interrupts the write.
+    """
     import orbax.checkpoint as ocp
 
     directory = Path(directory).absolute()
-    target = directory / PARAMS_DIR
-    if target.exists() and not overwrite:
-        raise CheckpointError(f"{target} already exists; choose another directory or overwrite it")
-    directory.mkdir(parents=True, exist_ok=True)
-    checkpointer = ocp.StandardCheckpointer()
-    checkpointer.save(target, jax.tree.map(jax.numpy.asarray, params), force=overwrite)
-    checkpointer.wait_until_finished()
-    # model.json last: a directory with it is a complete checkpoint.
-    (directory / MODEL_JSON).write_text(json.dumps(dict(config_json), indent=2) + "\n")
+    if (directory / PARAMS_DIR).exists() and not overwrite:
+        raise CheckpointError(f"{directory / PARAMS_DIR} already exists; choose another directory or overwrite it")
+    try:
+        with atomic.replaced_dir(directory, owned=(MODEL_JSON, PARAMS_DIR)) as tmp:
+            checkpointer = ocp.StandardCheckpointer()
+            checkpointer.save(tmp / PARAMS_DIR, jax.tree.map(jax.numpy.asarray, params))
+            checkpointer.wait_until_finished()
+            (tmp / MODEL_JSON).write_text(json.dumps(dict(config_json), indent=2) + "\n")
+    except FileExistsError as e:
+        raise CheckpointError(str(e)) from None
     return directory
 
 
@@ -69,7 +85,8 @@ def read_model_json(directory: str | os.PathLike, what: str, hint: str) -> tuple
     kind of checkpoint and how to make one, for the error."""
     path = Path(directory) / MODEL_JSON
     if not path.is_file():
-        raise CheckpointError(f"{directory}: no {MODEL_JSON}; not an evejax {what} ({hint})")
+        raise CheckpointError(f"{directory}: no {MODEL_JSON}; not an evejax {what} ({hint})"
+                              + atomic.leftover_note(directory))
     try:
         return json.loads(path.read_text()), str(path)
     except json.JSONDecodeError as e:
@@ -87,7 +104,8 @@ def has_format(directory: str | os.PathLike, fmt: str) -> bool:
 
 def restore_params(directory: str | os.PathLike, abstract: Any, shardings: Any = None) -> Any:
     """params/ of a checkpoint directory, restored to the shapes and dtypes of `abstract`
-    (a ShapeDtypeStruct tree); on one device unless `shardings` (a tree like it) places them."""
+    (a ShapeDtypeStruct tree); on one device unless `shardings` (a tree like it) places them.
+    A damaged, incomplete or mismatched params/ is one CheckpointError naming it."""
     import orbax.checkpoint as ocp
 
     directory = Path(directory).absolute()
@@ -95,11 +113,92 @@ def restore_params(directory: str | os.PathLike, abstract: Any, shardings: Any =
         device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
         shardings = jax.tree.map(lambda _: device, abstract)
     target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+    _ignore_reads_after_a_failed_restore()
     try:
         return ocp.StandardCheckpointer().restore(directory / PARAMS_DIR, target)
-    except (ValueError, KeyError, FileNotFoundError) as e:
-        raise CheckpointError(f"{directory / PARAMS_DIR}: parameters do not restore for the model in "
-                              f"{MODEL_JSON} ({type(e).__name__}: {e})") from None
+    except Exception as e:  # TensorStore reports damage as bare Exception, ValueError, OSError, ...
+        raise CheckpointError(f"{directory / PARAMS_DIR}: parameters cannot be restored for the model in "
+                              f"{MODEL_JSON}: damaged, incomplete or written for another model ({root_cause(e)}); "
+                              "write it again (e.g. `evejax import ... --overwrite`)") from None
+
+
+def root_cause(error: BaseException, limit: int = 300) -> str:
+    """"Type: first line" of the innermost error of a chain: TensorStore's outer errors are
+    pages of its spec, the inner one names the file and the byte range."""
+    while (error.__cause__ or error.__context__) is not None:
+        error = error.__cause__ or error.__context__
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0][:limit] if lines else ''}"
+
+
+def _ignore_reads_after_a_failed_restore() -> None:
+    """When a restore fails, the TensorStore reads still in flight call back into Orbax's
+    closed event loop, and Python prints each RuntimeError("Event loop is closed") as a page of
+    traceback after the one-line error. Those alone are dropped (for the whole process: they
+    can come after the command has returned); every other unraisable error is reported."""
+    previous = sys.unraisablehook
+    if getattr(previous, "evejax_closed_loop", False):
+        return
+
+    def hook(unraisable):
+        error = unraisable.exc_value
+        if not (isinstance(error, RuntimeError) and str(error) == "Event loop is closed"):
+            previous(unraisable)
+
+    hook.evejax_closed_loop = True
+    sys.unraisablehook = hook
+
+
+class _ExpectedOrbaxWarnings(logging.Filter):
+    """Drops the warnings Orbax logs on every read-only load of a training workdir: the
+    manager opened read-only, and per-item metadata that only exists per step."""
+
+    EXPECTED = re.compile(r"Given directory is read only=|Metadata file does not exist: .*/\d+/"
+                          r"(state|data|config|metrics)/_CHECKPOINT_METADATA$")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not self.EXPECTED.match(record.getMessage())
+
+
+@contextlib.contextmanager
+def expected_orbax_warnings_silenced():
+    """Inside, Orbax's expected read-only warnings are not logged; any other warning is."""
+    quiet = _ExpectedOrbaxWarnings()
+    logger = logging.getLogger("absl")
+    logger.addFilter(quiet)
+    try:
+        yield
+    finally:
+        logger.removeFilter(quiet)
+
+
+def is_workdir(path: str | os.PathLike) -> bool:
+    """Whether `path` is a training workdir (`evejax train --workdir`)."""
+    return "://" in str(path) or (Path(path) / "checkpoints").is_dir()
+
+
+def load_workdir(workdir: str | os.PathLike) -> tuple[str, Any, Any, int]:
+    """(model name, e.g. "llm" or "eve"; its family's config; params as numpy arrays; step) of
+    the newest checkpoint of a training workdir, read through evejax.train.checkpoint."""
+    import ml_collections
+
+    from evejax.models import registry
+    from evejax.train import checkpoint as ckpt_lib
+
+    _ignore_reads_after_a_failed_restore()
+    with expected_orbax_warnings_silenced():
+        try:
+            step, params = ckpt_lib.load_params(str(workdir))
+            store = ckpt_lib.Checkpoints(str(workdir), read_only=True)
+            try:
+                model = store.config(step)["model"]
+            finally:
+                store.close()
+        except FileNotFoundError:
+            raise
+        except Exception as e:  # a damaged step: TensorStore and JSON errors of many types
+            raise CheckpointError(f"{workdir}: its newest checkpoint cannot be read ({root_cause(e)})") from None
+    return model["name"], registry.build(ml_collections.ConfigDict(model)).config, params, step
 
 
 def save_checkpoint(directory: str | os.PathLike, cfg: LMConfig, params: Any, overwrite: bool = False) -> Path:

@@ -8,7 +8,9 @@
         else the evejax size --size (`llama_tiny`, `vicuna_7b`, ...).
         Writes OUT_DIR/model.json + OUT_DIR/params (Orbax).
 
-    evejax export CKPT_DIR OUT_DIR [--dtype float32|bfloat16] [--max-shard-size 5GB]
+    evejax export CKPT_DIR OUT_DIR [--dtype float32|bfloat16] [--max-shard-size 5GB] [--inference]
+        CKPT_DIR: a checkpoint of `evejax import`, or a training workdir (its newest
+        checkpoint; an llm or eve model, --inference leaving out EVE's PAL and teacher).
         Writes OUT_DIR/config.json + model.safetensors (or model-0000k-of-0000n
         shards and model.safetensors.index.json) in the official layout:
         loadable by transformers.LlamaForCausalLM.from_pretrained (llama) or the
@@ -98,12 +100,15 @@ def _import(args) -> None:
 
 def _export_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="evejax export", description="evejax checkpoint -> official PyTorch layout")
-    p.add_argument("src", help="evejax checkpoint directory (written by `evejax import` or training)")
+    p.add_argument("src", help="evejax checkpoint directory (written by `evejax import`) or training "
+                   "workdir (its newest checkpoint; llm and eve models)")
     p.add_argument("out_dir", help="directory for config.json and safetensors files")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
                    help="dtype of the written tensors")
     p.add_argument("--max-shard-size", default="5GB", type=parse_size,
                    help="largest safetensors file, e.g. 5GB, 500MB; bigger models are sharded")
+    p.add_argument("--inference", action="store_true",
+                   help="EVE workdir: leave out the PAL and the CLIP teacher")
     return p
 
 
@@ -116,18 +121,36 @@ def export_main(argv) -> int:
 
 
 def _export(args) -> None:
-    from evejax.port.checkpoint import load_checkpoint
-    from evejax.port.tables import hf_config, to_torch
+    import jax
+    import numpy as np
 
-    cfg, params = load_checkpoint(args.src)
-    config = hf_config(cfg, args.dtype)  # refuses configs with no official form before writing
-    state = to_torch(params, cfg)
+    from evejax.port import checkpoint, tables
+
+    if checkpoint.is_workdir(args.src):
+        name, cfg, params, step = checkpoint.load_workdir(args.src)
+        print(f"evejax export: {args.src}: the {name} model of its newest checkpoint (step {step})")
+    else:
+        name, (cfg, params) = "llm", checkpoint.load_checkpoint(args.src)
+    if args.inference and name != "eve":
+        raise CheckpointError(f"--inference leaves out EVE's PAL and teacher; {args.src} holds a {name} model")
+    if name == "eve":
+        from evejax.port import eve
+
+        if args.inference and cfg.with_pal:
+            params, cfg = eve.drop_training_parts(params, cfg)
+        family, to_torch, config = "eve", eve.to_torch, eve.hf_config(cfg, args.dtype)
+    elif name == "llm":
+        # hf_config refuses configs with no official form before anything is written.
+        family, to_torch, config = cfg.family, tables.to_torch, tables.hf_config(cfg, args.dtype)
+    else:
+        raise CheckpointError(f"{args.src} trained a {name!r} model; export writes llm and eve models")
+    state = to_torch(jax.tree.map(np.asarray, params), cfg)
     del params
-    files = io.save_hf_checkpoint(state, config, args.out_dir, family=cfg.family, dtype=args.dtype,
+    files = io.save_hf_checkpoint(state, config, args.out_dir, family=family, dtype=args.dtype,
                                   max_shard_bytes=args.max_shard_size)
     shards = [f for f in files if f.suffix == ".safetensors"]
     print(f"evejax export: {len(state)} tensors in {len(shards)} safetensors file(s) -> {args.out_dir}")
-    if cfg.family == "internlm2":
+    if family == "internlm2":
         print("evejax export: config.json points at the official remote code; copy "
               "configuration_internlm2.py and modeling_internlm2.py into the directory to load it "
               "with trust_remote_code=True")

@@ -38,11 +38,15 @@ from typing import Any, Mapping, Sequence
 import ml_dtypes
 import numpy as np
 
+from evejax import atomic
+
 SAFETENSORS_NAME = "model.safetensors"
 SAFETENSORS_INDEX_NAME = "model.safetensors.index.json"
 BIN_NAME = "pytorch_model.bin"
 BIN_INDEX_NAME = "pytorch_model.bin.index.json"
 CONFIG_NAME = "config.json"
+# What an export writes (and replaces on the next one).
+HF_OUTPUTS = (SAFETENSORS_NAME, SAFETENSORS_INDEX_NAME, "model-*-of-*.safetensors", CONFIG_NAME)
 
 _SHARD_PATTERN = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
 
@@ -392,12 +396,19 @@ def save_hf_checkpoint(state: Mapping[str, Any], config: Mapping[str, Any], out_
                        family: str, dtype: str = "float32", max_shard_bytes: int = 5 * 2**30) -> list[Path]:
     """An official-layout checkpoint: the safetensors of ``state`` in ``dtype`` ("float32" or
     "bfloat16"), tagged as exported by evejax for ``family``, then ``config.json``; returns
-    the weight files written. Every family's export ends here."""
-    files = save_state_dict(state, out_dir, max_shard_bytes=max_shard_bytes,
-                            dtype=ml_dtypes.bfloat16 if dtype == "bfloat16" else dtype,
-                            metadata={"exported_by": "evejax", "family": family})
-    save_config_json(config, out_dir)
-    return files
+    the weight files written. Every family's export ends here.
+
+    Weights and config are written beside ``out_dir`` and swapped in together when complete
+    (``evejax.atomic.replaced_dir``): an earlier export there stays whole until then, and
+    files that are not weights or config (e.g. remote-code ``.py`` files) are kept.
+    """
+    out_dir = Path(out_dir).absolute()
+    with atomic.replaced_dir(out_dir, owned=HF_OUTPUTS, keep_others=True) as tmp:
+        files = save_state_dict(state, tmp, max_shard_bytes=max_shard_bytes,
+                                dtype=ml_dtypes.bfloat16 if dtype == "bfloat16" else dtype,
+                                metadata={"exported_by": "evejax", "family": family})
+        save_config_json(config, tmp)
+    return [out_dir / f.name for f in files]
 
 
 def save_config_json(config: Mapping[str, Any], out_dir: str | os.PathLike) -> Path:
