@@ -177,6 +177,27 @@ def is_workdir(path: str | os.PathLike) -> bool:
     return "://" in str(path) or (Path(path) / "checkpoints").is_dir()
 
 
+def workdir_model(workdir: str | os.PathLike) -> str:
+    """The registry name of the model a training workdir trains, from its newest checkpoint's
+    config (no parameters are read)."""
+    from evejax.train import checkpoint as ckpt_lib
+
+    with expected_orbax_warnings_silenced():
+        store = ckpt_lib.Checkpoints(str(workdir), read_only=True)
+        try:
+            step = store.latest_step()
+            if step is None:
+                raise CheckpointError(f"{workdir}: a training workdir with no checkpoint yet")
+            return store.config(step)["model"]["name"]
+        except CheckpointError:
+            raise
+        except Exception as e:  # a damaged config: JSON and Orbax errors of many types
+            raise CheckpointError(f"{workdir}: its newest checkpoint's config cannot be read "
+                                  f"({root_cause(e)})") from None
+        finally:
+            store.close()
+
+
 def load_workdir(workdir: str | os.PathLike) -> tuple[str, Any, Any, int]:
     """(model name, e.g. "llm" or "eve"; its family's config; params as numpy arrays; step) of
     the newest checkpoint of a training workdir, read through evejax.train.checkpoint."""

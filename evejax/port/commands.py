@@ -8,9 +8,9 @@
         else the evejax size --size (`llama_tiny`, `vicuna_7b`, ...).
         Writes OUT_DIR/model.json + OUT_DIR/params (Orbax).
 
-    evejax export CKPT_DIR OUT_DIR [--dtype float32|bfloat16] [--max-shard-size 5GB] [--inference]
+    evejax export CKPT_DIR OUT_DIR [--dtype float32|bfloat16] [--max-shard-size 5GB]
         CKPT_DIR: a checkpoint of `evejax import`, or a training workdir (its newest
-        checkpoint; an llm or eve model, --inference leaving out EVE's PAL and teacher).
+        checkpoint; an EVE workdir goes to EVE's converter, with its --inference).
         Writes OUT_DIR/config.json + model.safetensors (or model-0000k-of-0000n
         shards and model.safetensors.index.json) in the official layout:
         loadable by transformers.LlamaForCausalLM.from_pretrained (llama) or the
@@ -101,14 +101,12 @@ def _import(args) -> None:
 def _export_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="evejax export", description="evejax checkpoint -> official PyTorch layout")
     p.add_argument("src", help="evejax checkpoint directory (written by `evejax import`) or training "
-                   "workdir (its newest checkpoint; llm and eve models)")
+                   "workdir (its newest checkpoint)")
     p.add_argument("out_dir", help="directory for config.json and safetensors files")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
                    help="dtype of the written tensors")
     p.add_argument("--max-shard-size", default="5GB", type=parse_size,
                    help="largest safetensors file, e.g. 5GB, 500MB; bigger models are sharded")
-    p.add_argument("--inference", action="store_true",
-                   help="EVE workdir: leave out the PAL and the CLIP teacher")
     return p
 
 
@@ -131,19 +129,11 @@ def _export(args) -> None:
         print(f"evejax export: {args.src}: the {name} model of its newest checkpoint (step {step})")
     else:
         name, (cfg, params) = "llm", checkpoint.load_checkpoint(args.src)
-    if args.inference and name != "eve":
-        raise CheckpointError(f"--inference leaves out EVE's PAL and teacher; {args.src} holds a {name} model")
-    if name == "eve":
-        from evejax.port import eve
-
-        if args.inference and cfg.with_pal:
-            params, cfg = eve.drop_training_parts(params, cfg)
-        family, to_torch, config = "eve", eve.to_torch, eve.hf_config(cfg, args.dtype)
-    elif name == "llm":
-        # hf_config refuses configs with no official form before anything is written.
-        family, to_torch, config = cfg.family, tables.to_torch, tables.hf_config(cfg, args.dtype)
-    else:
-        raise CheckpointError(f"{args.src} trained a {name!r} model; export writes llm and eve models")
+    if name != "llm":
+        raise CheckpointError(f"{args.src} trained a {name!r} model; export writes the llm models here "
+                              f"and the families {sorted(FAMILY_CONVERTERS)} through their converters")
+    # hf_config refuses configs with no official form before anything is written.
+    family, to_torch, config = cfg.family, tables.to_torch, tables.hf_config(cfg, args.dtype)
     state = to_torch(jax.tree.map(np.asarray, params), cfg)
     del params
     files = io.save_hf_checkpoint(state, config, args.out_dir, family=family, dtype=args.dtype,
@@ -159,9 +149,9 @@ def _export(args) -> None:
 # ---- other families ----------------------------------------------------------------------
 
 def _family_hook(command: str, argv) -> int | None:
-    """Hands `import --family eve|clip` and `export` of an EVE or CLIP checkpoint to the
-    family's converter (FAMILY_CONVERTERS); returns its exit status, or None for an LM command."""
-    from evejax.port.checkpoint import has_format
+    """Hands `import --family eve|clip` and `export` of an EVE or CLIP checkpoint (or of a
+    workdir training that family) to the family's converter (FAMILY_CONVERTERS); returns its exit status, or None for an LM command."""
+    from evejax.port.checkpoint import has_format, is_workdir, workdir_model
 
     probe = argparse.ArgumentParser(add_help=False)
     probe.add_argument("--family")
@@ -170,8 +160,9 @@ def _family_hook(command: str, argv) -> int | None:
     for family, module_name in FAMILY_CONVERTERS.items():
         if command == "import" and args.family == family:
             return importlib.import_module(module_name).import_main(argv)
-        if command == "export":
+        if command == "export" and args.paths:
             module = importlib.import_module(module_name)
-            if any(has_format(path, module.FORMAT) for path in args.paths):
+            src = args.paths[0]
+            if has_format(src, module.FORMAT) or (is_workdir(src) and workdir_model(src) == family):
                 return module.export_main(argv)
     return None

@@ -47,6 +47,7 @@ from typing import Any, Mapping
 import jax
 import numpy as np
 
+from evejax import atomic
 from evejax.models import eve as eve_lib
 from evejax.models import vit
 from evejax.port import checkpoint as lm_checkpoint
@@ -422,12 +423,34 @@ def teacher_processor_config(clip: vit.ClipViTConfig) -> dict[str, Any]:
             "image_std": list(CLIP_STD), "do_convert_rgb": True}
 
 
+def load_source(src: str | os.PathLike) -> tuple[eve_lib.EVEConfig, Any, dict[str, str]]:
+    """(config, params, official names) of an evejax EVE checkpoint or of a training workdir
+    that trains EVE (its newest checkpoint; a workdir keeps no official names)."""
+    if lm_checkpoint.is_workdir(src):
+        name, cfg, params, _ = lm_checkpoint.load_workdir(src)
+        if name != "eve":
+            raise CheckpointError(f"{src} trains a {name!r} model, not EVE")
+        return cfg, params, {}
+    cfg, params = load_checkpoint(src)
+    return cfg, params, load_names(src)
+
+
 def export_eve(src: str | os.PathLike, out_dir: str | os.PathLike, *, inference: bool = False,
                dtype: str = "float32", max_shard_bytes: int = 5 * 10**9,
                both_teacher_copies: bool = False) -> list[Path]:
-    """evejax EVE checkpoint -> out_dir/config.json + safetensors (sharded, with an index).
+    """evejax EVE checkpoint or training workdir -> out_dir/config.json + safetensors
+    (sharded, with an index); see `export_params`."""
+    cfg, params, names = load_source(src)
+    return export_params(cfg, params, out_dir, names=names, inference=inference, dtype=dtype,
+                         max_shard_bytes=max_shard_bytes, both_teacher_copies=both_teacher_copies)
 
-    The names the checkpoint was imported with are written back. A training
+
+def export_params(cfg: eve_lib.EVEConfig, params: Any, out_dir: str | os.PathLike, *,
+                  names: Mapping[str, str] | None = None, inference: bool = False, dtype: str = "float32",
+                  max_shard_bytes: int = 5 * 10**9, both_teacher_copies: bool = False) -> list[Path]:
+    """EVE parameters -> out_dir/config.json + safetensors (sharded, with an index).
+
+    The official `names` (those the checkpoint was imported with) are written back. A training
     export whose teacher no official name builds (not a known hub CLIP of its
     size, nor an existing CLIPVisionModel directory) also gets the teacher as
     out_dir/teacher_clip (config.json, model.safetensors, preprocessor_config.json),
@@ -436,8 +459,7 @@ def export_eve(src: str | os.PathLike, out_dir: str | os.PathLike, *, inference:
     refused before anything is written. `both_teacher_copies` also writes the
     teacher under the compressor's clip_layer (see `to_torch`).
     """
-    cfg, params = load_checkpoint(src)
-    names = load_names(src)
+    names = dict(names or {})
     if inference and cfg.with_pal:
         params, cfg = drop_training_parts(params, cfg)
     teacher_dir = None
@@ -466,10 +488,7 @@ def export_eve(src: str | os.PathLike, out_dir: str | os.PathLike, *, inference:
 
 
 def _write_json(data: Mapping[str, Any], path: Path) -> Path:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(dict(data), indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
-    return path
+    return atomic.write_text(path, json.dumps(dict(data), indent=2, sort_keys=True) + "\n")
 
 
 def _import_parser() -> argparse.ArgumentParser:
@@ -488,7 +507,7 @@ def _import_parser() -> argparse.ArgumentParser:
 def _export_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="evejax export (EVE checkpoint)",
                                 description="evejax EVE checkpoint -> official EVELlamaForCausalLM layout")
-    p.add_argument("src", help="evejax EVE checkpoint directory")
+    p.add_argument("src", help="evejax EVE checkpoint directory, or a training workdir of an EVE model (its newest checkpoint)")
     p.add_argument("out_dir", help="directory for config.json and safetensors files")
     p.add_argument("--inference", action="store_true", help="leave out the PAL and the CLIP teacher")
     p.add_argument("--both-teacher-copies", action="store_true",
