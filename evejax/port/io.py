@@ -413,13 +413,7 @@ def save_hf_checkpoint(state: Mapping[str, Any], config: Mapping[str, Any], out_
 
 def save_config_json(config: Mapping[str, Any], out_dir: str | os.PathLike) -> Path:
     """Writes ``out_dir/config.json`` (sorted keys, as transformers writes it); returns its path."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    final = out_dir / CONFIG_NAME
-    tmp = out_dir / f".{CONFIG_NAME}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.write_text(json.dumps(dict(config), indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, final)
-    return final
+    return atomic.write_text(Path(out_dir) / CONFIG_NAME, json.dumps(dict(config), indent=2, sort_keys=True) + "\n")
 
 
 def load_config_json(path: str | os.PathLike) -> dict[str, Any]:
