@@ -1,0 +1,110 @@
+"""HoVLE data: InternVL dynamic tiling, the internlm2-chat template, image-token expansion."""
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from evejax.data import image as im
+
+# hovle.md §6.9: grids the official dynamic_preprocess chose when run, (W, H) -> (i, j) at
+# max_num 6 and 12 (i across, j down); the thumbnail is added when i * j > 1.
+OFFICIAL_GRIDS = {
+    (448, 448): ((1, 1), (1, 1)), (1000, 200): ((5, 1), (5, 1)), (200, 1000): ((1, 5), (1, 5)),
+    (800, 600): ((3, 2), (4, 3)), (600, 800): ((2, 3), (3, 4)), (4000, 500): ((6, 1), (8, 1)),
+    (500, 4000): ((1, 6), (1, 8)), (30, 30): ((1, 1), (1, 1)), (1, 1000): ((1, 6), (1, 12)),
+    (1000, 1): ((6, 1), (12, 1)), (1344, 896): ((3, 2), (3, 2)), (2000, 2000): ((2, 2), (3, 3)),
+    (600, 600): ((1, 1), (1, 1)), (640, 640): ((2, 2), (2, 2)), (1344, 1344): ((2, 2), (3, 3)),
+    (1792, 896): ((2, 1), (4, 2)), (500, 400): ((1, 1), (4, 3)), (800, 640): ((2, 2), (4, 3)),
+    (1000, 800): ((3, 2), (4, 3)), (1100, 200): ((5, 1), (5, 1)), (5500, 1000): ((6, 1), (6, 1)),
+}
+
+
+def official_grid(width, height, max_num, min_num=1, image_size=448):
+    """The selection procedure as hovle.md §6.9 states it: candidates (i, j) with
+    min_num <= i*j <= max_num scanned in order of i*j from a best of (1, 1) at infinite
+    distance; a strictly smaller |W/H - i/j| replaces the best, an equal one replaces it
+    iff W*H > 0.5 * image_size^2 * i * j."""
+    candidates = sorted({(i, j) for i in range(1, max_num + 1) for j in range(1, max_num + 1)
+                         if min_num <= i * j <= max_num}, key=lambda g: g[0] * g[1])
+    best, best_diff = (1, 1), float("inf")
+    for i, j in candidates:
+        diff = abs(width / height - i / j)
+        if diff < best_diff:
+            best, best_diff = (i, j), diff
+        elif diff == best_diff and width * height > 0.5 * image_size * image_size * i * j:
+            best = (i, j)
+    return best
+
+
+def _random_image(width, height, seed=0):
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
+
+
+@pytest.mark.parametrize("max_tiles", [6, 12])
+def test_grid_and_tile_count_match_the_official_runs(max_tiles):
+    cfg = im.TilingConfig(max_tiles=max_tiles)
+    for (w, h), grids in OFFICIAL_GRIDS.items():
+        grid = grids[max_tiles == 12]
+        assert im.closest_grid(w, h, cfg) == grid, (w, h)
+        assert official_grid(w, h, max_tiles) == grid, (w, h)  # the transcription is faithful
+        n = grid[0] * grid[1]
+        assert im.num_tiles(w, h, cfg) == n + (n > 1), (w, h)
+
+
+def test_grid_matches_the_official_procedure_on_many_aspect_ratios():
+    # 1:8, 8:1, tiny, exact midpoints (1.25, 5.5), same-ratio grids at the area threshold.
+    sizes = [(100, 800), (800, 100), (8, 64), (64, 8), (3, 2), (1, 1), (5, 4), (500, 400), (501, 400),
+             (11, 2), (2200, 400), (897, 448), (896, 448), (14, 1000), (1000, 14), (333, 777)]
+    sizes += [(int(w), int(h)) for w, h in np.random.default_rng(0).integers(1, 5000, (300, 2))]
+    for max_tiles in (1, 2, 6, 12, 24):
+        for min_tiles in (1, 2):
+            if min_tiles > max_tiles:
+                continue
+            cfg = im.TilingConfig(max_tiles=max_tiles, min_tiles=min_tiles)
+            for w, h in sizes:
+                assert im.closest_grid(w, h, cfg) == official_grid(w, h, max_tiles, min_tiles), \
+                    (w, h, min_tiles, max_tiles)
+
+
+@pytest.mark.parametrize("size,grid", [((800, 100), (6, 1)), ((100, 800), (1, 6)), ((30, 30), (1, 1)),
+                                        ((800, 600), (3, 2))])
+def test_tiles_shapes_mask_and_slots(size, grid):
+    cfg = im.TilingConfig(max_tiles=6)
+    out = im.tile_image(_random_image(*size), cfg)
+    n = grid[0] * grid[1] + (grid != (1, 1))
+    assert out.grid == grid and out.num_tiles == n
+    assert out.pixels.shape == (7, 448, 448, 3) and out.pixels.dtype == np.float32
+    assert out.tile_mask.dtype == bool and out.tile_mask.tolist() == [True] * n + [False] * (7 - n)
+    assert not out.pixels[n:].any() and np.abs(out.pixels[:n]).max() > 1
+
+
+def _torch_normalize(tile: Image.Image) -> np.ndarray:
+    """ToTensor + Normalize(IMAGENET) written in torch, back to HWC."""
+    x = torch.from_numpy(np.array(tile)).permute(2, 0, 1).float().div(255)
+    mean = torch.tensor([0.485, 0.456, 0.406])[:, None, None]
+    std = torch.tensor([0.229, 0.224, 0.225])[:, None, None]
+    return ((x - mean) / std).permute(1, 2, 0).numpy()
+
+
+def test_tile_pixels_equal_pil_bicubic_crops_and_thumbnail():
+    image = _random_image(800, 600, seed=3)
+    out = im.tile_image(image, im.TilingConfig(max_tiles=6))
+    assert out.grid == (3, 2)
+    resized = image.resize((3 * 448, 2 * 448), Image.Resampling.BICUBIC)
+    crops = [resized.crop((x * 448, y * 448, x * 448 + 448, y * 448 + 448)) for y in range(2) for x in range(3)]
+    expected = [_torch_normalize(c) for c in crops] + [_torch_normalize(image.resize((448, 448)))]
+    np.testing.assert_allclose(out.pixels[:7], np.stack(expected), rtol=0, atol=1e-6)
+
+
+def test_more_tiles_than_slots_is_a_named_error():
+    cfg = im.TilingConfig(max_tiles=12)
+    with pytest.raises(im.TooManyTilesError, match="13 tiles exceed the 7 tile slots"):
+        im.tile_image(_random_image(800, 600), cfg, max_slots=7)
+    with pytest.raises(im.TooManyTilesError, match="max_tiles"):
+        im.pad_tiles(np.zeros((3, 4, 4, 3), np.float32), 2)
+    pixels, mask = im.pad_tiles(np.ones((2, 4, 4, 3), np.float32), 3)
+    assert pixels.shape == (3, 4, 4, 3) and mask.tolist() == [True, True, False] and not pixels[2].any()
+    assert im.TilingConfig(max_tiles=1).max_slots == 1 and im.TilingConfig(max_tiles=12).max_slots == 13
+    with pytest.raises(ValueError, match="min_tiles"):
+        im.TilingConfig(min_tiles=3, max_tiles=2)
