@@ -5,6 +5,7 @@ import torch
 from PIL import Image
 
 from evejax.data import image as im
+from evejax.data import text as tx
 
 # hovle.md §6.9: grids the official dynamic_preprocess chose when run, (W, H) -> (i, j) at
 # max_num 6 and 12 (i across, j down); the thumbnail is added when i * j > 1.
@@ -108,3 +109,113 @@ def test_more_tiles_than_slots_is_a_named_error():
     assert im.TilingConfig(max_tiles=1).max_slots == 1 and im.TilingConfig(max_tiles=12).max_slots == 13
     with pytest.raises(ValueError, match="min_tiles"):
         im.TilingConfig(min_tiles=3, max_tiles=2)
+
+
+# ---- internlm2-chat ---------------------------------------------------------------------------
+
+SYS = ("你是由上海人工智能实验室联合商汤科技开发的书生多模态大模型，英文名叫InternVL, "
+       "是一个有用无害的人工智能助手。")
+CHAT = [
+    {"from": "human", "value": "<image>\nWhat shape is shown?"},
+    {"from": "gpt", "value": "A red square."},
+    {"from": "human", "value": "Where is it?"},
+    {"from": "gpt", "value": "Left of a blue circle."},
+]
+SPECIAL = {"<|im_end|>": 92542, "<|im_start|>": 92543, "<img>": 92544, "</img>": 92545, "<IMG_CONTEXT>": 92546}
+
+
+def _chat_tokenizer():
+    return tx.WordTokenizer.from_texts([SYS, "system user assistant\n"] + [t["value"] for t in CHAT])
+
+
+def _runs(mask):
+    edges = np.diff(np.concatenate([[0], mask.astype(int), [0]]))
+    return list(zip(np.nonzero(edges == 1)[0], np.nonzero(edges == -1)[0]))
+
+
+def test_internlm2_chat_prompt_string():
+    # 2 tiles + thumbnail at 4 tokens per tile = 12 <IMG_CONTEXT> (hovle.md §6.7's tiny case).
+    expected = ("<|im_start|>system\n" + SYS + "<|im_end|>"
+                "<|im_start|>user\n<img>" + "<IMG_CONTEXT>" * 12 + "</img>\nWhat shape is shown?<|im_end|>"
+                "<|im_start|>assistant\nA red square.<|im_end|>"
+                "<|im_start|>user\nWhere is it?<|im_end|>"
+                "<|im_start|>assistant\nLeft of a blue circle.<|im_end|>")
+    assert tx.render_internlm2_chat(CHAT, [3], tokens_per_tile=4) == expected
+    assert tx.INTERNLM2_SPECIAL_IDS == SPECIAL and tx.INTERNLM2_CHAT.system == SYS
+
+
+def test_internlm2_chat_ids_and_official_loss_mask():
+    tok = _chat_tokenizer()
+    out = tx.encode_internlm2_chat(CHAT, tok, [3], tokens_per_tile=4)
+    ids, mask = out.input_ids, out.loss_mask
+    assert ids.dtype == np.int32 and ids.shape == mask.shape and ids[0] == tok.bos_id
+    # BOS, <|im_start|>, "system\n" + SYS, <|im_end|>, <|im_start|>, "user", "\n", <img>
+    start = 2 + len(tok.encode("system\n" + SYS)) + 4
+    assert ids[1] == SPECIAL["<|im_start|>"] and ids[start - 4] == SPECIAL["<|im_end|>"]
+    assert ids[start - 3] == SPECIAL["<|im_start|>"] and ids[start - 2:start].tolist() == tok.encode("user\n")
+    assert ids[start] == SPECIAL["<img>"] and ids[start + 13] == SPECIAL["</img>"]
+    assert (ids[start + 1:start + 13] == SPECIAL["<IMG_CONTEXT>"]).all()
+    assert (ids == SPECIAL["<IMG_CONTEXT>"]).sum() == 12
+    # Supervised: each answer and its <|im_end|>, nothing else.
+    runs = _runs(mask)
+    assert len(runs) == 2
+    for (a, b), answer in zip(runs, ["A red square.", "Left of a blue circle."]):
+        assert ids[a:b].tolist() == tok.encode(answer) + [SPECIAL["<|im_end|>"]]
+        assert ids[a - 3:a].tolist() == [SPECIAL["<|im_start|>"]] + tok.encode("assistant\n")
+    assert runs[1][1] == len(ids)
+    assert (out.labels[~mask] == tx.IGNORE_INDEX).all()
+    # Truncation cuts the expanded ids.
+    cut = tx.encode_internlm2_chat(CHAT, tok, [3], tokens_per_tile=4, max_len=20)
+    assert cut.input_ids.tolist() == ids[:20].tolist() and cut.loss_mask.tolist() == mask[:20].tolist()
+
+
+def test_hd_stream_has_the_same_text_and_4x_image_tokens():
+    tok = _chat_tokenizer()
+    llm = tx.encode_internlm2_chat(CHAT, tok, [3], tokens_per_tile=256)
+    hd = tx.encode_internlm2_chat(CHAT, tok, [3], tokens_per_tile=1024)
+    ctx = SPECIAL["<IMG_CONTEXT>"]
+    assert (llm.input_ids == ctx).sum() == 768 and (hd.input_ids == ctx).sum() == 3072
+    assert llm.input_ids[llm.input_ids != ctx].tolist() == hd.input_ids[hd.input_ids != ctx].tolist()
+    assert llm.loss_mask[llm.input_ids != ctx].tolist() == hd.loss_mask[hd.input_ids != ctx].tolist()
+
+
+def test_image_without_placeholder_gets_one_in_front_as_official():
+    turns = [{"from": "human", "value": "What shape is shown?"}, {"from": "gpt", "value": "A red square."}]
+    text = tx.render_internlm2_chat(turns, [1], tokens_per_tile=2)
+    assert "<|im_start|>user\n<img><IMG_CONTEXT><IMG_CONTEXT></img>\nWhat shape is shown?<|im_end|>" in text
+    assert "<img>" not in tx.render_internlm2_chat(turns)  # text-only
+
+
+def test_internlm2_chat_bad_input_is_a_named_error():
+    tok = _chat_tokenizer()
+    two = [{"from": "human", "value": "<image> and <image>?"}, {"from": "gpt", "value": "A red square."}]
+    with pytest.raises(tx.ImageCountError, match="2 <image> placeholders for 1 images"):
+        tx.encode_internlm2_chat(two, tok, [3])
+    with pytest.raises(tx.ImageCountError, match="1 <image> placeholders for 0 images"):
+        tx.encode_internlm2_chat(CHAT, tok)
+    tx.encode_internlm2_chat(two, tok, [3, 1])  # one per image is fine
+    with pytest.raises(ValueError, match=r"turn 1 contains \['<\|im_end\|>'\]"):
+        tx.encode_internlm2_chat([CHAT[0], {"from": "gpt", "value": "done<|im_end|>"}], tok, [1])
+    with pytest.raises(ValueError, match="starting with human and ending with gpt"):
+        tx.encode_internlm2_chat(CHAT[1:], tok, [1])
+    with pytest.raises(ValueError, match="must be positive"):
+        tx.encode_internlm2_chat(CHAT, tok, [0])
+
+
+class _MergingTokenizer:
+    """One id per character, except that a newline and the character after it are one id:
+    tokenizing the pieces on their own then gives more ids than the whole prompt."""
+    bos_id, eos_id, pad_id, vocab_size = 1, 2, 0, 1 << 20
+
+    def encode(self, text):
+        ids, k = [], 0
+        while k < len(text):
+            n = 2 if text[k] == "\n" and k + 1 < len(text) else 1
+            ids.append(3 + sum(ord(c) << (8 * m) for m, c in enumerate(text[k:k + n])))
+            k += n
+        return ids
+
+
+def test_tokenization_mismatch_is_an_error_not_a_wrong_mask():
+    with pytest.raises(ValueError, match="tokenization mismatch"):
+        tx.encode_internlm2_chat(CHAT, _MergingTokenizer(), [1], tokens_per_tile=1)
