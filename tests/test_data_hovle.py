@@ -219,3 +219,86 @@ class _MergingTokenizer:
 def test_tokenization_mismatch_is_an_error_not_a_wrong_mask():
     with pytest.raises(ValueError, match="tokenization mismatch"):
         tx.encode_internlm2_chat(CHAT, _MergingTokenizer(), [1], tokens_per_tile=1)
+
+
+# ---- HoVLE batches from the conversation sources ------------------------------------------------
+
+import io  # noqa: E402
+import json  # noqa: E402
+from types import SimpleNamespace  # noqa: E402
+
+from evejax.data import pipeline, shapes  # noqa: E402
+
+HOVLE_DATA = dict(template="internlm2-chat", tokenizer="shapes", tile_size=28, max_tiles=4, tokens_per_tile=4,
+                  seq_len=160, global_batch=4, num_epochs=1, shuffle=False, with_ids=True)
+
+
+def _jpeg(width, height, seed):
+    buf = io.BytesIO()
+    _random_image(width, height, seed).save(buf, "JPEG")
+    return buf.getvalue()
+
+
+def _qa(question, answer):
+    return [{"from": "human", "value": question}, {"from": "gpt", "value": answer}]
+
+
+def _write_llava(root):
+    (root / "img").mkdir()
+    for name, size in [("wide", (80, 20)), ("square", (20, 20))]:
+        (root / "img" / f"{name}.jpg").write_bytes(_jpeg(*size, seed=len(name)))
+    records = [
+        {"id": "wide", "image": "img/wide.jpg", "conversations": _qa("<image>\nwhat colour is the circle?", "red")},
+        {"id": "unplaced", "image": "img/square.jpg", "conversations": _qa("is there a red square?", "yes")},
+        {"id": "text", "conversations": _qa("how many shapes are there?", "two")},
+        {"id": "twice", "image": "img/square.jpg", "conversations": _qa("<image> and <image>?", "two")},
+        {"id": "no_image", "conversations": _qa("<image>\nwhat colour is the circle?", "red")},
+    ]
+    path = root / "data.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in records) + "\n")
+    return str(path)
+
+
+def test_hovle_batches_from_llava_jsonl(tmp_path):
+    path = _write_llava(tmp_path)
+    it = pipeline.make_data(SimpleNamespace(data=dict(HOVLE_DATA, name="llava", path=path,
+                                                      image_root=str(tmp_path))), 0, 1)
+    batch = next(it)
+    b, t, n = 4, 160, 5
+    assert {k: v.shape for k, v in batch.items()} == {
+        "tokens": (b, t), "targets": (b, t), "loss_mask": (b, t), "segment_ids": (b, t), "positions": (b, t),
+        "has_image": (b,), "pixels": (b, n, 28, 28, 3), "tile_mask": (b, n), "example_id": (b, t)}
+    assert it.stats()["skipped_multiple_images"] == 1 and it.stats()["skipped_malformed"] == 1
+    v = shapes.tokenizer().vocab_size
+    im_end, im_start, img, img_end, ctx = range(v, v + 5)
+    assert batch["has_image"].tolist() == [True, True, False, False]
+    # wide (4:1 -> 4 x 1 grid + thumbnail), square (1 tile), text-only, padding row.
+    assert batch["tile_mask"].sum(1).tolist() == [5, 1, 0, 0]
+    for row, tiles, name in [(0, 5, "wide"), (1, 1, "square")]:
+        tokens = batch["tokens"][row]
+        assert (tokens == ctx).sum() == 4 * tiles and (tokens == img).sum() == 1 and (tokens == img_end).sum() == 1
+        start = int(np.nonzero(tokens == img)[0][0])
+        assert tokens[start - 3] == im_start and tokens[start + 4 * tiles + 1] == img_end
+        expected = im.tile_image(Image.open(tmp_path / "img" / f"{name}.jpg"), pipeline.tiling_config(
+            dict(pipeline.FIELDS, **HOVLE_DATA)))
+        np.testing.assert_array_equal(batch["pixels"][row], expected.pixels)
+    tok = shapes.tokenizer()
+    for row, answer in [(0, "red"), (1, "yes"), (2, "two")]:
+        sup = batch["loss_mask"][row] > 0
+        assert batch["targets"][row][sup].tolist() == tok.encode(answer) + [im_end]
+        k = int((batch["segment_ids"][row] > 0).sum())
+        np.testing.assert_array_equal(batch["positions"][row, :k], np.arange(k))
+        np.testing.assert_array_equal(batch["targets"][row, :k - 1], batch["tokens"][row, 1:k])
+    assert not batch["pixels"][2].any() and not batch["tile_mask"][3].any()
+
+
+def test_hovle_batches_from_shapes_and_config_errors():
+    it = pipeline.make_data(SimpleNamespace(data=dict(HOVLE_DATA, name="shapes_qa", num_examples=8)), 0, 1)
+    batch = next(it)
+    ctx = shapes.tokenizer().vocab_size + 4
+    assert batch["pixels"].shape == (4, 5, 28, 28, 3) and batch["has_image"].all()
+    assert ((batch["tokens"] == ctx).sum(1) == 4 * batch["tile_mask"].sum(1)).all()
+    with pytest.raises(ValueError, match=r"\['max_tiles'\] apply only to template='internlm2-chat'"):
+        pipeline.options(dict(name="shapes_qa", global_batch=1, max_tiles=12))
+    with pytest.raises(ValueError, match="tokens_per_tile must be positive"):
+        pipeline.options(dict(HOVLE_DATA, name="shapes_qa", tokens_per_tile=0))
