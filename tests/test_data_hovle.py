@@ -227,7 +227,7 @@ import io  # noqa: E402
 import json  # noqa: E402
 from types import SimpleNamespace  # noqa: E402
 
-from evejax.data import pipeline, shapes  # noqa: E402
+from evejax.data import pipeline, shapes, sources  # noqa: E402
 
 HOVLE_DATA = dict(template="internlm2-chat", tokenizer="shapes", tile_size=28, max_tiles=4, tokens_per_tile=4,
                   seq_len=160, global_batch=4, num_epochs=1, shuffle=False, with_ids=True)
@@ -302,3 +302,16 @@ def test_hovle_batches_from_shapes_and_config_errors():
         pipeline.options(dict(name="shapes_qa", global_batch=1, max_tiles=12))
     with pytest.raises(ValueError, match="tokens_per_tile must be positive"):
         pipeline.options(dict(HOVLE_DATA, name="shapes_qa", tokens_per_tile=0))
+
+
+def test_hovle_batches_from_arrayrecord_equal_the_jsonl_ones(tmp_path):
+    path = _write_llava(tmp_path)
+    out = tmp_path / "ar"
+    sources.convert_conversations(path, str(out), str(tmp_path), embed_images=True, shards=2, log=lambda _: None)
+    direct = pipeline.make_data(SimpleNamespace(data=dict(HOVLE_DATA, name="llava", path=path,
+                                                          image_root=str(tmp_path))), 0, 1)
+    converted = pipeline.make_data(SimpleNamespace(data=dict(HOVLE_DATA, name="arrayrecord", path=str(out))), 0, 1)
+    a, b = next(direct), next(converted)
+    assert a.keys() == b.keys() and a["tile_mask"].sum() == 6
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k], err_msg=k)
