@@ -315,3 +315,24 @@ def test_hovle_batches_from_arrayrecord_equal_the_jsonl_ones(tmp_path):
     assert a.keys() == b.keys() and a["tile_mask"].sum() == 6
     for k in a:
         np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+
+
+def test_truncation_that_cuts_image_tokens_is_a_counted_skip(tmp_path):
+    path = _write_llava(tmp_path)
+    # The image in round 2: the cut keeps round 1's answer but not the whole image.
+    late = {"id": "late", "image": "img/wide.jpg", "conversations": _qa("how many shapes are there?", "two")
+            + _qa("<image>\nwhat colour is the circle?", "red")}
+    with open(path, "a") as f:
+        f.write(json.dumps(late) + "\n")
+    data = dict(HOVLE_DATA, name="llava", path=path, image_root=str(tmp_path), seq_len=28, overlong="truncate")
+    it = pipeline.make_data(SimpleNamespace(data=data), 0, 1)
+    batch = next(it)
+    # "wide" (46 ids, answer after the image) and "late" (image from id 26) are too long.
+    assert it.stats()["skipped_too_long"] == 2
+    assert batch["example_id"][:, 0].tolist() == [1, 2, -1, -1]
+    tok, ids = shapes.tokenizer(), pipeline.special_ids("shapes", shapes.tokenizer())
+    full = tx.encode_internlm2_chat(_qa("is there a red square?", "yes"), tok, [1], 4, ids)
+    assert len(full.input_ids) == 30 and batch["tokens"][0].tolist() == full.input_ids[:28].tolist()
+    assert batch["tile_mask"][0].tolist() == [True] + [False] * 4
+    cut = tx.encode_internlm2_chat(late["conversations"], tok, [5], 4, ids, max_len=29)
+    assert cut.loss_mask.any() and ids["<img>"] in cut.input_ids and ids["</img>"] not in cut.input_ids
