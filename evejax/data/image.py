@@ -21,6 +21,20 @@ times ratio = S / T. Hence the short edge of the EVE view is a multiple of
 teacher_patch_size * ratio (28 for 672, 56 for 1344) and the token count is
 1 + h * (w + 1) (`num_image_tokens`).
 
+InternVL dynamic tiling for HoVLE (`tile_image`), following the official
+`dynamic_preprocess` / `find_closest_aspect_ratio` and the per-tile transform:
+
+  input   a decoded RGB `PIL.Image` (width W, height H), `TilingConfig`
+  output  `TiledImage` with
+            pixels     float32 [N, t, t, 3]  ImageNet-normalised tiles, t = tile_size
+                                             (448), N = cfg.max_slots (static)
+            tile_mask  bool    [N]           True on the num_tiles real tiles
+            grid       (i, j)                i tiles across, j down
+            num_tiles  int                   i * j, + 1 thumbnail when i * j > 1
+          Tiles are row-major over the (448 i) x (448 j) bicubic resize; the
+          thumbnail (whole image bicubic to t x t, aspect not kept) comes last.
+          HWC like EVE's views; padding slots are zeros.
+
 ImageNet views for the DAN backbones (`imagenet_train_transform`,
 `imagenet_eval_transform`): PIL image in, float32 [size, size, 3] out.
 
@@ -239,6 +253,99 @@ def blank_anyres(cfg: AnyResConfig = AnyResConfig()) -> AnyResImage:
     teacher_pixels, teacher_mask = view(cfg.teacher_image_size)
     return AnyResImage(pixels=pixels, mask=mask, grid=(0, 0),
                        teacher_pixels=teacher_pixels, teacher_mask=teacher_mask)
+
+
+class TooManyTilesError(ValueError):
+    """More tiles than the static tile slots of the config."""
+
+
+@dataclasses.dataclass(frozen=True)
+class TilingConfig:
+    """InternVL dynamic tiling. `max_tiles` is the official max_dynamic_patch (the
+    grid's i * j limit; official class default 6); `max_slots`,
+    the static tile dimension of a batch, adds the thumbnail's slot."""
+
+    tile_size: int = 448
+    min_tiles: int = 1
+    max_tiles: int = 6
+    use_thumbnail: bool = True
+    mean: tuple = IMAGENET_MEAN
+    std: tuple = IMAGENET_STD
+
+    def __post_init__(self):
+        if self.tile_size <= 0 or not 1 <= self.min_tiles <= self.max_tiles:
+            raise ValueError(f"TilingConfig {self}: need tile_size > 0 and 1 <= min_tiles <= max_tiles")
+
+    @property
+    def max_slots(self) -> int:
+        return self.max_tiles + (self.use_thumbnail and self.max_tiles > 1)
+
+
+def closest_grid(width: int, height: int, cfg: TilingConfig = TilingConfig()) -> tuple[int, int]:
+    """The official tile grid (i across, j down) of a width x height image.
+
+    Among grids with min_tiles <= i * j <= max_tiles, those whose i / j is
+    nearest W / H (the same float |W / H - i / j| as official); of these the
+    largest with W * H > t^2 * i * j / 2, else the smallest. This is what the
+    official area-ordered scan with its equal-distance tie-break ends on.
+    """
+    if width <= 0 or height <= 0:
+        raise ValueError(f"image size must be positive, got {width}x{height}")
+    aspect = width / height
+    grids = [(i, j) for i in range(1, cfg.max_tiles + 1) for j in range(1, cfg.max_tiles // i + 1)
+             if i * j >= cfg.min_tiles]
+    nearest = min(abs(aspect - i / j) for i, j in grids)
+    tied = sorted((g for g in grids if abs(aspect - g[0] / g[1]) == nearest), key=lambda g: g[0] * g[1])
+    large_enough = [g for g in tied if width * height > 0.5 * cfg.tile_size ** 2 * g[0] * g[1]]
+    return large_enough[-1] if large_enough else tied[0]
+
+
+def num_tiles(width: int, height: int, cfg: TilingConfig = TilingConfig()) -> int:
+    """Tiles of a width x height image, the thumbnail included."""
+    i, j = closest_grid(width, height, cfg)
+    return i * j + (cfg.use_thumbnail and i * j > 1)
+
+
+@dataclasses.dataclass(frozen=True)
+class TiledImage:
+    pixels: np.ndarray
+    tile_mask: np.ndarray
+    grid: tuple
+    num_tiles: int
+
+
+def check_tile_count(n: int, max_slots: int) -> None:
+    if n > max_slots:
+        raise TooManyTilesError(f"{n} tiles exceed the {max_slots} tile slots of the config; raise the "
+                                "config's max_tiles (slots = max_tiles + 1 thumbnail) or tile with a "
+                                "smaller max_tiles")
+
+
+def pad_tiles(tiles: np.ndarray, max_slots: int) -> tuple[np.ndarray, np.ndarray]:
+    """[n, t, t, 3] -> ([max_slots, t, t, 3] zero-padded, bool tile_mask [max_slots])."""
+    n = len(tiles)
+    check_tile_count(n, max_slots)
+    pixels = np.zeros((max_slots,) + tiles.shape[1:], np.float32)
+    pixels[:n] = tiles
+    return pixels, np.arange(max_slots) < n
+
+
+def tile_image(image: Image.Image, cfg: TilingConfig = TilingConfig(),
+               max_slots: int | None = None) -> TiledImage:
+    """Tiles of one image (module docstring), in `max_slots` slots (cfg.max_slots by default)."""
+    image = image.convert("RGB")
+    i, j = closest_grid(image.width, image.height, cfg)
+    max_slots = cfg.max_slots if max_slots is None else max_slots
+    check_tile_count(num_tiles(image.width, image.height, cfg), max_slots)
+    t = cfg.tile_size
+    resized = np.asarray(image.resize((t * i, t * j), Image.Resampling.BICUBIC))
+    tiles = resized.reshape(j, t, i, t, 3).transpose(0, 2, 1, 3, 4).reshape(i * j, t, t, 3)
+    if cfg.use_thumbnail and i * j > 1:
+        # Official resizes each tile to t x t once more; at t x t that is PIL's copy, so skipped.
+        thumbnail = np.asarray(image.resize((t, t), Image.Resampling.BICUBIC))
+        tiles = np.concatenate([tiles, thumbnail[None]])
+    pixels, tile_mask = pad_tiles(normalize(tiles, cfg.mean, cfg.std), max_slots)
+    return TiledImage(pixels=pixels, tile_mask=tile_mask, grid=(i, j), num_tiles=len(tiles))
 
 
 def random_resized_crop_box(width: int, height: int, rng: np.random.Generator,

@@ -40,6 +40,13 @@ with_teacher, teacher_pixels [b, Tt, Tt, 3], teacher_mask [b, Tt, Tt]
 tokens holds IMAGE_TOKEN_INDEX (-200) where the model splices the image;
 positions count text positions (the placeholder is one), so a model that
 splices must recompute positions per segment after splicing.
+HoVLE conversation batch (template "internlm2-chat", `HoVLEConversationMap`; same
+sources; N = max_tiles + 1 tile slots, t = tile_size): tokens, targets,
+loss_mask, segment_ids, positions [b, T] and has_image [b] as above, but tokens
+hold the expanded image (<img>, tokens_per_tile x <IMG_CONTEXT> per real tile,
+</img>), so positions already count every image token; pixels float32
+[b, N, t, t, 3] (image.tile_image) and tile_mask bool [b, N] (False on padding
+slots and on text-only rows); example_id [b, T] with with_ids.
 
 config.data fields (FIELDS; a key not listed there is an error):
   name               one of DATA_NAMES
@@ -70,7 +77,16 @@ config.data fields (FIELDS; a key not listed there is an error):
                      336, 14; shapes_*: 64, 8, 2, 32, 8; tfds_imagenet: image_size
                      224 is the crop). Config files build config.data with
                      evejax.config.data_config: every other key, in every config.
-  with_teacher       add the CLIP teacher view (True)
+  with_teacher       add the CLIP teacher view (True; not used by internlm2-chat)
+  -- internlm2-chat (HoVLE) only --
+  tile_size          t, the InternVL tile side (448)
+  max_tiles          the official max_dynamic_patch, grid tiles per image (6); the
+                     batch has max_tiles + 1 slots (the thumbnail; 1 slot at max_tiles 1)
+  tokens_per_tile    <IMG_CONTEXT> per tile in the text (256 = (448 / 14)^2 / 4)
+  The tokenizer's special tokens: INTERNLM2_SPECIAL_IDS for a tokenizer.model
+  (InternLM2's); with "shapes" they take the ids after its vocabulary,
+  (<|im_end|>, <|im_start|>, <img>, </img>, <IMG_CONTEXT>) = V, ..., V + 4,
+  V = the shapes vocabulary size (`special_ids`).
   with_ids           add example_id, for inspection and tests (False)
   -- llava, arrayrecord --
   path               llava: the JSON / JSONL file; arrayrecord: the --out directory
@@ -110,8 +126,10 @@ DATA_NAMES = ("llava", "arrayrecord", "shapes_caption", "shapes_qa", "shapes_cla
 CONVERSATION_NAMES = ("llava", "arrayrecord", "shapes_caption", "shapes_qa")
 
 GEOMETRY = ("image_size", "patch_size", "pool", "teacher_image_size", "teacher_patch_size")
+HOVLE_TEMPLATE = "internlm2-chat"
+HOVLE_FIELDS = dict(tile_size=448, max_tiles=6, tokens_per_tile=256)
 FIELDS: dict[str, Any] = dict(config_lib.DATA_KEYS, image_size=672, patch_size=14, pool=2,
-                              teacher_image_size=336, teacher_patch_size=14)
+                              teacher_image_size=336, teacher_patch_size=14, **HOVLE_FIELDS)
 _SHAPES_DEFAULTS = dict(image_size=64, patch_size=8, pool=2, teacher_image_size=32, teacher_patch_size=8,
                         tokenizer="shapes", seq_len=128)
 NAME_DEFAULTS: dict[str, dict[str, Any]] = {
@@ -155,7 +173,14 @@ def options(data, geometry: image_lib.AnyResConfig | None = None) -> dict[str, A
         need(opts["overlong"] in ("skip", "truncate"), f"overlong={opts['overlong']!r}: use 'skip' or 'truncate'")
         need(bool(opts["tokenizer"]), "tokenizer is required: a SentencePiece tokenizer.model path "
              "(the checkpoint's) or 'shapes'")
-        text_lib.get_template(opts["template"])
+        if opts["template"] == HOVLE_TEMPLATE:
+            tiling_config(opts)
+            need(opts["tokens_per_tile"] > 0, f"tokens_per_tile must be positive, got {opts['tokens_per_tile']}")
+        else:
+            text_lib.get_template(opts["template"])
+    changed = sorted(k for k in HOVLE_FIELDS if k in given and given[k] != HOVLE_FIELDS[k])
+    need(not changed or opts["template"] == HOVLE_TEMPLATE,
+         f"{changed} apply only to template={HOVLE_TEMPLATE!r}, not {opts['template']!r}")
     if name in ("llava", "arrayrecord"):
         need(bool(opts["path"]), f"path is required for {name}")
     return opts
@@ -191,6 +216,10 @@ def anyres_config(opts: dict) -> image_lib.AnyResConfig:
     return image_lib.AnyResConfig(image_size=opts["image_size"], patch_size=opts["patch_size"],
                                   pool=opts["pool"], teacher_image_size=opts["teacher_image_size"],
                                   teacher_patch_size=opts["teacher_patch_size"])
+
+
+def tiling_config(opts: dict) -> image_lib.TilingConfig:
+    return image_lib.TilingConfig(tile_size=opts["tile_size"], max_tiles=opts["max_tiles"])
 
 
 def make_tokenizer(spec: str) -> text_lib.Tokenizer:
@@ -289,6 +318,71 @@ class ConversationMap:
             if self.with_teacher:
                 example.update(teacher_pixels=view.teacher_pixels, teacher_mask=view.teacher_mask)
         return example
+
+
+def special_ids(tokenizer_spec: str, tokenizer: text_lib.Tokenizer) -> dict[str, int]:
+    """The internlm2-chat special-token ids for this tokenizer (module docstring)."""
+    if tokenizer_spec != "shapes":
+        return dict(text_lib.INTERNLM2_SPECIAL_IDS)
+    ordered = sorted(text_lib.INTERNLM2_SPECIAL_IDS, key=text_lib.INTERNLM2_SPECIAL_IDS.get)
+    return {s: tokenizer.vocab_size + k for k, s in enumerate(ordered)}
+
+
+class HoVLEConversationMap(ConversationMap):
+    """(index, raw record) -> HoVLE conversation example or {"bad": kind}.
+
+    Example: index int64; ids int32 [L] and loss_mask bool [L]
+    (text.encode_internlm2_chat, tokens_per_tile x the image's tiles <IMG_CONTEXT>);
+    with an image also pixels float32 [N, t, t, 3] and tile_mask bool [N]
+    (image.tile_image, N = max_tiles + 1). As official InternVL training, an image
+    without `<image>` in the text gets "<image>\n" before the first question.
+    Counted skips: `<image>` count not one per image ("multiple_images" when there
+    are more, else "malformed"), and, with overlong="truncate", a cut that removes
+    any image token ("too_long"; official asserts the one </img> survives).
+    """
+
+    def __init__(self, decode: Callable, opts: dict):
+        super().__init__(decode, opts)
+        self.tiling = tiling_config(opts)
+        self.tokens_per_tile = opts["tokens_per_tile"]
+        self._special_ids = None
+
+    def __getstate__(self):
+        return dict(super().__getstate__(), _special_ids=None)
+
+    def _example(self, index: int, raw) -> dict:
+        record, image = self.decode(raw)
+        turns = record.get("conversations")
+        if not turns or (isinstance(turns, list) and all(
+                isinstance(t, dict) and not str(t.get("value", "")).strip() for t in turns)):
+            raise BadRecord("empty_conversation", f"record {record.get('id')!r} has no conversation")
+        tiled = None if image is None else image_lib.tile_image(_load_image(image, self.image_root), self.tiling)
+        if self._special_ids is None:
+            self._special_ids = special_ids(self.tokenizer_spec, self.tokenizer)
+        tiles = [] if tiled is None else [tiled.num_tiles]
+        try:
+            encoded = text_lib.encode_internlm2_chat(turns, self.tokenizer, tiles, self.tokens_per_tile,
+                                                     self._special_ids,
+                                                     max_len=self.seq_len + 1 if self.truncate else None)
+        except text_lib.ImageCountError as e:
+            raise BadRecord("multiple_images" if _placeholders(turns) > 1 else "malformed", str(e)) from e
+        except ValueError as e:
+            raise BadRecord("malformed", str(e)) from e
+        ids, mask = encoded.input_ids, encoded.loss_mask
+        image_ids = sum(tiles) * self.tokens_per_tile + 2 * len(tiles)
+        special = set(self._special_ids[s] for s in (text_lib.IMG_START, text_lib.IMG_END, text_lib.IMG_CONTEXT))
+        cut_image = int(np.isin(ids, list(special)).sum()) != image_ids
+        if len(ids) - 1 > self.seq_len or not mask[1:].any() or cut_image:
+            raise BadRecord("too_long", f"{len(ids)} ids for rows of {self.seq_len} positions"
+                            + ("; the cut removed image tokens" if cut_image else ""))
+        example = {"index": np.int64(index), "ids": ids, "loss_mask": mask}
+        if tiled is not None:
+            example.update(pixels=tiled.pixels, tile_mask=tiled.tile_mask)
+        return example
+
+
+def _placeholders(turns) -> int:
+    return sum(str(t.get("value", "")).count(text_lib.IMAGE_PLACEHOLDER) for t in turns if isinstance(t, dict))
 
 
 def decode_json(raw: bytes):
@@ -410,14 +504,20 @@ def make_data(config, process_index: int, process_count: int) -> packing.BatchIt
             task = "caption" if name == "shapes_caption" else "qa"
             source, decode = _shapes_source(task, opts), decode_shapes
         pad_id = make_tokenizer(opts["tokenizer"]).pad_id
-        blank = image_lib.blank_anyres(anyres_config(opts))
-        fields = {"pixels": blank.pixels, "pixel_mask": blank.mask}
-        if opts["with_teacher"]:
-            fields.update(teacher_pixels=blank.teacher_pixels, teacher_mask=blank.teacher_mask)
+        if opts["template"] == HOVLE_TEMPLATE:
+            slots, t = tiling_config(opts).max_slots, opts["tile_size"]
+            fields = {"pixels": np.zeros((slots, t, t, 3), np.float32), "tile_mask": np.zeros(slots, bool)}
+            transform = HoVLEConversationMap(decode, opts)
+        else:
+            blank = image_lib.blank_anyres(anyres_config(opts))
+            fields = {"pixels": blank.pixels, "pixel_mask": blank.mask}
+            if opts["with_teacher"]:
+                fields.update(teacher_pixels=blank.teacher_pixels, teacher_mask=blank.teacher_mask)
+            transform = ConversationMap(decode, opts)
         what = opts["path"] or name
         if opts["image_root"]:
             what += f" (images under {opts['image_root']})"
-        return build(source, ConversationMap(decode, opts),
+        return build(source, transform,
                      lambda: packing.SequencePacker(b, opts["seq_len"], opts["pack"], pad_id, fields,
                                                     opts["with_ids"]),
                      opts, process_index, process_count, what=what)

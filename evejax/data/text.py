@@ -15,6 +15,12 @@ record ([{"from": "human", "value": "<image>\\nWhat ..."}, {"from": "gpt",
 `max_len` truncates these text ids, i.e. before image expansion, as the
 official collator does.
 
+HoVLE / InternVL (`encode_internlm2_chat`): the `internlm2-chat` template, with
+the k-th `<image>` expanded in the text to <img> + <IMG_CONTEXT> x (tokens per
+tile * tiles of image k) + </img> before tokenizing; input_ids int32 [T] (BOS,
+then the ids, special tokens by INTERNLM2_SPECIAL_IDS) and loss_mask bool [T]
+(each answer + its "<|im_end|>"), aligned the same way.
+
 Tokenizers: `SentencePieceTokenizer` (LLaMA/Vicuna tokenizer.model; needs the
 `sentencepiece` package) and `WordTokenizer` (word-level, for generated data).
 Both follow the `Tokenizer` protocol: `encode` returns ids without BOS.
@@ -297,3 +303,132 @@ def encode_prompt(question: str, tokenizer: Tokenizer,
         return np.asarray([tokenizer.bos_id, IMAGE_TOKEN_INDEX], np.int32)
     text = f"{tpl.system}{tpl.sep}{tpl.roles[0]}: {question}{tpl.sep}{tpl.roles[1]}:"
     return np.asarray([tokenizer.bos_id] + _encode_with_image(text, tokenizer), np.int32)
+
+
+# ---- internlm2-chat (HoVLE, InternVL) ---------------------------------------------------------
+
+IMG_START, IMG_END, IMG_CONTEXT = "<img>", "</img>", "<IMG_CONTEXT>"
+IM_START, IM_END = "<|im_start|>", "<|im_end|>"
+# InternLM2-chat's chat tokens and InternVL's added image tokens (added_tokens.json).
+INTERNLM2_SPECIAL_IDS = {IM_END: 92542, IM_START: 92543, IMG_START: 92544, IMG_END: 92545,
+                         IMG_CONTEXT: 92546}
+INTERNVL_SYSTEM = ("你是由上海人工智能实验室联合商汤科技开发的书生多模态大模型，英文名叫InternVL, "
+                   "是一个有用无害的人工智能助手。")
+INTERNLM2_CHAT = ConversationTemplate(
+    name="internlm2-chat", system=INTERNVL_SYSTEM,
+    roles=(IM_START + "user\n", IM_START + "assistant\n"), sep=IM_END, sep2=None, style="mpt")
+
+
+class ImageCountError(ValueError):
+    """The `<image>` placeholders of a conversation do not match its images."""
+
+
+def _chat_pairs(turns, n_images: int) -> list[tuple[str, str]]:
+    """(question, answer) pairs of a LLaVA-style record for internlm2-chat.
+
+    As official InternVL training: one image and no `<image>` puts "<image>\\n"
+    in front of the first question; placeholders stay where they are. Every other
+    count mismatch raises ImageCountError. Text holding a chat or image token
+    (e.g. "<|im_end|>") would be read as that token, so it raises ValueError.
+    """
+    if not isinstance(turns, (list, tuple)) or not turns:
+        raise ValueError(f"a conversation must be a non-empty list of turns, got {turns!r:.200}")
+    roles = [t.get("from") if isinstance(t, dict) else None for t in turns]
+    if (len(turns) % 2 or roles != ["human", "gpt"] * (len(turns) // 2)
+            or not all(isinstance(t.get("value"), str) for t in turns)):
+        raise ValueError("an internlm2-chat conversation must alternate {'from': 'human' | 'gpt', "
+                         "'value': str} turns, starting with human and ending with gpt; "
+                         f"got roles {roles}")
+    values = [t["value"] for t in turns]
+    for k, value in enumerate(values):
+        found = [s for s in INTERNLM2_SPECIAL_IDS if s in value]
+        if found:
+            raise ValueError(f"turn {k} contains {found}, which would be read as special tokens")
+    placeholders = sum(v.count(IMAGE_PLACEHOLDER) for v in values)
+    if placeholders == 0 and n_images == 1:
+        values[0] = IMAGE_PLACEHOLDER + "\n" + values[0]
+    elif placeholders != n_images:
+        raise ImageCountError(f"the conversation has {placeholders} {IMAGE_PLACEHOLDER} placeholders "
+                              f"for {n_images} images; give one {IMAGE_PLACEHOLDER} per image")
+    return list(zip(values[0::2], values[1::2]))
+
+
+def _expand_images(text: str, image_tokens: list[int]) -> str:
+    """Replaces successive `<image>` with <img> + <IMG_CONTEXT> x n + </img>; pops the counts used."""
+    chunks = text.split(IMAGE_PLACEHOLDER)
+    out = chunks[0]
+    for chunk in chunks[1:]:
+        out += IMG_START + IMG_CONTEXT * image_tokens.pop(0) + IMG_END + chunk
+    return out
+
+
+def _internlm2_segments(turns, tiles_per_image: Sequence[int], tokens_per_tile: int,
+                        system: str) -> list[tuple[str, bool]]:
+    """The prompt as (text, supervised) pieces, cut where official preprocess_internlm cuts."""
+    if tokens_per_tile <= 0 or any(n <= 0 for n in tiles_per_image):
+        raise ValueError(f"tokens_per_tile ({tokens_per_tile}) and every image's tile count "
+                         f"({list(tiles_per_image)}) must be positive")
+    if any(s in system for s in (*INTERNLM2_SPECIAL_IDS, IMAGE_PLACEHOLDER)):
+        raise ValueError("the system message must not contain special tokens or <image>")
+    tpl = INTERNLM2_CHAT
+    image_tokens = [tokens_per_tile * n for n in tiles_per_image]
+    head = IM_START + "system\n" + system + tpl.sep
+    segments = []
+    for question, answer in _chat_pairs(turns, len(tiles_per_image)):
+        segments.append((head + tpl.roles[0] + _expand_images(question, image_tokens) + tpl.sep
+                         + tpl.roles[1], False))
+        segments.append((_expand_images(answer, image_tokens) + tpl.sep, True))
+        head = ""
+    return segments
+
+
+def render_internlm2_chat(turns, tiles_per_image: Sequence[int] = (), tokens_per_tile: int = 256,
+                          system: str = INTERNVL_SYSTEM) -> str:
+    """The official training string: the MPT-style `internlm2-chat` prompt
+    "<|im_start|>system\\n{system}<|im_end|>" + per round "<|im_start|>user\\n{q}<|im_end|>
+    <|im_start|>assistant\\n{a}<|im_end|>" (no newlines between), with the k-th `<image>`
+    replaced by <img> + <IMG_CONTEXT> x (tokens_per_tile * tiles_per_image[k]) + </img>."""
+    return "".join(text for text, _ in _internlm2_segments(turns, tiles_per_image, tokens_per_tile, system))
+
+
+def encode_with_specials(text: str, tokenizer: Tokenizer,
+                         special_ids: dict[str, int] = INTERNLM2_SPECIAL_IDS) -> list[int]:
+    """Ids of `text` without BOS: special-token strings map to their ids, the text between
+    them is encoded piece by piece, as the official slow tokenizer splits at added tokens."""
+    pattern = "(" + "|".join(re.escape(s) for s in sorted(special_ids, key=len, reverse=True)) + ")"
+    ids = []
+    for k, piece in enumerate(re.split(pattern, text)):
+        ids.extend([special_ids[piece]] if k % 2 else tokenizer.encode(piece))
+    return ids
+
+
+def encode_internlm2_chat(turns, tokenizer: Tokenizer, tiles_per_image: Sequence[int] = (),
+                          tokens_per_tile: int = 256,
+                          special_ids: dict[str, int] = INTERNLM2_SPECIAL_IDS,
+                          system: str = INTERNVL_SYSTEM,
+                          max_len: int | None = None) -> TokenizedConversation:
+    """Ids and loss mask of an internlm2-chat training conversation (HoVLE, InternVL).
+
+    input_ids int32 [T]: BOS + the tokens of `render_internlm2_chat`, IMG_CONTEXT's id
+    tokens_per_tile * tiles_per_image[k] times for image k (256 per 448 px tile to the
+    LLM; the "post" (HD) embedding stream takes 1024, the same text ids otherwise).
+    loss_mask bool [T], as official preprocess_internlm: True on each answer and its
+    "<|im_end|>"; BOS, system, questions, image tokens and the "<|im_start|>user\\n" /
+    "<|im_start|>assistant\\n" headers are masked. Official computes the mask from the
+    lengths of the pieces tokenized on their own and masks the whole sample when they
+    do not add up to the tokenized prompt; that raises ValueError here. `max_len` cuts
+    the ids after expansion, as the official tokenizer's truncation does.
+    """
+    segments = _internlm2_segments(turns, tiles_per_image, tokens_per_tile, system)
+    ids = [tokenizer.bos_id] + encode_with_specials("".join(t for t, _ in segments), tokenizer, special_ids)
+    mask = [False]
+    for text, supervised in segments:
+        mask += [supervised] * len(encode_with_specials(text, tokenizer, special_ids))
+    if len(mask) != len(ids):
+        raise ValueError(f"tokenization mismatch: the prompt has {len(ids)} ids, its pieces {len(mask)}; "
+                         "the loss mask boundary is undefined (official training drops this sample's loss)")
+    if max_len is not None:
+        if max_len < 1:
+            raise ValueError(f"max_len must be positive, got {max_len}")
+        ids, mask = ids[:max_len], mask[:max_len]
+    return TokenizedConversation(input_ids=np.asarray(ids, np.int32), loss_mask=np.asarray(mask, bool))
