@@ -346,10 +346,13 @@ def test_a_checkpoint_of_another_model_is_refused_naming_both(tmp_path, capsys):
     assert ("holds model llm size llama_tiny (family llama), but this config is model llm size "
             "internlm2_tiny (family internlm2)") in err, err
     # Same family and size, other shapes (a third layer): refused, naming the shapes.
+    three_layers = tiny("--config.train.steps=1")
+    with three_layers.unlocked():
+        three_layers.model.overrides.num_layers = 3
     with pytest.raises(trainer.ModelMismatchError,
                        match=r"parameter shapes differ.*decoder/layers/attention/key/kernel: saved "
                              r"\(2, 64, 2, 16\), config \(3, 64, 2, 16\)"):
-        trainer.train(tiny("--config.train.steps=1", "--config.model.overrides.num_layers=3"), workdir)
+        trainer.train(three_layers, workdir)
     assert ckpt_lib.load_params(workdir)[0] == 1 and not (tmp_path / "checkpoints_damaged").exists()
 
 
