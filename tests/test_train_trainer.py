@@ -315,8 +315,8 @@ def test_damaged_newest_checkpoint_is_set_aside_and_the_older_one_resumes(tmp_pa
     eight = tiny("--config.train.steps=8")
     trainer.train(eight, str(tmp_path / "clean"))
     _, reference = ckpt_lib.load_params(str(tmp_path / "clean"))
-    reasons = {truncate_a_data_file: "Error reading", empty_the_metadata_json: "_METADATA is missing or not valid JSON",
-               remove_state: "8/state is missing"}
+    reasons = {truncate_a_data_file: "Error reading", remove_state: "8/state is missing",
+               empty_the_metadata_json: "_METADATA is missing or not valid JSON"}
     for damage, reason in reasons.items():
         workdir = tmp_path / damage.__name__
         shutil.copytree(tmp_path / "clean", workdir)
@@ -334,6 +334,15 @@ def test_damaged_newest_checkpoint_is_set_aside_and_the_older_one_resumes(tmp_pa
         assert step == 8
         for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(reference)):
             np.testing.assert_array_equal(a, b)
+    # Nothing restores: the run stops (exit 1) instead of starting over; both are kept.
+    workdir = tmp_path / "remove_state"
+    for step in (4, 8):
+        remove_state(workdir / "checkpoints" / str(step))
+    assert trainer.main(["--config", "configs/llm.py:tiny", "--workdir", str(workdir), *BASE,
+                         "--config.train.steps=8"]) == 1
+    assert "no checkpoint in" in capsys.readouterr().err
+    kept = sorted(p.name for p in (workdir / "checkpoints_damaged").iterdir())
+    assert kept[:2] == ["4", "8"] and len(kept) == 3 and kept[2].startswith("8-")   # 8 damaged twice
 
 
 def test_a_checkpoint_of_another_model_is_refused_naming_both(tmp_path, capsys):

@@ -69,6 +69,10 @@ class ModelMismatchError(ValueError):
     """The workdir's checkpoints were written by a different model than the config's."""
 
 
+class NoRestorableCheckpointError(RuntimeError):
+    """The workdir has checkpoints, and none of them restores (all were set aside)."""
+
+
 def data_source(name: str) -> Callable:
     """make_data for config.data.name: DATA_SOURCES, "package.module:function", or a pipeline name."""
     from evejax.data import pipeline
@@ -312,11 +316,13 @@ def newest_restorable(store, config, params_shape, state_shape, shardings):
     """(step, state, data state, metrics) of the newest checkpoint that restores; None if none exists.
 
     A checkpoint of another model is refused (ModelMismatchError). One that
-    does not restore is reported on stderr and set aside (never deleted); if
-    none restores, the run stops rather than silently starting over.
+    does not restore on some host is reported on stderr and set aside (never
+    deleted), on every host alike; if none restores, the run stops
+    (NoRestorableCheckpointError) rather than silently starting over.
     """
     damaged = []
     for step in reversed(store.all_steps()):
+        restored, reason = None, None
         try:
             saved_model, saved_shapes = store.config(step)["model"], store.param_shapes(step)
         except Exception as e:   # Orbax/TensorStore raise many types; all mean "unreadable"
@@ -324,19 +330,31 @@ def newest_restorable(store, config, params_shape, state_shape, shardings):
         else:
             _check_same_model(saved_model, saved_shapes, config.model, params_shape, store.directory, step)
             try:
-                return (step, *store.restore(step, state_shape, shardings))
+                restored = store.restore(step, state_shape, shardings)
             except Exception as e:
                 reason = e
+        if _on_every_host(reason is None):
+            return (step, *restored)
         where = store.set_aside(step)
         damaged.append(str(where))
         if jax.process_index() == 0:
+            why = _first_line(reason) if reason is not None else "it fails on another host"
             print(f"[{config.stage.name}] WARNING: checkpoint {step} in {store.directory} does not restore "
-                  f"({_first_line(reason)}); moved to {where} for inspection; trying the next older one",
+                  f"({why}); moved to {where} for inspection; trying the next older one",
                   file=sys.stderr, flush=True)
     if damaged:
-        raise RuntimeError(f"no checkpoint in {store.directory} restores; the damaged ones are in {damaged}. "
-                           "Run the same command again to start this stage over, or restore them by hand.")
+        raise NoRestorableCheckpointError(
+            f"no checkpoint in {store.directory} restores; they were moved to {damaged}. Run the same "
+            "command again to start this stage over, or move a repaired one back.")
     return None
+
+
+def _on_every_host(ok: bool) -> bool:
+    if jax.process_count() == 1:
+        return ok
+    from jax.experimental import multihost_utils
+
+    return bool(multihost_utils.process_allgather(np.int32(ok)).min())
 
 
 def _first_line(error: BaseException, limit: int = 400) -> str:
@@ -448,7 +466,7 @@ def main(argv=None) -> int:
     workdir = args.workdir or os.path.join("runs", config_name(args.config))
     try:
         train(config, workdir)
-    except (NonFiniteLossError, ModelMismatchError, ckpt_lib.WorkdirBusyError) as e:
+    except (NonFiniteLossError, ModelMismatchError, NoRestorableCheckpointError, ckpt_lib.WorkdirBusyError) as e:
         print(e, file=sys.stderr, flush=True)
         return 1
     return 0
