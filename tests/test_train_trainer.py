@@ -312,42 +312,41 @@ def remove_state(step_dir):
 
 
 def test_damaged_newest_checkpoint_is_set_aside_and_the_older_one_resumes(tmp_path, capsys):
-    eight = tiny("--config.train.steps=8")
-    trainer.train(eight, str(tmp_path / "clean"))
+    # Checkpoints 4, 8 and 12 (the configs of the other tests, so the step compiles once).
+    trainer.train(tiny(), str(tmp_path / "clean"))
     _, reference = ckpt_lib.load_params(str(tmp_path / "clean"))
-    reasons = {truncate_a_data_file: "Error reading", remove_state: "8/state is missing",
+    reasons = {truncate_a_data_file: "Error reading", remove_state: "12/state is missing",
                empty_the_metadata_json: "_METADATA is missing or not valid JSON"}
     for damage, reason in reasons.items():
         workdir = tmp_path / damage.__name__
         shutil.copytree(tmp_path / "clean", workdir)
-        damage(workdir / "checkpoints" / "8")
+        damage(workdir / "checkpoints" / "12")
         capsys.readouterr()
-        trainer.train(eight, str(workdir))
+        trainer.train(tiny(), str(workdir))
         out, err = capsys.readouterr()
-        warning = next(line for line in err.splitlines() if "WARNING: checkpoint 8 " in line)
+        warning = next(line for line in err.splitlines() if "WARNING: checkpoint 12 " in line)
         assert "does not restore (" in warning and reason in warning, warning
-        assert f"moved to {workdir / 'checkpoints_damaged' / '8'} for inspection" in warning
-        assert "resumed from checkpoint 4" in out
-        kept = workdir / "checkpoints_damaged" / "8"
+        assert f"moved to {workdir / 'checkpoints_damaged' / '12'} for inspection" in warning
+        assert "resumed from checkpoint 8" in out
+        kept = workdir / "checkpoints_damaged" / "12"
         assert (kept / "config").exists() and (kept / "state").exists() == (damage is not remove_state)
-        step, params = ckpt_lib.load_params(str(workdir))   # checkpoint 8 again, as if never damaged
-        assert step == 8
+        step, params = ckpt_lib.load_params(str(workdir))   # checkpoint 12 again, as if never damaged
+        assert step == 12
         for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(reference)):
             np.testing.assert_array_equal(a, b)
     # Nothing restores: the run stops (exit 1) instead of starting over; both are kept.
     workdir = tmp_path / "remove_state"
-    for step in (4, 8):
+    for step in (4, 8, 12):
         remove_state(workdir / "checkpoints" / str(step))
-    assert trainer.main(["--config", "configs/llm.py:tiny", "--workdir", str(workdir), *BASE,
-                         "--config.train.steps=8"]) == 1
+    assert trainer.main(["--config", "configs/llm.py:tiny", "--workdir", str(workdir), *BASE]) == 1
     assert "no checkpoint in" in capsys.readouterr().err
     kept = sorted(p.name for p in (workdir / "checkpoints_damaged").iterdir())
-    assert kept[:2] == ["4", "8"] and len(kept) == 3 and kept[2].startswith("8-")   # 8 damaged twice
+    assert kept[0] == "12" and kept[1].startswith("12-") and kept[2:] == ["4", "8"], kept   # 12 twice
 
 
 def test_a_checkpoint_of_another_model_is_refused_naming_both(tmp_path, capsys):
     workdir = str(tmp_path)
-    args = ["--workdir", workdir, *BASE, "--config.train.steps=1"]
+    args = ["--workdir", workdir, *BASE]
     assert trainer.main(["--config", "configs/llm.py:tiny", *args]) == 0
     capsys.readouterr()
     assert trainer.main(["--config", "configs/llm.py:internlm2_tiny", *args]) == 1
@@ -355,14 +354,14 @@ def test_a_checkpoint_of_another_model_is_refused_naming_both(tmp_path, capsys):
     assert ("holds model llm size llama_tiny (family llama), but this config is model llm size "
             "internlm2_tiny (family internlm2)") in err, err
     # Same family and size, other shapes (a third layer): refused, naming the shapes.
-    three_layers = tiny("--config.train.steps=1")
+    three_layers = tiny()
     with three_layers.unlocked():
         three_layers.model.overrides.num_layers = 3
     with pytest.raises(trainer.ModelMismatchError,
                        match=r"parameter shapes differ.*decoder/layers/attention/key/kernel: saved "
                              r"\(2, 64, 2, 16\), config \(3, 64, 2, 16\)"):
         trainer.train(three_layers, workdir)
-    assert ckpt_lib.load_params(workdir)[0] == 1 and not (tmp_path / "checkpoints_damaged").exists()
+    assert ckpt_lib.load_params(workdir)[0] == 12 and not (tmp_path / "checkpoints_damaged").exists()
 
 
 @pytest.mark.parametrize("override, key", [
@@ -397,19 +396,18 @@ class Skipping(NanAt):
 
 
 def test_skip_counts_in_log_lines_tensorboard_metrics_and_summary(tmp_path, capsys):
-    trainer.train(tiny("--config.train.steps=5", "--config.data.name=test_train_trainer:skipping_data"),
-                  str(tmp_path))
+    trainer.train(tiny("--config.data.name=test_train_trainer:skipping_data"), str(tmp_path))
     lines = capsys.readouterr().out.splitlines()
-    logged = {int(l.split("step ")[1].split("/")[0]): l for l in lines if "/5 | loss" in l}
+    logged = {int(l.split("step ")[1].split("/")[0]): l for l in lines if "/12 | loss" in l}
     assert "skipped" not in logged[2]
     assert "| skipped 1 (missing_image 1) |" in logged[3]
-    assert "| skipped 4 (missing_image 3, too_long 1) |" in logged[5]
-    assert "[llm_tiny] data: skipped 4 (missing_image 3, too_long 1)" in lines
+    assert "| skipped 11 (missing_image 10, too_long 1) |" in logged[12]
+    assert "[llm_tiny] data: skipped 11 (missing_image 10, too_long 1)" in lines
     scalars = read_scalars(tmp_path / "tensorboard")
-    assert scalars["train/skipped_missing_image"] == [(1, 0), (2, 0), (3, 1), (4, 2), (5, 3)]
-    assert scalars["train/skipped"][-1] == (5, 4)
-    saved = saved_metrics(tmp_path, 5)
-    assert (saved["skipped"], saved["skipped_missing_image"], saved["skipped_too_long"]) == (4, 3, 1)
+    assert scalars["train/skipped_missing_image"][:5] == [(1, 0), (2, 0), (3, 1), (4, 2), (5, 3)]
+    assert scalars["train/skipped"][-1] == (12, 11)
+    saved = saved_metrics(tmp_path, 12)
+    assert (saved["skipped"], saved["skipped_missing_image"], saved["skipped_too_long"]) == (11, 10, 1)
 
 
 def test_progress_bar_counts_finished_steps_with_one_in_flight(tmp_path, monkeypatch):
