@@ -32,7 +32,6 @@ import dataclasses
 import datetime
 import json
 import os
-import shutil
 import socket
 from typing import Any, Optional
 
@@ -249,11 +248,11 @@ class WorkdirLock:
         if holder.get("host") != socket.gethostname() or not isinstance(holder.get("pid"), int):
             return False
         try:
-            os.kill(holder["pid"], 0)
+            os.kill(holder["pid"], 0)   # signal 0 only asks whether the pid exists
         except ProcessLookupError:
             return True
-        except PermissionError:   # alive, another user's
-            return False
+        except PermissionError:   # it exists, as another user's process
+            pass
         return False
 
     def __exit__(self, *exc) -> None:
