@@ -162,6 +162,7 @@ def test_a_second_run_on_the_workdir_is_refused_until_the_first_is_gone(tmp_path
         finally:
             first.kill()
             first.wait()
+            first.stdout.close()
     # SIGKILL leaves the lock behind; its process is gone, so the next run replaces it.
     assert str(first.pid) in (workdir / "train.lock").read_text()
     out = run(workdir, env)
