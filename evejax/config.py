@@ -1,7 +1,8 @@
 """Config files are Python: `configs/eve.py:7b_stage2` calls `get_config("7b_stage2")`.
 
 Overrides come as `--config.optim.lr=1e-4` pairs; a key that does not exist
-fails with its name before anything is built.
+fails with its name before anything is built, and `validate` refuses
+impossible training values (a negative learning rate, zero steps) the same way.
 """
 from __future__ import annotations
 
@@ -11,6 +12,26 @@ import os
 from typing import Sequence
 
 import ml_collections
+
+# key: (test, what the value must be). Keys a config does not have are not checked.
+LIMITS = {
+    "optim.lr": (lambda v: v >= 0, ">= 0"),
+    "optim.warmup_frac": (lambda v: 0 <= v <= 1, "in [0, 1]"),
+    "optim.min_lr_frac": (lambda v: 0 <= v <= 1, "in [0, 1]"),
+    "optim.b1": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "optim.b2": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "optim.eps": (lambda v: v >= 0, ">= 0"),
+    "optim.weight_decay": (lambda v: v >= 0, ">= 0"),
+    "optim.clip_norm": (lambda v: v >= 0, ">= 0 (0: no clipping)"),
+    "train.steps": (lambda v: v >= 1, ">= 1"),
+    "train.accum_steps": (lambda v: v >= 1, ">= 1"),
+    "train.log_every": (lambda v: v >= 1, ">= 1"),
+    "train.ema_decay": (lambda v: 0 <= v < 1, "in [0, 1) (0: no EMA)"),
+    "data.global_batch": (lambda v: v >= 1, ">= 1"),
+    "data.seq_len": (lambda v: v >= 1, ">= 1"),
+    "checkpoint.every": (lambda v: v >= 0, ">= 0 (0: only final and preemption checkpoints)"),
+    "checkpoint.keep": (lambda v: v >= 1, ">= 1"),
+}
 
 REPO_CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 
@@ -89,3 +110,17 @@ def split_overrides(argv: Sequence[str]) -> tuple[list[str], list[str]]:
     for a in argv:
         (overrides if a.startswith("--config.") else rest).append(a)
     return overrides, rest
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+    """Raises ValueError naming the first key of LIMITS whose value is impossible (NaN included)."""
+    for key, (test, want) in LIMITS.items():
+        node = config
+        for part in key.split("."):
+            if not isinstance(node, (ml_collections.ConfigDict, dict)) or part not in node:
+                break
+            node = node[part]
+        else:
+            number = isinstance(node, (int, float)) and not isinstance(node, bool)
+            if not (number and test(node)):
+                raise ValueError(f"config.{key}={node!r} must be {want}")

@@ -2,6 +2,7 @@
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -42,6 +43,21 @@ class Slow:
 
     def set_state(self, state):
         self.batches.set_state(state)
+
+
+def stuck_data(config, process_index, process_count):
+    """One synthetic batch, then none: the run stays at step 1 until it is killed."""
+    return Stuck(synthetic.make_data(config, process_index, process_count))
+
+
+class Stuck(Slow):
+    served = False
+
+    def __next__(self):
+        while self.served:
+            time.sleep(1)
+        self.served = True
+        return next(self.batches)
 
 
 @pytest.fixture(scope="module")
@@ -122,8 +138,33 @@ def test_sigterm_saves_exits_zero_and_the_next_start_resumes(tmp_path, env, refe
     saved = int(re.search(r"preempted: saved checkpoint (\d+)", out).group(1))
     assert EVERY < saved < STEPS
     assert ckpt_lib.load_params(str(workdir))[0] == saved
+    assert not (workdir / "train.lock").exists()
     out = run(workdir, env, SLOW)
     assert f"resumed from checkpoint {saved}" in out
     step, params = ckpt_lib.load_params(str(workdir))
     assert step == STEPS
     assert_bit_identical(params, reference)
+
+
+def test_a_second_run_on_the_workdir_is_refused_until_the_first_is_gone(tmp_path, env):
+    workdir = tmp_path / "run"
+    with open(tmp_path / "stderr.txt", "w") as err:
+        first = subprocess.Popen(command(workdir, "--config.data.name=test_train_resume:stuck_data"), cwd=REPO,
+                                 env=env, stdout=subprocess.PIPE, stderr=err, text=True)
+        try:
+            assert any(f"step 1/{STEPS}" in line for line in first.stdout)   # then it waits for data
+            second = subprocess.run(command(workdir), cwd=REPO, env=env, capture_output=True, text=True,
+                                    timeout=300)
+            assert second.returncode == 1
+            assert f"in use by another training run (pid {first.pid} on host {socket.gethostname()}" in \
+                second.stderr, second.stderr[-3000:]
+            assert first.poll() is None
+        finally:
+            first.kill()
+            first.wait()
+            first.stdout.close()
+    # SIGKILL leaves the lock behind; its process is gone, so the next run replaces it.
+    assert str(first.pid) in (workdir / "train.lock").read_text()
+    out = run(workdir, env)
+    assert f"removed the stale lock {workdir / 'train.lock'} of pid {first.pid}" in out
+    assert ckpt_lib.load_params(str(workdir))[0] == STEPS and not (workdir / "train.lock").exists()

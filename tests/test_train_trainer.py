@@ -1,10 +1,13 @@
-"""The trainer in-process on the tiny LLM: stage chaining, NaN stop, mesh change, checkpoints, metrics."""
+"""The trainer in-process on the tiny LLM: stage chaining, NaN stop, mesh change, checkpoints, metrics,
+damaged checkpoints, a checkpoint of another model, impossible config values, skip counts, progress."""
 import json
 import math
 import os
 import shutil
 import struct
 import sys
+import time
+import types
 
 import jax
 import jax.numpy as jnp
@@ -19,6 +22,7 @@ from evejax.data import pipeline, synthetic
 from evejax.train import checkpoint as ckpt_lib
 from evejax.train import metrics as metrics_lib
 from evejax.train import optimizer as optimizer_lib
+from evejax.train import step as step_lib
 from evejax.train import trainer
 
 # Small and fast: short sequences, no rematerialisation, fsdp over the 8 CPU
@@ -123,6 +127,7 @@ def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, capsys):
     assert "non-finite loss at step 5" in err and "newest checkpoint is step 4" in err
     step, params = ckpt_lib.load_params(workdir)
     assert step == 4 and all(np.isfinite(v).all() for v in jax.tree.leaves(params))
+    assert not (tmp_path / "train.lock").exists()   # released when the error left train()
     # The same command with clean data resumes from it.
     assert trainer.main(args) == 0
     assert "resumed from checkpoint 4" in capsys.readouterr().out
@@ -291,3 +296,157 @@ def test_eve_stage_configs():
     for arg in ("7b_stage1", "7b_stage2", "7b_stage3", "7b_hd_stage3", "tiny_stage1", "tiny_stage2",
                 "tiny_stage3"):   # every data config is one the pipeline accepts
         pipeline.options(config_lib.load(f"configs/eve.py:{arg}").data)
+
+
+def truncate_a_data_file(step_dir):
+    files = [p for p in (step_dir / "state").rglob("*") if p.is_file() and p.parent.name == "d"]
+    biggest = max(files, key=lambda p: p.stat().st_size)
+    os.truncate(biggest, biggest.stat().st_size // 2)
+
+
+def empty_the_metadata_json(step_dir):
+    (step_dir / "state" / "_METADATA").write_text("")
+
+
+def remove_state(step_dir):
+    shutil.rmtree(step_dir / "state")
+
+
+def test_damaged_newest_checkpoint_is_set_aside_and_the_older_one_resumes(tmp_path, capsys):
+    # Checkpoints 4, 8 and 12 (the configs of the other tests, so the step compiles once).
+    trainer.train(tiny(), str(tmp_path / "clean"))
+    _, reference = ckpt_lib.load_params(str(tmp_path / "clean"))
+    reasons = {truncate_a_data_file: "Error reading", remove_state: "12/state is missing",
+               empty_the_metadata_json: "_METADATA is missing or not valid JSON"}
+    for damage, reason in reasons.items():
+        workdir = tmp_path / damage.__name__
+        shutil.copytree(tmp_path / "clean", workdir)
+        damage(workdir / "checkpoints" / "12")
+        capsys.readouterr()
+        trainer.train(tiny(), str(workdir))
+        out, err = capsys.readouterr()
+        warning = next(line for line in err.splitlines() if "WARNING: checkpoint 12 " in line)
+        assert "does not restore (" in warning and reason in warning, warning
+        assert f"moved to {workdir / 'checkpoints_damaged' / '12'} for inspection" in warning
+        assert "resumed from checkpoint 8" in out
+        kept = workdir / "checkpoints_damaged" / "12"
+        assert (kept / "config").exists() and (kept / "state").exists() == (damage is not remove_state)
+        step, params = ckpt_lib.load_params(str(workdir))   # checkpoint 12 again, as if never damaged
+        assert step == 12
+        for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(reference)):
+            np.testing.assert_array_equal(a, b)
+    # Nothing restores: the run stops (exit 1) instead of starting over; both are kept.
+    workdir = tmp_path / "remove_state"
+    for step in (4, 8, 12):
+        remove_state(workdir / "checkpoints" / str(step))
+    assert trainer.main(["--config", "configs/llm.py:tiny", "--workdir", str(workdir), *BASE]) == 1
+    assert "no checkpoint in" in capsys.readouterr().err
+    kept = sorted(p.name for p in (workdir / "checkpoints_damaged").iterdir())
+    assert kept[0] == "12" and kept[1].startswith("12-") and kept[2:] == ["4", "8"], kept   # 12 twice
+
+
+def test_a_checkpoint_of_another_model_is_refused_naming_both(tmp_path, capsys):
+    workdir = str(tmp_path)
+    args = ["--workdir", workdir, *BASE]
+    assert trainer.main(["--config", "configs/llm.py:tiny", *args]) == 0
+    capsys.readouterr()
+    assert trainer.main(["--config", "configs/llm.py:internlm2_tiny", *args]) == 1
+    err = capsys.readouterr().err
+    assert ("holds model llm size llama_tiny (family llama), but this config is model llm size "
+            "internlm2_tiny (family internlm2)") in err, err
+    # Same family and size, other shapes (a third layer): refused, naming the shapes.
+    three_layers = tiny()
+    with three_layers.unlocked():
+        three_layers.model.overrides.num_layers = 3
+    with pytest.raises(trainer.ModelMismatchError,
+                       match=r"parameter shapes differ.*decoder/layers/attention/key/kernel: saved "
+                             r"\(2, 64, 2, 16\), config \(3, 64, 2, 16\)"):
+        trainer.train(three_layers, workdir)
+    assert ckpt_lib.load_params(workdir)[0] == 12 and not (tmp_path / "checkpoints_damaged").exists()
+
+
+@pytest.mark.parametrize("override, key", [
+    ("--config.optim.lr=-1", "config.optim.lr=-1.0 must be >= 0"),
+    ("--config.train.steps=-5", "config.train.steps=-5 must be >= 1"),
+    ("--config.data.global_batch=0", "config.data.global_batch=0 must be >= 1"),
+    ("--config.optim.warmup_frac=1.5", r"config.optim.warmup_frac=1.5 must be in \[0, 1\]"),
+    ("--config.optim.warmup_frac=-0.1", r"config.optim.warmup_frac=-0.1 must be in \[0, 1\]"),
+])
+def test_impossible_config_values_fail_before_anything_is_built(tmp_path, monkeypatch, override, key):
+    monkeypatch.setattr(step_lib, "make_train_step", None)   # compiling would be a TypeError
+    with pytest.raises(ValueError, match=key):
+        trainer.train(tiny(override), str(tmp_path / "run"))
+    assert not (tmp_path / "run").exists()
+
+
+def skipping_data(config, process_index, process_count):
+    """Synthetic batches whose counters (as BatchIterator.stats() gives them) report skipped records:
+    one missing image per batch from the 3rd batch on, one over-long record at the 4th."""
+    return Skipping(synthetic.make_data(config, process_index, process_count))
+
+
+class Skipping(NanAt):
+    def __init__(self, batches):
+        super().__init__(batches, bad=0)
+
+    def stats(self):
+        missing, long = max(self.count - 2, 0), int(self.count >= 4)
+        return {"examples": 8.0 * self.count, "batches": float(self.count), "skipped": float(missing + long),
+                "skipped_missing_image": float(missing), "skipped_too_long": float(long),
+                "skipped_corrupt_image": 0.0}
+
+
+def test_skip_counts_in_log_lines_tensorboard_metrics_and_summary(tmp_path, capsys):
+    trainer.train(tiny("--config.data.name=test_train_trainer:skipping_data"), str(tmp_path))
+    lines = capsys.readouterr().out.splitlines()
+    logged = {int(l.split("step ")[1].split("/")[0]): l for l in lines if "/12 | loss" in l}
+    assert "skipped" not in logged[2]
+    assert "| skipped 1 (missing_image 1) |" in logged[3]
+    assert "| skipped 11 (missing_image 10, too_long 1) |" in logged[12]
+    assert "[llm_tiny] data: skipped 11 (missing_image 10, too_long 1)" in lines
+    scalars = read_scalars(tmp_path / "tensorboard")
+    assert scalars["train/skipped_missing_image"][:5] == [(1, 0), (2, 0), (3, 1), (4, 2), (5, 3)]
+    assert scalars["train/skipped"][-1] == (12, 11)
+    saved = saved_metrics(tmp_path, 12)
+    assert (saved["skipped"], saved["skipped_missing_image"], saved["skipped_too_long"]) == (11, 10, 1)
+
+
+def test_progress_bar_counts_finished_steps_with_one_in_flight(tmp_path, monkeypatch):
+    """Each step's device work waits 0.1 s in a host callback, so a dispatched step is not finished
+    when dispatch returns; the bar may only show steps whose metrics are ready."""
+    dispatched, shown = [], []   # metrics of each step in dispatch order; (bar value, steps dispatched)
+
+    def slow_loss(loss_fn, weights):
+        fn = weighted(loss_fn, weights)
+        wait = jax.ShapeDtypeStruct((), jnp.float32)
+
+        def slow(params, batch, rng):
+            loss, metrics = fn(params, batch, rng)
+            return loss + jax.pure_callback(lambda: time.sleep(0.1) or np.float32(0), wait), metrics
+        return slow
+
+    def recording_step(*args, **kwargs):
+        jitted = make_step(*args, **kwargs)
+
+        def lower(*specs):
+            compiled = jitted.lower(*specs).compile()
+
+            def run(state, batch):
+                state, metrics = compiled(state, batch)
+                dispatched.append(metrics)
+                return state, metrics
+            return types.SimpleNamespace(compile=lambda: run)
+        return types.SimpleNamespace(lower=lower)
+
+    def advance(reporter, step):
+        assert all(m.is_ready() for m in jax.tree.leaves(dispatched[:step])), f"bar at {step} before it finished"
+        shown.append((step, len(dispatched)))
+
+    weighted, make_step = trainer.weighted_loss, step_lib.make_train_step
+    monkeypatch.setattr(trainer, "weighted_loss", slow_loss)
+    monkeypatch.setattr(step_lib, "make_train_step", recording_step)
+    monkeypatch.setattr(metrics_lib.Reporter, "advance", advance)
+    trainer.train(tiny("--config.train.steps=5", "--config.train.log_every=100",
+                       "--config.checkpoint.every=0"), str(tmp_path))
+    # One step in flight: the bar is one behind the dispatched steps until the last is fetched.
+    assert shown == [(0, 1), (1, 2), (2, 3), (3, 4), (5, 5)]

@@ -18,12 +18,21 @@ manager keeps the newest `keep`.
 State is always restored into an abstract target whose leaves carry the
 *current* run's shardings, so a checkpoint written on one mesh loads onto
 another (fsdp=8 -> data=2 x fsdp=4).
+
+A complete step that does not restore (a truncated array file, an emptied
+metadata JSON, a missing item) is moved by `set_aside` to
+`<workdir>/checkpoints_damaged/<step>`: kept for inspection, out of the
+manager's sight, so keep-N never deletes it and the step can be saved again.
+
+`WorkdirLock` makes a workdir one run's at a time (`<workdir>/train.lock`).
 """
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import json
 import os
+import socket
 from typing import Any, Optional
 
 import jax
@@ -89,6 +98,37 @@ class Checkpoints:
     def latest_step(self) -> Optional[int]:
         return self.manager.latest_step()
 
+    def all_steps(self) -> list[int]:
+        return sorted(self.manager.all_steps())
+
+    def param_shapes(self, step: int) -> dict[str, tuple]:
+        """{"decoder/layers/.../kernel": shape} of the params saved at `step`, from the metadata only."""
+        from evejax.train.optimizer import path_str
+
+        path = self.directory / str(step) / "state"
+        if not path.exists():
+            raise FileNotFoundError(f"{path} is missing")
+        metadata = ocp.PyTreeCheckpointer().metadata(path).item_metadata   # None when unreadable
+        if metadata is None:
+            raise ValueError(f"{path / '_METADATA'} is missing or not valid JSON")
+        tree = metadata.tree
+        return {path_str(kp): tuple(m.shape) for kp, m in jax.tree_util.tree_leaves_with_path(tree["params"])}
+
+    def set_aside(self, step: int) -> epath.Path:
+        """Moves a damaged step out of the manager's directory (never deletes it); returns where."""
+        target = self.directory.parent / "checkpoints_damaged" / str(step)
+        if target.exists():   # damaged twice: keep both
+            target = target.parent / f"{step}-{datetime.datetime.now():%Y%m%d-%H%M%S}"
+        if jax.process_index() == 0:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            (self.directory / str(step)).rename(target)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices(f"evejax_set_aside_{step}")
+        self.manager.reload()
+        return target
+
     def reached_preemption(self, step: int) -> bool:
         """True on every process once the cluster's preemption notice (SIGTERM) is synced."""
         return self.manager.reached_preemption(step)
@@ -144,3 +184,78 @@ def load_params(workdir: str, step: Optional[int] = None) -> tuple[int, Any]:
     restored = checkpointer.restore(path, args=ocp.args.PyTreeRestore(
         item=target, restore_args=restore_args, partial_restore=True))
     return step, restored["params"]
+
+
+class WorkdirBusyError(RuntimeError):
+    """Another run holds the workdir's lock."""
+
+
+class WorkdirLock:
+    """`<workdir>/train.lock` ({"pid", "host", "since"}) for the duration of a `with` block.
+
+    Created with O_EXCL, so of two runs started on one workdir the second
+    refuses, naming the first's pid and host. Released on every exit that runs
+    Python's `finally` (normal end, an exception, SIGTERM, which the trainer
+    turns into a save and a normal return). A lock left by a process that died
+    without it (SIGKILL, or SIGTERM before the training loop) is stale when its
+    host is this host and its pid is not running: it is replaced with a note.
+    A lock from another host is never judged stale automatically (its pid means
+    nothing here); the error says to delete the file once that run is gone.
+    Only process 0 of a multi-host run locks (the others share its workdir), and
+    object-store workdirs (gs://...) are not locked: they have no exclusive create.
+    """
+
+    def __init__(self, workdir: str):
+        self.path = None if "://" in str(workdir) else os.path.join(workdir, "train.lock")
+        self.held = False
+
+    def __enter__(self) -> "WorkdirLock":
+        if self.path is None or jax.process_index() != 0:
+            return self
+        os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
+        me = {"pid": os.getpid(), "host": socket.gethostname(),
+              "since": datetime.datetime.now().isoformat(timespec="seconds")}
+        for _ in range(2):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                holder = self._holder()
+                if not self._stale(holder):
+                    raise WorkdirBusyError(
+                        f"{os.path.dirname(self.path)} is in use by another training run (pid "
+                        f"{holder.get('pid')} on host {holder.get('host')}, since {holder.get('since')}): "
+                        f"wait for it or stop it, or use another --workdir. If that run is gone, delete "
+                        f"{self.path}") from None
+                print(f"removed the stale lock {self.path} of pid {holder.get('pid')} (no longer running "
+                      "on this host)", flush=True)
+                os.unlink(self.path)
+                continue
+            with os.fdopen(fd, "w") as f:
+                json.dump(me, f)
+            self.held = True
+            return self
+        raise WorkdirBusyError(f"{self.path}: another run took the lock at the same time")
+
+    def _holder(self) -> dict:
+        try:
+            with open(self.path) as f:
+                return json.load(f)
+        except (OSError, ValueError):   # being written, or emptied: the holder is unknown
+            return {}
+
+    @staticmethod
+    def _stale(holder: dict) -> bool:
+        if holder.get("host") != socket.gethostname() or not isinstance(holder.get("pid"), int):
+            return False
+        try:
+            os.kill(holder["pid"], 0)   # signal 0 only asks whether the pid exists
+        except ProcessLookupError:
+            return True
+        except PermissionError:   # it exists, as another user's process
+            pass
+        return False
+
+    def __exit__(self, *exc) -> None:
+        if self.held:
+            os.unlink(self.path)
+            self.held = False

@@ -5,6 +5,12 @@ Only process 0 reports. A log line looks like
   [llm_tiny] step 40/60 | loss 2.113 ce 2.113 | lr 1.2e-04 | grad_norm 0.85 |
   9.1e+04 tok/s | 0.011 s/step | MFU 14.2% | eta 0:00:01
 
+with `skipped 3 (missing_image 2, too_long 1)` after grad_norm once the data
+has skipped records. Skip counts (`skip_counts`: the data iterator's
+`stats()` counters `skipped` and `skipped_<kind>`, summed over hosts) also go
+to TensorBoard (train/skipped, train/skipped_<kind>), into the metrics the
+checkpoint keeps, and into the summary line at the end of the stage.
+
 MFU follows MaxText: the model FLOPs of one step (`ModelSpec.flops_per_step`,
 the formula `evejax plan` uses; rematerialisation not counted) divided by
 the step time and by the peak FLOP/s of all devices. Peaks per JAX device
@@ -22,6 +28,7 @@ from typing import Mapping, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 # Dense bf16 peak FLOP/s per JAX device, by `device_kind` (lower-case prefix).
 # TPU v2/v3 show each of a chip's two TensorCores as one device; v4/v5p
@@ -77,6 +84,29 @@ def first_nonfinite(history: Sequence[tuple[int, Mapping[str, float]]]) -> Optio
         if not all(math.isfinite(float(v)) for v in metrics.values()):
             return step, dict(metrics)
     return None
+
+
+def skip_counts(data_iter) -> dict[str, float]:
+    """{"skipped": n, "skipped_<kind>": n, ...} of the data since the run began, summed over
+    hosts; {} for data that keeps no counters (no `stats()`)."""
+    if not hasattr(data_iter, "stats"):
+        return {}
+    counts = {k: float(v) for k, v in sorted(data_iter.stats().items()) if k.startswith("skipped")}
+    if jax.process_count() > 1:   # every host has the same keys (one counter per bad-record kind)
+        from jax.experimental import multihost_utils
+
+        summed = multihost_utils.process_allgather(np.asarray(list(counts.values()))).sum(axis=0)
+        counts = dict(zip(counts, summed.tolist()))
+    return counts
+
+
+def skips_text(counts: Mapping[str, float]) -> str:
+    """"skipped 3 (missing_image 2, too_long 1)"; "" when nothing was skipped."""
+    if not counts.get("skipped"):
+        return ""
+    kinds = ", ".join(f"{k[len('skipped_'):]} {int(v)}" for k, v in counts.items()
+                      if k.startswith("skipped_") and v)
+    return f"skipped {int(counts['skipped'])} ({kinds})"
 
 
 def _summary_writer(logdir: str):
@@ -139,12 +169,15 @@ class Reporter:
         """Measure throughput from here (after compilation, after a restore)."""
         self.last_step, self.last_time = step, time.perf_counter()
 
-    def log(self, step: int, metrics: Mapping[str, float], lr: float) -> dict:
+    def log(self, step: int, metrics: Mapping[str, float], lr: float,
+            skipped: Optional[Mapping[str, float]] = None) -> dict:
+        """`skipped`: `skip_counts` of the data. Returns the values logged."""
+        skipped = skipped or {}
         now = time.perf_counter()
         steps = max(step - self.last_step, 1)
         step_time = (now - self.last_time) / steps
         self.last_step, self.last_time = step, now
-        values = dict(metrics, lr=lr, step_time=step_time, tokens_per_s=self.tokens / step_time)
+        values = dict(metrics, **skipped, lr=lr, step_time=step_time, tokens_per_s=self.tokens / step_time)
         if self.peak:
             values["mfu"] = self.flops / step_time / self.peak
         if not self.enabled:
@@ -153,17 +186,23 @@ class Reporter:
         terms = " ".join(f"{k} {_fmt(float(metrics[k]))}" for k in self.loss_terms if k in metrics)
         parts = [f"[{self.name}] step {step}/{self.total}", f"loss {_fmt(float(metrics['loss']))} {terms}",
                  f"lr {lr:.2e}", f"grad_norm {_fmt(float(metrics['grad_norm']))}",
-                 f"{values['tokens_per_s']:.3g} tok/s", f"{step_time:.3g} s/step"]
+                 skips_text(skipped), f"{values['tokens_per_s']:.3g} tok/s", f"{step_time:.3g} s/step"]
         if "mfu" in values:
             parts.append(f"MFU {100 * values['mfu']:.1f}%")
         parts.append(f"eta {eta}")
-        self.write(" | ".join(parts))
+        self.write(" | ".join(p for p in parts if p))
         for key, value in values.items():
             self.writer.add_scalar(f"train/{key}", float(value), step)
         self.writer.flush()
         return values
 
+    def summarize_skips(self, skipped: Mapping[str, float]) -> None:
+        """The stage's closing line on bad records (for data that counts them)."""
+        if skipped:
+            self.write(f"[{self.name}] data: {skips_text(skipped) or 'no records skipped'}")
+
     def advance(self, step: int) -> None:
+        """The bar shows `step` finished steps."""
         if self.bar is not None:
             self.bar.update(step - self.bar.n)
 

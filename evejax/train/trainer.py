@@ -5,7 +5,12 @@
 `--workdir` defaults to runs/<config file>_<arg> (runs/eve_7b_stage1). Running
 the same command again resumes from the newest complete checkpoint in it:
 train state, data position and RNG, so the result is the same as a run that
-was never stopped. SIGTERM (Cloud TPU preemption) saves a checkpoint at the
+was never stopped. A checkpoint that does not restore is reported (step and
+reason), moved to <workdir>/checkpoints_damaged/ and the next older one is
+tried; one written by another model (family, size or parameter shapes) is
+refused, naming both. One run at a time holds a workdir (`train.lock`, see
+checkpoint.WorkdirLock). Impossible config values fail first, with their key
+(config.validate). SIGTERM (Cloud TPU preemption) saves a checkpoint at the
 current step and exits 0, also while the trainer waits for data (the batch is
 read in a helper thread). Data with no good record in a whole pass stops the
 run (exit 1) naming the file and the skips by kind. A non-finite loss or gradient norm stops the run
@@ -61,6 +66,14 @@ IMPORT_FORMATS = {"evejax.lm": "evejax.port.checkpoint", "evejax.eve": "evejax.p
 
 class NonFiniteLossError(RuntimeError):
     """The loss or gradient norm became NaN/inf; the run stopped without saving."""
+
+
+class ModelMismatchError(ValueError):
+    """The workdir's checkpoints were written by a different model than the config's."""
+
+
+class NoRestorableCheckpointError(RuntimeError):
+    """The workdir has checkpoints, and none of them restores (all were set aside)."""
 
 
 def data_source(name: str) -> Callable:
@@ -170,15 +183,19 @@ def imported_params(start, params, param_shardings):
 # --------------------------------------------------------------------------
 def train(config, workdir: str) -> dict:
     """Runs (or resumes) one stage. Returns {"step", "metrics", "preempted"}."""
+    config_lib.validate(config)
     sharding.maybe_initialize_distributed()
+    with ckpt_lib.WorkdirLock(workdir):
+        return _train(config, workdir)
+
+
+def _train(config, workdir: str) -> dict:
     tc, dc, name = config.train, config.data, config.stage.name
     total, accum = tc.steps, tc.accum_steps
     mesh = sharding.make_mesh(dict(config.mesh))
     if config.stage.start.kind not in START_KINDS:
         raise ValueError(f"config.stage.start.kind={config.stage.start.kind!r} is not known; "
                          f"use one of {START_KINDS}")
-    if tc.log_every < 1:
-        raise ValueError(f"config.train.log_every={tc.log_every} must be >= 1")
     if dc.global_batch % accum or (dc.global_batch // accum) % sharding.data_parallel_size(mesh):
         raise ValueError(
             f"config.data.global_batch={dc.global_batch} must split into config.train.accum_steps="
@@ -207,10 +224,10 @@ def train(config, workdir: str) -> dict:
         # ---- checkpoints, and where this run starts ----
         store = ckpt_lib.Checkpoints(workdir, keep=config.checkpoint.keep,
                                      async_save=config.checkpoint.async_save)
-        latest = store.latest_step()
+        resumed = newest_restorable(store, config, params_shape, state_shape, shardings)
         last_metrics: dict = {}
-        if latest is not None:
-            state, data_state, last_metrics = store.restore(latest, state_shape, shardings)
+        if resumed is not None:
+            latest, state, data_state, last_metrics = resumed
             data_iter.set_state(data_state)
             origin = f"resumed from checkpoint {latest} in {store.directory}"
         elif config.stage.start.kind == "fresh":
@@ -260,6 +277,7 @@ def train(config, workdir: str) -> dict:
                 host_batch = feed.next()
                 if host_batch is None:   # SIGTERM while waiting for data: stop after the previous step
                     step -= 1
+                    finished = step
                 else:
                     if step == start_step + 1:
                         _check_batch(host_batch, specs, jax.process_count())
@@ -267,23 +285,32 @@ def train(config, workdir: str) -> dict:
                     with jax.transfer_guard("disallow"):  # the step itself moves nothing to/from host
                         state, step_metrics = compiled(state, batch)
                     pending.append((step, step_metrics))
+                    # One step in flight: step - 1 is waited for once step is queued,
+                    # so the bar and its rate count finished steps, not dispatched ones.
+                    finished = step - 1
+                    if len(pending) > 1:
+                        jax.block_until_ready(pending[-2][1])
                 stop = preempted.is_set() or store.reached_preemption(step)
                 save = (stop or step == total or (every > 0 and step % every == 0)) and step > last_saved
                 if pending and (save or step % tc.log_every == 0):
                     fetched = [(s, {k: float(v) for k, v in m.items()}) for s, m in jax.device_get(pending)]
                     pending.clear()
+                    finished = step
                     bad = metrics_lib.first_nonfinite(fetched)
                     if bad is not None:
                         raise NonFiniteLossError(_nonfinite_message(name, bad, last_saved, store))
-                    last_metrics = reporter.log(step, fetched[-1][1], float(learning_rate(step - 1)))
+                    last_metrics = reporter.log(step, fetched[-1][1], float(learning_rate(step - 1)),
+                                                metrics_lib.skip_counts(data_iter))
                 if save:
                     store.save(step, state, feed.get_state(), config_dict, dict(last_metrics, step=step))
                     last_saved = step
-                reporter.advance(step)
+                reporter.advance(finished)
                 if stop:
+                    reporter.summarize_skips(metrics_lib.skip_counts(data_iter))
                     reporter.write(f"[{name}] preempted: saved checkpoint {step}; run the same command "
                                    "to resume" if step else f"[{name}] preempted before step 1: nothing to save")
                     return {"step": step, "metrics": last_metrics, "preempted": True}
+            reporter.summarize_skips(metrics_lib.skip_counts(data_iter))
             reporter.write(f"[{name}] finished {total} steps; final checkpoint in {store.directory}")
             return {"step": total, "metrics": last_metrics, "preempted": False}
         finally:
@@ -291,6 +318,85 @@ def train(config, workdir: str) -> dict:
             store.close()
             reporter.close()
             preempted.restore()
+
+
+def newest_restorable(store, config, params_shape, state_shape, shardings):
+    """(step, state, data state, metrics) of the newest checkpoint that restores; None if none exists.
+
+    A checkpoint of another model is refused (ModelMismatchError). One that
+    does not restore on some host is reported on stderr and set aside (never
+    deleted), on every host alike; if none restores, the run stops
+    (NoRestorableCheckpointError) rather than silently starting over.
+    """
+    damaged = []
+    for step in reversed(store.all_steps()):
+        restored, reason = None, None
+        try:
+            saved_model, saved_shapes = store.config(step)["model"], store.param_shapes(step)
+        except Exception as e:   # Orbax/TensorStore raise many types; all mean "unreadable"
+            reason = e
+        else:
+            _check_same_model(saved_model, saved_shapes, config.model, params_shape, store.directory, step)
+            try:
+                restored = store.restore(step, state_shape, shardings)
+            except Exception as e:
+                reason = e
+        if _on_every_host(reason is None):
+            return (step, *restored)
+        where = store.set_aside(step)
+        damaged.append(str(where))
+        if jax.process_index() == 0:
+            why = _first_line(reason) if reason is not None else "it fails on another host"
+            print(f"[{config.stage.name}] WARNING: checkpoint {step} in {store.directory} does not restore "
+                  f"({why}); moved to {where} for inspection; trying the next older one",
+                  file=sys.stderr, flush=True)
+    if damaged:
+        raise NoRestorableCheckpointError(
+            f"no checkpoint in {store.directory} restores; they were moved to {damaged}. Run the same "
+            "command again to start this stage over, or move a repaired one back.")
+    return None
+
+
+def _on_every_host(ok: bool) -> bool:
+    if jax.process_count() == 1:
+        return ok
+    from jax.experimental import multihost_utils
+
+    return bool(multihost_utils.process_allgather(np.int32(ok)).min())
+
+
+def _first_line(error: BaseException, limit: int = 400) -> str:
+    """The first line of the innermost cause: TensorStore's own error names the file and byte range."""
+    while error.__cause__ is not None:
+        error = error.__cause__
+    text = f"{type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else ''}"
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _describe_model(model) -> str:
+    """"llm size internlm2_tiny (family internlm2)" of a config.model (dict or ConfigDict)."""
+    text = f"{model['name']} size {model['size']}"
+    try:
+        family = getattr(registry.build(model).config, "family", None)
+    except Exception:   # a saved config this code cannot build any more: name and size say enough
+        family = None
+    return f"{text} (family {family})" if family else text
+
+
+def _check_same_model(saved_model, saved_shapes, model, params_shape, directory, step) -> None:
+    from ml_collections import ConfigDict
+
+    saved, current = _describe_model(ConfigDict(saved_model)), _describe_model(model)
+    shapes = {optimizer_lib.path_str(kp): tuple(x.shape)
+              for kp, x in jax.tree_util.tree_leaves_with_path(params_shape)}
+    differ = [f"{p}: saved {saved_shapes.get(p)}, config {shapes.get(p)}"
+              for p in sorted(set(shapes) | set(saved_shapes)) if shapes.get(p) != saved_shapes.get(p)]
+    if saved == current and not differ:
+        return
+    detail = f"; parameter shapes differ ({len(differ)}): " + "; ".join(differ[:3]) if differ else ""
+    raise ModelMismatchError(
+        f"checkpoint {step} in {directory} holds model {saved}, but this config is model {current}"
+        f"{detail}. Use another --workdir for this model, or the config that wrote the checkpoint.")
 
 
 def _started_state(config, workdir, module, init_args, init_kwargs, tx, shardings, state_shape, rng):
@@ -404,7 +510,8 @@ def main(argv=None) -> int:
     workdir = args.workdir or os.path.join("runs", config_name(args.config))
     try:
         train(config, workdir)
-    except (NonFiniteLossError, NoGoodRecordsError) as e:
+    except (NonFiniteLossError, NoGoodRecordsError, ModelMismatchError, NoRestorableCheckpointError,
+            ckpt_lib.WorkdirBusyError) as e:
         print(e, file=sys.stderr, flush=True)
         return 1
     return 0
