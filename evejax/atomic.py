@@ -44,7 +44,9 @@ def _remove(path: Path) -> None:
         path.unlink(missing_ok=True)
 
 
-def _fsync(path: Path) -> None:
+def fsync(path: str | os.PathLike) -> None:
+    """Flushes a file or directory to disk: a rename is crash-safe only once the renamed bytes
+    (and the directory entry) are there."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -55,8 +57,8 @@ def _fsync(path: Path) -> None:
 def _fsync_tree(root: Path) -> None:
     for directory, _, files in os.walk(root):
         for name in files:
-            _fsync(Path(directory) / name)
-        _fsync(Path(directory))
+            fsync(Path(directory) / name)
+        fsync(Path(directory))
 
 
 def recover(path: str | os.PathLike) -> None:
@@ -68,7 +70,7 @@ def recover(path: str | os.PathLike) -> None:
             raise FileExistsError(f"{path} is missing and {len(old)} earlier versions of it are beside it "
                                   f"({', '.join(p.name for p in old)}); rename the one to keep to {path.name}")
         os.rename(old.pop(), path)
-        _fsync(path.parent)
+        fsync(path.parent)
     for leftover in old + _siblings(path, "tmp"):
         _remove(leftover)
 
@@ -136,7 +138,7 @@ def replaced_dir(path: str | os.PathLike, owned: Sequence[str] | None = None,
     if path.exists():
         os.rename(path, old)
     os.rename(tmp, path)
-    _fsync(path.parent)
+    fsync(path.parent)
     _remove(old)
 
 
@@ -147,10 +149,10 @@ def write_text(path: str | os.PathLike, text: str) -> Path:
     tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex}")
     try:
         tmp.write_text(text)
-        _fsync(tmp)
+        fsync(tmp)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    _fsync(path.parent)
+    fsync(path.parent)
     return path

@@ -285,12 +285,17 @@ class ConversationMap:
         except BadRecord as e:
             return {"bad": e.kind}
 
-    def _example(self, index: int, raw) -> dict:
+    def _decoded(self, raw) -> tuple[dict, Any, list]:
+        """(record, image reference or None, its turns); an empty conversation is a bad record."""
         record, image = self.decode(raw)
         turns = record.get("conversations")
         if not turns or (isinstance(turns, list) and all(
                 isinstance(t, dict) and not str(t.get("value", "")).strip() for t in turns)):
             raise BadRecord("empty_conversation", f"record {record.get('id')!r} has no conversation")
+        return record, image, turns
+
+    def _example(self, index: int, raw) -> dict:
+        record, image, turns = self._decoded(raw)
         mentions_image = any(isinstance(t, dict) and text_lib.IMAGE_PLACEHOLDER in str(t.get("value"))
                              for t in turns)
         if image is not None and not mentions_image:
@@ -351,11 +356,7 @@ class HoVLEConversationMap(ConversationMap):
         return dict(super().__getstate__(), _special_ids=None)
 
     def _example(self, index: int, raw) -> dict:
-        record, image = self.decode(raw)
-        turns = record.get("conversations")
-        if not turns or (isinstance(turns, list) and all(
-                isinstance(t, dict) and not str(t.get("value", "")).strip() for t in turns)):
-            raise BadRecord("empty_conversation", f"record {record.get('id')!r} has no conversation")
+        record, image, turns = self._decoded(raw)
         tiled = None if image is None else image_lib.tile_image(_load_image(image, self.image_root), self.tiling)
         if self._special_ids is None:
             self._special_ids = special_ids(self.tokenizer_spec, self.tokenizer)

@@ -317,7 +317,7 @@ def save_state_dict(
             written.append((tmp, out_dir / final))
             tensors = {n: np.ascontiguousarray(arrays[n], dtype=out_dtype(arrays[n])) for n in names}
             safetensors_numpy.save_file(tensors, tmp, metadata=header_metadata)
-            _fsync(tmp)
+            atomic.fsync(tmp)
         if len(shards) > 1:
             index = {
                 "metadata": {"total_size": sum(a.size * out_dtype(a).itemsize for a in arrays.values())},
@@ -325,7 +325,7 @@ def save_state_dict(
             }
             tmp = out_dir / f".{SAFETENSORS_INDEX_NAME}.tmp-{token}"
             tmp.write_text(json.dumps(index, indent=2) + "\n")
-            _fsync(tmp)
+            atomic.fsync(tmp)
             written.append((tmp, out_dir / SAFETENSORS_INDEX_NAME))
     except BaseException:
         for tmp, _ in written:
@@ -335,7 +335,7 @@ def save_state_dict(
     _remove_stale_weights(out_dir, keep={final.name for _, final in written})
     for tmp, final in written:
         os.replace(tmp, final)
-    _fsync(out_dir)
+    atomic.fsync(out_dir)
     return [final for _, final in written]
 
 
@@ -352,15 +352,6 @@ def _remove_stale_weights(out_dir: Path, keep: set[str]) -> None:
         stale_layout = entry.name == SAFETENSORS_NAME or _SHARD_PATTERN.fullmatch(entry.name)
         if stale_layout and entry.name not in keep:
             entry.unlink()
-
-
-def _fsync(path: Path) -> None:
-    # A rename is only crash-safe once the renamed bytes (and the directory entry) are on disk.
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def check_state_dict(
