@@ -349,9 +349,9 @@ class HoVLE(nn.Module):
         if pixels.ndim != 5 or pixels.shape[0] != b or pixels.shape[-1] != 3:
             raise ValueError(f"HoVLE takes pixels [B, P, S, S, 3] for tokens [B, N] = {tokens.shape}, "
                              f"got {pixels.shape}")
-        segment_ids = jnp.ones((b, n), jnp.int32) if segment_ids is None else segment_ids.astype(jnp.int32)
         if not any(isinstance(a, jax.core.Tracer) for a in (tokens, segment_ids, num_tiles)):
             check_placeholders(cfg, tokens, pixels.shape[1] if num_tiles is None else num_tiles, segment_ids)
+        segment_ids = jnp.ones((b, n), jnp.int32) if segment_ids is None else segment_ids.astype(jnp.int32)
         emb = self.embedding_model
         is_image = (tokens == cfg.img_context_token_id) & (segment_ids > 0)
         patch_tokens = emb.patches(pixels)  # [B, P, g^2, D]
