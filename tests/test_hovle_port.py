@@ -1,6 +1,7 @@
 """HoVLE: the official-names PyTorch reference <-> evejax HoVLE through `evejax import` and
 `evejax export` (float32 safetensors shards, config.json with embedding_config / llm_config,
 tokenizer files), parity of embedding-module outputs and logits, and the refusals."""
+import functools
 import json
 
 import jax
@@ -78,11 +79,21 @@ def compare(model, cfg, params, tiles):
     ids, hd_ids, pixels = streams(tiles, seed=tiles)
     with torch.no_grad():
         logits, _, out = model(pixels, ids, hd_ids, return_embeddings=True)
+    encoder_outputs, got = _jax_forward(cfg)(params, ids.numpy().astype(np.int32),
+                                             pixels.permute(0, 2, 3, 1).numpy()[None])
+    return rel(encoder_outputs, out.numpy()), rel(got, logits.numpy())
+
+
+@functools.cache
+def _jax_forward(cfg):
+    """(embedding-module outputs, logits), one compilation per config and shape."""
     module = hovle.HoVLE(cfg)
-    tokens, pix = ids.numpy().astype(np.int32), pixels.permute(0, 2, 3, 1).numpy()[None]
-    got = module.apply({"params": params}, tokens, pix)
-    emb = module.apply({"params": params}, tokens, pix, method=hovle.HoVLE.embed_inputs)
-    return rel(emb.encoder_outputs, out.numpy()), rel(got, logits.numpy())
+
+    def forward(params, tokens, pixels):
+        x = module.apply({"params": params}, tokens, pixels, method=hovle.HoVLE.embed_inputs)
+        return x.encoder_outputs, module.apply({"params": params}, tokens, pixels)
+
+    return jax.jit(forward)
 
 
 @pytest.mark.parametrize("loc", ["pre", "post"])

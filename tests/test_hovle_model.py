@@ -1,0 +1,129 @@
+"""HoVLE model: batched / padded "post" rows against the batch-1 official semantics, the L2
+normalisation, the bicubic position resize, the placeholder check, the config, the registry
+entry (loss mask, batch shapes, FLOPs) and the 2.6B parameter count."""
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from test_hovle_port import CTX, EMBEDDING, IMG_END, IMG_START, LLM, TOLERANCE, official_config, reference, rel  # noqa: E402,E501
+
+from evejax.models import hovle, registry  # noqa: E402
+from evejax.models import llm as llm_lib  # noqa: E402
+from evejax.port import hovle as hovle_port  # noqa: E402
+from evejax.port.torch_ref.hovle import HolisticEmbeddingConfig, VisionEmbeddings  # noqa: E402
+
+
+def _row(rng, before, after, tiles, per_tile):
+    text = lambda k: rng.integers(3, 240, k).tolist()  # noqa: E731
+    return [1] + text(before) + [IMG_START] + [CTX] * per_tile * tiles + [IMG_END] + text(after)
+
+
+def _params(model, loc, **overrides):
+    state = {k: v.detach().numpy().copy() for k, v in model.state_dict().items()}
+    cfg = hovle_port.config_from_hf({**official_config(loc), **overrides})
+    return cfg, hovle_port.to_flax(state, cfg)
+
+
+@pytest.mark.parametrize("loc,normalize", [("post", False), ("pre", True)])
+def test_padded_batch_matches_the_reference_row_by_row(loc, normalize):
+    model = reference(loc, seed=1)
+    model.normalize_encoder_output = normalize
+    cfg, params = _params(model, loc, normalize_encoder_output=normalize)
+    assert cfg.normalize_encoder_output == normalize
+    rng = np.random.default_rng(3)
+    # One tile keeps every row below the dynamic-NTK thresholds: scaling follows the batch's
+    # longest row (as transformers for padded batches), which a row run alone does not see.
+    layout, tiles = [(3, 4), (2, 2)], 1
+    rows = [_row(np.random.default_rng(i), *lay, tiles, 4) for i, lay in enumerate(layout)]
+    hd_rows = [_row(np.random.default_rng(i), *lay, tiles, 16) for i, lay in enumerate(layout)]
+    pixels = rng.standard_normal((len(rows), tiles, 3, 56, 56)).astype(np.float32)
+    n = max(map(len, rows))
+    tokens = np.zeros((len(rows), n), np.int32)
+    segments = np.zeros((len(rows), n), np.int32)
+    for b, row in enumerate(rows):
+        tokens[b, :len(row)], segments[b, :len(row)] = row, 1
+    got = jax.jit(hovle.HoVLE(cfg).apply)({"params": params}, tokens, pixels.transpose(0, 1, 3, 4, 2), segments)
+    for b, (row, hd_row) in enumerate(zip(rows, hd_rows)):
+        with torch.no_grad():
+            want = model(torch.from_numpy(pixels[b]), torch.tensor([row]), torch.tensor([hd_row])).numpy()
+        assert rel(got[b, :len(row)], want[0]) <= TOLERANCE
+
+
+def test_position_embedding_resize_is_torch_bicubic():
+    ref = VisionEmbeddings(HolisticEmbeddingConfig(**EMBEDDING))
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.normal_(0.0, 1.0)
+    grid = 4
+    params = {"class_embedding": ref.class_embedding.detach().numpy(),
+              "position_embedding": ref.position_embedding.detach().numpy(),
+              "patch_embedding": {"kernel": ref.patch_embedding.weight.detach().numpy().transpose(2, 3, 1, 0),
+                                  "bias": ref.patch_embedding.bias.detach().numpy()}}
+    module = hovle.VisionEmbeddings(64, 14, grid)
+    for side in (42, 56, 98):  # grids 3 (shrink), 4 (identity), 7 (grow)
+        pixels = np.random.default_rng(side).standard_normal((2, 3, side, side)).astype(np.float32)
+        with torch.no_grad():
+            want = ref(torch.from_numpy(pixels)).numpy()
+        got = module.apply({"params": params}, pixels.transpose(0, 2, 3, 1))
+        assert got.shape == want.shape and rel(got, want) <= TOLERANCE
+
+
+def test_placeholder_count_mismatch_is_refused_with_the_counts():
+    cfg = hovle.get_config("tiny")
+    tokens, pixels = hovle.init_inputs(cfg)
+    params = {"params": {}}  # the check comes before any parameter is read or anything is computed
+    short = np.asarray(tokens)[:, :-2]  # BOS + 3 placeholders: one fewer than 1 tile x 4
+    with pytest.raises(ValueError, match=r"3 <IMG_CONTEXT> tokens \(id 250\) but 1 tile\(s\) x 4 .* = 4"):
+        hovle.HoVLE(cfg).apply(params, short, pixels)
+    with pytest.raises(ValueError, match=r"row 0: 4 <IMG_CONTEXT> .* 2 tile\(s\)"):
+        hovle.HoVLE(cfg).apply(params, tokens, pixels, num_tiles=np.array([2]))
+
+
+def test_config_fields_and_the_2_6b_count():
+    cfg = hovle.get_config("tiny", embedding_num_layers=3, num_layers=1, dtype="bfloat16",
+                           pixel_shuffle_loc="post")
+    assert cfg.embedding.transformer.num_layers == 3 and cfg.llm.transformer.num_layers == 1
+    assert cfg.embedding.transformer.dtype == cfg.llm.transformer.dtype == "bfloat16"
+    with pytest.raises(ValueError, match="no field"):
+        hovle.get_config("tiny", embeding_num_layers=3)
+    with pytest.raises(ValueError, match="pixel_shuffle_loc='middle'"):
+        hovle.get_config("tiny", pixel_shuffle_loc="middle")
+    big = hovle.get_config("2.6b")
+    assert hovle.param_count(big) == 2_606_327_808
+    assert big.image_tokens_per_tile == 256 and hovle.get_config("2.6b_hd").encoder_length(10) == 10 + 3 * 7 * 256
+
+
+def test_registry_entry_loss_mask_and_flops():
+    spec = registry.build(ml_collections.ConfigDict({"name": "hovle", "size": "tiny"}))
+    cfg = spec.config
+    rng = np.random.default_rng(0)
+    rows = [_row(rng, 2, 3, cfg.max_tiles, 4) for _ in range(2)]
+    tokens = np.array(rows, np.int32)
+    b, n = tokens.shape
+    specs = spec.batch_specs(b, n)
+    assert specs["pixels"].shape == (b, cfg.max_tiles, 56, 56, 3) and specs["tokens"].shape == (b, n)
+    targets = np.concatenate([tokens[:, 1:], np.full((b, 1), -100)], axis=1).astype(np.int32)
+    segments = np.ones((b, n), np.int32)
+    segments[1, -2:] = 0
+    batch = {"tokens": tokens, "targets": targets, "segment_ids": segments,
+             "loss_mask": np.ones((b, n), np.float32),
+             "pixels": rng.standard_normal((b, cfg.max_tiles, 56, 56, 3)).astype(np.float32)}
+    params = jax.jit(spec.module.init)(jax.random.PRNGKey(0), *spec.init_args)["params"]
+    loss, metrics = jax.jit(spec.loss_fn)(params, batch, jax.random.PRNGKey(1))
+    logits = jax.jit(spec.module.apply)({"params": params}, tokens, batch["pixels"], segments)
+    keep = (targets != CTX) & (targets >= 0) & (segments > 0)
+    nll = -jax.nn.log_softmax(logits)[np.arange(b)[:, None], np.arange(n)[None], np.maximum(targets, 0)]
+    assert metrics["weight"] == keep.sum() < b * n - 2 * cfg.max_tiles * 4
+    np.testing.assert_allclose(loss, jnp.sum(nll * keep) / keep.sum(), rtol=1e-6)
+
+    parts = hovle.training_flops(cfg, b, n)
+    assert spec.flops_per_step(b, n) == sum(parts.values())
+    assert parts["llm"] == llm_lib.training_flops_per_step(cfg.llm, b, n)
+    post = hovle.training_flops(cfg.replace(pixel_shuffle_loc="post"), b, n)
+    # "post" runs the embedding layers on the HD stream: s^2 - 1 = 3 more tokens per image token.
+    assert post["embedding"] == hovle.training_flops(cfg, b, n + 3 * cfg.max_tiles * 4)["embedding"]
+    assert post["vision"] == parts["vision"] and post["llm"] == parts["llm"]
