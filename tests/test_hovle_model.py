@@ -1,6 +1,8 @@
 """HoVLE model: batched / padded "post" rows against the batch-1 official semantics, the L2
 normalisation, the bicubic position resize, the placeholder check, the config, the registry
 entry (loss mask, batch shapes, FLOPs) and the 2.6B parameter count."""
+import importlib.util
+
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -127,3 +129,17 @@ def test_registry_entry_loss_mask_and_flops():
     # "post" runs the embedding layers on the HD stream: s^2 - 1 = 3 more tokens per image token.
     assert post["embedding"] == hovle.training_flops(cfg, b, n + 3 * cfg.max_tiles * 4)["embedding"]
     assert post["vision"] == parts["vision"] and post["llm"] == parts["llm"]
+
+
+@pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
+                    reason="compiling for a TPU topology needs libtpu (pip install -e .[tpu]; CI installs it)")
+def test_plan_compiles_the_sharded_train_step():
+    from evejax import plan
+
+    config = ml_collections.ConfigDict({"model": {"name": "hovle", "size": "tiny"}, "optim": {"lr": 1e-3},
+                                        "mesh": {"slice": 1, "data": -1, "fsdp": 1, "tensor": 1}})
+    topo = plan.parse_topology("v5p-8")
+    p = plan.Planner(config, topo, plan.virtual_devices(topo), effort="fast")("full", 2, 32)
+    cfg = hovle.get_config("tiny")
+    assert p.fits and p.global_batch == 8
+    assert p.model_flops == pytest.approx(sum(hovle.training_flops(cfg, 8, 32).values()) / 4)

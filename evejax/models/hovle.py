@@ -26,6 +26,9 @@ segment_ids [B, N] (1, 2, ... per packed sample, 0 = padding; default all 1).
   batch and packed rows.
 `HoVLE`: LLM input (optionally L2-normalised, no epsilon, as official) -> CausalLM
   -> logits [B, N, V] float32. `embed_inputs` gives the embedding-module outputs.
+  Masks are causal within segments (padding respected, the reference semantics of
+  hovle.md §6.4); positions restart in every segment. Dynamic-NTK RoPE, when
+  configured, follows the batch's longest row, as transformers does for padded batches.
 
 Parameters (Flax paths; stacked layers on axis 0; L_e = 8 embedding layers):
   embedding_model/vision_embeddings/class_embedding [1, 1, D] (unused, kept for the port)
