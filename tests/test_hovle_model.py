@@ -143,3 +143,19 @@ def test_plan_compiles_the_sharded_train_step():
     cfg = hovle.get_config("tiny")
     assert p.fits and p.global_batch == 8
     assert p.model_flops == pytest.approx(sum(hovle.training_flops(cfg, 8, 32).values()) / 4)
+
+
+def test_embedding_drop_path_grows_linearly_over_the_layers():
+    """drop_path 1.0 over 2 layers: layer 0 never drops (rate 0), layer 1 always does (rate 1), so
+    in training the module is its first layer alone."""
+    cfg = hovle.get_config("tiny", embedding_drop_path=1.0, remat="none")
+    tokens, pixels = hovle.init_inputs(cfg, batch=2)
+    params = jax.jit(hovle.HoVLE(cfg).init)(jax.random.PRNGKey(0), tokens, pixels)["params"]
+    first = jax.tree.map(lambda x: x[:1], params["embedding_model"]["encoder"])
+    one_layer = hovle.get_config("tiny", embedding_num_layers=1, remat="none")
+    embed = lambda c, p, **kw: hovle.HoVLE(c).apply(  # noqa: E731
+        {"params": p}, tokens, pixels, method=hovle.HoVLE.embed_inputs, **kw).encoder_outputs
+    got = jax.jit(lambda p: embed(cfg, p, deterministic=False, rngs={"dropout": jax.random.PRNGKey(1)}))(params)
+    want = jax.jit(lambda p: embed(one_layer, p))(
+        {**params, "embedding_model": {**params["embedding_model"], "encoder": first}})
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)

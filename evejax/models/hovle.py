@@ -71,7 +71,8 @@ class HoVLEConfig:
     max_position_embeddings 4096), pixel_shuffle_loc per release ("pre" HoVLE, "post"
     HoVLE-HD), normalize_encoder_output (class default False) and llm_vocab_size 92553.
     max_tiles: tile slots per sample in a batch (P), max_dynamic_patch 6 + thumbnail
-    by default; it shapes batches only.
+    by default; it shapes batches only. `embedding_drop_path` is the official
+    drop_path_rate: the last embedding layer's, linearly less down to 0 at layer 0.
     """
     llm: llm_lib.LMConfig
     embedding: llm_lib.LMConfig
@@ -314,8 +315,11 @@ class HolisticEmbedding(nn.Module):
         return self.pixel_shuffle_proj(pixel_shuffle(patch_tokens, grid, self.cfg.shuffle))
 
     def __call__(self, x, positions, segment_ids, deterministic: bool = True):
+        e = self.cfg.embedding.transformer
         x = constrain(x, ("batch", "length", "act_embed"))
-        return self.encoder(x, positions, segment_ids, deterministic=deterministic)[0]
+        # Official: layer i drops its branches with drop_path * i / (L - 1) (torch.linspace).
+        rates = e.drop_path * jnp.linspace(0.0, 1.0, e.num_layers)
+        return self.encoder(x, positions, segment_ids, deterministic=deterministic, drop_path_rate=rates)[0]
 
 
 class Embedded(NamedTuple):
