@@ -31,28 +31,34 @@ def _params(model, loc, **overrides):
 
 
 @pytest.mark.parametrize("loc,normalize", [("post", False), ("pre", True)])
-def test_padded_batch_matches_the_reference_row_by_row(loc, normalize):
+def test_packed_and_padded_batch_matches_the_reference_sample_by_sample(loc, normalize):
+    """Row 0 packs samples 0 and 1 (segments 1, 2; tiles 0, 1), row 1 holds sample 2 and padding.
+    One tile per sample keeps every segment below the dynamic-NTK thresholds: scaling follows
+    the batch's longest row (as transformers for padded batches), which a sample alone does not see."""
     model = reference(loc, seed=1)
     model.normalize_encoder_output = normalize
     cfg, params = _params(model, loc, normalize_encoder_output=normalize)
     assert cfg.normalize_encoder_output == normalize
-    rng = np.random.default_rng(3)
-    # One tile keeps every row below the dynamic-NTK thresholds: scaling follows the batch's
-    # longest row (as transformers for padded batches), which a row run alone does not see.
-    layout, tiles = [(3, 4), (2, 2)], 1
-    rows = [_row(np.random.default_rng(i), *lay, tiles, 4) for i, lay in enumerate(layout)]
-    hd_rows = [_row(np.random.default_rng(i), *lay, tiles, 16) for i, lay in enumerate(layout)]
-    pixels = rng.standard_normal((len(rows), tiles, 3, 56, 56)).astype(np.float32)
-    n = max(map(len, rows))
-    tokens = np.zeros((len(rows), n), np.int32)
-    segments = np.zeros((len(rows), n), np.int32)
-    for b, row in enumerate(rows):
-        tokens[b, :len(row)], segments[b, :len(row)] = row, 1
-    got = jax.jit(hovle.HoVLE(cfg).apply)({"params": params}, tokens, pixels.transpose(0, 1, 3, 4, 2), segments)
-    for b, (row, hd_row) in enumerate(zip(rows, hd_rows)):
+    layouts, packing = [(3, 4), (2, 2), (4, 3)], [[0, 1], [2]]
+    samples = [_row(np.random.default_rng(i), *lay, 1, 4) for i, lay in enumerate(layouts)]
+    hd_samples = [_row(np.random.default_rng(i), *lay, 1, 16) for i, lay in enumerate(layouts)]
+    tiles = np.random.default_rng(3).standard_normal((len(samples), 3, 56, 56)).astype(np.float32)
+    n = max(sum(len(samples[i]) for i in row) for row in packing)
+    tokens, segments = np.zeros((2, n), np.int32), np.zeros((2, n), np.int32)
+    pixels = np.zeros((2, 2, 56, 56, 3), np.float32)
+    where = {}
+    for b, row in enumerate(packing):
+        at = 0
+        for k, i in enumerate(row):
+            tokens[b, at:at + len(samples[i])], segments[b, at:at + len(samples[i])] = samples[i], k + 1
+            pixels[b, k] = tiles[i].transpose(1, 2, 0)
+            where[i] = (b, slice(at, at + len(samples[i])))
+            at += len(samples[i])
+    got = jax.jit(hovle.HoVLE(cfg).apply)({"params": params}, tokens, pixels, segments)
+    for i, (sample, hd_sample) in enumerate(zip(samples, hd_samples)):
         with torch.no_grad():
-            want = model(torch.from_numpy(pixels[b]), torch.tensor([row]), torch.tensor([hd_row])).numpy()
-        assert rel(got[b, :len(row)], want[0]) <= TOLERANCE
+            want = model(torch.from_numpy(tiles[i:i + 1]), torch.tensor([sample]), torch.tensor([hd_sample]))
+        assert rel(got[where[i]], want[0].numpy()) <= TOLERANCE
 
 
 def test_position_embedding_resize_is_torch_bicubic():
