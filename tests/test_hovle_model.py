@@ -11,7 +11,8 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from test_hovle_port import CTX, EMBEDDING, IMG_END, IMG_START, LLM, TOLERANCE, official_config, reference, rel  # noqa: E402,E501
+from test_hovle_port import (CTX, EMBEDDING, IMG_END, IMG_START, TOLERANCE, official_config,  # noqa: E402
+                             reference, rel)
 
 from evejax.models import hovle, registry  # noqa: E402
 from evejax.models import llm as llm_lib  # noqa: E402
@@ -22,6 +23,12 @@ from evejax.port.torch_ref.hovle import HolisticEmbeddingConfig, VisionEmbedding
 def _row(rng, before, after, tiles, per_tile):
     text = lambda k: rng.integers(3, 240, k).tolist()  # noqa: E731
     return [1] + text(before) + [IMG_START] + [CTX] * per_tile * tiles + [IMG_END] + text(after)
+
+
+def _random_params(cfg, seed=0):
+    """N(0, 0.1) values in the shapes `HoVLE(cfg).init` makes, without compiling the init."""
+    rng = np.random.default_rng(seed)
+    return jax.tree.map(lambda a: (0.1 * rng.standard_normal(a.shape)).astype(a.dtype), hovle.abstract_params(cfg))
 
 
 def _params(model, loc, **overrides):
@@ -120,9 +127,10 @@ def test_registry_entry_loss_mask_and_flops():
     batch = {"tokens": tokens, "targets": targets, "segment_ids": segments,
              "loss_mask": np.ones((b, n), np.float32),
              "pixels": rng.standard_normal((b, cfg.max_tiles, 56, 56, 3)).astype(np.float32)}
-    params = jax.jit(spec.module.init)(jax.random.PRNGKey(0), *spec.init_args)["params"]
-    loss, metrics = jax.jit(spec.loss_fn)(params, batch, jax.random.PRNGKey(1))
-    logits = jax.jit(spec.module.apply)({"params": params}, tokens, batch["pixels"], segments)
+    params = _random_params(cfg)
+    (loss, metrics), logits = jax.jit(lambda p: (
+        spec.loss_fn(p, batch, jax.random.PRNGKey(1)),
+        spec.module.apply({"params": p}, tokens, batch["pixels"], segments)))(params)
     keep = (targets != CTX) & (targets >= 0) & (segments > 0)
     nll = -jax.nn.log_softmax(logits)[np.arange(b)[:, None], np.arange(n)[None], np.maximum(targets, 0)]
     assert metrics["weight"] == keep.sum() < b * n - 2 * cfg.max_tiles * 4
@@ -156,12 +164,12 @@ def test_embedding_drop_path_grows_linearly_over_the_layers():
     in training the module is its first layer alone."""
     cfg = hovle.get_config("tiny", embedding_drop_path=1.0, remat="none")
     tokens, pixels = hovle.init_inputs(cfg, batch=2)
-    params = jax.jit(hovle.HoVLE(cfg).init)(jax.random.PRNGKey(0), tokens, pixels)["params"]
+    params = _random_params(cfg)
     first = jax.tree.map(lambda x: x[:1], params["embedding_model"]["encoder"])
     one_layer = hovle.get_config("tiny", embedding_num_layers=1, remat="none")
     embed = lambda c, p, **kw: hovle.HoVLE(c).apply(  # noqa: E731
         {"params": p}, tokens, pixels, method=hovle.HoVLE.embed_inputs, **kw).encoder_outputs
-    got = jax.jit(lambda p: embed(cfg, p, deterministic=False, rngs={"dropout": jax.random.PRNGKey(1)}))(params)
-    want = jax.jit(lambda p: embed(one_layer, p))(
-        {**params, "embedding_model": {**params["embedding_model"], "encoder": first}})
+    got, want = jax.jit(lambda p, q: (
+        embed(cfg, p, deterministic=False, rngs={"dropout": jax.random.PRNGKey(1)}), embed(one_layer, q)))(
+        params, {**params, "embedding_model": {**params["embedding_model"], "encoder": first}})
     np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)

@@ -42,7 +42,7 @@ Parameters (Flax paths; stacked layers on axis 0; L_e = 8 embedding layers):
 from __future__ import annotations
 
 import dataclasses
-from typing import NamedTuple, Optional
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp

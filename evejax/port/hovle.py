@@ -38,7 +38,6 @@ import jax
 import numpy as np
 
 from evejax.models import hovle as hovle_lib
-from evejax.models import llm as llm_lib
 from evejax.port import checkpoint as lm_checkpoint
 from evejax.port import io, tables
 from evejax.port.command_line import parse_size, run_command
