@@ -69,7 +69,9 @@ class HoVLEConfig:
     Inferred, not read from the unavailable config.json (hovle.md §6.10): the
     embedding depth/heads/width, its RoPE (class defaults theta 10000, no scaling,
     max_position_embeddings 4096), pixel_shuffle_loc per release ("pre" HoVLE, "post"
-    HoVLE-HD), normalize_encoder_output (class default False) and llm_vocab_size 92553.
+    HoVLE-HD), normalize_encoder_output (class default False), llm_vocab_size 92553, no
+    attention biases in either stack (embedding attention_bias class default False; the
+    LLM's `bias` false as in InternLM2-chat-1.8B, while the InternLM2 class default is true).
     max_tiles: tile slots per sample in a batch (P), max_dynamic_patch 6 + thumbnail
     by default; it shapes batches only. `embedding_drop_path` is the official
     drop_path_rate: the last embedding layer's, linearly less down to 0 at layer 0.
@@ -174,7 +176,7 @@ SIZES = {
                                 embedding=_embedding_layers(256, 64, 2, 4, 2, 128, max_pos=512).replace(
                                     rope_base=20000.0),
                                 image_size=56, img_context_token_id=250, max_tiles=3),
-    # `evejax demo`-scale: 64 px tiles of 8 px patches (g 8, 16 LLM tokens per tile).
+    # Demo scale (CPU minutes): 64 px tiles of 8 px patches (g 8, 16 LLM tokens per tile).
     "demo": lambda: HoVLEConfig(llm=llm_lib.get_config("internlm2_tiny", num_layers=4,
                                                        max_position_embeddings=2048),
                                 embedding=_embedding_layers(256, 64, 2, 4, 2, 128, max_pos=2048),
