@@ -61,7 +61,8 @@ def test_packed_and_padded_batch_matches_the_reference_sample_by_sample(loc, nor
             pixels[b, k] = tiles[i].transpose(1, 2, 0)
             where[i] = (b, slice(at, at + len(samples[i])))
             at += len(samples[i])
-    got = jax.jit(hovle.HoVLE(cfg).apply)({"params": params}, tokens, pixels, segments)
+    tile_mask = np.array([[True, True], [True, False]])
+    got = jax.jit(hovle.HoVLE(cfg).apply)({"params": params}, tokens, pixels, segments, tile_mask)
     for i, (sample, hd_sample) in enumerate(zip(samples, hd_samples)):
         with torch.no_grad():
             want = model(torch.from_numpy(tiles[i:i + 1]), torch.tensor([sample]), torch.tensor([hd_sample]))
@@ -95,7 +96,8 @@ def test_placeholder_count_mismatch_is_refused_with_the_counts():
     with pytest.raises(ValueError, match=r"3 <IMG_CONTEXT> tokens \(id 250\) but 1 tile\(s\) x 4 .* = 4"):
         hovle.HoVLE(cfg).apply(params, short, pixels)
     with pytest.raises(ValueError, match=r"row 0: 4 <IMG_CONTEXT> .* 2 tile\(s\)"):
-        hovle.HoVLE(cfg).apply(params, tokens, pixels, num_tiles=np.array([2]))
+        hovle.HoVLE(cfg).apply(params, tokens, np.concatenate([pixels, pixels], axis=1))
+    hovle.check_placeholders(cfg, tokens, np.array([[True, False]]))  # the second slot is padding
 
 
 def test_config_fields_and_the_2_6b_count():
@@ -116,24 +118,26 @@ def test_registry_entry_loss_mask_and_flops():
     spec = registry.build(ml_collections.ConfigDict({"name": "hovle", "size": "tiny"}))
     cfg = spec.config
     rng = np.random.default_rng(0)
-    rows = [_row(rng, 2, 3, cfg.max_tiles, 4) for _ in range(2)]
+    slots = cfg.tile_slots
+    rows = [_row(rng, 2, 3, slots, 4) for _ in range(2)]
     tokens = np.array(rows, np.int32)
     b, n = tokens.shape
     specs = spec.batch_specs(b, n)
-    assert specs["pixels"].shape == (b, cfg.max_tiles, 56, 56, 3) and specs["tokens"].shape == (b, n)
+    assert specs["pixels"].shape == (b, slots, 56, 56, 3) and specs["tokens"].shape == (b, n)
     targets = np.concatenate([tokens[:, 1:], np.full((b, 1), -100)], axis=1).astype(np.int32)
     segments = np.ones((b, n), np.int32)
     segments[1, -2:] = 0
     batch = {"tokens": tokens, "targets": targets, "segment_ids": segments,
              "loss_mask": np.ones((b, n), np.float32),
-             "pixels": rng.standard_normal((b, cfg.max_tiles, 56, 56, 3)).astype(np.float32)}
+             "pixels": rng.standard_normal((b, slots, 56, 56, 3)).astype(np.float32),
+             "tile_mask": np.ones((b, slots), bool)}
     params = _random_params(cfg)
     (loss, metrics), logits = jax.jit(lambda p: (
         spec.loss_fn(p, batch, jax.random.PRNGKey(1)),
         spec.module.apply({"params": p}, tokens, batch["pixels"], segments)))(params)
     keep = (targets != CTX) & (targets >= 0) & (segments > 0)
     nll = -jax.nn.log_softmax(logits)[np.arange(b)[:, None], np.arange(n)[None], np.maximum(targets, 0)]
-    assert metrics["weight"] == keep.sum() < b * n - 2 * cfg.max_tiles * 4
+    assert metrics["weight"] == keep.sum() < b * n - 2 * slots * 4
     np.testing.assert_allclose(loss, jnp.sum(nll * keep) / keep.sum(), rtol=1e-6)
 
     parts = hovle.training_flops(cfg, b, n)
@@ -141,7 +145,7 @@ def test_registry_entry_loss_mask_and_flops():
     assert parts["llm"] == llm_lib.training_flops_per_step(cfg.llm, b, n)
     post = hovle.training_flops(cfg.replace(pixel_shuffle_loc="post"), b, n)
     # "post" runs the embedding layers on the HD stream: s^2 - 1 = 3 more tokens per image token.
-    assert post["embedding"] == hovle.training_flops(cfg, b, n + 3 * cfg.max_tiles * 4)["embedding"]
+    assert post["embedding"] == hovle.training_flops(cfg, b, n + 3 * slots * 4)["embedding"]
     assert post["vision"] == parts["vision"] and post["llm"] == parts["llm"]
 
 

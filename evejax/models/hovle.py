@@ -5,10 +5,13 @@ patch grid (32); s = 1 / downsample_ratio pixel-shuffle factor (2); D width (204
 both parts); N token length; n = (g / s)^2 image tokens per tile for the LLM (256);
 N_hd = N + (s^2 - 1) P n the HD stream ("post").
 
-Inputs: tokens [B, N] int32 with `img_context_token_id` at the image positions (P n
-per row for P tiles, tiles in order; several images are several runs), pixels
-[B, P, S, S, 3] float32 (channels last, as EVE; already tiled and normalised),
-segment_ids [B, N] (1, 2, ... per packed sample, 0 = padding; default all 1).
+Inputs (the HoVLE conversation batch of evejax.data.pipeline): tokens [B, N] int32
+with `img_context_token_id` at the image positions (n per real tile, tiles in slot
+order; several images or packed samples are several runs), pixels [B, P, S, S, 3]
+float32 (image.tile_image: channels last, normalised, real tiles first), segment_ids
+[B, N] (1, 2, ... per packed sample, 0 = padding; default all 1), and optionally
+tile_mask [B, P] bool (real tiles; default all), used only to check the placeholder
+count on concrete inputs.
 
 `HolisticEmbedding` (embedding_model):
   text: llm_text_embeddings [V_e, D] (its own table, not the LLM's);
@@ -72,8 +75,8 @@ class HoVLEConfig:
     HoVLE-HD), normalize_encoder_output (class default False), llm_vocab_size 92553, no
     attention biases in either stack (embedding attention_bias class default False; the
     LLM's `bias` false as in InternLM2-chat-1.8B, while the InternLM2 class default is true).
-    max_tiles: tile slots per sample in a batch (P), max_dynamic_patch 6 + thumbnail
-    by default; it shapes batches only. `embedding_drop_path` is the official
+    max_tiles: the official max_dynamic_patch (6), as config.data.max_tiles; a batch has
+    `tile_slots` = max_tiles + 1 tile slots per row (the thumbnail; 1 at max_tiles 1). `embedding_drop_path` is the official
     drop_path_rate: the last embedding layer's, linearly less down to 0 at layer 0.
     """
     llm: llm_lib.LMConfig
@@ -84,7 +87,7 @@ class HoVLEConfig:
     pixel_shuffle_loc: str = "pre"
     normalize_encoder_output: bool = False
     img_context_token_id: int = 92546
-    max_tiles: int = 7
+    max_tiles: int = 6
 
     @property
     def shuffle(self) -> int:
@@ -101,11 +104,16 @@ class HoVLEConfig:
         """n: image tokens per tile in the LLM's stream (256)."""
         return (self.grid // self.shuffle) ** 2
 
+    @property
+    def tile_slots(self) -> int:
+        """P: tile slots per row of a batch, grid tiles + thumbnail (evejax.data.pipeline)."""
+        return self.max_tiles + 1 if self.max_tiles > 1 else 1
+
     def encoder_length(self, text_len: int) -> int:
-        """Tokens the embedding layers see for rows of `text_len` with `max_tiles` tiles."""
+        """Tokens the embedding layers see for rows of `text_len` with `tile_slots` tiles."""
         if self.pixel_shuffle_loc == "pre":
             return text_len
-        return text_len + (self.shuffle ** 2 - 1) * self.max_tiles * self.image_tokens_per_tile
+        return text_len + (self.shuffle ** 2 - 1) * self.tile_slots * self.image_tokens_per_tile
 
     def validate(self) -> "HoVLEConfig":
         def need(ok, what):
@@ -175,7 +183,7 @@ SIZES = {
     "tiny": lambda: HoVLEConfig(llm=llm_lib.get_config("internlm2_tiny", max_position_embeddings=512),
                                 embedding=_embedding_layers(256, 64, 2, 4, 2, 128, max_pos=512).replace(
                                     rope_base=20000.0),
-                                image_size=56, img_context_token_id=250, max_tiles=3),
+                                image_size=56, img_context_token_id=250, max_tiles=3),  # 4 slots
     # Demo scale (CPU minutes): 64 px tiles of 8 px patches (g 8, 16 LLM tokens per tile).
     "demo": lambda: HoVLEConfig(llm=llm_lib.get_config("internlm2_tiny", num_layers=4,
                                                        max_position_embeddings=2048),
@@ -213,8 +221,9 @@ def param_count(cfg: HoVLEConfig) -> int:
     return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract_params(cfg)))
 
 
-def check_placeholders(cfg: HoVLEConfig, tokens, num_tiles, segment_ids=None) -> None:
-    """Raises ValueError when a row's <IMG_CONTEXT> count is not num_tiles x n (host arrays).
+def check_placeholders(cfg: HoVLEConfig, tokens, tile_mask, segment_ids=None) -> None:
+    """Raises ValueError when a row's <IMG_CONTEXT> count is not its real tiles x n (host arrays;
+    tile_mask [B, P] bool).
 
     The model runs this on concrete inputs; under jit it cannot, and then the
     k-th placeholder of a row simply reads image token k (the last one past the end).
@@ -222,7 +231,7 @@ def check_placeholders(cfg: HoVLEConfig, tokens, num_tiles, segment_ids=None) ->
     tokens = np.asarray(tokens)
     valid = np.ones(tokens.shape, bool) if segment_ids is None else np.asarray(segment_ids) > 0
     counts = np.sum((tokens == cfg.img_context_token_id) & valid, axis=1)
-    expected = np.broadcast_to(np.asarray(num_tiles), counts.shape) * cfg.image_tokens_per_tile
+    expected = np.sum(np.asarray(tile_mask), axis=1) * cfg.image_tokens_per_tile
     bad = np.flatnonzero(counts != expected)
     if bad.size:
         b = int(bad[0])
@@ -230,7 +239,7 @@ def check_placeholders(cfg: HoVLEConfig, tokens, num_tiles, segment_ids=None) ->
             f"HoVLE input row {b}: {int(counts[b])} <IMG_CONTEXT> tokens (id {cfg.img_context_token_id}) but "
             f"{int(expected[b] // cfg.image_tokens_per_tile)} tile(s) x {cfg.image_tokens_per_tile} image tokens "
             f"per tile = {int(expected[b])}; ({bad.size} row(s) differ) expand each image to "
-            f"{cfg.image_tokens_per_tile} placeholders per tile, or pass num_tiles")
+            f"{cfg.image_tokens_per_tile} placeholders per tile, or pass the tile_mask of the real tiles")
 
 
 def bicubic_resize_matrix(size_in: int, size_out: int) -> np.ndarray:
@@ -351,15 +360,16 @@ class HoVLE(nn.Module):
         self.embedding_model = HolisticEmbedding(self.cfg)
         self.language_model = llm_lib.CausalLM(self.cfg.llm)
 
-    def embed_inputs(self, tokens, pixels, segment_ids=None, num_tiles=None,
+    def embed_inputs(self, tokens, pixels, segment_ids=None, tile_mask=None,
                      deterministic: bool = True) -> Embedded:
         cfg = self.cfg
         b, n = tokens.shape
         if pixels.ndim != 5 or pixels.shape[0] != b or pixels.shape[-1] != 3:
             raise ValueError(f"HoVLE takes pixels [B, P, S, S, 3] for tokens [B, N] = {tokens.shape}, "
                              f"got {pixels.shape}")
-        if not any(isinstance(a, jax.core.Tracer) for a in (tokens, segment_ids, num_tiles)):
-            check_placeholders(cfg, tokens, pixels.shape[1] if num_tiles is None else num_tiles, segment_ids)
+        if not any(isinstance(a, jax.core.Tracer) for a in (tokens, segment_ids, tile_mask)):
+            mask = np.ones((b, pixels.shape[1]), bool) if tile_mask is None else tile_mask
+            check_placeholders(cfg, tokens, mask, segment_ids)
         segment_ids = jnp.ones((b, n), jnp.int32) if segment_ids is None else segment_ids.astype(jnp.int32)
         emb = self.embedding_model
         is_image = (tokens == cfg.img_context_token_id) & (segment_ids > 0)
@@ -397,10 +407,10 @@ class HoVLE(nn.Module):
         llm_inputs = jnp.where(is_image[..., None], _place(image, is_image), _take(out, start))
         return llm_inputs, out
 
-    def __call__(self, tokens, pixels, segment_ids=None, *, num_tiles=None, deterministic: bool = True,
+    def __call__(self, tokens, pixels, segment_ids=None, tile_mask=None, *, deterministic: bool = True,
                  drop_path_rate=None):
         """-> logits [B, N, V] float32."""
-        x = self.embed_inputs(tokens, pixels, segment_ids, num_tiles, deterministic)
+        x = self.embed_inputs(tokens, pixels, segment_ids, tile_mask, deterministic)
         if self.is_initializing():
             self.language_model.embed(tokens[:, :1])  # the unused tok_embeddings, kept for the port
         return self.language_model(inputs_embeds=x.llm_inputs, positions=x.positions,
@@ -417,12 +427,12 @@ def supervised_mask(cfg: HoVLEConfig, targets, loss_mask, segment_ids):
 
 def training_flops(cfg: HoVLEConfig, batch: int, text_len: int) -> dict[str, float]:
     """MaxText-style model FLOPs of one training step by part, for rows of `text_len` tokens and
-    `max_tiles` tiles: the LLM over N, the embedding layers over N ("pre") or N_hd ("post"),
+    `tile_slots` tiles: the LLM over N, the embedding layers over N ("pre") or N_hd ("post"),
     and the vision part (conv on every tile, shuffle projection on every tile's tokens);
     6 FLOPs per multiply-add (forward + backward), as `llm.training_flops_per_step`."""
     d = cfg.llm.transformer.embed_dim
     r2 = cfg.shuffle ** 2
-    vision_macs = cfg.max_tiles * (cfg.grid ** 2 * 3 * cfg.patch_size ** 2 * d
+    vision_macs = cfg.tile_slots * (cfg.grid ** 2 * 3 * cfg.patch_size ** 2 * d
                                    + cfg.image_tokens_per_tile * (r2 * d * d + d * d))
     no_head = cfg.embedding.replace(vocab_size=0)
     return {"llm": llm_lib.training_flops_per_step(cfg.llm, batch, text_len),

@@ -139,7 +139,8 @@ def _build_hovle(model_cfg) -> ModelSpec:
     """HoVLE (models/hovle.py). model_cfg: size ("tiny", "demo", "2.6b", "2.6b_hd"), overrides
     (HoVLEConfig fields, embedding_<field> for the embedding layers, TransformerConfig fields).
     Batches: tokens, targets, segment_ids [B, N] int32 (tokens hold <IMG_CONTEXT>, n per tile),
-    loss_mask [B, N] float32 (aligned with targets), pixels [B, max_tiles, S, S, 3] float32.
+    loss_mask [B, N] float32 (aligned with targets), pixels [B, P, S, S, 3] float32 and tile_mask
+    [B, P] bool, P = tile_slots: the HoVLE conversation batch of evejax.data.pipeline.
     Loss: token CE over `hovle.supervised_mask` (the official loss mask), mean over the batch."""
     import jax
 
@@ -152,7 +153,7 @@ def _build_hovle(model_cfg) -> ModelSpec:
 
     def loss_fn(params, batch, rng):
         logits = module.apply({"params": params}, batch["tokens"], batch["pixels"], batch["segment_ids"],
-                              deterministic=False, rngs={"dropout": rng})
+                              batch["tile_mask"], deterministic=False, rngs={"dropout": rng})
         supervised = hovle.supervised_mask(cfg, batch["targets"], batch["loss_mask"], batch["segment_ids"])
         ce, weight = losses.cross_entropy(logits, jnp.maximum(batch["targets"], 0), supervised)
         return ce, {"ce": ce, "weight": weight}
@@ -162,7 +163,8 @@ def _build_hovle(model_cfg) -> ModelSpec:
         text = lambda dt: jax.ShapeDtypeStruct((batch, seq_len), dt)  # noqa: E731
         return {"tokens": text(jnp.int32), "targets": text(jnp.int32), "segment_ids": text(jnp.int32),
                 "loss_mask": text(jnp.float32),
-                "pixels": jax.ShapeDtypeStruct((batch, cfg.max_tiles, s, s, 3), jnp.float32)}
+                "pixels": jax.ShapeDtypeStruct((batch, cfg.tile_slots, s, s, 3), jnp.float32),
+                "tile_mask": jax.ShapeDtypeStruct((batch, cfg.tile_slots), jnp.bool_)}
 
     return ModelSpec(module=module, init_args=hovle.init_inputs(cfg), init_kwargs={}, loss_fn=loss_fn,
                      batch_specs=batch_specs,

@@ -11,7 +11,7 @@ Official names (reference/hovle.md §4.3, §6.1; PyTorch layouts, Linear weight 
 
 One table (`rows`) drives both directions. config.json is the official InternVLChatConfig:
 `embedding_config` (model_type holistic_embedding), `llm_config` (InternLM2) and the top-level
-fields, plus an "evejax" entry (max_tiles). Weights are float32 safetensors shards with an index.
+fields (max_dynamic_patch is max_tiles). Weights are float32 safetensors shards with an index.
 
     to_flax(state_dict, cfg) / to_torch(params, cfg)      numpy
     hf_config(cfg) / config_from_hf(config.json dict)
@@ -107,9 +107,9 @@ def hf_config(cfg: hovle_lib.HoVLEConfig, dtype: str = "float32") -> dict[str, A
             "llm_config": tables.hf_config(cfg.llm, dtype), "downsample_ratio": cfg.downsample_ratio,
             "force_image_size": cfg.image_size, "normalize_encoder_output": cfg.normalize_encoder_output,
             "template": "internlm2-chat", "dynamic_image_size": True, "use_thumbnail": True,
-            "min_dynamic_patch": 1, "max_dynamic_patch": max(1, cfg.max_tiles - 1), "ps_version": "v2",
+            "min_dynamic_patch": 1, "max_dynamic_patch": cfg.max_tiles, "ps_version": "v2",
             "select_layer": -1, "pad2square": False, "use_backbone_lora": 0, "use_llm_lora": 0,
-            "torch_dtype": dtype, "evejax": {"max_tiles": cfg.max_tiles}}
+            "torch_dtype": dtype}
 
 
 def config_from_hf(config: Mapping[str, Any], **overrides) -> hovle_lib.HoVLEConfig:
@@ -149,14 +149,12 @@ def config_from_hf(config: Mapping[str, Any], **overrides) -> hovle_lib.HoVLECon
     llm = tables.config_from_hf(config["llm_config"], "internlm2")
     layers = {**dataclasses.asdict(e.layer_config()), "model_type": "internlm2"}
     embedding = tables.config_from_hf(layers, "internlm2")
-    ours = config.get("evejax") or {}
-    max_tiles = ours.get("max_tiles", int(config.get("max_dynamic_patch", 6)) + 1)
     try:
         cfg = hovle_lib.HoVLEConfig(
             llm=llm, embedding=embedding, image_size=e.image_size, patch_size=e.patch_size,
             downsample_ratio=float(e.downsample_ratio), pixel_shuffle_loc=e.pixel_shuffle_loc,
             normalize_encoder_output=bool(config.get("normalize_encoder_output", False)),
-            img_context_token_id=e.img_context_token_id, max_tiles=int(max_tiles))
+            img_context_token_id=e.img_context_token_id, max_tiles=int(config.get("max_dynamic_patch", 6)))
         return (cfg.replace(**overrides) if overrides else cfg).validate()
     except ValueError as err:
         raise CheckpointError(f"config.json: {err}") from None
