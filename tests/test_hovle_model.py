@@ -102,8 +102,9 @@ def test_placeholder_count_mismatch_is_refused_with_the_counts():
 
 def test_config_fields_and_the_2_6b_count():
     cfg = hovle.get_config("tiny", embedding_num_layers=3, num_layers=1, dtype="bfloat16",
-                           pixel_shuffle_loc="post")
+                           pixel_shuffle_loc="post", vocab_size=300, embedding_vocab_size=260)
     assert cfg.embedding.transformer.num_layers == 3 and cfg.llm.transformer.num_layers == 1
+    assert (cfg.llm.vocab_size, cfg.embedding.vocab_size) == (300, 260)
     assert cfg.embedding.transformer.dtype == cfg.llm.transformer.dtype == "bfloat16"
     with pytest.raises(ValueError, match="no field"):
         hovle.get_config("tiny", embeding_num_layers=3)

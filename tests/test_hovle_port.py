@@ -30,7 +30,8 @@ LLM = InternLM2Config(vocab_size=256, hidden_size=64, intermediate_size=128, num
                       num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-5, bias=False,
                       rope_theta=1e6, rope_scaling={"type": "dynamic", "factor": 2.0},
                       max_position_embeddings=16, pad_token_id=2)
-TOKENIZER = {"tokenizer_config.json": '{"model_max_length": 8192}\n', "added_tokens.json": '{"<IMG_CONTEXT>": 250}\n'}
+TOKENIZER = {"tokenizer_config.json": b'{"model_max_length": 8192}\n', "added_tokens.json": b'{"<IMG_CONTEXT>": 250}\n',
+             "tokenizer.model": bytes(range(256)) * 3}
 
 
 def official_config(loc: str) -> dict:
@@ -70,8 +71,8 @@ def write_official(model, loc, directory):
     state = {k: v.detach().numpy().copy() for k, v in model.state_dict().items()}
     io.save_state_dict(state, directory, max_shard_bytes=300_000)
     io.save_config_json(official_config(loc), directory)
-    for name, text in TOKENIZER.items():
-        (directory / name).write_text(text)
+    for name, data in TOKENIZER.items():
+        (directory / name).write_bytes(data)
     return state
 
 
@@ -113,7 +114,8 @@ def test_import_export_parity(loc, tmp_path, capsys):
     assert commands.export_main([str(tmp_path / "ckpt"), str(out), "--max-shard-size", "300KB"]) == 0
     index = json.loads((out / io.SAFETENSORS_INDEX_NAME).read_text())
     assert len(set(index["weight_map"].values())) > 1
-    assert all((out / name).read_text() == text for name, text in TOKENIZER.items())
+    assert all((out / name).read_bytes() == data for name, data in TOKENIZER.items())
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["model.json", "params"]
     written = io.load_state_dict(out, keep_dtype=True)
     assert sorted(written) == sorted(state)
     assert list(hovle_port.to_torch(params, cfg)) == list(state)  # the official state-dict order

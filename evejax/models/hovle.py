@@ -138,17 +138,19 @@ class HoVLEConfig:
     def replace(self, **kw) -> "HoVLEConfig":
         """Own fields; `embedding_<field>` for a TransformerConfig or LMConfig field of the
         embedding layers (embedding_num_layers, embedding_rope_base, embedding_vocab_size);
-        other TransformerConfig fields go to the LLM, and dtype, param_dtype, remat,
-        attention_impl, scan_unroll and matmul_2d also to the embedding layers."""
+        other TransformerConfig fields and the LMConfig token fields (vocab_size, bos_id, eos_id,
+        pad_id) go to the LLM, and dtype, param_dtype, remat, attention_impl, scan_unroll and
+        matmul_2d also to the embedding layers."""
         own_fields = {f.name for f in dataclasses.fields(self)}
         t_fields = {f.name for f in dataclasses.fields(TransformerConfig)}
-        e_fields = t_fields | {f.name for f in dataclasses.fields(llm_lib.LMConfig)} - {"transformer"}
+        lm_fields = {f.name for f in dataclasses.fields(llm_lib.LMConfig)} - {"transformer", "family"}
+        e_fields = t_fields | lm_fields
         own, t_kw, e_kw, unknown = {}, {}, {}, []
         for k, v in kw.items():
             inner = k[len(_EMBEDDING_PREFIX):] if k.startswith(_EMBEDDING_PREFIX) else None
             if k in own_fields:
                 own[k] = v
-            elif k in t_fields:
+            elif k in t_fields or k in lm_fields:
                 t_kw[k] = v
             elif inner in e_fields:
                 e_kw[inner] = v

@@ -17,20 +17,21 @@ fields (max_dynamic_patch is max_tiles). Weights are float32 safetensors shards 
     hf_config(cfg) / config_from_hf(config.json dict)
     import_hovle(src, out_dir)  official directory, shard index or file -> evejax HoVLE checkpoint
     export_hovle(ckpt, out_dir) evejax HoVLE checkpoint -> config.json + safetensors (+ tokenizer)
-    save_checkpoint / load_checkpoint
-        CKPT/model.json (format "evejax.hovle") + CKPT/params (Orbax) + CKPT/tokenizer/ (the
-        official tokenizer files, when the imported directory had them)
+    save_checkpoint / load_checkpoint / load_tokenizer_files
+        CKPT/model.json (format "evejax.hovle"; with the official tokenizer files, base64, when
+        the imported directory had them) + CKPT/params (Orbax)
 
 The official directory's tokenizer files (TOKENIZER_FILES) are carried through import and
-export as they are. Export's config.json names the official remote code (auto_map); copy its
-.py files next to the weights to load them with trust_remote_code=True.
+export byte for byte. They live in model.json, so a checkpoint stays the two entries that
+`port.checkpoint.write_checkpoint` writes. Export's config.json names the official remote
+code (auto_map); copy its .py files next to the weights to load them with trust_remote_code=True.
 """
 from __future__ import annotations
 
 import argparse
+import base64
 import dataclasses
 import os
-import shutil
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -48,9 +49,9 @@ from evejax.port.tables import LINEAR, Row
 FORMAT = "evejax.hovle"
 VERSION = 1
 MODEL_JSON, PARAMS_DIR = lm_checkpoint.MODEL_JSON, lm_checkpoint.PARAMS_DIR
-TOKENIZER_DIR = "tokenizer"
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
                    "tokenization_internlm2.py", "tokenization_internlm2_fast.py")
+TOKENIZER_ENTRY = "tokenizer_files"
 AUTO_MAP = {"AutoConfig": "configuration_internvl_chat.InternVLChatConfig",
             "AutoModel": "modeling_internvl_chat.InternVLChatModel",
             "AutoModelForCausalLM": "modeling_internvl_chat.InternVLChatModel"}
@@ -169,7 +170,7 @@ def config_to_json(cfg: hovle_lib.HoVLEConfig) -> dict[str, Any]:
 
 
 def config_from_json(data: Mapping[str, Any], source: str = MODEL_JSON) -> hovle_lib.HoVLEConfig:
-    data = dict(data)
+    data = {k: v for k, v in data.items() if k != TOKENIZER_ENTRY}
     if data.pop("format", None) != FORMAT or data.pop("version", None) != VERSION:
         raise CheckpointError(f"{source}: not an evejax HoVLE config (expected format {FORMAT!r} version {VERSION})")
     llm = lm_checkpoint.config_from_json(data.pop("llm", {}), source)
@@ -181,28 +182,35 @@ def config_from_json(data: Mapping[str, Any], source: str = MODEL_JSON) -> hovle
 
 
 def save_checkpoint(directory: str | os.PathLike, cfg: hovle_lib.HoVLEConfig, params: Any,
-                    overwrite: bool = False) -> Path:
-    return lm_checkpoint.write_checkpoint(directory, config_to_json(cfg), params, overwrite)
+                    overwrite: bool = False, tokenizer_files: Mapping[str, bytes] | None = None) -> Path:
+    files = {name: base64.b64encode(data).decode("ascii") for name, data in (tokenizer_files or {}).items()}
+    return lm_checkpoint.write_checkpoint(directory, {**config_to_json(cfg), TOKENIZER_ENTRY: files}, params,
+                                          overwrite)
+
+
+def _read_model_json(directory: str | os.PathLike) -> tuple[dict, str]:
+    return lm_checkpoint.read_model_json(directory, "HoVLE checkpoint",
+                                         "create one with `evejax import --family hovle`")
 
 
 def load_checkpoint(directory: str | os.PathLike, shardings: Any = None) -> tuple[hovle_lib.HoVLEConfig, Any]:
     """(HoVLEConfig, params) of an evejax HoVLE checkpoint; params on one device unless `shardings`."""
-    cfg = config_from_json(*lm_checkpoint.read_model_json(directory, "HoVLE checkpoint",
-                                                          "create one with `evejax import --family hovle`"))
+    cfg = config_from_json(*_read_model_json(directory))
     return cfg, lm_checkpoint.restore_params(directory, hovle_lib.abstract_params(cfg), shardings)
 
 
-def _copy_tokenizer(src_dir: Path, out_dir: Path) -> list[Path]:
-    """The official tokenizer files present in src_dir -> out_dir, each through a temporary name."""
-    out = []
-    for name in TOKENIZER_FILES:
-        if (src_dir / name).is_file():
-            out_dir.mkdir(parents=True, exist_ok=True)
-            tmp = out_dir / f".{name}.tmp-{os.getpid()}"
-            shutil.copyfile(src_dir / name, tmp)
-            os.replace(tmp, out_dir / name)
-            out.append(out_dir / name)
-    return out
+def load_tokenizer_files(directory: str | os.PathLike) -> dict[str, bytes]:
+    """The official tokenizer files a HoVLE checkpoint carries (name -> bytes); {} if none."""
+    files = _read_model_json(directory)[0].get(TOKENIZER_ENTRY) or {}
+    return {name: base64.b64decode(text) for name, text in files.items()}
+
+
+def _write_file(path: Path, data: bytes) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+    return path
 
 
 # ---- files ----------------------------------------------------------------------------
@@ -221,10 +229,10 @@ def import_hovle(src: str | os.PathLike, out_dir: str | os.PathLike, *, config: 
     state = io.load_state_dict(src)
     params = to_flax(state, cfg, source=str(src))
     del state
-    copied = _copy_tokenizer(src_dir, Path(out_dir) / TOKENIZER_DIR)
-    save_checkpoint(out_dir, cfg, params, overwrite=overwrite)
+    tokenizer = {name: (src_dir / name).read_bytes() for name in TOKENIZER_FILES if (src_dir / name).is_file()}
+    save_checkpoint(out_dir, cfg, params, overwrite=overwrite, tokenizer_files=tokenizer)
     return [f"wrote a HoVLE ({cfg.pixel_shuffle_loc}) checkpoint to {out_dir}"
-            + (f" with {len(copied)} tokenizer file(s)" if copied else "")]
+            + (f" with {len(tokenizer)} tokenizer file(s)" if tokenizer else "")]
 
 
 def export_hovle(src: str | os.PathLike, out_dir: str | os.PathLike, *, dtype: str = "float32",
@@ -235,7 +243,7 @@ def export_hovle(src: str | os.PathLike, out_dir: str | os.PathLike, *, dtype: s
     config = hf_config(cfg, dtype)  # refuses configs with no official form before writing
     state = to_torch(jax.tree.map(np.asarray, params), cfg)
     del params
-    files = _copy_tokenizer(Path(src) / TOKENIZER_DIR, Path(out_dir))
+    files = [_write_file(Path(out_dir) / name, data) for name, data in load_tokenizer_files(src).items()]
     return files + io.save_hf_checkpoint(state, config, out_dir, family="hovle", dtype=dtype,
                                          max_shard_bytes=max_shard_bytes)
 
