@@ -135,8 +135,45 @@ def _build_clip_classifier(model_cfg) -> ModelSpec:
                      loss_fn=loss_fn, batch_specs=batch_specs, flops_per_step=flops_per_step, config=cfg)
 
 
+def _build_hovle(model_cfg) -> ModelSpec:
+    """HoVLE (models/hovle.py). model_cfg: size ("tiny", "demo", "2.6b", "2.6b_hd"), overrides
+    (HoVLEConfig fields, embedding_<field> for the embedding layers, TransformerConfig fields).
+    Batches: tokens, targets, segment_ids [B, N] int32 (tokens hold <IMG_CONTEXT>, n per tile),
+    loss_mask [B, N] float32 (aligned with targets), pixels [B, P, S, S, 3] float32 and tile_mask
+    [B, P] bool, P = tile_slots: the HoVLE conversation batch of evejax.data.pipeline.
+    Loss: token CE over `hovle.supervised_mask` (the official loss mask), mean over the batch."""
+    import jax
+
+    from evejax.models import hovle
+    from evejax.models import losses
+
+    overrides = dict(model_cfg.get("overrides", {}) or {})
+    cfg = hovle.get_config(model_cfg.size, **overrides)
+    module = hovle.HoVLE(cfg)
+
+    def loss_fn(params, batch, rng):
+        logits = module.apply({"params": params}, batch["tokens"], batch["pixels"], batch["segment_ids"],
+                              batch["tile_mask"], deterministic=False, rngs={"dropout": rng})
+        supervised = hovle.supervised_mask(cfg, batch["targets"], batch["loss_mask"], batch["segment_ids"])
+        ce, weight = losses.cross_entropy(logits, jnp.maximum(batch["targets"], 0), supervised)
+        return ce, {"ce": ce, "weight": weight}
+
+    def batch_specs(batch, seq_len):
+        s = cfg.image_size
+        text = lambda dt: jax.ShapeDtypeStruct((batch, seq_len), dt)  # noqa: E731
+        return {"tokens": text(jnp.int32), "targets": text(jnp.int32), "segment_ids": text(jnp.int32),
+                "loss_mask": text(jnp.float32),
+                "pixels": jax.ShapeDtypeStruct((batch, cfg.tile_slots, s, s, 3), jnp.float32),
+                "tile_mask": jax.ShapeDtypeStruct((batch, cfg.tile_slots), jnp.bool_)}
+
+    return ModelSpec(module=module, init_args=hovle.init_inputs(cfg), init_kwargs={}, loss_fn=loss_fn,
+                     batch_specs=batch_specs,
+                     flops_per_step=lambda b, t: sum(hovle.training_flops(cfg, b, t).values()), config=cfg)
+
+
 FAMILIES: dict[str, Callable[[Any], ModelSpec]] = {"llm": _build_llm, "eve": _build_eve,
-                                                    "clip_classifier": _build_clip_classifier}
+                                                    "clip_classifier": _build_clip_classifier,
+                                                    "hovle": _build_hovle}
 
 
 def build(model_cfg) -> ModelSpec:
