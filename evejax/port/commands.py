@@ -99,7 +99,11 @@ def _import(args) -> None:
 
 
 def _export_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="evejax export", description="evejax checkpoint -> official PyTorch layout")
+    p = argparse.ArgumentParser(
+        prog="evejax export", description="evejax checkpoint -> official PyTorch layout",
+        epilog=f"A checkpoint or workdir of the families {', '.join(sorted(FAMILY_CONVERTERS))} goes to its "
+               "family's converter, which has options of its own (EVE: --inference, --both-teacher-copies): "
+               "`evejax export SRC OUT --help` lists them.")
     p.add_argument("src", help="evejax checkpoint directory (written by `evejax import`) or training "
                    "workdir (its newest checkpoint)")
     p.add_argument("out_dir", help="directory for config.json and safetensors files")
