@@ -100,8 +100,8 @@ def test_pixel_shuffle_is_internvls(version):
     np.testing.assert_array_equal(got, want)
 
 
-@pytest.mark.parametrize("fields", [{}, {"select_layer": 1, "ps_version": "v1"}, {"select_layer": -2}],
-                         ids=["internvl2", "layer1_v1", "layer-2"])
+@pytest.mark.parametrize("fields", [{}, {"select_layer": 0, "ps_version": "v1"}, {"select_layer": -2}],
+                         ids=["internvl2", "embeddings_v1", "layer-2"])
 def test_features_match_reference_in_memory(fields):
     hf = _chat_config(**fields)
     model = _reference(hf)

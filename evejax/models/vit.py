@@ -1,4 +1,5 @@
-"""Vision transformers on the shared core: the CLIP vision tower (EVE's PAL teacher).
+"""Vision transformers on the shared core: the CLIP vision tower (EVE's PAL teacher) and
+InternViT with InternVL's feature path (HoVLE's stage-1 teacher; see the InternViT section below).
 
 `ClipViT` reproduces HF `CLIPVisionModel` (openai/clip-vit-large-patch14-336):
 
@@ -231,8 +232,13 @@ def intern_vit(image_size: int, patch_size: int, width: int, layers: int, heads:
 class InternVLTeacherConfig:
     """InternVL's vision feature path: an InternViT, the layer read, pixel shuffle, projector.
 
-    ps_version "v2" swaps height and width back after the shuffle (InternVL 1.5 and later);
-    "v1" leaves the grid transposed, as InternVL 1.2 was trained.
+    Why it is HoVLE's natural stage-1 teacher: with InternVL2-2B's weights its output already
+    lives where InternLM2-1.8B reads its inputs (2048-d, 256 tokens per 448 px tile, the
+    space InternVL2-2B's own LLM was trained on), so the embedding module is distilled to it
+    directly; a CLIP teacher would need a learned projection into that space first.
+
+    ps_version "v2" swaps height and width back after the shuffle (InternVL's 1.5 and 2.0
+    training scripts set it); "v1", InternVLChatConfig's default, leaves the grid transposed.
     """
     vit: InternViTConfig
     llm_dim: Optional[int] = 2048
