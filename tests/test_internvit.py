@@ -39,12 +39,13 @@ def _randomised(module, seed=0):
     return module.eval()
 
 
-def _reference(hf: dict):
+def _reference(hf: dict, seed: int = 0):
     vision = ref.InternVisionConfig.from_hf_config_dict(hf.get("vision_config", hf))
     if "vision_config" not in hf:
-        return _randomised(ref.InternVisionModel(vision))
+        return _randomised(ref.InternVisionModel(vision), seed)
     fields = {k: hf[k] for k in ("select_layer", "downsample_ratio", "ps_version") if k in hf}
-    return _randomised(ref.InternVLVision(ref.InternVLVisionConfig(vision, hf["llm_config"]["hidden_size"], **fields)))
+    chat = ref.InternVLVisionConfig(vision, hf["llm_config"]["hidden_size"], **fields)
+    return _randomised(ref.InternVLVision(chat), seed)
 
 
 def _torch_features(model, pixels_nhwc, ps_version="v2"):
@@ -100,8 +101,9 @@ def test_pixel_shuffle_is_internvls(version):
     np.testing.assert_array_equal(got, want)
 
 
-@pytest.mark.parametrize("fields", [{}, {"select_layer": 0, "ps_version": "v1"}, {"select_layer": -2}],
-                         ids=["internvl2", "embeddings_v1", "layer-2"])
+@pytest.mark.parametrize("fields", [{}, {"select_layer": 0, "ps_version": "v1"}, {"select_layer": -2},
+                                    {"vision_config": {**TINY_VISION, "qkv_bias": False}}],
+                         ids=["internvl2", "embeddings_v1", "layer-2", "no_qkv_bias"])
 def test_features_match_reference_in_memory(fields):
     hf = _chat_config(**fields)
     model = _reference(hf)
@@ -147,8 +149,8 @@ def test_import_and_export_commands_keep_the_features(tmp_path, capsys, layout):
     assert commands.export_main([str(tmp_path / "ckpt"), str(tmp_path / "exported")]) == 0
     exported_hf = json.loads((tmp_path / "exported" / "config.json").read_text())
     assert internvit.from_hf_config(exported_hf) == cfg
-    fresh = _randomised(type(model)(model.cfg if layout == "internvl" else ref.InternVisionConfig(
-        **{k: v for k, v in TINY_VISION.items()})), seed=7)
+    fresh = _reference(hf, seed=7)  # other weights until the exported ones are loaded
+    assert _rel_err(_torch_features(fresh, pixels), want) > 0.1
     exported = safetensors_numpy.load_file(str(tmp_path / "exported" / "model.safetensors"))
     fresh.load_state_dict({k: torch.from_numpy(v) for k, v in exported.items()}, strict=True)
     assert _rel_err(_torch_features(fresh, pixels), want) <= TOL
@@ -169,7 +171,11 @@ def test_bad_state_dict_names_every_problem():
         assert name.split(" ")[0] in msg
 
 
-def test_unsupported_configs_are_refused_by_name():
+def test_config_reading_follows_the_official_defaults_and_refuses_by_name():
+    official_defaults = {k: v for k, v in _chat_config().items()
+                         if k not in ("select_layer", "downsample_ratio", "ps_version")}
+    cfg = internvit.from_hf_config(official_defaults)
+    assert (cfg.select_layer, cfg.downsample_ratio, cfg.ps_version, cfg.llm_dim) == (-1, 0.5, "v1", 48)
     with pytest.raises(CheckpointError, match="qk_normalization"):
         internvit.from_hf_config(_chat_config(vision_config={**TINY_VISION, "qk_normalization": True}))
     with pytest.raises(CheckpointError, match="llm_config.hidden_size"):

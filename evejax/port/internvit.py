@@ -185,10 +185,8 @@ def from_hf_config(hf: Mapping[str, Any], **overrides) -> InternVLTeacherConfig:
     `overrides` set TransformerConfig fields HF does not carry (dtype, param_dtype, ...)."""
     from evejax.port.torch_ref.internvit import InternVLVisionConfig
 
-    if "vision_config" not in hf:
-        ref = _vision_config(hf)
-        chat = InternVLVisionConfig(ref, llm_hidden_size=0, ps_version="v2")
-        llm_dim = None
+    if "vision_config" not in hf:  # a bare InternVisionModel: InternVL2's path, no projector
+        ref, llm_dim, path = _vision_config(hf), None, {}
     else:
         ref = _vision_config(hf["vision_config"])
         llm = hf.get("llm_config") or {}
@@ -197,16 +195,16 @@ def from_hf_config(hf: Mapping[str, Any], **overrides) -> InternVLTeacherConfig:
                                   "output width)")
         names = {f.name for f in dataclasses.fields(InternVLVisionConfig)} - {"vision", "llm_hidden_size"}
         chat = InternVLVisionConfig(ref, llm["hidden_size"], **{k: hf[k] for k in names if k in hf})
+        if chat.force_image_size not in (None, ref.image_size):
+            raise CheckpointError(f"config.json: force_image_size={chat.force_image_size} differs from the vision "
+                                  f"image_size={ref.image_size}; resized position embeddings are not supported")
         llm_dim = int(chat.llm_hidden_size)
-    if chat.force_image_size not in (None, ref.image_size):
-        raise CheckpointError(f"config.json: force_image_size={chat.force_image_size} differs from the vision "
-                              f"image_size={ref.image_size}; resized position embeddings are not supported")
+        path = dict(select_layer=int(chat.select_layer), downsample_ratio=float(chat.downsample_ratio),
+                    ps_version=chat.ps_version)
     vit = intern_vit(ref.image_size, ref.patch_size, ref.hidden_size, ref.num_hidden_layers,
                      ref.num_attention_heads, ref.intermediate_size, norm_eps=float(ref.layer_norm_eps),
                      qkv_bias=bool(ref.qkv_bias), layer_scale_init=float(ref.initializer_factor))
-    cfg = InternVLTeacherConfig(dataclasses.replace(vit, num_channels=ref.num_channels), llm_dim=llm_dim,
-                                select_layer=int(chat.select_layer),
-                                downsample_ratio=float(chat.downsample_ratio), ps_version=chat.ps_version)
+    cfg = InternVLTeacherConfig(dataclasses.replace(vit, num_channels=ref.num_channels), llm_dim=llm_dim, **path)
     try:
         return (cfg.replace(**overrides) if overrides else cfg).validate()
     except ValueError as e:
