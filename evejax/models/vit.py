@@ -187,7 +187,7 @@ class ClipClassifier(nn.Module):
 #
 # Parameters (Flax paths): vision_model/{patch_embedding/{kernel [p, p, C, D], bias [D]},
 # class_embedding [D], position_embedding [1 + P, D], encoder/layers/... as ClipViT's plus
-# {attention,mlp}_layer_scale [L, D]}; mlp1/{norm/{scale,bias} [4D], fc1/{kernel [4D, E],
+# {attention,mlp}_layer_scale [L, D]}; mlp1/{norm/{scale,bias} [D k^2], fc1/{kernel [D k^2, E],
 # bias [E]}, fc2/{kernel [E, E], bias [E]}} (E = llm_dim). `evejax.port.internvit` maps them
 # to and from the official names.
 
