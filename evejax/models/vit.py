@@ -1,4 +1,5 @@
-"""Vision transformers on the shared core: the CLIP vision tower (EVE's PAL teacher).
+"""Vision transformers on the shared core: the CLIP vision tower (EVE's PAL teacher) and
+InternViT with InternVL's feature path (HoVLE's stage-1 teacher; see the InternViT section below).
 
 `ClipViT` reproduces HF `CLIPVisionModel` (openai/clip-vit-large-patch14-336):
 
@@ -45,7 +46,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from evejax.nn.layers import Dense, LayerNorm, constrain, default_kernel_init, param_with_axes
+from evejax.nn.layers import Dense, LayerNorm, activation, constrain, default_kernel_init, param_with_axes
 from evejax.nn.transformer import TransformerConfig, TransformerStack
 
 
@@ -70,7 +71,7 @@ class ClipViTConfig:
         own = {k: v for k, v in kw.items() if k not in t_fields}
         unknown = set(own) - {f.name for f in dataclasses.fields(self)}
         if unknown:
-            raise ValueError(f"CLIP ViT config has no field(s) {sorted(unknown)}")
+            raise ValueError(f"{type(self).__name__} has no field(s) {sorted(unknown)}")
         return dataclasses.replace(self, transformer=self.transformer.replace(**t_kw), **own)
 
     def validate(self) -> "ClipViTConfig":
@@ -124,19 +125,8 @@ class ClipViT(nn.Module):
         cfg = self.cfg.validate()
         t = cfg.transformer
         dtype, pdtype = jnp.dtype(t.dtype), jnp.dtype(t.param_dtype)
-        b, height, width, channels = pixel_values.shape
-        if (height, width, channels) != (cfg.image_size, cfg.image_size, cfg.num_channels):
-            raise ValueError(
-                f"CLIP ViT expects pixel_values [B, {cfg.image_size}, {cfg.image_size}, "
-                f"{cfg.num_channels}] (NHWC), got {tuple(pixel_values.shape)}; resize or pad the "
-                "image (position embeddings are not interpolated)")
-
-        # A stride-p conv with a p x p kernel is one matmul over each patch's pixels.
-        p, g = cfg.patch_size, cfg.grid
-        patches = pixel_values.astype(dtype).reshape(b, g, p, g, p, channels).transpose(0, 1, 3, 2, 4, 5)
-        x = Dense((t.embed_dim,), (None, None, "conv_in"), ("embed",), use_bias=False,
-                  dtype=dtype, param_dtype=pdtype, name="patch_embedding")(patches)
-        x = x.reshape(b, cfg.num_patches, t.embed_dim)
+        x = _patch_embed(cfg, pixel_values, dtype, pdtype, False, "CLIP ViT")
+        b = x.shape[0]
 
         cls = self.param("class_embedding", param_with_axes(default_kernel_init, ("embed",)),
                          (t.embed_dim,), pdtype)
@@ -168,3 +158,243 @@ class ClipClassifier(nn.Module):
         head = Dense((self.num_classes,), ("embed",), (None,), use_bias=True, dtype=jnp.dtype(t.dtype),
                      param_dtype=jnp.dtype(t.param_dtype), name="head")
         return head(pooled).astype(jnp.float32)
+
+
+# ---- InternViT and InternVL's vision feature path (HoVLE's stage-1 teacher) ----------------
+#
+# `InternViT` reproduces InternVL's `InternVisionModel` (OpenGVLab/InternViT-300M-448px):
+#
+#   pixel_values [B, S, S, C] float (NHWC, ImageNet-normalised; S = image_size)
+#   -> patches: conv p x p, stride p, WITH bias           [B, P, D]
+#   -> [CLS, patches] + position_embedding                 [B, 1 + P, D]   (no pre-norm)
+#   -> encoder: L pre-norm layers (LayerNorm eps 1e-6, bidirectional attention, no RoPE,
+#      exact-erf GELU MLP, biases everywhere, layer scale `ls1`/`ls2` on both branches)
+#   -> last_hidden_state [B, 1 + P, D] (no final norm);
+#      hidden_states [L + 1, B, 1 + P, D]: 0 = embeddings, k = output of layer k.
+#
+# `InternVLTeacher` is InternVL's `extract_feature` on top of it (InternVL2-2B):
+#
+#   hidden_states[select_layer]          [B, 1 + P, D]   (-1: the last layer)
+#   -> drop CLS, rows of the grid        [B, g, g, D]    (g = S / p)
+#   -> pixel shuffle by r = downsample_ratio (1 / r an integer k)
+#                                        [B, g / k, g / k, D k^2]
+#   -> mlp1: LayerNorm(eps 1e-5) -> Linear -> GELU (erf) -> Linear
+#                                        [B, (g / k)^2, llm_dim]
+#
+# InternVL2-2B: S 448, p 14, g 32, k 2 -> 256 tokens of D k^2 = 4096 -> 2048, the width of
+# InternLM2-1.8B's input embeddings. With `llm_dim=None` there is no projector (a bare
+# InternViT-300M-448px checkpoint has none) and the features are the shuffled 4096-d tokens.
+#
+# Parameters (Flax paths): vision_model/{patch_embedding/{kernel [p, p, C, D], bias [D]},
+# class_embedding [D], position_embedding [1 + P, D], encoder/layers/... as ClipViT's plus
+# {attention,mlp}_layer_scale [L, D]}; mlp1/{norm/{scale,bias} [D k^2], fc1/{kernel [D k^2, E],
+# bias [E]}, fc2/{kernel [E, E], bias [E]}} (E = llm_dim). `evejax.port.internvit` maps them
+# to and from the official names.
+
+
+@dataclasses.dataclass(frozen=True)
+class InternViTConfig:
+    image_size: int
+    patch_size: int
+    transformer: TransformerConfig
+    num_channels: int = 3
+
+    grid = ClipViTConfig.grid
+    num_patches = ClipViTConfig.num_patches
+    replace = ClipViTConfig.replace
+
+    def validate(self) -> "InternViTConfig":
+        t = self.transformer
+        if self.image_size % self.patch_size:
+            raise ValueError(f"image_size={self.image_size} is not a multiple of patch_size={self.patch_size}")
+        if t.num_heads * t.head_dim != t.embed_dim or t.num_kv_heads != t.num_heads:
+            raise ValueError(f"InternViT needs num_heads x head_dim == embed_dim and no grouped KV heads; got "
+                             f"{t.num_heads} x {t.head_dim} vs {t.embed_dim}, {t.num_kv_heads} KV heads")
+        if (t.causal or t.rope_base is not None or t.norm != "layer" or t.mlp_gated or not t.mlp_bias
+                or not t.out_bias or t.layer_scale_init is None):
+            raise ValueError("an InternViT needs causal=False, rope_base=None, norm='layer', mlp_gated=False, "
+                             "mlp_bias=True, out_bias=True and a layer_scale_init")
+        return self
+
+
+def intern_vit(image_size: int, patch_size: int, width: int, layers: int, heads: int, mlp: int,
+               **kw) -> InternViTConfig:
+    """An InternViT config (layer-norm variant); `kw` overrides TransformerConfig fields."""
+    fields = dict(
+        num_layers=layers, embed_dim=width, num_heads=heads, num_kv_heads=heads, head_dim=width // heads,
+        mlp_dim=mlp, mlp_act="gelu", mlp_gated=False, mlp_bias=True, norm="layer", norm_eps=1e-6,
+        qkv_bias=True, out_bias=True, causal=False, rope_base=None, layer_scale_init=1.0)
+    t = TransformerConfig(**{**fields, **kw})
+    return InternViTConfig(image_size=image_size, patch_size=patch_size, transformer=t)
+
+
+@dataclasses.dataclass(frozen=True)
+class InternVLTeacherConfig:
+    """InternVL's vision feature path: an InternViT, the layer read, pixel shuffle, projector.
+
+    Why it is HoVLE's natural stage-1 teacher: with InternVL2-2B's weights its output already
+    lives where InternLM2-1.8B reads its inputs (2048-d, 256 tokens per 448 px tile, the
+    space InternVL2-2B's own LLM was trained on), so the embedding module is distilled to it
+    directly; a CLIP teacher would need a learned projection into that space first.
+
+    ps_version "v2" swaps height and width back after the shuffle (InternVL's 1.5 and 2.0
+    training scripts set it); "v1", InternVLChatConfig's default, leaves the grid transposed.
+    """
+    vit: InternViTConfig
+    llm_dim: Optional[int] = 2048
+    select_layer: int = -1
+    downsample_ratio: float = 0.5
+    ps_version: str = "v2"
+    projector_norm_eps: float = 1e-5  # torch.nn.LayerNorm's default, which mlp1 uses
+
+    @property
+    def shuffle(self) -> int:
+        return round(1 / self.downsample_ratio)
+
+    @property
+    def num_tokens(self) -> int:
+        return (self.vit.grid // self.shuffle) ** 2
+
+    @property
+    def shuffled_dim(self) -> int:
+        return self.vit.transformer.embed_dim * self.shuffle ** 2
+
+    @property
+    def feature_dim(self) -> int:
+        return self.shuffled_dim if self.llm_dim is None else self.llm_dim
+
+    def replace(self, **kw) -> "InternVLTeacherConfig":
+        own = {f.name for f in dataclasses.fields(self)} - {"vit"}
+        return dataclasses.replace(self, vit=self.vit.replace(**{k: v for k, v in kw.items() if k not in own}),
+                                   **{k: v for k, v in kw.items() if k in own})
+
+    def validate(self) -> "InternVLTeacherConfig":
+        self.vit.validate()
+        k, layers = self.shuffle, self.vit.transformer.num_layers
+        if k < 1 or abs(1 / k - self.downsample_ratio) > 1e-9 or self.vit.grid % k:
+            raise ValueError(f"downsample_ratio={self.downsample_ratio} must be 1/k for an integer k dividing "
+                             f"the patch grid {self.vit.grid}")
+        if not -(layers + 1) <= self.select_layer <= layers:
+            raise ValueError(f"select_layer={self.select_layer} is outside the {layers + 1} hidden states")
+        if self.ps_version not in ("v1", "v2"):
+            raise ValueError(f"ps_version {self.ps_version!r} is not known; use 'v1' or 'v2'")
+        return self
+
+
+INTERNVL_SIZES = {
+    # InternVL2-2B's vision side: InternViT-300M-448px (24 layers, width 1024, 16 heads, MLP 4096,
+    # layer scale init 1.0) + mlp1 to internlm2-chat-1_8b's 2048; last layer, shuffle 0.5, v2.
+    "internvl2_2b": lambda: InternVLTeacherConfig(intern_vit(448, 14, 1024, 24, 16, 4096), llm_dim=2048),
+    "tiny": lambda: InternVLTeacherConfig(intern_vit(32, 4, 32, 2, 4, 64), llm_dim=48),
+}
+
+
+def get_internvl_config(size: str, **overrides) -> InternVLTeacherConfig:
+    if size not in INTERNVL_SIZES:
+        raise ValueError(f"InternVL teacher size {size!r} is not known; use one of {sorted(INTERNVL_SIZES)}")
+    cfg = INTERNVL_SIZES[size]()
+    return (cfg.replace(**overrides) if overrides else cfg).validate()
+
+
+def _patch_embed(cfg, pixel_values, dtype, pdtype, use_bias: bool, what: str):
+    """[B, S, S, C] -> [B, P, D]: a stride-p conv with a p x p kernel, as one matmul per patch."""
+    t = cfg.transformer
+    b, height, width, channels = pixel_values.shape
+    if (height, width, channels) != (cfg.image_size, cfg.image_size, cfg.num_channels):
+        raise ValueError(
+            f"{what} expects pixel_values [B, {cfg.image_size}, {cfg.image_size}, {cfg.num_channels}] "
+            f"(NHWC), got {tuple(pixel_values.shape)}; resize or pad the image (position embeddings are "
+            "not interpolated)")
+    p, g = cfg.patch_size, cfg.grid
+    patches = pixel_values.astype(dtype).reshape(b, g, p, g, p, channels).transpose(0, 1, 3, 2, 4, 5)
+    x = Dense((t.embed_dim,), (None, None, "conv_in"), ("embed",), use_bias=use_bias,
+              dtype=dtype, param_dtype=pdtype, name="patch_embedding")(patches)
+    return x.reshape(b, cfg.num_patches, t.embed_dim)
+
+
+class InternViTOutput(NamedTuple):
+    last_hidden_state: jax.Array           # [B, 1 + P, D]
+    hidden_states: Optional[jax.Array]     # [L + 1, B, 1 + P, D] or None
+
+
+class InternViT(nn.Module):
+    """pixel_values [B, S, S, C] -> InternViTOutput (see the InternViT notes above)."""
+    cfg: InternViTConfig
+
+    @nn.compact
+    def __call__(self, pixel_values, *, return_hidden: bool = False, deterministic: bool = True):
+        cfg = self.cfg.validate()
+        t = cfg.transformer
+        dtype, pdtype = jnp.dtype(t.dtype), jnp.dtype(t.param_dtype)
+        x = _patch_embed(cfg, pixel_values, dtype, pdtype, True, "InternViT")
+        b = x.shape[0]
+        cls = self.param("class_embedding", param_with_axes(default_kernel_init, ("embed",)),
+                         (t.embed_dim,), pdtype)
+        pos = self.param("position_embedding", param_with_axes(default_kernel_init, (None, "embed")),
+                         (1 + cfg.num_patches, t.embed_dim), pdtype)
+        x = jnp.concatenate([jnp.broadcast_to(cls.astype(dtype), (b, 1, t.embed_dim)), x], axis=1)
+        x = constrain(x + pos.astype(dtype), ("batch", "length", "act_embed"))
+        segment_ids = jnp.ones(x.shape[:2], jnp.int32)
+        positions = jnp.broadcast_to(jnp.arange(x.shape[1], dtype=jnp.int32), x.shape[:2])
+        h, layer_out = TransformerStack(t, name="encoder")(
+            x, positions, segment_ids, deterministic=deterministic, return_hidden=return_hidden)
+        hidden = jnp.concatenate([x[None], layer_out], axis=0) if return_hidden else None
+        return InternViTOutput(last_hidden_state=h, hidden_states=hidden)
+
+
+def pixel_shuffle(x, ratio: float, version: str = "v2"):
+    """InternVL's pixel shuffle: [B, A, A, C] -> [B, A r, A r, C / r^2] (r = ratio < 1).
+
+    Pairs of neighbouring columns merge into channels first, then (after a transpose)
+    pairs of rows, so a channel block of the output is ordered (row offset, column
+    offset, C); "v2" transposes the grid back, "v1" leaves it transposed.
+    """
+    n, a, c = x.shape[0], x.shape[1], x.shape[-1]
+    k = round(1 / ratio)
+    x = x.reshape(n, a, a // k, c * k).transpose(0, 2, 1, 3)
+    x = x.reshape(n, a // k, a // k, c * k * k)
+    return x.transpose(0, 2, 1, 3) if version == "v2" else x
+
+
+class InternVLTeacher(nn.Module):
+    """pixel_values [B, S, S, C] -> features [B, T, E] (T = num_tokens, E = feature_dim)."""
+    cfg: InternVLTeacherConfig
+
+    @nn.compact
+    def __call__(self, pixel_values, *, deterministic: bool = True):
+        cfg = self.cfg.validate()
+        t = cfg.vit.transformer
+        dtype, pdtype = jnp.dtype(t.dtype), jnp.dtype(t.param_dtype)
+        # Only the hidden states up to select_layer are needed, but the stack is scanned as a
+        # whole; select_layer -1 (InternVL2) reads the last layer without stacking the others.
+        out = InternViT(cfg.vit, name="vision_model")(
+            pixel_values, return_hidden=cfg.select_layer != -1, deterministic=deterministic)
+        h = out.last_hidden_state if cfg.select_layer == -1 else out.hidden_states[cfg.select_layer]
+        g = cfg.vit.grid
+        x = pixel_shuffle(h[:, 1:].reshape(h.shape[0], g, g, -1), cfg.downsample_ratio, cfg.ps_version)
+        x = x.reshape(x.shape[0], cfg.num_tokens, cfg.shuffled_dim)
+        if cfg.llm_dim is None:
+            return x
+        return Projector(cfg.llm_dim, cfg.projector_norm_eps, dtype, pdtype, name="mlp1")(x)
+
+
+class Projector(nn.Module):
+    """InternVL's `mlp1`: [..., Din] -> LayerNorm -> Linear -> GELU (erf) -> Linear -> [..., E]."""
+    features: int
+    norm_eps: float
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        kw = dict(use_bias=True, dtype=self.dtype, param_dtype=self.param_dtype)
+        x = LayerNorm(eps=self.norm_eps, dtype=self.dtype, param_dtype=self.param_dtype, name="norm")(x)
+        x = Dense((self.features,), ("vision_embed",), ("mlp",), name="fc1", **kw)(x)
+        x = Dense((self.features,), ("mlp",), ("embed",), name="fc2", **kw)(activation("gelu")(x))
+        return x
+
+
+def teacher_features(cfg: InternVLTeacherConfig, params, pixel_values):
+    """pixels [N, S, S, C] -> [N, T, E]: the frozen teacher inside a training step (no gradient)."""
+    params = jax.lax.stop_gradient(params)
+    return InternVLTeacher(cfg).apply({"params": params}, pixel_values)

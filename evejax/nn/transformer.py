@@ -4,6 +4,9 @@ LLaMA/Vicuna, InternLM2, HoVLE's embedding module, the CLIP teacher and the
 De-focus ViT are all this stack with different `TransformerConfig` options.
 
 Layer: x [B, T, D] -> x + drop_path(attn(norm(x))) -> h + drop_path(mlp(norm(h))).
+With `layer_scale_init` set (InternViT, CaiT-style layer scale) each branch is
+multiplied by a learned per-channel vector before the residual add:
+params `attention_layer_scale` / `mlp_layer_scale` [D], initialised to that value.
 Stack: `num_layers` layers under `nn.scan` (parameters stacked on a leading
 `layers` axis) and `nn.remat` with a named policy.
 """
@@ -18,7 +21,7 @@ from flax import linen as nn
 from jax.ad_checkpoint import checkpoint_name
 
 from evejax.nn.attention import Attention
-from evejax.nn.layers import MLP, DropPath, constrain, make_norm
+from evejax.nn.layers import MLP, DropPath, constrain, make_norm, param_with_axes
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,6 +45,7 @@ class TransformerConfig:
     rope_scaling: Optional[tuple] = None
     max_position_embeddings: int = 4096
     drop_path: float = 0.0
+    layer_scale_init: Optional[float] = None  # None: no layer scale
     attention_impl: str = "xla"
     remat: str = "full"
     scan_unroll: int = 1
@@ -98,14 +102,23 @@ class DecoderLayer(nn.Module):
             dtype=dtype, param_dtype=pdtype, flatten=cfg.matmul_2d, name="attention",
         )(h, positions, segment_ids, prefix, decode=self.decode)
         h = checkpoint_name(h, "context")
+        h = self._layer_scale(h, "attention_layer_scale")
         drop = DropPath()
         x = x + drop(h, drop_path_rate, deterministic=self.deterministic)
         h = make_norm(cfg.norm, cfg.norm_eps, dtype, pdtype, "mlp_norm")(x)
         h = MLP(cfg.mlp_dim, act=cfg.mlp_act, gated=cfg.mlp_gated, use_bias=cfg.mlp_bias,
                 dtype=dtype, param_dtype=pdtype, flatten=cfg.matmul_2d, name="mlp")(h)
+        h = self._layer_scale(h, "mlp_layer_scale")
         x = x + drop(h, drop_path_rate, deterministic=self.deterministic)
         x = constrain(x, ("batch", "length", "act_embed"))
         return x, (x if self.return_hidden else None)
+
+    def _layer_scale(self, h, name: str):
+        if self.cfg.layer_scale_init is None:
+            return h
+        scale = self.param(name, param_with_axes(nn.initializers.constant(self.cfg.layer_scale_init), ("norm",)),
+                           (h.shape[-1],), jnp.dtype(self.cfg.param_dtype))
+        return h * scale.astype(h.dtype)
 
 
 class TransformerStack(nn.Module):

@@ -38,7 +38,8 @@ from evejax.port.io import CheckpointError
 # Families with their own converter module (its import_main / export_main and its
 # checkpoint FORMAT): `import --family F` goes to it, and so does `export` of a
 # checkpoint in its format. The modules sit below this one and never import it.
-FAMILY_CONVERTERS = {"eve": "evejax.port.eve", "clip": "evejax.port.clip", "hovle": "evejax.port.hovle"}
+FAMILY_CONVERTERS = {"eve": "evejax.port.eve", "clip": "evejax.port.clip", "hovle": "evejax.port.hovle",
+                     "internvit": "evejax.port.internvit"}
 
 
 def _import_parser() -> argparse.ArgumentParser:
