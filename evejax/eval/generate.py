@@ -31,6 +31,12 @@ and fails at its second new token (reference/hovle.md §6.8); this runs any batc
 `evejax generate CKPT_DIR --prompt-ids 1,5,7 [--prompt-ids 4,2] --max-new 16`
 prints the new token ids of each prompt (up to and including EOS); CKPT_DIR is an
 evejax LM checkpoint or a training workdir (newest checkpoint; an EVE's LLM).
+`evejax generate CKPT_DIR --image IMG --prompt TEXT [--tokenizer T] [--max-new 16]`
+prints an EVE's or HoVLE's greedy answer (`load_answerer`, chosen by the
+checkpoint's format through `ANSWERERS`): EVE as `evejax eval` asks (any-res
+image, vicuna_v1; --tokenizer required: EVE checkpoints carry none), HoVLE as
+official `chat()` (dynamic tiles, internlm2-chat, the tokenizer files the
+checkpoint carries, answer up to `<|im_end|>`).
 """
 from __future__ import annotations
 
@@ -275,21 +281,174 @@ def load_lm(path: str):
     return cfg, params
 
 
+# ---- answers to (image, prompt): EVE and HoVLE ------------------------------------------------
+
+class HoVLEAnswerer:
+    """Greedy answers of a HoVLE to (image, question) pairs, as official `chat()` asks: the image
+    tiled (InternVL dynamic tiling, the config's max_tiles), "<image>\\n" + question in the
+    internlm2-chat prompt, decoding until `<|im_end|>` or EOS. `special_ids`: the tokenizer's
+    ids of the chat and image tokens (text.INTERNLM2_SPECIAL_IDS by default)."""
+
+    def __init__(self, cfg, params, tokenizer, special_ids=None, max_new_tokens: int = 64):
+        from evejax.data import text as text_lib
+        from evejax.models import hovle
+
+        self.special_ids = dict(text_lib.INTERNLM2_SPECIAL_IDS if special_ids is None else special_ids)
+        context = self.special_ids[text_lib.IMG_CONTEXT]
+        if context != cfg.img_context_token_id:
+            raise ValueError(f"the tokenizer's {text_lib.IMG_CONTEXT} is id {context} but the model's "
+                             f"img_context_token_id is {cfg.img_context_token_id}; use the checkpoint's tokenizer")
+        self.cfg, self.params, self.tokenizer, self.max_new_tokens = cfg, params, tokenizer, max_new_tokens
+        self.model = hovle.HoVLE(cfg)
+        self.stops = (self.special_ids[text_lib.IM_END], tokenizer.eos_id)
+
+    def prompt_ids(self, question: str, num_tiles: int) -> list[int]:
+        """BOS + "<|im_start|>system\\n{system}<|im_end|><|im_start|>user\\n<img>...</img>\\n{question}
+        <|im_end|><|im_start|>assistant\\n" (the training string of a one-round conversation, up to
+        its answer)."""
+        from evejax.data import text as text_lib
+
+        turns = [{"from": "human", "value": question}, {"from": "gpt", "value": ""}]
+        rendered = text_lib.render_internlm2_chat(turns, [num_tiles], self.cfg.image_tokens_per_tile)
+        prompt = rendered[:-len(text_lib.IM_END)]  # the empty answer's separator
+        return [self.tokenizer.bos_id] + text_lib.encode_with_specials(prompt, self.tokenizer, self.special_ids)
+
+    @staticmethod
+    def tiles(cfg, picture):
+        """image.TiledImage of `picture` in the config's tile slots."""
+        from evejax.data import image as image_lib
+
+        tiling = image_lib.TilingConfig(tile_size=cfg.image_size, max_tiles=cfg.max_tiles)
+        return image_lib.tile_image(picture, tiling, cfg.tile_slots)
+
+    def answer(self, pictures, questions) -> list[str]:
+        from evejax.eval.evaluate import decode_answer
+
+        tiled = [self.tiles(self.cfg, p) for p in pictures]
+        prompts = [self.prompt_ids(q, t.num_tiles) for q, t in zip(questions, tiled, strict=True)]
+        tokens, mask = left_pad(prompts, self.tokenizer.pad_id)
+        new = np.asarray(greedy_generate_hovle(
+            self.model, self.params, tokens, mask, np.stack([t.pixels for t in tiled]), self.max_new_tokens,
+            self.stops, tile_mask=np.stack([t.tile_mask for t in tiled])))
+        return [decode_answer(_until(row, self.stops), self.tokenizer) for row in new.tolist()]
+
+
+def _until(ids, stops):
+    """ids up to (not including) the first stop id."""
+    cut = [ids.index(s) for s in stops if s in ids]
+    return ids[:min(cut)] if cut else ids
+
+
+def hovle_tokenizer(directory):
+    """(SentencePieceTokenizer, special ids) of the tokenizer files a HoVLE checkpoint carries:
+    tokenizer.model, and added_tokens.json's ids over INTERNLM2_SPECIAL_IDS."""
+    import json
+    import tempfile
+    from pathlib import Path
+
+    from evejax.data import text as text_lib
+    from evejax.port import hovle as hovle_port
+    from evejax.port.io import CheckpointError
+
+    files = hovle_port.load_tokenizer_files(directory)
+    if "tokenizer.model" not in files:
+        raise CheckpointError(f"{directory} carries no tokenizer.model (import the official directory with its "
+                              "tokenizer files, or pass --tokenizer)")
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "tokenizer.model"
+        path.write_bytes(files["tokenizer.model"])
+        tokenizer = text_lib.SentencePieceTokenizer(path)
+    added = json.loads(files.get("added_tokens.json", b"{}"))
+    special = {k: int(added.get(k, v)) for k, v in text_lib.INTERNLM2_SPECIAL_IDS.items()}
+    return tokenizer, special
+
+
+def _hovle_answerer(path, tokenizer, max_new_tokens):
+    from evejax.data import pipeline
+    from evejax.port import checkpoint
+    from evejax.port import hovle as hovle_port
+
+    if checkpoint.is_workdir(path):
+        if tokenizer is None:
+            raise ValueError("a training workdir carries no tokenizer: pass --tokenizer (the LLM's tokenizer.model)")
+        _, cfg, params, _ = checkpoint.load_workdir(path)
+    else:
+        cfg, params = hovle_port.load_checkpoint(path)
+    if tokenizer is None:
+        return HoVLEAnswerer(cfg, params, *hovle_tokenizer(path), max_new_tokens=max_new_tokens)
+    made = pipeline.make_tokenizer(tokenizer)  # the special ids its training data used
+    return HoVLEAnswerer(cfg, params, made, pipeline.special_ids(tokenizer, made), max_new_tokens=max_new_tokens)
+
+
+def _eve_answerer(path, tokenizer, max_new_tokens):
+    from evejax.data import pipeline
+    from evejax.eval import evaluate
+
+    if tokenizer is None:
+        raise ValueError("an EVE checkpoint carries no tokenizer: pass --tokenizer (the LLM's tokenizer.model, "
+                         "or 'shapes' for a model trained on the generated shapes data)")
+    cfg, params, anyres = evaluate.load_model(path)
+    return evaluate.Answerer(cfg, params, batch_size=1, tokenizer=pipeline.make_tokenizer(tokenizer),
+                             anyres=anyres, max_new_tokens=max_new_tokens)
+
+
+# model.json format or training workdir model name -> answerer builder
+ANSWERERS = {"evejax.eve": _eve_answerer, "eve": _eve_answerer,
+             "evejax.hovle": _hovle_answerer, "hovle": _hovle_answerer}
+
+
+def load_answerer(path, tokenizer: str | None = None, max_new_tokens: int = 64):
+    """The answerer (`.answer(pictures, questions) -> answers`) of an EVE or HoVLE checkpoint
+    directory or training workdir. `tokenizer`: a tokenizer.model path or "shapes"; by default the
+    one the checkpoint carries (HoVLE)."""
+    from evejax.port import checkpoint
+    from evejax.port.io import CheckpointError
+
+    if checkpoint.is_workdir(path):
+        kind = checkpoint.workdir_model(path)
+    else:
+        kind = next((k for k in ANSWERERS if "." in k and checkpoint.has_format(path, k)), None)
+    if kind not in ANSWERERS:
+        raise CheckpointError(f"{path} is no EVE or HoVLE checkpoint or workdir ({kind or 'no model.json format'} "
+                              "found); --image/--prompt answer with those, --prompt-ids runs an LLM")
+    return ANSWERERS[kind](path, tokenizer, max_new_tokens)
+
+
 def main(argv) -> int:
+    from evejax.data.image import load_image
     from evejax.models.llm import CausalLM
     from evejax.port.io import CheckpointError
 
-    p = argparse.ArgumentParser(prog="evejax generate", description="greedy generation from token ids")
+    p = argparse.ArgumentParser(prog="evejax generate",
+                                description="greedy generation from a checkpoint: an LLM's new token ids for "
+                                "--prompt-ids, or an EVE's or HoVLE's answer for --image and --prompt")
     p.add_argument("checkpoint", help="evejax checkpoint directory (model.json + params/) or training "
-                   "workdir (its newest checkpoint; for an EVE the LLM alone)")
-    p.add_argument("--prompt-ids", type=_token_ids, action="append", required=True,
+                   "workdir (its newest checkpoint; with --prompt-ids, for an EVE the LLM alone)")
+    p.add_argument("--prompt-ids", type=_token_ids, action="append",
                    help="comma-separated prompt token ids; repeat for a batch")
+    p.add_argument("--image", help="image file to ask about (EVE and HoVLE)")
+    p.add_argument("--prompt", help="question about --image; prints the answer")
+    p.add_argument("--tokenizer", help="with --prompt: tokenizer.model or 'shapes' (default: the checkpoint's, "
+                   "HoVLE)")
     p.add_argument("--max-new", type=int, default=16, help="number of tokens to generate")
     p.add_argument("--eos-id", type=int, help="stop token (default: the model's eos id)")
     p.add_argument("--no-eos", action="store_true", help="always generate --max-new tokens")
     args = p.parse_args(argv)
     if args.max_new < 1:
         p.error("--max-new must be >= 1")
+    if (args.image is None) != (args.prompt is None):
+        p.error("--image and --prompt go together")
+    if (args.prompt is None) == (args.prompt_ids is None):
+        p.error("give either --prompt-ids or --image with --prompt")
+    if args.prompt is not None:
+        try:
+            answerer = load_answerer(args.checkpoint, args.tokenizer, args.max_new)
+            picture = load_image(args.image)
+        except (FileNotFoundError, ValueError) as e:  # CheckpointError and BadImageError included
+            print(f"evejax generate: error: {e}", file=sys.stderr)
+            return 1
+        print(answerer.answer([picture], [args.prompt])[0])
+        return 0
     try:
         cfg, params = load_lm(args.checkpoint)
     except (CheckpointError, FileNotFoundError) as e:
