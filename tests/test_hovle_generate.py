@@ -14,7 +14,6 @@ spm = pytest.importorskip("sentencepiece")
 from test_hovle_port import CTX, EMBEDDING, IMG_END, IMG_START, LLM, official_config  # noqa: E402
 
 from evejax.data import shapes  # noqa: E402
-from evejax.data import text as text_lib  # noqa: E402
 from evejax.eval import evaluate  # noqa: E402
 from evejax.eval import generate as gen  # noqa: E402
 from evejax.models import eve, hovle  # noqa: E402

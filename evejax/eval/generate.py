@@ -392,9 +392,9 @@ def _eve_answerer(path, tokenizer, max_new_tokens):
                              anyres=anyres, max_new_tokens=max_new_tokens)
 
 
-# model.json format or training workdir model name -> answerer builder
-ANSWERERS = {"evejax.eve": _eve_answerer, "eve": _eve_answerer,
-             "evejax.hovle": _hovle_answerer, "hovle": _hovle_answerer}
+# checkpoint format (model.json) -> answerer builder; a training workdir's model name -> format
+ANSWERERS = {"evejax.eve": _eve_answerer, "evejax.hovle": _hovle_answerer}
+WORKDIR_FORMATS = {"eve": "evejax.eve", "hovle": "evejax.hovle"}
 
 
 def load_answerer(path, tokenizer: str | None = None, max_new_tokens: int = 64):
@@ -405,13 +405,13 @@ def load_answerer(path, tokenizer: str | None = None, max_new_tokens: int = 64):
     from evejax.port.io import CheckpointError
 
     if checkpoint.is_workdir(path):
-        kind = checkpoint.workdir_model(path)
+        fmt = WORKDIR_FORMATS.get(checkpoint.workdir_model(path))
     else:
-        kind = next((k for k in ANSWERERS if "." in k and checkpoint.has_format(path, k)), None)
-    if kind not in ANSWERERS:
-        raise CheckpointError(f"{path} is no EVE or HoVLE checkpoint or workdir ({kind or 'no model.json format'} "
-                              "found); --image/--prompt answer with those, --prompt-ids runs an LLM")
-    return ANSWERERS[kind](path, tokenizer, max_new_tokens)
+        fmt = next((f for f in ANSWERERS if checkpoint.has_format(path, f)), None)
+    if fmt is None:
+        raise CheckpointError(f"{path} is no EVE or HoVLE checkpoint or training workdir; --image/--prompt "
+                              "answer with those, --prompt-ids generates with an LLM")
+    return ANSWERERS[fmt](path, tokenizer, max_new_tokens)
 
 
 def main(argv) -> int:
