@@ -129,14 +129,15 @@ class Answerer:
     """
 
     def __init__(self, cfg: eve_lib.EVEConfig, params, batch_size: int = 100,
-                 tokenizer: text_lib.Tokenizer | None = None, anyres: image_lib.AnyResConfig | None = None):
+                 tokenizer: text_lib.Tokenizer | None = None, anyres: image_lib.AnyResConfig | None = None,
+                 max_new_tokens: int = MAX_NEW_TOKENS):
         anyres = anyres or cfg.anyres()
         if cfg.with_pal:
             params = {k: v for k, v in params.items() if k not in ("vision_compressor", "clip")}
             cfg = cfg.replace(with_pal=False)
         self.cfg, self.params, self.batch_size = cfg, params, batch_size
         self.tokenizer = tokenizer or shapes.tokenizer()
-        self.anyres = anyres
+        self.anyres, self.max_new_tokens = anyres, max_new_tokens
 
     def answer(self, pictures: Sequence[Image.Image], questions: Sequence[str]) -> list[str]:
         prompts = [prompt_ids(q, self.tokenizer) for q in questions]
@@ -157,7 +158,7 @@ class Answerer:
                                                np.stack([v.pixels for v in views]),
                                                np.stack([v.mask for v in views]), cfg=self.cfg)
             new = np.asarray(greedy_generate(llm_lib.CausalLM(self.cfg.llm), self.params["llm"], None, mask,
-                                             MAX_NEW_TOKENS, self.tokenizer.eos_id, inputs_embeds=embeds))
+                                             self.max_new_tokens, self.tokenizer.eos_id, inputs_embeds=embeds))
             answers += [decode_answer(new[i], self.tokenizer) for i in range(n_real)]
         return answers
 

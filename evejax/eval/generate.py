@@ -1,4 +1,4 @@
-"""Greedy generation for CausalLM: with the KV cache (fast) and by full recomputation (oracle).
+"""Greedy generation for CausalLM and HoVLE: with KV caches (fast) and by full recomputation (oracle).
 
 Inputs: prompt_tokens [B, T] int and prompt_mask [B, T] (1 = real token, 0 =
 padding; prompts are LEFT-padded so every row's last prompt token is at T - 1),
@@ -20,9 +20,23 @@ calls (transformers until a call starts below `max_position_embeddings`, the
 official InternLM2 for good); evejax is stateless, so it matches a freshly
 loaded model, and transformers also after such a reset.
 
+HoVLE (`greedy_generate_hovle`): tokens [B, N] left-padded with the image
+placeholders, pixels [B, P, S, S, 3]. The prompt fills two caches, the embedding
+layers' and the LLM's; every new token then goes through both (`HoVLE.decode_step`),
+at its own position in each stream: in "post" the embedding layers' stream is the
+HD one, longer by (s^2 - 1) n per tile. Official HoVLE decodes "post" at batch 1
+and fails at its second new token (reference/hovle.md §6.8); this runs any batch.
+`eos_id` may be several ids (HoVLE stops at `<|im_end|>` or EOS).
+
 `evejax generate CKPT_DIR --prompt-ids 1,5,7 [--prompt-ids 4,2] --max-new 16`
 prints the new token ids of each prompt (up to and including EOS); CKPT_DIR is an
 evejax LM checkpoint or a training workdir (newest checkpoint; an EVE's LLM).
+`evejax generate CKPT_DIR --image IMG --prompt TEXT [--tokenizer T] [--max-new 16]`
+prints an EVE's or HoVLE's greedy answer (`load_answerer`, chosen by the
+checkpoint's format through `ANSWERERS`): EVE as `evejax eval` asks (any-res
+image, vicuna_v1; --tokenizer required: EVE checkpoints carry none), HoVLE as
+official `chat()` (dynamic tiles, internlm2-chat, the tokenizer files the
+checkpoint carries, answer up to `<|im_end|>`).
 """
 from __future__ import annotations
 
@@ -39,91 +53,195 @@ def _positions(mask):
     return jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0).astype(jnp.int32)
 
 
-def greedy_generate(model, params, prompt_tokens, prompt_mask, max_new_tokens: int, eos_id=None,
-                    inputs_embeds=None):
-    """New tokens [B, max_new_tokens] by greedy decoding with the KV cache; one compilation per shape."""
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    tokens = None if prompt_tokens is None else jnp.asarray(prompt_tokens, jnp.int32)
-    return _greedy_cached(params, tokens, jnp.asarray(prompt_mask, jnp.int32), inputs_embeds,
-                          model=model, max_new_tokens=max_new_tokens, eos_id=eos_id)
+def _stops(eos_id) -> tuple:
+    """eos_id: None, one id or several (any of them stops a row) -> a tuple of ids."""
+    if eos_id is None:
+        return ()
+    return tuple(int(i) for i in eos_id) if isinstance(eos_id, (tuple, list)) else (int(eos_id),)
 
 
-@functools.partial(jax.jit, static_argnames=("model", "max_new_tokens", "eos_id"))
-def _greedy_cached(params, tokens, mask, inputs_embeds, *, model, max_new_tokens, eos_id):
-    b, t = mask.shape
-    # The attention layers size their caches from the input they are initialised with.
-    cache_shapes = jax.eval_shape(
-        lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((b, t + max_new_tokens), jnp.int32),
-                           decode=True)["cache"])
-    cache = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), cache_shapes)
+def _finish(token, done, stops):
+    """A finished row repeats the first stop id; a row finishes at any stop id."""
+    if not stops:
+        return token, done
+    token = jnp.where(done, stops[0], token)
+    return token, done | jnp.isin(token, jnp.asarray(stops, jnp.int32))
 
-    def step(cache, tokens, embeds, positions, segment_ids):
-        logits, variables = model.apply(
-            {"params": params, "cache": cache}, tokens, inputs_embeds=embeds, positions=positions,
-            segment_ids=segment_ids, decode=True, mutable=["cache"])
-        return jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32), variables["cache"]
 
-    def finish(token, done):
-        if eos_id is None:
-            return token, done
-        token = jnp.where(done, eos_id, token)
-        return token, done | (token == eos_id)
+def _argmax_last(logits):
+    return jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32)
 
-    positions = _positions(mask)
-    token, cache = step(cache, tokens, inputs_embeds, positions, mask)
-    token, done = finish(token, jnp.zeros((b,), bool))
-    out = jnp.full((b, max_new_tokens), 0 if eos_id is None else eos_id, jnp.int32).at[:, 0].set(token)
+
+def _empty_cache(model, *init_args, **init_kwargs):
+    """Zero KV caches, as long as the inputs the model is initialised with (nothing compiled twice)."""
+    shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), *init_args, **init_kwargs)["cache"])
+    return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+
+
+def _apply_cached(model, params, cache, *args, **kwargs):
+    """-> (logits, cache) of a call that reads and writes the `cache` collection."""
+    logits, variables = model.apply({"params": params, "cache": cache}, *args, mutable=["cache"], **kwargs)
+    return logits, variables["cache"]
+
+
+def _greedy_loop(token, cache, positions, step, max_new_tokens, stops):
+    """Tokens [B, max_new_tokens] from the first new token [B]: `step(cache, token, positions)` ->
+    (next token, cache), `positions` (a tree of [B]) those of `token`, one more every step."""
+    b = token.shape[0]
+    token, done = _finish(token, jnp.zeros((b,), bool), stops)
+    out = jnp.full((b, max_new_tokens), stops[0] if stops else 0, jnp.int32).at[:, 0].set(token)
 
     def cond(carry):
         i, _, _, done, _, _ = carry
         return (i < max_new_tokens) & ~jnp.all(done)
 
     def body(carry):
-        i, token, position, done, cache, out = carry
-        position = position + 1
-        token, cache = step(cache, token[:, None], None, position[:, None], jnp.ones((b, 1), jnp.int32))
-        token, done = finish(token, done)
+        i, token, positions, done, cache, out = carry
+        positions = jax.tree.map(lambda p: p + 1, positions)
+        token, cache = step(cache, token, positions)
+        token, done = _finish(token, done, stops)
         out = jax.lax.dynamic_update_slice_in_dim(out, token[:, None], i, axis=1)
-        return i + 1, token, position, done, cache, out
+        return i + 1, token, positions, done, cache, out
 
-    carry = (jnp.array(1, jnp.int32), token, positions[:, -1], done, cache, out)
+    carry = (jnp.array(1, jnp.int32), token, positions, done, cache, out)
     return jax.lax.while_loop(cond, body, carry)[-1]
+
+
+def _recompute_loop(next_token, append, state, mask, max_new_tokens, stops):
+    """The oracle's loop: `next_token(state, mask)` [B] on the whole sequence, `append(state, token)`."""
+    mask = jnp.asarray(mask, jnp.int32)
+    done = jnp.zeros((mask.shape[0],), bool)
+    out = []
+    for _ in range(max_new_tokens):
+        token, done = _finish(next_token(state, mask), done, stops)
+        out.append(token)
+        state = append(state, token)
+        mask = jnp.concatenate([mask, jnp.ones_like(mask[:, :1])], axis=1)
+    return jnp.stack(out, axis=1)
+
+
+def _check_max_new(max_new_tokens):
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+
+
+def greedy_generate(model, params, prompt_tokens, prompt_mask, max_new_tokens: int, eos_id=None,
+                    inputs_embeds=None):
+    """New tokens [B, max_new_tokens] by greedy decoding with the KV cache; one compilation per shape.
+    eos_id: None, one id, or a tuple of ids any of which stops a row (it then repeats the first)."""
+    _check_max_new(max_new_tokens)
+    tokens = None if prompt_tokens is None else jnp.asarray(prompt_tokens, jnp.int32)
+    return _greedy_cached(params, tokens, jnp.asarray(prompt_mask, jnp.int32), inputs_embeds,
+                          model=model, max_new_tokens=max_new_tokens, stops=_stops(eos_id))
+
+
+@functools.partial(jax.jit, static_argnames=("model", "max_new_tokens", "stops"))
+def _greedy_cached(params, tokens, mask, inputs_embeds, *, model, max_new_tokens, stops):
+    b, t = mask.shape
+    cache = _empty_cache(model, jnp.zeros((b, t + max_new_tokens), jnp.int32), decode=True)
+    positions = _positions(mask)
+    logits, cache = _apply_cached(model, params, cache, tokens, inputs_embeds=inputs_embeds,
+                                  positions=positions, segment_ids=mask, decode=True)
+
+    def step(cache, token, position):
+        logits, cache = _apply_cached(model, params, cache, token[:, None], positions=position[:, None],
+                                      segment_ids=jnp.ones((b, 1), jnp.int32), decode=True)
+        return _argmax_last(logits), cache
+
+    return _greedy_loop(_argmax_last(logits), cache, positions[:, -1], step, max_new_tokens, stops)
 
 
 def generate_full_recompute(model, params, prompt_tokens, prompt_mask, max_new_tokens: int, eos_id=None,
                             inputs_embeds=None):
     """The same tokens as `greedy_generate`, re-running the whole sequence for every new token."""
-    mask = jnp.asarray(prompt_mask, jnp.int32)
-    b = mask.shape[0]
     tokens = None if prompt_tokens is None else jnp.asarray(prompt_tokens, jnp.int32)
-    done = jnp.zeros((b,), bool)
-    out = []
-    for _ in range(max_new_tokens):
-        token = _next_token(params, tokens, inputs_embeds, mask, model=model)
-        if eos_id is not None:
-            token = jnp.where(done, eos_id, token)
-            done = done | (token == eos_id)
-        out.append(token)
-        if inputs_embeds is None:
-            tokens = jnp.concatenate([tokens, token[:, None]], axis=1)
-        else:
-            new = _embed(params, token[:, None], model=model).astype(inputs_embeds.dtype)
-            inputs_embeds = jnp.concatenate([inputs_embeds, new], axis=1)
-        mask = jnp.concatenate([mask, jnp.ones((b, 1), jnp.int32)], axis=1)
-    return jnp.stack(out, axis=1)
+
+    def next_token(state, mask):
+        return _next_token(params, *state, mask, model=model)
+
+    def append(state, token):
+        tokens, embeds = state
+        if embeds is None:
+            return jnp.concatenate([tokens, token[:, None]], axis=1), None
+        new = _embed(params, token[:, None], model=model).astype(embeds.dtype)
+        return None, jnp.concatenate([embeds, new], axis=1)
+
+    return _recompute_loop(next_token, append, (tokens, inputs_embeds), prompt_mask, max_new_tokens,
+                           _stops(eos_id))
 
 
 @functools.partial(jax.jit, static_argnames=("model",))
 def _next_token(params, tokens, embeds, mask, *, model):
     logits = model.apply({"params": params}, tokens, inputs_embeds=embeds, positions=_positions(mask),
                          segment_ids=mask)
-    return jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32)
+    return _argmax_last(logits)
 
 
 @functools.partial(jax.jit, static_argnames=("model",))
 def _embed(params, tokens, *, model):
     return model.apply({"params": params}, tokens, method="embed")
+
+
+# ---- HoVLE: two KV caches, the embedding layers' and the LLM's -------------------------------
+
+def greedy_generate_hovle(model, params, prompt_tokens, prompt_mask, pixels, max_new_tokens: int,
+                          eos_id=None, tile_mask=None):
+    """New tokens [B, max_new_tokens] of a `HoVLE` model by greedy decoding with its two KV caches.
+
+    prompt_tokens / prompt_mask [B, N] left-padded, with the image placeholders; pixels
+    [B, P, S, S, 3] (real tiles first; tile_mask [B, P] names them, for the placeholder check).
+    Each new token goes through the embedding layers and the LLM (`HoVLE.decode_step`).
+    """
+    from evejax.models import hovle
+
+    _check_max_new(max_new_tokens)
+    tokens, mask = np.asarray(prompt_tokens, np.int32), np.asarray(prompt_mask, np.int32)
+    pixels = np.asarray(pixels, np.float32)
+    hovle.check_placeholders(model.cfg, tokens, np.ones(pixels.shape[:2], bool) if tile_mask is None
+                             else tile_mask, mask)
+    return _hovle_greedy_cached(params, tokens, mask, pixels, model=model, max_new_tokens=max_new_tokens,
+                                stops=_stops(eos_id))
+
+
+@functools.partial(jax.jit, static_argnames=("model", "max_new_tokens", "stops"))
+def _hovle_greedy_cached(params, tokens, mask, pixels, *, model, max_new_tokens, stops):
+    from evejax.models import hovle
+
+    b, t = tokens.shape
+    # Initialised at N + new tokens, the LLM's cache holds N + new and the embedding
+    # layers' N + new ("pre") or N_hd + new ("post").
+    cache = _empty_cache(model, jnp.zeros((b, t + max_new_tokens), jnp.int32), pixels, decode=True)
+    logits, cache = _apply_cached(model, params, cache, tokens, pixels, mask, decode=True)
+
+    def step(cache, token, positions):
+        llm, encoder = positions
+        logits, cache = _apply_cached(model, params, cache, token[:, None], llm[:, None], encoder[:, None],
+                                      method="decode_step")
+        return _argmax_last(logits), cache
+
+    last = tuple(p - 1 for p in hovle.next_positions(model.cfg, tokens, mask))
+    return _greedy_loop(_argmax_last(logits), cache, last, step, max_new_tokens, stops)
+
+
+def generate_full_recompute_hovle(model, params, prompt_tokens, prompt_mask, pixels, max_new_tokens: int,
+                                  eos_id=None):
+    """The same tokens as `greedy_generate_hovle`, re-running the whole HoVLE forward (images
+    included) for every new token."""
+    pixels = jnp.asarray(pixels, jnp.float32)
+
+    def next_token(tokens, mask):
+        return _argmax_last(_hovle_logits(params, tokens, pixels, mask, model=model))
+
+    def append(tokens, token):
+        return jnp.concatenate([tokens, token[:, None]], axis=1)
+
+    return _recompute_loop(next_token, append, jnp.asarray(prompt_tokens, jnp.int32), prompt_mask,
+                           max_new_tokens, _stops(eos_id))
+
+
+@functools.partial(jax.jit, static_argnames=("model",))
+def _hovle_logits(params, tokens, pixels, mask, *, model):
+    return model.apply({"params": params}, tokens, pixels, mask)
 
 
 def left_pad(prompts, pad_id: int):
@@ -163,21 +281,174 @@ def load_lm(path: str):
     return cfg, params
 
 
+# ---- answers to (image, prompt): EVE and HoVLE ------------------------------------------------
+
+class HoVLEAnswerer:
+    """Greedy answers of a HoVLE to (image, question) pairs, as official `chat()` asks: the image
+    tiled (InternVL dynamic tiling, the config's max_tiles), "<image>\\n" + question in the
+    internlm2-chat prompt, decoding until `<|im_end|>` or EOS. `special_ids`: the tokenizer's
+    ids of the chat and image tokens (text.INTERNLM2_SPECIAL_IDS by default)."""
+
+    def __init__(self, cfg, params, tokenizer, special_ids=None, max_new_tokens: int = 64):
+        from evejax.data import text as text_lib
+        from evejax.models import hovle
+
+        self.special_ids = dict(text_lib.INTERNLM2_SPECIAL_IDS if special_ids is None else special_ids)
+        context = self.special_ids[text_lib.IMG_CONTEXT]
+        if context != cfg.img_context_token_id:
+            raise ValueError(f"the tokenizer's {text_lib.IMG_CONTEXT} is id {context} but the model's "
+                             f"img_context_token_id is {cfg.img_context_token_id}; use the checkpoint's tokenizer")
+        self.cfg, self.params, self.tokenizer, self.max_new_tokens = cfg, params, tokenizer, max_new_tokens
+        self.model = hovle.HoVLE(cfg)
+        self.stops = (self.special_ids[text_lib.IM_END], tokenizer.eos_id)
+
+    def prompt_ids(self, question: str, num_tiles: int) -> list[int]:
+        """BOS + "<|im_start|>system\\n{system}<|im_end|><|im_start|>user\\n<img>...</img>\\n{question}
+        <|im_end|><|im_start|>assistant\\n" (the training string of a one-round conversation, up to
+        its answer)."""
+        from evejax.data import text as text_lib
+
+        turns = [{"from": "human", "value": question}, {"from": "gpt", "value": ""}]
+        rendered = text_lib.render_internlm2_chat(turns, [num_tiles], self.cfg.image_tokens_per_tile)
+        prompt = rendered[:-len(text_lib.IM_END)]  # the empty answer's separator
+        return [self.tokenizer.bos_id] + text_lib.encode_with_specials(prompt, self.tokenizer, self.special_ids)
+
+    @staticmethod
+    def tiles(cfg, picture):
+        """image.TiledImage of `picture` in the config's tile slots."""
+        from evejax.data import image as image_lib
+
+        tiling = image_lib.TilingConfig(tile_size=cfg.image_size, max_tiles=cfg.max_tiles)
+        return image_lib.tile_image(picture, tiling, cfg.tile_slots)
+
+    def answer(self, pictures, questions) -> list[str]:
+        from evejax.eval.evaluate import decode_answer
+
+        tiled = [self.tiles(self.cfg, p) for p in pictures]
+        prompts = [self.prompt_ids(q, t.num_tiles) for q, t in zip(questions, tiled, strict=True)]
+        tokens, mask = left_pad(prompts, self.tokenizer.pad_id)
+        new = np.asarray(greedy_generate_hovle(
+            self.model, self.params, tokens, mask, np.stack([t.pixels for t in tiled]), self.max_new_tokens,
+            self.stops, tile_mask=np.stack([t.tile_mask for t in tiled])))
+        return [decode_answer(_until(row, self.stops), self.tokenizer) for row in new.tolist()]
+
+
+def _until(ids, stops):
+    """ids up to (not including) the first stop id."""
+    cut = [ids.index(s) for s in stops if s in ids]
+    return ids[:min(cut)] if cut else ids
+
+
+def hovle_tokenizer(directory):
+    """(SentencePieceTokenizer, special ids) of the tokenizer files a HoVLE checkpoint carries:
+    tokenizer.model, and added_tokens.json's ids over INTERNLM2_SPECIAL_IDS."""
+    import json
+    import tempfile
+    from pathlib import Path
+
+    from evejax.data import text as text_lib
+    from evejax.port import hovle as hovle_port
+    from evejax.port.io import CheckpointError
+
+    files = hovle_port.load_tokenizer_files(directory)
+    if "tokenizer.model" not in files:
+        raise CheckpointError(f"{directory} carries no tokenizer.model (import the official directory with its "
+                              "tokenizer files, or pass --tokenizer)")
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "tokenizer.model"
+        path.write_bytes(files["tokenizer.model"])
+        tokenizer = text_lib.SentencePieceTokenizer(path)
+    added = json.loads(files.get("added_tokens.json", b"{}"))
+    special = {k: int(added.get(k, v)) for k, v in text_lib.INTERNLM2_SPECIAL_IDS.items()}
+    return tokenizer, special
+
+
+def _hovle_answerer(path, tokenizer, max_new_tokens):
+    from evejax.data import pipeline
+    from evejax.port import checkpoint
+    from evejax.port import hovle as hovle_port
+
+    if checkpoint.is_workdir(path):
+        if tokenizer is None:
+            raise ValueError("a training workdir carries no tokenizer: pass --tokenizer (the LLM's tokenizer.model)")
+        _, cfg, params, _ = checkpoint.load_workdir(path)
+    else:
+        cfg, params = hovle_port.load_checkpoint(path)
+    if tokenizer is None:
+        return HoVLEAnswerer(cfg, params, *hovle_tokenizer(path), max_new_tokens=max_new_tokens)
+    made = pipeline.make_tokenizer(tokenizer)  # the special ids its training data used
+    return HoVLEAnswerer(cfg, params, made, pipeline.special_ids(tokenizer, made), max_new_tokens=max_new_tokens)
+
+
+def _eve_answerer(path, tokenizer, max_new_tokens):
+    from evejax.data import pipeline
+    from evejax.eval import evaluate
+
+    if tokenizer is None:
+        raise ValueError("an EVE checkpoint carries no tokenizer: pass --tokenizer (the LLM's tokenizer.model, "
+                         "or 'shapes' for a model trained on the generated shapes data)")
+    cfg, params, anyres = evaluate.load_model(path)
+    return evaluate.Answerer(cfg, params, batch_size=1, tokenizer=pipeline.make_tokenizer(tokenizer),
+                             anyres=anyres, max_new_tokens=max_new_tokens)
+
+
+# checkpoint format (model.json) -> answerer builder; a training workdir's model name -> format
+ANSWERERS = {"evejax.eve": _eve_answerer, "evejax.hovle": _hovle_answerer}
+WORKDIR_FORMATS = {"eve": "evejax.eve", "hovle": "evejax.hovle"}
+
+
+def load_answerer(path, tokenizer: str | None = None, max_new_tokens: int = 64):
+    """The answerer (`.answer(pictures, questions) -> answers`) of an EVE or HoVLE checkpoint
+    directory or training workdir. `tokenizer`: a tokenizer.model path or "shapes"; by default the
+    one the checkpoint carries (HoVLE)."""
+    from evejax.port import checkpoint
+    from evejax.port.io import CheckpointError
+
+    if checkpoint.is_workdir(path):
+        fmt = WORKDIR_FORMATS.get(checkpoint.workdir_model(path))
+    else:
+        fmt = next((f for f in ANSWERERS if checkpoint.has_format(path, f)), None)
+    if fmt is None:
+        raise CheckpointError(f"{path} is no EVE or HoVLE checkpoint or training workdir; --image/--prompt "
+                              "answer with those, --prompt-ids generates with an LLM")
+    return ANSWERERS[fmt](path, tokenizer, max_new_tokens)
+
+
 def main(argv) -> int:
+    from evejax.data.image import load_image
     from evejax.models.llm import CausalLM
     from evejax.port.io import CheckpointError
 
-    p = argparse.ArgumentParser(prog="evejax generate", description="greedy generation from token ids")
+    p = argparse.ArgumentParser(prog="evejax generate",
+                                description="greedy generation from a checkpoint: an LLM's new token ids for "
+                                "--prompt-ids, or an EVE's or HoVLE's answer for --image and --prompt")
     p.add_argument("checkpoint", help="evejax checkpoint directory (model.json + params/) or training "
-                   "workdir (its newest checkpoint; for an EVE the LLM alone)")
-    p.add_argument("--prompt-ids", type=_token_ids, action="append", required=True,
+                   "workdir (its newest checkpoint; with --prompt-ids, for an EVE the LLM alone)")
+    p.add_argument("--prompt-ids", type=_token_ids, action="append",
                    help="comma-separated prompt token ids; repeat for a batch")
+    p.add_argument("--image", help="image file to ask about (EVE and HoVLE)")
+    p.add_argument("--prompt", help="question about --image; prints the answer")
+    p.add_argument("--tokenizer", help="with --prompt: tokenizer.model or 'shapes' (default: the checkpoint's, "
+                   "HoVLE)")
     p.add_argument("--max-new", type=int, default=16, help="number of tokens to generate")
     p.add_argument("--eos-id", type=int, help="stop token (default: the model's eos id)")
     p.add_argument("--no-eos", action="store_true", help="always generate --max-new tokens")
     args = p.parse_args(argv)
     if args.max_new < 1:
         p.error("--max-new must be >= 1")
+    if (args.image is None) != (args.prompt is None):
+        p.error("--image and --prompt go together")
+    if (args.prompt is None) == (args.prompt_ids is None):
+        p.error("give either --prompt-ids or --image with --prompt")
+    if args.prompt is not None:
+        try:
+            answerer = load_answerer(args.checkpoint, args.tokenizer, args.max_new)
+            picture = load_image(args.image)
+        except (FileNotFoundError, ValueError) as e:  # CheckpointError and BadImageError included
+            print(f"evejax generate: error: {e}", file=sys.stderr)
+            return 1
+        print(answerer.answer([picture], [args.prompt])[0])
+        return 0
     try:
         cfg, params = load_lm(args.checkpoint)
     except (CheckpointError, FileNotFoundError) as e:

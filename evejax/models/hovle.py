@@ -32,6 +32,12 @@ count on concrete inputs.
   Masks are causal within segments (padding respected, the reference semantics of
   hovle.md §6.4); positions restart in every segment. Dynamic-NTK RoPE, when
   configured, follows the batch's longest row, as transformers does for padded batches.
+Generation (evejax.eval.generate): `__call__(..., decode=True)` runs left-padded prompts
+  and fills two KV caches, the embedding layers' (over N, "post": N_hd) and the LLM's (over
+  N), each as long as the input the model was initialised with (init at N + new tokens sizes
+  them N + new and, "post", N_hd + new); `decode_step` then takes one text token per row
+  through both, at its own position in each stream (`next_positions`). Official "post"
+  decoding never extends its HD stream and fails at the second new token (hovle.md §6.8).
 
 Parameters (Flax paths; stacked layers on axis 0; L_e = 8 embedding layers):
   embedding_model/vision_embeddings/class_embedding [1, 1, D] (unused, kept for the port)
@@ -327,12 +333,13 @@ class HolisticEmbedding(nn.Module):
         grid = int(round(patch_tokens.shape[-2] ** 0.5))
         return self.pixel_shuffle_proj(pixel_shuffle(patch_tokens, grid, self.cfg.shuffle))
 
-    def __call__(self, x, positions, segment_ids, deterministic: bool = True):
+    def __call__(self, x, positions, segment_ids, deterministic: bool = True, decode: bool = False):
         e = self.cfg.embedding.transformer
         x = constrain(x, ("batch", "length", "act_embed"))
         # Official: layer i drops its branches with drop_path * i / (L - 1) (torch.linspace).
         rates = e.drop_path * jnp.linspace(0.0, 1.0, e.num_layers)
-        return self.encoder(x, positions, segment_ids, deterministic=deterministic, drop_path_rate=rates)[0]
+        return self.encoder(x, positions, segment_ids, decode=decode, deterministic=deterministic,
+                            drop_path_rate=rates)[0]
 
 
 class Embedded(NamedTuple):
@@ -363,7 +370,7 @@ class HoVLE(nn.Module):
         self.language_model = llm_lib.CausalLM(self.cfg.llm)
 
     def embed_inputs(self, tokens, pixels, segment_ids=None, tile_mask=None,
-                     deterministic: bool = True) -> Embedded:
+                     deterministic: bool = True, decode: bool = False) -> Embedded:
         cfg = self.cfg
         b, n = tokens.shape
         if pixels.ndim != 5 or pixels.shape[0] != b or pixels.shape[-1] != 3:
@@ -380,15 +387,18 @@ class HoVLE(nn.Module):
         if cfg.pixel_shuffle_loc == "pre":
             image = emb.shuffle_project(patch_tokens).reshape(b, -1, patch_tokens.shape[-1])
             x = jnp.where(is_image[..., None], _place(image, is_image), emb.text(tokens))
-            out = emb(x, positions, segment_ids, deterministic)
+            out = emb(x, positions, segment_ids, deterministic, decode)
             llm_inputs = out
         else:
-            llm_inputs, out = self._post(tokens, segment_ids, is_image, patch_tokens, deterministic)
-        if cfg.normalize_encoder_output:
-            llm_inputs = llm_inputs / jnp.linalg.norm(llm_inputs, axis=-1, keepdims=True)
-        return Embedded(llm_inputs, out, positions, segment_ids)
+            llm_inputs, out = self._post(tokens, segment_ids, is_image, patch_tokens, deterministic, decode)
+        return Embedded(self._normalized(llm_inputs), out, positions, segment_ids)
 
-    def _post(self, tokens, segment_ids, is_image, patch_tokens, deterministic):
+    def _normalized(self, llm_inputs):
+        if not self.cfg.normalize_encoder_output:
+            return llm_inputs
+        return llm_inputs / jnp.linalg.norm(llm_inputs, axis=-1, keepdims=True)
+
+    def _post(self, tokens, segment_ids, is_image, patch_tokens, deterministic, decode):
         """HD stream: every placeholder repeated s^2 times, at static length N_hd."""
         emb, r2 = self.embedding_model, self.cfg.shuffle ** 2
         b, n = tokens.shape
@@ -403,21 +413,45 @@ class HoVLE(nn.Module):
         hd_image = _take(is_image, src) & inside
         x = jnp.where(hd_image[..., None], _place(patch_tokens.reshape(b, tiles * g2, d), hd_image),
                       emb.text(_take(tokens, src)))
-        out = emb(x, llm_lib.segment_positions(hd_segments), hd_segments, deterministic)
+        out = emb(x, llm_lib.segment_positions(hd_segments), hd_segments, deterministic, decode)
         where = jax.vmap(lambda m: jnp.nonzero(m, size=tiles * g2, fill_value=0)[0])(hd_image)
         image = emb.shuffle_project(_take(out, where).reshape(b, tiles, g2, d)).reshape(b, -1, d)
         llm_inputs = jnp.where(is_image[..., None], _place(image, is_image), _take(out, start))
         return llm_inputs, out
 
     def __call__(self, tokens, pixels, segment_ids=None, tile_mask=None, *, deterministic: bool = True,
-                 drop_path_rate=None):
-        """-> logits [B, N, V] float32."""
-        x = self.embed_inputs(tokens, pixels, segment_ids, tile_mask, deterministic)
+                 drop_path_rate=None, decode: bool = False):
+        """-> logits [B, N, V] float32. `decode`: also fill both KV caches (module docstring)."""
+        x = self.embed_inputs(tokens, pixels, segment_ids, tile_mask, deterministic, decode)
         if self.is_initializing():
             self.language_model.embed(tokens[:, :1])  # the unused tok_embeddings, kept for the port
         return self.language_model(inputs_embeds=x.llm_inputs, positions=x.positions,
                                    segment_ids=x.segment_ids, deterministic=deterministic,
-                                   drop_path_rate=drop_path_rate)
+                                   drop_path_rate=drop_path_rate, decode=decode)
+
+    def decode_step(self, tokens, positions, encoder_positions):
+        """tokens [B, 1] new text tokens -> logits [B, 1, V] float32, after a `decode=True` prompt.
+
+        The token goes through llm_text_embeddings, the embedding layers (their cache; at
+        `encoder_positions` of their stream) and the LLM (its cache; at `positions`).
+        A generated <IMG_CONTEXT> id is text here: images come with the prompt only.
+        """
+        emb = self.embedding_model
+        real = jnp.ones(tokens.shape, jnp.int32)
+        x = self._normalized(emb(emb.text(tokens), encoder_positions, real, decode=True))
+        return self.language_model(inputs_embeds=x, positions=positions, segment_ids=real, decode=True)
+
+
+def next_positions(cfg: HoVLEConfig, tokens, segment_ids):
+    """Positions [B] of the first token after left-padded prompts tokens [B, N] (segment_ids 1 =
+    real, 0 = padding): (in the LLM's stream, in the embedding layers' stream). "post" counts
+    each image placeholder s^2 times there, as the HD stream holds it."""
+    real = segment_ids > 0
+    llm = jnp.sum(real, axis=1).astype(jnp.int32)
+    if cfg.pixel_shuffle_loc == "pre":
+        return llm, llm
+    images = jnp.sum(real & (tokens == cfg.img_context_token_id), axis=1).astype(jnp.int32)
+    return llm, llm + (cfg.shuffle ** 2 - 1) * images
 
 
 def supervised_mask(cfg: HoVLEConfig, targets, loss_mask, segment_ids):

@@ -13,7 +13,8 @@ downsample_ratio; the layers are the InternLM2 reference's ``InternLM2DecoderLay
     embedding_model.pixel_shuffle_proj.0.weight [D, s^2 D] (+ .bias), .2.weight [D, D] (+ .bias)
     language_model.<InternLM2ForCausalLM names>
 
-``InternVLChatModel.forward(pixel_values [T, 3, S, S], input_ids [B, N], hd_input_ids [1, N_hd]
+``InternVLChatModel.generate`` is greedy decoding at batch 1 (cached "pre" as official, or by
+full recomputation). ``InternVLChatModel.forward(pixel_values [T, 3, S, S], input_ids [B, N], hd_input_ids [1, N_hd]
 for "post")`` -> logits [B, N, V] float32, or with ``return_embeddings`` (logits, LLM inputs
 [B, N, D], embedding-module outputs [B, N or N_hd, D]). As official: the embedding layers are
 causal over the whole mixed sequence (no padding here), positions 0..; "post" runs at batch 1,
@@ -129,8 +130,11 @@ class HolisticEmbedding(nn.Module):
         x = pixel_shuffle(tokens.contiguous().reshape(t, g, g, d), self.config.downsample_ratio)
         return self.pixel_shuffle_proj(x.reshape(t, -1, x.shape[-1]))
 
-    def forward(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None) -> torch.Tensor:
-        """input_ids [B, L], pixel_values [T, 3, S, S] -> last hidden states [B, L, D] (no final norm)."""
+    def forward(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
+                caches: list | None = None) -> torch.Tensor:
+        """input_ids [B, L], pixel_values [T, 3, S, S] -> last hidden states [B, L, D] (no final norm).
+        ``caches``: one list per layer, the KV cache the InternLM2 reference layers fill; the
+        new tokens take positions P.. after the P cached ones."""
         cfg = self.config
         ids = torch.where(input_ids < cfg.llm_vocab_size, input_ids, torch.zeros_like(input_ids))
         h = self.llm_text_embeddings(ids)
@@ -146,11 +150,13 @@ class HolisticEmbedding(nn.Module):
             h[selected] = image.to(h.dtype)
         b, length, _ = h.shape
         layer_cfg = cfg.layer_config()
-        positions = torch.arange(length).expand(b, length)
-        cos, sin = rotary_cos_sin(layer_cfg, positions, seq_len=length)
-        allowed = torch.ones(length, length, dtype=torch.bool).tril()[None, None]
-        for layer in self.encoder:
-            h = layer(h, cos, sin, allowed, [])
+        caches = [[] for _ in self.encoder] if caches is None else caches
+        cached = caches[0][0][0].shape[2] if caches[0] else 0
+        positions = torch.arange(cached, cached + length).expand(b, length)
+        cos, sin = rotary_cos_sin(layer_cfg, positions, seq_len=cached + length)
+        allowed = torch.ones(length, cached + length, dtype=torch.bool).tril(cached)[None, None]
+        for layer, cache in zip(self.encoder, caches):
+            h = layer(h, cos, sin, allowed, cache)
         return h
 
 
@@ -183,3 +189,37 @@ class InternVLChatModel(nn.Module):
             inputs = inputs / inputs.norm(dim=-1, keepdim=True)
         logits = self.language_model(inputs_embeds=inputs)
         return (logits, inputs, out) if return_embeddings else logits
+
+    @torch.no_grad()
+    def generate(self, pixel_values, input_ids, max_new_tokens: int, hd_input_ids=None,
+                 eos_token_id: int | None = None, use_cache: bool = True) -> torch.Tensor:
+        """Greedy decoding at batch 1 -> the new tokens [1, n].
+
+        ``use_cache`` ("pre" only), the official cached branch (hovle.md §4.4, §6.8): the prompt
+        once, then each new token through llm_text_embeddings, the embedding layers (their own
+        cache) and the LLM (its cache). Without it every step recomputes the whole forward,
+        images included, the new token appended to input_ids and, "post", to hd_input_ids
+        (official generate never extends hd_input_ids, so its "post" fails at the second token).
+        """
+        emb = self.embedding_model
+        if use_cache and emb.config.pixel_shuffle_loc != "pre":
+            raise ValueError("the official cached decoding runs 'pre' only; pass use_cache=False for 'post'")
+        new = []
+        encoder_caches, llm_caches = [[] for _ in emb.encoder], []
+        for step in range(max_new_tokens):
+            if not use_cache:
+                logits = self(pixel_values, input_ids, hd_input_ids)
+            else:
+                inputs = (emb(input_ids[:, -1:], caches=encoder_caches) if step
+                          else emb(input_ids, pixel_values, caches=encoder_caches))
+                if self.normalize_encoder_output:
+                    inputs = inputs / inputs.norm(dim=-1, keepdim=True)
+                logits = self.language_model(inputs_embeds=inputs, past_key_values=llm_caches)
+            token = logits[:, -1].argmax(-1, keepdim=True)
+            new.append(token)
+            input_ids = torch.cat([input_ids, token], dim=-1)
+            if hd_input_ids is not None:
+                hd_input_ids = torch.cat([hd_input_ids, token], dim=-1)
+            if eos_token_id is not None and int(token) == eos_token_id:
+                break
+        return torch.cat(new, dim=-1)
