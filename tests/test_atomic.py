@@ -65,7 +65,7 @@ def test_write_text_replaces_a_file_and_a_failure_leaves_it(tmp_path, monkeypatc
     path.write_text("old")
     atomic.write_text(path, "new")
     assert path.read_text() == "new"
-    monkeypatch.setattr(atomic, "_fsync", lambda p: (_ for _ in ()).throw(OSError("disk full")))
+    monkeypatch.setattr(atomic, "fsync", lambda p: (_ for _ in ()).throw(OSError("disk full")))
     with pytest.raises(OSError, match="disk full"):
         atomic.write_text(path, "newer")
     assert path.read_text() == "new" and sorted(p.name for p in tmp_path.iterdir()) == ["r.json"]
