@@ -43,7 +43,7 @@ a default chosen here, a field a command line can change:
       without <IMG_CONTEXT>.
   550M rows (num_examples): the "pre-training" data scale NEO (arXiv 2510.14979) reports for
       HoVLE, presumably stage 1; its unit (images or tokens) is not stated.
-  bf16 compute, fp32 master weights, full rematerialisation, FSDP over all chips.
+  bf16 compute, fp32 master weights, full rematerialisation, FSDP over all chips, 4 micro-batches.
 The embedding module starts from a random init: whether the official one is initialised from
 LLM layers is unknown (hovle.md §5 item 3).
 
@@ -65,7 +65,9 @@ from evejax import config as config_lib
 EMBEDDING_MODULE = (r"embedding_model/.*",)
 
 STAGES = {
-    "stage1": dict(trainable=EMBEDDING_MODULE, lr=2e-4, warmup_frac=0.03, global_batch=512,
+    # accum_steps 4: micro-batches of 8 rows per chip fit a v5e-16 (11.4 GiB of 16, `evejax plan`);
+    # the whole 32 rows per chip need ~30 GiB.
+    "stage1": dict(trainable=EMBEDDING_MODULE, lr=2e-4, warmup_frac=0.03, global_batch=512, accum_steps=4,
                    num_examples=550_000_000, losses=dict(distill_image=1.0, distill_text=1.0),
                    teacher="internvl2_2b", previous=None),
 }
@@ -109,7 +111,7 @@ def get_config(arg: str = "tiny_stage1"):
     else:
         start = dict(kind="import", workdir="", path=IMPORTED[stage])
     c.stage = dict(name=f"hovle_{arg}", trainable=s["trainable"], losses=s["losses"], start=start)
-    c.train = dict(steps=steps, accum_steps=1, seed=0, log_every=10 if tiny else 50, ema_decay=0.0,
+    c.train = dict(steps=steps, accum_steps=1 if tiny else s["accum_steps"], seed=0, log_every=10 if tiny else 50, ema_decay=0.0,
                    peak_flops_per_device=0.0, progress_bar=True)
     c.checkpoint = dict(every=0 if tiny else 1000, keep=3, async_save=True)
     return c
