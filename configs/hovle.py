@@ -31,11 +31,12 @@ tile, pixel-shuffled and projected to 256 (the projection trains after the layer
 
 The paper's hyperparameters are not public (hovle.md §2, "Not found"); every value below is
 a default chosen here, a field a command line can change:
-  lr 2e-4, warmup 3%, cosine to 0: AdamW (0.9, 0.999, 1e-8) with no weight decay and
-      gradient clipping 1.0, the repo's EVE recipe; 2e-4 sits between EVE's stage-1 4e-4 for
-      its fresh vision layers and the 4e-5 of full tuning, for 717M fresh parameters
-      regressing a fixed target.
-  global batch 512 rows, each one image + one text stream: EVE stage 1's global batch.
+  lr 2e-4, global batch 512, weight decay 0.01 (not on norms and biases), cosine decay:
+      InternVL 2.5's stage 1, "MLP warmup" (OpenGVLab/InternVL
+      internvl_chat/shell/internvl2.5/stage1/*.sh: freeze_llm, freeze_backbone, lr 2e-4,
+      weight decay 0.01, packed batch 512), the public recipe that trains new layers in front
+      of a frozen LLM; AdamW (0.9, 0.999, 1e-8), 3% linear warmup, clipping at 1.0. A row is
+      one image + one text stream.
   max_tiles 6 (the official max_dynamic_patch), so the module sees the tiles and thumbnails
       of the later stages; 7 tile slots x 256 = 1792 image tokens per row.
   text rows of 2048 random ids (config.data.seq_len): about the image row's 1792 tokens, so
@@ -48,10 +49,10 @@ The embedding module starts from a random init: whether the official one is init
 LLM layers is unknown (hovle.md §5 item 3).
 
 Weights: the teacher from InternVL2-2B (`evejax import --family internvit`). The LLM slot holds
-92553 token rows (HoVLE's vocabulary, InternLM2's 92544 + InternVL's 9 added tokens):
-checkpoints/internlm2_chat_1_8b must have that vocabulary; internlm/internlm2-chat-1_8b itself
-has 92544 rows, which the trainer refuses naming `language_model/embed_tokens/embedding`,
-and no command here pads it yet.
+92553 token rows (HoVLE's vocabulary: InternLM2's 92544 + InternVL's 9 added tokens, hovle.md
+§1.3), so checkpoints/internlm2_chat_1_8b must have that many; a checkpoint with InternLM2's
+92544 is refused by the trainer naming `language_model/embed_tokens/embedding`, and no command
+here pads it yet.
 
 Args: stage1 | tiny_stage1. The tiny stage trains tiny HoVLE (56 px tiles, 4 tokens per tile,
 width 64) against a tiny InternVL teacher sized to match, from fresh weights, on shapes.
@@ -62,30 +63,36 @@ import ml_collections
 
 from evejax import config as config_lib
 
-EMBEDDING_MODULE = (r"embedding_model/.*",)
+EMBEDDING = (r"embedding_model/.*",)
+STAGE1_IMPORT = "language_model=checkpoints/internlm2_chat_1_8b,teacher=checkpoints/internvl2_2b_teacher"
 
+# One row per stage (module docstring for the sources of the numbers).
 STAGES = {
-    # accum_steps 4: micro-batches of 8 rows per chip fit a v5e-16 (11.4 GiB of 16, `evejax plan`);
-    # the whole 32 rows per chip need ~30 GiB.
-    "stage1": dict(trainable=EMBEDDING_MODULE, lr=2e-4, warmup_frac=0.03, global_batch=512, accum_steps=4,
-                   num_examples=550_000_000, losses=dict(distill_image=1.0, distill_text=1.0),
-                   teacher="internvl2_2b", previous=None),
+    # Distillation on unpaired data; accum_steps 4: micro-batches of 8 rows per chip fit a v5e-16
+    # (11.4 GiB of 16, `evejax plan`), the whole 32 need ~30 GiB. The tiny run halves both
+    # losses in 60 steps at lr 3e-3.
+    "stage1": dict(trainable=EMBEDDING, lr=2e-4, global_batch=512, accum_steps=4, num_examples=550_000_000,
+                   drop_path=0.0, start=("import", STAGE1_IMPORT), checkpoint_every=1000,
+                   teacher="internvl2_2b", losses=dict(distill_image=1.0, distill_text=1.0), text_len=2048,
+                   tiny_lr=3e-3, tiny_steps=60),
 }
 
 # arg -> (model size, stage)
 ARGS = {"stage1": ("2.6b", "stage1"), "tiny_stage1": ("tiny", "stage1")}
-
-IMPORTED = {"stage1": "language_model=checkpoints/internlm2_chat_1_8b,teacher=checkpoints/internvl2_2b_teacher"}
+WARMUP_FRAC = 0.03
+# Grid tiles per image (max_dynamic_patch): the official 6; the tiny model's 3 (4 slots of 56 px).
+MAX_TILES = {"2.6b": 6, "2.6b_hd": 6, "tiny": 3}
 # The tiny teacher reshaped to tiny HoVLE's tiles: 56 px, patch 14 -> 4 x 4 grid -> 4 tokens of 64.
 TINY_TEACHER = dict(image_size=56, patch_size=14, llm_dim=64)
 
 
 def data_config(size: str, stage: str) -> dict:
+    """config.data; the tiling comes from config.model."""
     s = STAGES[stage]
     if size == "tiny":
         return config_lib.data_config(name="unpaired_shapes", seq_len=16, global_batch=8, seed=0)
-    return config_lib.data_config(name="unpaired_shapes" if stage == "stage1" else "llava",
-                                  seq_len=2048, global_batch=s["global_batch"], seed=0)
+    return config_lib.data_config(name="unpaired_shapes", seq_len=s["text_len"], global_batch=s["global_batch"],
+                                  seed=0)
 
 
 def get_config(arg: str = "tiny_stage1"):
@@ -94,24 +101,28 @@ def get_config(arg: str = "tiny_stage1"):
     size, stage = ARGS[arg]
     s = STAGES[stage]
     tiny = size == "tiny"
-
-    c = ml_collections.ConfigDict()
-    c.model = dict(name="hovle", size=size,
-                   overrides=dict(dtype="float32" if tiny else "bfloat16", remat="full"),
-                   teacher="tiny" if tiny else s["teacher"], teacher_overrides=TINY_TEACHER if tiny else {})
-    c.mesh = dict(slice=1, data=-1, fsdp=1, tensor=1) if tiny else dict(slice=1, data=1, fsdp=-1, tensor=1)
-    c.data = data_config(size, stage)
-    steps = 60 if tiny else math.ceil(s["num_examples"] / s["global_batch"])
-    # The tiny distillation halves both losses in 60 steps at a larger learning rate.
-    c.optim = dict(lr=s["lr"] if not tiny else 3e-3, warmup_frac=s["warmup_frac"], schedule="cosine",
-                   min_lr_frac=0.0, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0, clip_norm=1.0,
-                   no_decay=(r".*norm.*", r".*bias", r".*embed.*"))
-    if tiny:
+    prefix = "hovle_tiny" if tiny else "hovle_2_6b"
+    kind, where = s["start"]
+    if kind == "stage":
+        start = dict(kind="stage", workdir=f"{prefix}_{where}", path="")
+    elif tiny:
         start = dict(kind="fresh", workdir="", path="")
     else:
-        start = dict(kind="import", workdir="", path=IMPORTED[stage])
+        start = dict(kind="import", workdir="", path=where)
+
+    c = ml_collections.ConfigDict()
+    c.data = data_config(size, stage)
+    c.model = dict(name="hovle", size=size, overrides=dict(
+        dtype="float32" if tiny else "bfloat16", remat="none" if tiny else "full",
+        embedding_drop_path=s["drop_path"], max_tiles=MAX_TILES[size]),
+        teacher="tiny" if tiny else s["teacher"], teacher_overrides=TINY_TEACHER if tiny else {})
+    c.mesh = dict(slice=1, data=-1, fsdp=1, tensor=1) if tiny else dict(slice=1, data=1, fsdp=-1, tensor=1)
+    steps = s["tiny_steps"] if tiny else math.ceil(s["num_examples"] / s["global_batch"])
+    c.optim = dict(lr=s["tiny_lr"] if tiny else s["lr"], warmup_frac=WARMUP_FRAC, schedule="cosine",
+                   min_lr_frac=0.0, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.01, clip_norm=1.0,
+                   no_decay=(r".*norm.*", r".*bias"))
     c.stage = dict(name=f"hovle_{arg}", trainable=s["trainable"], losses=s["losses"], start=start)
-    c.train = dict(steps=steps, accum_steps=1 if tiny else s["accum_steps"], seed=0, log_every=10 if tiny else 50, ema_decay=0.0,
-                   peak_flops_per_device=0.0, progress_bar=True)
-    c.checkpoint = dict(every=0 if tiny else 1000, keep=3, async_save=True)
+    c.train = dict(steps=steps, accum_steps=1 if tiny else s["accum_steps"], seed=0, log_every=10 if tiny else 50,
+                   ema_decay=0.0, peak_flops_per_device=0.0, progress_bar=True)
+    c.checkpoint = dict(every=10 if tiny else s["checkpoint_every"], keep=3, async_save=True)
     return c
