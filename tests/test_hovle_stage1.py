@@ -173,3 +173,13 @@ def test_tiny_stage1_halves_both_losses_and_leaves_llm_and_teacher_bit_identical
     _, trained = ckpt_lib.load_params(str(tmp_path / "run"))
     for part in ("language_model", "teacher"):
         jax.tree.map(np.testing.assert_array_equal, trained[part], imported[part])
+
+    # A next stage (HoVLE, no teacher) restores its params from this one's, as start kind "stage" does.
+    hovle_shapes = hovle.abstract_params(spec.config.hovle)
+    one_device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    store = ckpt_lib.Checkpoints(str(tmp_path / "run"), read_only=True)
+    restored = store.restore_params(store.latest_step(), hovle_shapes, jax.tree.map(lambda _: one_device,
+                                                                                      hovle_shapes))
+    store.close()
+    assert sorted(restored) == ["embedding_model", "language_model"]
+    jax.tree.map(np.testing.assert_array_equal, restored, {k: trained[k] for k in restored})

@@ -533,9 +533,11 @@ def teacher_tokens_row_major(cfg: vit_lib.InternVLTeacherConfig, features):
 
 class HoVLEDistill(HoVLE):
     """(pixels, tile_mask, text_tokens, text_segment_ids) -> DistillOutput (see the section notes)."""
-    teacher_cfg: vit_lib.InternVLTeacherConfig = None
+    teacher_cfg: vit_lib.InternVLTeacherConfig = None  # required; a default only because HoVLE's cfg has none
 
     def setup(self):
+        if self.teacher_cfg is None:
+            raise ValueError("HoVLEDistill needs teacher_cfg, the InternVL teacher's config")
         super().setup()
         HoVLEDistillConfig(self.cfg, self.teacher_cfg).validate()
         self.teacher = vit_lib.InternVLTeacher(self.teacher_cfg)
