@@ -455,7 +455,8 @@ def training_flops(cfg: HoVLEConfig, batch: int, text_len: int) -> dict[str, flo
 #     embedding outputs ("pre"), or the shuffled and projected outputs of the g^2 patch tokens per
 #     tile ("post"; the distillation then trains the 8 layers on the HD stream and the projection
 #     after them). Target z_I = teacher(tile) [n, E]: 256 tokens of 2048 per 448 px tile for
-#     InternVL2-2B, token (y, x) of the same 2 x 2 patch block as the student's token (y, x).
+#     InternVL2-2B, token (y, x) of the same 2 x 2 patch block as the student's token (y, x); both
+#     read the same ImageNet-normalised tiles, as InternVL and HoVLE preprocess alike.
 #   text stream: text_tokens [B, T] random ids of the LLM vocabulary, text_segment_ids [B, T]
 #     (1, 0 = padding row). Student x_T = the embedding outputs of the text-only row; target
 #     z_T = the frozen LLM's embed_tokens(id).
