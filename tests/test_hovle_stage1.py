@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from evejax import config as config_lib
-from evejax.data import pipeline, unpaired
+from evejax.data import pipeline, sources, unpaired
 from evejax.models import hovle, registry, vit
 from evejax.port import checkpoint as port_checkpoint
 from evejax.port import internvit as port_internvit
@@ -117,14 +117,20 @@ def _config(data, **model):
     return c
 
 
-def test_unpaired_llava_batch_reads_only_the_images(tmp_path):
+@pytest.mark.parametrize("source", ["llava", "arrayrecord"])
+def test_unpaired_batch_reads_only_the_images_of_llava_records(tmp_path, source):
     for i, size in enumerate([(56, 56), (150, 40)]):
         Image.fromarray(np.full(size[::-1] + (3,), 40 * i, np.uint8)).save(tmp_path / f"{i}.png")
     records = [{"id": "a", "image": "0.png", "conversations": [{"from": "human", "value": "<image>\nhi"}]},
                {"id": "text only", "conversations": [{"from": "human", "value": "hello"}]},
                {"id": "b", "image": "1.png", "conversations": []}]
     (tmp_path / "d.jsonl").write_text("\n".join(json.dumps(r) for r in records))
-    config = _config(dict(name="unpaired_llava", path=str(tmp_path / "d.jsonl"), image_root=str(tmp_path),
+    path = tmp_path / "d.jsonl"
+    if source == "arrayrecord":   # images stored inside the shards
+        sources.convert_conversations(str(path), str(tmp_path / "shards"), str(tmp_path), embed_images=True,
+                                      log=lambda _: None)
+        path = tmp_path / "shards"
+    config = _config(dict(name=f"unpaired_{source}", path=str(path), image_root=str(tmp_path) * (source == "llava"),
                           seq_len=6, global_batch=2, shuffle=False, seed=3))
     it = pipeline.make_data(config, 0, 1)
     batch = next(it)
