@@ -498,7 +498,7 @@ def build(source, transform: Callable, make_batcher: Callable[[], packing.Batche
 
 def make_data(config, process_index: int, process_count: int) -> packing.BatchIterator:
     """This host's iterator of host batches for config.data (module docstring)."""
-    if config.data.name in UNPAIRED_NAMES:
+    if config.data["name"] in UNPAIRED_NAMES:
         from evejax.data import unpaired
 
         return unpaired.make_data(config, process_index, process_count)

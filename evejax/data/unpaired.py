@@ -98,7 +98,7 @@ def model_facts(config) -> dict:
     model = getattr(config, "model", None)
     cfg = None if model is None else registry.build(model).config
     if not hasattr(cfg, "unpaired_data"):
-        raise ValueError(f"config.data.name={config.data.name!r} makes the stage-1 distillation batch; "
+        raise ValueError(f"config.data.name={config.data['name']!r} makes the stage-1 distillation batch; "
                          "config.model must be a HoVLE stage-1 model (name 'hovle' with a teacher)")
     return cfg.unpaired_data()
 
