@@ -145,11 +145,13 @@ def test_unpaired_batch_reads_only_the_images_of_llava_records(tmp_path, source)
     np.testing.assert_array_equal(again["text_tokens"], batch["text_tokens"])
 
 
-def test_unpaired_data_takes_its_tiling_from_the_model():
+def test_unpaired_data_takes_its_tiling_and_text_ids_from_a_stage1_model():
     with pytest.raises(ValueError, match="tiling comes from config.model"):
         config = _config(dict(name="unpaired_shapes", global_batch=2))
         config.data = dict(config.data, max_tiles=2)
         pipeline.make_data(config, 0, 1)
+    with pytest.raises(ValueError, match="config.model must be a HoVLE stage-1 model"):
+        pipeline.make_data(_config(dict(name="unpaired_shapes", global_batch=2), teacher=""), 0, 1)
 
 
 def test_tiny_stage1_halves_both_losses_and_leaves_llm_and_teacher_bit_identical(tmp_path, monkeypatch):
