@@ -11,6 +11,7 @@ import pytest
 from PIL import Image
 
 from evejax import config as config_lib
+from evejax.data import image as image_lib
 from evejax.data import pipeline, sources, unpaired
 from evejax.models import hovle, registry, vit
 from evejax.port import checkpoint as port_checkpoint
@@ -45,8 +46,10 @@ def test_negative_cosine_is_one_minus_cosine_averaged_over_the_mask():
     assert float(hovle.negative_cosine(jnp.asarray(student), jnp.asarray(target), jnp.zeros((2, 3)))) == 0.0
 
 
-def test_stage1_model_distils_hovle_outputs_to_the_teacher_and_the_llm_embeddings():
-    spec = registry.build(tiny_model())
+@pytest.mark.parametrize("loc", ["pre", "post"])
+def test_stage1_model_distils_hovle_outputs_to_the_teacher_and_the_llm_embeddings(loc):
+    """"post" distils the shuffled + projected outputs of the HD stream: what the LLM reads."""
+    spec = registry.build(tiny_model(overrides=dict(dtype="float32", pixel_shuffle_loc=loc)))
     cfg = spec.config
     params = jax.jit(lambda r: unbox(spec.module.init(r, *spec.init_args)["params"]))(jax.random.PRNGKey(0))
     assert sorted(params) == ["embedding_model", "language_model", "teacher"]
@@ -108,6 +111,20 @@ def test_text_ids_are_uniform_over_the_vocabulary_without_the_placeholder():
     assert ids.dtype == np.int32 and set(np.unique(ids)) == {0, 1, 2, 4, 5, 6, 8, 9}
     counts = np.bincount(ids, minlength=10)[[0, 1, 2, 4, 5, 6, 8, 9]]
     assert counts.min() > 0.9 * 20_000 / 8
+
+
+def test_unpaired_tfds_images_are_read_from_their_feature_and_bad_features_are_counted():
+    import io
+
+    png = io.BytesIO()
+    Image.fromarray(np.zeros((56, 112, 3), np.uint8)).save(png, format="PNG")
+    transform = unpaired.UnpairedMap(unpaired._TFDSImage("image"), image_lib.TilingConfig(56, max_tiles=3), 4, 256,
+                                     (250,))
+    example = transform((5, {"image": png.getvalue(), "label": 3}), np.random.default_rng(0))
+    np.testing.assert_array_equal(example["tile_mask"], [1, 1, 1, 0])   # 2 x 1 tiles + thumbnail
+    assert example["index"] == 5 and example["text_tokens"].shape == (4,)
+    assert transform((6, {"label": 3}), np.random.default_rng(0)) == {"bad": "malformed"}
+    assert transform((7, {"image": b"not an image"}), np.random.default_rng(0)) == {"bad": "corrupt_image"}
 
 
 def _config(data, **model):
