@@ -28,6 +28,9 @@ Data names (config.data.name) and their host batches:
   shapes_class    generated shapes: pixels [b, Tt, Tt, 3] (the CLIP-teacher view,
                   teacher_image_size), pixel_mask [b, Tt, Tt], label int32 [b]
                   (shapes.CLASS_NAMES; -1 on padding rows)
+  unpaired_shapes, unpaired_llava, unpaired_arrayrecord, unpaired_tfds
+                  HoVLE stage 1's unpaired batch (images without text + random text
+                  ids): evejax/data/unpaired.py
   tfds_imagenet   any TFDS image-classification set prepared as ArrayRecord:
                   pixels float32 [b, image_size, image_size, 3] (ImageNet-normalised;
                   random-resized crop + flip when augment, else resize + centre crop),
@@ -122,7 +125,8 @@ from evejax.data import packing, shapes, sources
 from evejax.data import text as text_lib
 from evejax.data.sources import BadRecord
 
-DATA_NAMES = ("llava", "arrayrecord", "shapes_caption", "shapes_qa", "shapes_class", "tfds_imagenet")
+UNPAIRED_NAMES = ("unpaired_shapes", "unpaired_llava", "unpaired_arrayrecord", "unpaired_tfds")
+DATA_NAMES = ("llava", "arrayrecord", "shapes_caption", "shapes_qa", "shapes_class", "tfds_imagenet") + UNPAIRED_NAMES
 CONVERSATION_NAMES = ("llava", "arrayrecord", "shapes_caption", "shapes_qa")
 
 GEOMETRY = ("image_size", "patch_size", "pool", "teacher_image_size", "teacher_patch_size")
@@ -181,8 +185,10 @@ def options(data, geometry: image_lib.AnyResConfig | None = None) -> dict[str, A
     changed = sorted(k for k in HOVLE_FIELDS if k in given and given[k] != HOVLE_FIELDS[k])
     need(not changed or opts["template"] == HOVLE_TEMPLATE,
          f"{changed} apply only to template={HOVLE_TEMPLATE!r}, not {opts['template']!r}")
-    if name in ("llava", "arrayrecord"):
+    if name in ("llava", "arrayrecord", "unpaired_llava", "unpaired_arrayrecord"):
         need(bool(opts["path"]), f"path is required for {name}")
+    if name in UNPAIRED_NAMES:
+        need(opts["seq_len"] >= 1, f"seq_len (the text stream's length) must be >= 1, got {opts['seq_len']}")
     return opts
 
 
@@ -492,6 +498,10 @@ def build(source, transform: Callable, make_batcher: Callable[[], packing.Batche
 
 def make_data(config, process_index: int, process_count: int) -> packing.BatchIterator:
     """This host's iterator of host batches for config.data (module docstring)."""
+    if config.data["name"] in UNPAIRED_NAMES:
+        from evejax.data import unpaired
+
+        return unpaired.make_data(config, process_index, process_count)
     opts = config_options(config)
     name, b = opts["name"], opts["global_batch"] // max(process_count, 1)
     if name in CONVERSATION_NAMES:

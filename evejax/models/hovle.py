@@ -59,6 +59,7 @@ import numpy as np
 from flax import linen as nn
 
 from evejax.models import llm as llm_lib
+from evejax.models import vit as vit_lib
 from evejax.models.eve import Projector
 from evejax.nn.layers import Dense, constrain, default_kernel_init, param_with_axes
 from evejax.nn.transformer import TransformerConfig, TransformerStack
@@ -474,3 +475,155 @@ def training_flops(cfg: HoVLEConfig, batch: int, text_len: int) -> dict[str, flo
     return {"llm": llm_lib.training_flops_per_step(cfg.llm, batch, text_len),
             "embedding": llm_lib.training_flops_per_step(no_head, batch, cfg.encoder_length(text_len)),
             "vision": 6.0 * batch * vision_macs}
+
+
+# ---- Stage 1: distillation on unpaired data (hovle.md §2) ------------------------------------
+#
+# `HoVLEDistill` is HoVLE plus a frozen vision teacher (`teacher`, models/vit.py InternVLTeacher),
+# so its parameters are HoVLE's (embedding_model, language_model) and teacher/{vision_model, mlp1};
+# a stage-1 checkpoint restores into HoVLE for stage 2 (the trainer restores partially).
+#
+#   image stream: pixels [B, P, S, S, 3] (tile_image, real tiles first), tile_mask [B, P] bool;
+#     the embedding module reads a row of P n <IMG_CONTEXT> placeholders, no text (the tokens of
+#     padding tiles are padding). Student x_I = what the LLM reads at the image positions: the
+#     embedding outputs ("pre"), or the shuffled and projected outputs of the g^2 patch tokens per
+#     tile ("post"; the distillation then trains the 8 layers on the HD stream and the projection
+#     after them). Target z_I = teacher(tile) [n, E]: 256 tokens of 2048 per 448 px tile for
+#     InternVL2-2B, token (y, x) of the same 2 x 2 patch block as the student's token (y, x); both
+#     read the same ImageNet-normalised tiles, as InternVL and HoVLE preprocess alike.
+#   text stream: text_tokens [B, T] random ids of the LLM vocabulary, text_segment_ids [B, T]
+#     (1, 0 = padding row). Student x_T = the embedding outputs of the text-only row; target
+#     z_T = the frozen LLM's embed_tokens(id).
+#   Loss per stream: negative cosine similarity per token (+ 1), mean over the stream's real tokens.
+#   Targets are computed under stop_gradient; the stage's trainable regexes freeze everything
+#   but embedding_model, so the LLM and the teacher leave each step unchanged.
+
+
+@dataclasses.dataclass(frozen=True)
+class HoVLEDistillConfig:
+    """Stage-1 model: `hovle` and its frozen vision teacher. The teacher's tokens must be the
+    LLM's image tokens: num_tokens = n per tile, feature_dim = D, image_size = S."""
+    hovle: HoVLEConfig
+    teacher: vit_lib.InternVLTeacherConfig
+
+    @property
+    def image_size(self) -> int:
+        return self.hovle.image_size
+
+    @property
+    def patch_size(self) -> int:
+        return self.hovle.patch_size
+
+    def unpaired_data(self) -> dict:
+        """What the unpaired batch (evejax/data/unpaired.py) takes from the model: the tiling, and
+        the text ids to draw (the ids both text tables have, less the image placeholder, whose
+        text row the model never reads)."""
+        h = self.hovle
+        return dict(tile_size=h.image_size, max_tiles=h.max_tiles,
+                    vocab_size=min(h.llm.vocab_size, h.embedding.vocab_size),
+                    exclude_ids=(h.img_context_token_id,))
+
+    def validate(self) -> "HoVLEDistillConfig":
+        h, t = self.hovle.validate(), self.teacher.validate()
+        d = h.llm.transformer.embed_dim
+        if (t.vit.image_size, t.num_tokens, t.feature_dim) != (h.image_size, h.image_tokens_per_tile, d):
+            raise ValueError(
+                f"HoVLE stage-1 teacher gives {t.num_tokens} x {t.feature_dim} features per "
+                f"{t.vit.image_size} px tile, but the LLM reads {h.image_tokens_per_tile} x {d} per "
+                f"{h.image_size} px tile; pick a teacher (config.model.teacher, teacher_overrides) whose "
+                "image_size, patch grid / downsample_ratio and llm_dim match")
+        return self
+
+
+class DistillOutput(NamedTuple):
+    image_student: jax.Array   # [B, P n, D]
+    image_target: jax.Array    # [B, P n, D] float32
+    image_mask: jax.Array      # [B, P n] bool: real tiles' tokens
+    text_student: jax.Array    # [B, T, D]
+    text_target: jax.Array     # [B, T, D] float32
+    text_mask: jax.Array       # [B, T] bool
+
+
+def negative_cosine(student, target, mask):
+    """Mean over the True tokens of mask [...] of 1 - cos(student, target) ([..., D]); 0 when none.
+
+    The paper's negative cosine similarity per token, plus 1: the same gradients, and a loss
+    in [0, 2] that is 0 at a perfect match, so "halved" means something. The norms have an
+    epsilon so a zero vector gives cos 0, not NaN."""
+    s, z = student.astype(jnp.float32), target.astype(jnp.float32)
+    cos = jnp.sum(s * z, -1) / jnp.maximum(jnp.linalg.norm(s, axis=-1) * jnp.linalg.norm(z, axis=-1), 1e-8)
+    mask = mask.astype(jnp.float32)
+    return jnp.sum((1.0 - cos) * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+
+
+def teacher_tokens_row_major(cfg: vit_lib.InternVLTeacherConfig, features):
+    """[M, n, E] teacher tokens -> row-major over the tile's (y, x) grid, as HoVLE's; ps_version
+    "v1" leaves InternVL's grid transposed."""
+    if cfg.ps_version == "v2":
+        return features
+    side = cfg.vit.grid // cfg.shuffle
+    m, _, e = features.shape
+    return features.reshape(m, side, side, e).swapaxes(1, 2).reshape(m, side * side, e)
+
+
+class HoVLEDistill(HoVLE):
+    """(pixels, tile_mask, text_tokens, text_segment_ids) -> DistillOutput (see the section notes)."""
+    teacher_cfg: vit_lib.InternVLTeacherConfig = None  # required; a default only because HoVLE's cfg has none
+
+    def setup(self):
+        if self.teacher_cfg is None:
+            raise ValueError("HoVLEDistill needs teacher_cfg, the InternVL teacher's config")
+        super().setup()
+        HoVLEDistillConfig(self.cfg, self.teacher_cfg).validate()
+        self.teacher = vit_lib.InternVLTeacher(self.teacher_cfg)
+
+    def __call__(self, pixels, tile_mask, text_tokens, text_segment_ids=None, *, deterministic: bool = True):
+        cfg = self.cfg
+        b, tiles = tile_mask.shape
+        n = cfg.image_tokens_per_tile
+        image_mask = jnp.repeat(tile_mask.astype(bool), n, axis=1)
+        placeholders = jnp.full((b, tiles * n), cfg.img_context_token_id, jnp.int32)
+        image = self.embed_inputs(placeholders, pixels, image_mask.astype(jnp.int32), tile_mask,
+                                  deterministic).llm_inputs
+        flat = pixels.reshape((b * tiles,) + pixels.shape[2:])
+        target = teacher_tokens_row_major(self.teacher_cfg, self.teacher(flat))
+        image_target = jax.lax.stop_gradient(target.astype(jnp.float32)).reshape(b, tiles * n, -1)
+
+        text_segment_ids = (jnp.ones(text_tokens.shape, jnp.int32) if text_segment_ids is None
+                            else text_segment_ids.astype(jnp.int32))
+        emb = self.embedding_model
+        text = emb(emb.text(text_tokens), llm_lib.segment_positions(text_segment_ids), text_segment_ids,
+                   deterministic)
+        # (normalize_encoder_output would scale text: the cosine does not see it)
+        text_target = jax.lax.stop_gradient(self.language_model.embed(text_tokens).astype(jnp.float32))
+        if self.is_initializing():  # the LLM's layers, unused in stage 1, kept for the next stages
+            self.language_model(inputs_embeds=text[:, :1], segment_ids=text_segment_ids[:, :1])
+        return DistillOutput(image, image_target, image_mask, text, text_target, text_segment_ids > 0)
+
+
+def distill_init_inputs(cfg: HoVLEConfig, abstract: bool = False) -> tuple:
+    """(pixels [1, 1, S, S, 3], tile_mask [1, 1], text_tokens [1, 4]) for `HoVLEDistill.init`."""
+    s = cfg.image_size
+    shapes = (((1, 1, s, s, 3), jnp.float32), ((1, 1), jnp.bool_), ((1, 4), jnp.int32))
+    if abstract:
+        return tuple(jax.ShapeDtypeStruct(shape, dt) for shape, dt in shapes)
+    return tuple(jnp.ones(shape, dt) for shape, dt in shapes)
+
+
+def distill_training_flops(cfg: HoVLEDistillConfig, batch: int, text_len: int) -> dict[str, float]:
+    """Model FLOPs of one stage-1 step by part: the embedding layers over the image rows (P n
+    tokens, HD length for "post") and the text rows (text_len), forward + backward (6 per
+    multiply-add); the image embedding of every tile; the teacher forward only (2 per
+    multiply-add). The LLM only looks up its embeddings."""
+    h, t = cfg.hovle, cfg.teacher
+    image_len = h.tile_slots * h.image_tokens_per_tile
+    no_head = h.embedding.replace(vocab_size=0)
+    v = t.vit.transformer
+    tokens, d = 1 + t.vit.num_patches, v.embed_dim
+    layer = tokens * (4 * d * d + 2 * d * v.mlp_dim) + 2 * tokens * tokens * d
+    projector = 0 if t.llm_dim is None else t.num_tokens * (t.shuffled_dim * t.llm_dim + t.llm_dim ** 2)
+    teacher_macs = t.vit.num_patches * 3 * t.vit.patch_size ** 2 * d + v.num_layers * layer + projector
+    return {"embedding_image": llm_lib.training_flops_per_step(no_head, batch, h.encoder_length(image_len)),
+            "embedding_text": llm_lib.training_flops_per_step(no_head, batch, text_len),
+            "vision": training_flops(h, batch, image_len)["vision"],
+            "teacher": 2.0 * batch * h.tile_slots * teacher_macs}

@@ -141,12 +141,15 @@ def _build_hovle(model_cfg) -> ModelSpec:
     Batches: tokens, targets, segment_ids [B, N] int32 (tokens hold <IMG_CONTEXT>, n per tile),
     loss_mask [B, N] float32 (aligned with targets), pixels [B, P, S, S, 3] float32 and tile_mask
     [B, P] bool, P = tile_slots: the HoVLE conversation batch of evejax.data.pipeline.
-    Loss: token CE over `hovle.supervised_mask` (the official loss mask), mean over the batch."""
+    Loss: token CE over `hovle.supervised_mask` (the official loss mask), mean over the batch.
+    With model_cfg.teacher set, the stage-1 distillation model instead (`_build_hovle_distill`)."""
     import jax
 
     from evejax.models import hovle
     from evejax.models import losses
 
+    if model_cfg.get("teacher"):
+        return _build_hovle_distill(model_cfg)
     overrides = dict(model_cfg.get("overrides", {}) or {})
     cfg = hovle.get_config(model_cfg.size, **overrides)
     module = hovle.HoVLE(cfg)
@@ -169,6 +172,48 @@ def _build_hovle(model_cfg) -> ModelSpec:
     return ModelSpec(module=module, init_args=hovle.init_inputs(cfg), init_kwargs={}, loss_fn=loss_fn,
                      batch_specs=batch_specs,
                      flops_per_step=lambda b, t: sum(hovle.training_flops(cfg, b, t).values()), config=cfg)
+
+
+def _build_hovle_distill(model_cfg) -> ModelSpec:
+    """HoVLE stage 1 (models/hovle.py `HoVLEDistill`): HoVLE (size, overrides as "hovle") + a frozen
+    InternVL teacher, model_cfg.teacher a size of vit.INTERNVL_SIZES ("internvl2_2b", "tiny") and
+    teacher_overrides (InternVLTeacherConfig or TransformerConfig fields; dtype, param_dtype,
+    remat, attention_impl and scan_unroll of `overrides` apply to it too, unless given here).
+    Batches (the unpaired batch of evejax/data/unpaired.py): pixels [B, P, S, S, 3] float32,
+    tile_mask [B, P] bool, text_tokens and text_segment_ids [B, T] int32, T = seq_len.
+    Metrics distill_image, distill_text: negative cosine similarity per token + 1 (hovle.negative_cosine),
+    mean over each stream's real tokens; config.stage.losses weighs them."""
+    import jax
+
+    from evejax.models import hovle
+    from evejax.models import vit
+
+    overrides = dict(model_cfg.get("overrides", {}) or {})
+    shared = {k: v for k, v in overrides.items() if k in ("dtype", "param_dtype", "remat", "attention_impl",
+                                                          "scan_unroll")}
+    teacher_cfg = vit.get_internvl_config(model_cfg.teacher,
+                                          **{**shared, **dict(model_cfg.get("teacher_overrides", {}) or {})})
+    cfg = hovle.HoVLEDistillConfig(hovle.get_config(model_cfg.size, **overrides), teacher_cfg).validate()
+    module = hovle.HoVLEDistill(cfg.hovle, teacher_cfg)
+
+    def loss_fn(params, batch, rng):
+        out = module.apply({"params": params}, batch["pixels"], batch["tile_mask"], batch["text_tokens"],
+                           batch["text_segment_ids"], deterministic=False, rngs={"dropout": rng})
+        image = hovle.negative_cosine(out.image_student, out.image_target, out.image_mask)
+        text = hovle.negative_cosine(out.text_student, out.text_target, out.text_mask)
+        return image + text, {"distill_image": image, "distill_text": text}
+
+    def batch_specs(batch, seq_len):
+        s, p = cfg.image_size, cfg.hovle.tile_slots
+        return {"pixels": jax.ShapeDtypeStruct((batch, p, s, s, 3), jnp.float32),
+                "tile_mask": jax.ShapeDtypeStruct((batch, p), jnp.bool_),
+                "text_tokens": jax.ShapeDtypeStruct((batch, seq_len), jnp.int32),
+                "text_segment_ids": jax.ShapeDtypeStruct((batch, seq_len), jnp.int32)}
+
+    return ModelSpec(module=module, init_args=hovle.distill_init_inputs(cfg.hovle), init_kwargs={},
+                     loss_fn=loss_fn, batch_specs=batch_specs,
+                     flops_per_step=lambda b, t: sum(hovle.distill_training_flops(cfg, b, t).values()),
+                     config=cfg)
 
 
 FAMILIES: dict[str, Callable[[Any], ModelSpec]] = {"llm": _build_llm, "eve": _build_eve,

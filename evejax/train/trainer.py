@@ -61,7 +61,7 @@ START_KINDS = ("fresh", "stage", "import")
 # model.json "format" of an `evejax import` directory -> the module whose
 # load_checkpoint(directory, shardings) reads it.
 IMPORT_FORMATS = {"evejax.lm": "evejax.port.checkpoint", "evejax.eve": "evejax.port.eve",
-                  "evejax.clip": "evejax.port.clip"}
+                  "evejax.clip": "evejax.port.clip", "evejax.internvl": "evejax.port.internvit"}
 
 
 class NonFiniteLossError(RuntimeError):
