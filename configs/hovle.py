@@ -8,7 +8,7 @@ term + text term (weights 1 and 1, the paper's sum); only `embedding_model` trai
 teacher runs inside the step (evejax/models/hovle.py `HoVLEDistill`).
 
   evejax import --family internvit InternVL2-2B-dir checkpoints/internvl2_2b_teacher
-  evejax import --family internlm2 LLM-dir checkpoints/internlm2_chat_1_8b
+  evejax import --family internlm2 LLM-dir checkpoints/internlm2_chat_1_8b --vocab-size 92553
   evejax train --config configs/hovle.py:stage1        # runs/hovle_stage1
   evejax train --config configs/hovle.py:tiny_stage1   # CPU, generated shapes, fresh weights
 
@@ -50,9 +50,9 @@ LLM layers is unknown (hovle.md §5 item 3).
 
 Weights: the teacher from InternVL2-2B (`evejax import --family internvit`). The LLM slot holds
 92553 token rows (HoVLE's vocabulary: InternLM2's 92544 + InternVL's 9 added tokens, hovle.md
-§1.3), so checkpoints/internlm2_chat_1_8b must have that many; a checkpoint with InternLM2's
-92544 is refused by the trainer naming `language_model/embed_tokens/embedding`, and no command
-here pads it yet.
+§1.3), so the InternLM2-chat-1.8B import grows its 92544 rows to 92553 with `--vocab-size`
+(new rows: the mean of the others, the rule LLaVA-style fine-tuning code uses for added tokens); a checkpoint
+of another size is refused by the trainer naming `language_model/embed_tokens/embedding`.
 
 Args: stage1 | tiny_stage1. The tiny stage trains tiny HoVLE (56 px tiles, 4 tokens per tile,
 width 64) against a tiny InternVL teacher sized to match, from fresh weights, on shapes.

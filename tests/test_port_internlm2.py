@@ -272,3 +272,27 @@ def test_dynamic_rope_cached_decoding_matches_official_past_max_positions(length
     reference = ref.generate(torch.tensor(tokens, dtype=torch.long), 12, attention_mask=torch.tensor(mask))
     np.testing.assert_array_equal(cached, reference[:, tokens.shape[1]:].numpy())
     assert len(set(cached.ravel().tolist())) > 6
+
+
+def test_import_grows_the_vocabulary_with_mean_rows(tmp_path, capsys):
+    ref = _reference()
+    src, ckpt = tmp_path / "official", tmp_path / "ckpt"
+    io.save_state_dict(_state(ref), src)
+    io.save_config_json(CONFIG.to_hf_config_dict(), src)
+    assert cli.main(["import", "--family", "internlm2", str(src), str(ckpt), "--vocab-size", "259"]) == 0
+    cfg, params = load_checkpoint(ckpt)
+    assert cfg == _cfg().replace(vocab_size=259)
+    state = _state(ref)
+    embedding, head = np.asarray(params["embed_tokens"]["embedding"]), np.asarray(params["lm_head"]["kernel"])
+    np.testing.assert_array_equal(embedding[:256], state["model.tok_embeddings.weight"])
+    np.testing.assert_array_equal(head[:, :256], state["output.weight"].T)
+    np.testing.assert_allclose(embedding[256:], np.repeat(state["model.tok_embeddings.weight"].mean(0)[None], 3, 0),
+                               atol=1e-6)
+    np.testing.assert_allclose(head[:, 256:], np.repeat(state["output.weight"].mean(0)[:, None], 3, 1), atol=1e-6)
+    tokens, mask = _batch()  # the old ids still give the reference's logits
+    logits = _jax_logits(cfg, params, tokens, mask)
+    assert _rel_diff(logits[..., :256], _ref_logits(ref, tokens, mask), mask) <= TOLERANCE
+
+    assert cli.main(["import", "--family", "internlm2", str(src), str(tmp_path / "cut"), "--vocab-size", "200"]) == 1
+    assert "below the checkpoint's 256 rows" in capsys.readouterr().err
+    assert not (tmp_path / "cut").exists()

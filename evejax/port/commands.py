@@ -1,7 +1,7 @@
 """`evejax import` and `evejax export`: official PyTorch weights <-> evejax checkpoints.
 
     evejax import --family llama|internlm2 SRC OUT_DIR [--config config.json | --size NAME]
-                  [--param-dtype float32|bfloat16] [--overwrite]
+                  [--param-dtype float32|bfloat16] [--vocab-size N] [--overwrite]
         SRC: a HF model directory (config.json + model.safetensors, a shard index
         or pytorch_model.bin), a shard index, or one weight file. The config comes
         from --config, else SRC's config.json (or the one next to a weight file),
@@ -51,6 +51,9 @@ def _import_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", help="evejax LM size to use when SRC has no config.json")
     p.add_argument("--param-dtype", default="float32", choices=("float32", "bfloat16"),
                    help="dtype the parameters are stored in")
+    p.add_argument("--vocab-size", type=int,
+                   help="grow the vocabulary to this many rows, new rows of the embedding and the LM head "
+                        "set to the mean of the others (e.g. 92553 for HoVLE's and InternVL2's InternLM2)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing checkpoint in OUT_DIR")
     return p
 
@@ -87,7 +90,7 @@ def import_main(argv) -> int:
 
 def _import(args) -> None:
     from evejax.port.checkpoint import PARAMS_DIR, save_checkpoint
-    from evejax.port.tables import to_flax
+    from evejax.port.tables import grow_vocab, to_flax
 
     cfg = _source_config(args).replace(param_dtype=args.param_dtype)
     if (Path(args.out_dir) / PARAMS_DIR).exists() and not args.overwrite:
@@ -95,6 +98,8 @@ def _import(args) -> None:
     state = io.load_state_dict(args.src)
     params = to_flax(state, cfg, source=args.src)
     del state
+    if args.vocab_size:
+        params, cfg = grow_vocab(params, cfg, args.vocab_size)
     save_checkpoint(args.out_dir, cfg, params, overwrite=args.overwrite)
     print(f"evejax import: {args.family} checkpoint with {cfg.transformer.num_layers} layers -> {args.out_dir}")
 

@@ -348,6 +348,22 @@ def to_torch(params: Mapping, cfg: LMConfig) -> dict[str, np.ndarray]:
     return convert_to_torch(table(cfg), params, abstract_params(cfg))
 
 
+def grow_vocab(params: Mapping, cfg: LMConfig, vocab_size: int) -> tuple[dict, LMConfig]:
+    """(params, cfg) with `vocab_size` rows: the new rows of the input embedding and of the LM
+    head are the mean of the existing ones, the rule LLaVA-style fine-tuning code uses for added
+    tokens (InternVL2's and HoVLE's InternLM2 have 92553 rows: InternLM2-chat's 92544 + 9 added)."""
+    if vocab_size < cfg.vocab_size:
+        raise CheckpointError(f"--vocab-size {vocab_size} is below the checkpoint's {cfg.vocab_size} rows; "
+                              "rows are only added, never cut")
+    extra = vocab_size - cfg.vocab_size
+    embedding = np.asarray(params["embed_tokens"]["embedding"])
+    head = np.asarray(params["lm_head"]["kernel"])
+    grown = dict(params, embed_tokens={"embedding": np.concatenate(
+                     [embedding, np.repeat(embedding.mean(0, keepdims=True), extra, 0)], 0)},
+                 lm_head={"kernel": np.concatenate([head, np.repeat(head.mean(1, keepdims=True), extra, 1)], 1)})
+    return grown, cfg.replace(vocab_size=vocab_size)
+
+
 # ---- config.json <-> LMConfig ---------------------------------------------------------
 
 # evejax activation name -> the transformers ACT2FN name export writes; reading also
