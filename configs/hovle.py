@@ -49,8 +49,7 @@ import math
 import ml_collections
 
 from evejax import config as config_lib
-from evejax.data import pipeline, shapes
-from evejax.data import text as text_lib
+from evejax.data import pipeline
 
 EMBEDDING = (r"embedding_model/.*",)
 EVERYTHING = (r".*",)
@@ -79,11 +78,9 @@ ARGS = {"stage2": ("2.6b", "stage2"), "stage3": ("2.6b", "stage3"), "hd_stage3":
         "tiny_stage2": ("tiny", "stage2"), "tiny_stage3": ("tiny", "stage3")}
 WARMUP_FRAC = 0.03
 SEQ_LEN = 4096
-
-
-def _shapes_image_token() -> int:
-    """The <IMG_CONTEXT> id the pipeline gives the shapes tokenizer: the tiny model splices there."""
-    return pipeline.special_ids("shapes", shapes.tokenizer())[text_lib.IMG_CONTEXT]
+# Grid tiles per image (max_dynamic_patch): 6 in InternVL 2.0's fine-tuning scripts and the
+# official InternVLChatConfig default; the tiny model's 3 (4 slots of 56 px).
+MAX_TILES = {"2.6b": 6, "2.6b_hd": 6, "tiny": 3}
 
 
 def data_config(size: str, stage: str) -> dict:
@@ -117,13 +114,14 @@ def get_config(arg: str = "tiny_stage2"):
         start = dict(kind="import", workdir="", path=where)
 
     c = ml_collections.ConfigDict()
-    overrides = dict(dtype="float32" if tiny else "bfloat16", remat="none" if tiny else "full",
-                     embedding_drop_path=s["drop_path"])
-    if tiny:
-        overrides["img_context_token_id"] = _shapes_image_token()
-    c.model = dict(name="hovle", size=size, overrides=overrides)
-    c.mesh = dict(slice=1, data=-1, fsdp=1, tensor=1) if tiny else dict(slice=1, data=1, fsdp=-1, tensor=1)
     c.data = data_config(size, stage)
+    # The model splices the image where the data's tokenizer puts <IMG_CONTEXT> (92546 for
+    # InternLM2's tokenizer; after the vocabulary for "shapes"); the pipeline checks they agree.
+    c.model = dict(name="hovle", size=size, overrides=dict(
+        dtype="float32" if tiny else "bfloat16", remat="none" if tiny else "full",
+        embedding_drop_path=s["drop_path"], max_tiles=MAX_TILES[size],
+        img_context_token_id=pipeline.image_context_id(c.data.tokenizer)))
+    c.mesh = dict(slice=1, data=-1, fsdp=1, tensor=1) if tiny else dict(slice=1, data=1, fsdp=-1, tensor=1)
     steps = 30 if tiny else math.ceil(s["num_examples"] / s["global_batch"])
     # The tiny model learns in 30 steps only with a larger learning rate.
     c.optim = dict(lr=10 * s["lr"] if tiny else s["lr"], warmup_frac=WARMUP_FRAC, schedule="cosine",

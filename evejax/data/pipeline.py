@@ -236,7 +236,7 @@ def config_options(config) -> dict[str, Any]:
                              f"{model.name!r}: " + (f"it reads {HOVLE_TEMPLATE!r} conversations" if tiled else
                                                     f"{HOVLE_TEMPLATE!r} is HoVLE's template"))
         if tiled:
-            data_id = special_ids(opts["tokenizer"], make_tokenizer(opts["tokenizer"]))[text_lib.IMG_CONTEXT]
+            data_id = image_context_id(opts["tokenizer"])
             if data_id != cfg.img_context_token_id:
                 raise ValueError(f"config.data.tokenizer={opts['tokenizer']!r} gives <IMG_CONTEXT> id {data_id}, "
                                  f"but the model splices the image at img_context_token_id="
@@ -369,6 +369,12 @@ def special_ids(tokenizer_spec: str, tokenizer: text_lib.Tokenizer) -> dict[str,
         return dict(text_lib.INTERNLM2_SPECIAL_IDS)
     ordered = sorted(text_lib.INTERNLM2_SPECIAL_IDS, key=text_lib.INTERNLM2_SPECIAL_IDS.get)
     return {s: tokenizer.vocab_size + k for k, s in enumerate(ordered)}
+
+
+def image_context_id(tokenizer_spec: str) -> int:
+    """The id of <IMG_CONTEXT> in internlm2-chat data tokenized by `tokenizer_spec` (no file read)."""
+    shapes_tokenizer = make_tokenizer(tokenizer_spec) if tokenizer_spec == "shapes" else None
+    return special_ids(tokenizer_spec, shapes_tokenizer)[text_lib.IMG_CONTEXT]
 
 
 class HoVLEConversationMap(ConversationMap):
