@@ -5,7 +5,7 @@ embedding module (unpaired images and text, a vision teacher; not in this file y
 II alignment (next-token prediction on image-text data, the LLM frozen, only
 `embedding_model` trains), III instruction tuning (everything trains). Launch:
 
-  evejax import --family internlm2 internlm/internlm2-chat-1_8b checkpoints/internlm2_chat_1_8b
+  evejax import --family internlm2 internlm2-chat-1_8b-dir checkpoints/internlm2_chat_1_8b
   evejax train --config configs/hovle.py:stage2      # runs/hovle_2_6b_stage2
   evejax train --config configs/hovle.py:stage3      # reads runs/hovle_2_6b_stage2 -> HoVLE
   evejax train --config configs/hovle.py:hd_stage3   # reads runs/hovle_2_6b_stage2 -> HoVLE-HD
@@ -16,8 +16,11 @@ module fresh (no stage 1 here: `--config.stage.start.kind=stage
 `--config.stage.start.path=checkpoints/hovle` from the released HoVLE, imported with
 `evejax import --family hovle`). hd_stage3 runs the HoVLE-HD model ("post" pixel shuffle:
 the embedding layers see 1024 tokens per tile) on stage 2's parameters, which have
-the same shapes. With `--workdir gs://BUCKET/hovle/hovle_2_6b_stage2` etc. the stages
-find each other in gs://BUCKET/hovle/. Data paths are placeholders: point
+the same shapes (how HoVLE-HD's earlier stages ran is not public; `--config.model.size=2.6b_hd`
+on stage2 aligns with the HD placement too). With `--workdir gs://BUCKET/hovle/hovle_2_6b_stage2` etc. the stages
+find each other in gs://BUCKET/hovle/. Data paths are placeholders (the tokenizer is
+InternLM2-chat's tokenizer.model: copy it next to the import or set
+`--config.data.tokenizer`): point
 `--config.data.path` / `--config.data.image_root` at LLaVA-style JSON (or `evejax data
 convert` shards with `--config.data.name=arrayrecord`) of each stage; the text is
 rendered in InternVL's internlm2-chat template, and the tile geometry (tile side,
@@ -55,23 +58,28 @@ EMBEDDING = (r"embedding_model/.*",)
 EVERYTHING = (r".*",)
 LLM_IMPORT = "language_model=checkpoints/internlm2_chat_1_8b"
 
-# One row per stage; a stage 1 row adds `previous="stage1"` to stage2. Sources of the numbers:
+# One row per stage; a stage 1 row goes here and sets stage2's start to ("stage", "stage1").
+# Sources of the numbers:
 STAGES = {
     # Alignment, LLM frozen. 50M examples: NEO's HoVLE "mid-training" scale. lr 2e-4, batch 512,
     # warmup, weight decay and drop path 0 are InternVL 2.5's stage 1 (MLP warmup:
     # internvl_chat/shell/internvl2.5/stage1/*.sh), the public stage with this freezing
-    # pattern (the LLM frozen, only what feeds it trains). Two micro-batches of 256: see
-    # README "HoVLE" for the plan this was sized on.
-    "stage2": dict(trainable=EMBEDDING, lr=2e-4, global_batch=512, accum_steps=2, num_examples=50_000_000,
+    # pattern (the LLM frozen, only what feeds it trains). 16 micro-batches of 32: the rows per
+    # micro-batch of stage 3, which fit a v5e-16 that way (`evejax plan`, README).
+    "stage2": dict(trainable=EMBEDDING, lr=2e-4, global_batch=512, accum_steps=16, num_examples=50_000_000,
                    drop_path=0.0, json="hovle_stage2.json", start=("import", LLM_IMPORT), checkpoint_every=1000),
     # Instruction tuning, all trainable. 7M examples: NEO's HoVLE SFT scale. lr 4e-5, batch 128,
     # drop path 0.1 (InternVL's is on its vision encoder; here the embedding module plays that
     # part) are InternVL 2.0's full fine-tuning of InternVL2-2B
-    # (internvl_chat/shell/internvl2.0/2nd_finetune/internvl2_2b_*_finetune_full.sh).
-    "stage3": dict(trainable=EVERYTHING, lr=4e-5, global_batch=128, accum_steps=1, num_examples=7_000_000,
+    # (internvl_chat/shell/internvl2.0/2nd_finetune/internvl2_2b_*_finetune_full.sh). Four
+    # micro-batches of 32: on a v5e-16 one step of 128 needs ~26 GiB/chip, two of 64 16.2 GiB,
+    # four of 32 10.2 GiB of the 16 (`evejax plan`, README).
+    "stage3": dict(trainable=EVERYTHING, lr=4e-5, global_batch=128, accum_steps=4, num_examples=7_000_000,
                    drop_path=0.1, json="hovle_stage3.json", start=("stage", "stage2"), checkpoint_every=500),
 }
-STAGES["hd_stage3"] = dict(STAGES["stage3"], json="hovle_hd_stage3.json")
+# HoVLE-HD: its embedding layers run on 4x the image tokens (9472 for 4096 LLM tokens at 7 tile
+# slots); on a v5e-16 one step of 128 needs ~79 GiB/chip, eight micro-batches of 16 14.3 GiB.
+STAGES["hd_stage3"] = dict(STAGES["stage3"], json="hovle_hd_stage3.json", accum_steps=8)
 
 # arg -> (model size, stage)
 ARGS = {"stage2": ("2.6b", "stage2"), "stage3": ("2.6b", "stage3"), "hd_stage3": ("2.6b_hd", "hd_stage3"),

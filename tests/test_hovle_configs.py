@@ -44,10 +44,10 @@ def test_every_stage_builds_validates_and_its_data_fits_its_model():
         assert all(v == (p.startswith("embedding_model/") or not stage2) for p, v in trains.items()), arg
     # The table: one epoch of NEO's 50M / 7M examples; InternVL's lr and batch (module docstring).
     expect = {  # arg: (steps, lr, global batch, accum, start kind, start workdir or path, model size)
-        "stage2": (math.ceil(50e6 / 512), 2e-4, 512, 2, "import", "language_model=checkpoints/internlm2_chat_1_8b",
+        "stage2": (math.ceil(50e6 / 512), 2e-4, 512, 16, "import", "language_model=checkpoints/internlm2_chat_1_8b",
                    "2.6b"),
-        "stage3": (math.ceil(7e6 / 128), 4e-5, 128, 1, "stage", "hovle_2_6b_stage2", "2.6b"),
-        "hd_stage3": (math.ceil(7e6 / 128), 4e-5, 128, 1, "stage", "hovle_2_6b_stage2", "2.6b_hd"),
+        "stage3": (math.ceil(7e6 / 128), 4e-5, 128, 4, "stage", "hovle_2_6b_stage2", "2.6b"),
+        "hd_stage3": (math.ceil(7e6 / 128), 4e-5, 128, 8, "stage", "hovle_2_6b_stage2", "2.6b_hd"),
         "tiny_stage3": (30, 4e-4, 8, 1, "stage", "hovle_tiny_stage2", "tiny"),
     }
     for arg, (steps, lr, batch, accum, kind, where, size) in expect.items():
