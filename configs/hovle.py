@@ -62,16 +62,17 @@ LLM_IMPORT = "language_model=checkpoints/internlm2_chat_1_8b"
 # Sources of the numbers:
 STAGES = {
     # Alignment, LLM frozen. 50M examples: NEO's HoVLE "mid-training" scale. lr 2e-4, batch 512,
-    # warmup, weight decay and drop path 0 are InternVL 2.5's stage 1 (MLP warmup:
+    # weight decay 0.01 and drop path 0 are InternVL 2.5's stage 1 (MLP warmup:
     # internvl_chat/shell/internvl2.5/stage1/*.sh), the public stage with this freezing
-    # pattern (the LLM frozen, only what feeds it trains). 16 micro-batches of 32: the rows per
+    # pattern (the LLM frozen, only what feeds it trains); its warmup is 100 steps, here the
+    # 3 % of stage 3. 16 micro-batches of 32: the rows per
     # micro-batch of stage 3, which fit a v5e-16 that way (`evejax plan`, README).
     "stage2": dict(trainable=EMBEDDING, lr=2e-4, global_batch=512, accum_steps=16, num_examples=50_000_000,
                    drop_path=0.0, json="hovle_stage2.json", start=("import", LLM_IMPORT), checkpoint_every=1000),
     # Instruction tuning, all trainable. 7M examples: NEO's HoVLE SFT scale. lr 4e-5, batch 128,
     # drop path 0.1 (InternVL's is on its vision encoder; here the embedding module plays that
     # part) are InternVL 2.0's full fine-tuning of InternVL2-2B
-    # (internvl_chat/shell/internvl2.0/2nd_finetune/internvl2_2b_*_finetune_full.sh). Four
+        # (internvl_chat/shell/internvl2.0/2nd_finetune/internvl2_2b_*_finetune_full.sh). Four
     # micro-batches of 32: on a v5e-16 one step of 128 needs ~26 GiB/chip, two of 64 16.2 GiB,
     # four of 32 10.2 GiB of the 16 (`evejax plan`, README).
     "stage3": dict(trainable=EVERYTHING, lr=4e-5, global_batch=128, accum_steps=4, num_examples=7_000_000,
@@ -86,8 +87,9 @@ ARGS = {"stage2": ("2.6b", "stage2"), "stage3": ("2.6b", "stage3"), "hd_stage3":
         "tiny_stage2": ("tiny", "stage2"), "tiny_stage3": ("tiny", "stage3")}
 WARMUP_FRAC = 0.03
 SEQ_LEN = 4096
-# Grid tiles per image (max_dynamic_patch): 6 in InternVL 2.0's fine-tuning scripts and the
-# official InternVLChatConfig default; the tiny model's 3 (4 slots of 56 px).
+# Grid tiles per image (max_dynamic_patch): 6, the official InternVLChatConfig default and the
+# usual evaluation limit (hovle.md §1.4). InternVL2-2B's fine-tuning script uses 12: with
+# `--config.model.overrides.max_tiles=12` (13 slots) re-run `evejax plan`. The tiny model: 3.
 MAX_TILES = {"2.6b": 6, "2.6b_hd": 6, "tiny": 3}
 
 
