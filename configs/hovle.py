@@ -72,7 +72,7 @@ STAGES = {
     # Instruction tuning, all trainable. 7M examples: NEO's HoVLE SFT scale. lr 4e-5, batch 128,
     # drop path 0.1 (InternVL's is on its vision encoder; here the embedding module plays that
     # part) are InternVL 2.0's full fine-tuning of InternVL2-2B
-        # (internvl_chat/shell/internvl2.0/2nd_finetune/internvl2_2b_*_finetune_full.sh). Four
+    # (internvl_chat/shell/internvl2.0/2nd_finetune/internvl2_2b_*_finetune_full.sh). Four
     # micro-batches of 32: on a v5e-16 one step of 128 needs ~26 GiB/chip, two of 64 16.2 GiB,
     # four of 32 10.2 GiB of the 16 (`evejax plan`, README).
     "stage3": dict(trainable=EVERYTHING, lr=4e-5, global_batch=128, accum_steps=4, num_examples=7_000_000,
