@@ -1,4 +1,4 @@
-"""HoVLE (arXiv 2412.16158): training stages of HoVLE (2.6B). Stage 1 is built here.
+"""HoVLE (arXiv 2412.16158): the three training stages of HoVLE (2.6B) and the HD stage 3 of HoVLE-HD.
 
 Stage 1 distils the holistic embedding module on unpaired data (reference/hovle.md §2):
 a stream of images (no text) whose image tokens are pulled towards a frozen vision
@@ -10,11 +10,10 @@ teacher runs inside the step (evejax/models/hovle.py `HoVLEDistill`).
   evejax import --family internvit InternVL2-2B-dir checkpoints/internvl2_2b_teacher
   evejax import --family internlm2 LLM-dir checkpoints/internlm2_chat_1_8b --vocab-size 92553
   evejax train --config configs/hovle.py:stage1        # runs/hovle_stage1
-  evejax train --config configs/hovle.py:tiny_stage1   # CPU, generated shapes, fresh weights
 
-Point the images at any source with `--config.data.name=unpaired_llava --config.data.path=x.jsonl
---config.data.image_root=DIR` (or unpaired_arrayrecord, unpaired_tfds; evejax/data/unpaired.py);
-the text stream needs no data.
+Its images come from `--config.data.path=x.jsonl --config.data.image_root=DIR` (LLaVA-style
+records, their text ignored; or `--config.data.name=unpaired_arrayrecord|unpaired_tfds`,
+evejax/data/unpaired.py); the text stream needs no data.
 
 Teacher (a config choice: config.model.teacher, teacher_overrides). Its features must be
 where the LLM reads its inputs: 2048-d, 256 tokens per 448 px tile. The default is
@@ -54,19 +53,64 @@ Weights: the teacher from InternVL2-2B (`evejax import --family internvit`). The
 (new rows: the mean of the others, the rule LLaVA-style fine-tuning code uses for added tokens); a checkpoint
 of another size is refused by the trainer naming `language_model/embed_tokens/embedding`.
 
-Args: stage1 | tiny_stage1. The tiny stage trains tiny HoVLE (56 px tiles, 4 tokens per tile,
-width 64) against a tiny InternVL teacher sized to match, from fresh weights, on shapes.
+Stages II and III (reference/hovle.md §2): II alignment (next-token prediction on image-text data, the LLM frozen, only
+`embedding_model` trains), III instruction tuning (everything trains). Launch:
+
+  evejax train --config configs/hovle.py:stage2      # reads runs/hovle_stage1
+  evejax train --config configs/hovle.py:stage3      # reads runs/hovle_stage2 -> HoVLE
+  evejax train --config configs/hovle.py:hd_stage3   # reads runs/hovle_stage2 -> HoVLE-HD
+
+Stage 2 starts from stage 1's embedding module and LLM (the teacher stays behind);
+`--config.stage.start.kind=import --config.stage.start.path=checkpoints/hovle` starts it
+from the released HoVLE instead (`evejax import --family hovle`). hd_stage3 runs the HoVLE-HD model ("post" pixel shuffle:
+the embedding layers see 1024 tokens per tile) on stage 2's parameters, which have
+the same shapes (how HoVLE-HD's earlier stages ran is not public; `--config.model.size=2.6b_hd`
+on stage2 aligns with the HD placement too). With `--workdir gs://BUCKET/hovle/hovle_stage2` etc. the stages
+find each other in gs://BUCKET/hovle/. Data paths are placeholders (the tokenizer is
+InternLM2-chat's tokenizer.model: copy it next to the import or set
+`--config.data.tokenizer`): point
+`--config.data.path` / `--config.data.image_root` at LLaVA-style JSON (or `evejax data
+convert` shards with `--config.data.name=arrayrecord`) of each stage; the text is
+rendered in InternVL's internlm2-chat template, and the tile geometry (tile side,
+max_tiles, tokens per tile) always follows config.model (`pipeline.model_geometry`),
+so `--config.model.overrides.max_tiles=12` changes data and model together.
+
+What each should reach: stage 2 leaves the LLM bit-identical and brings the
+caption CE down (no paper figure is public); stage 3 gives HoVLE, paper targets as
+third parties quote them (hovle.md §3): MME-P 1433.5, MMB 71.9, POPE 87.6, SEED 70.7,
+MMMU 33.7, MM-Vet 44.3, TextVQA 66.0, SQA-I 94.8, GQA 60.9; hd_stage3 gives HoVLE-HD
+(NEO's row, likely HD): MMB 73.3, MM-Vet 43.8, MMMU 32.2, POPE 87.4, TextVQA 70.9,
+DocVQA 86.1, ChartQA 78.6, InfoVQA 55.7, OCRBench 740.
+
+Hyperparameters: the paper's are not public (hovle.md §2, "Not found"). The data scale
+is NEO's quote, 550M / 50M / 7M examples for stages I / II / III, and each stage runs
+one epoch of it. Every other number below is a default taken from InternVL's public
+training scripts, the closest public recipe (same InternLM2-1.8B LLM, the same tiling,
+template and 256 tokens per tile): AdamW through HF Trainer (0.9, 0.999, 1e-8),
+weight decay 0.01 on all but norms and biases, cosine decay after a 3 % linear warmup,
+gradient clipping at 1.0 (HF max_grad_norm), bf16 compute with fp32 master weights,
+text + image tokens cut to max_seq_length 4096. Each is a config field; change it on the
+command line (`--config.optim.lr=1e-4`).
+
+Args: stage1 | stage2 | stage3 | hd_stage3 | tiny_stage1 | tiny_stage2 | tiny_stage3. The tiny
+stages run the same chain on CPU on generated shapes (evejax/data/shapes.py) from fresh
+weights: tiny HoVLE (56 px tiles, 4 tokens per tile, width 64) against a tiny InternVL
+teacher sized to match, then internlm2-chat conversations.
 """
 import math
 
 import ml_collections
 
 from evejax import config as config_lib
+from evejax.data import pipeline
 
 EMBEDDING = (r"embedding_model/.*",)
+EVERYTHING = (r".*",)
 STAGE1_IMPORT = "language_model=checkpoints/internlm2_chat_1_8b,teacher=checkpoints/internvl2_2b_teacher"
+# The tiny teacher reshaped to tiny HoVLE's tiles: 56 px, patch 14 -> 4 x 4 grid -> 4 tokens of 64.
+TINY_TEACHER = dict(image_size=56, patch_size=14, llm_dim=64)
 
-# One row per stage (module docstring for the sources of the numbers).
+# One row per stage. Sources of the numbers:
 STAGES = {
     # Distillation on unpaired data; accum_steps 4: micro-batches of 8 rows per chip fit a v5e-16
     # (11.4 GiB of 16, `evejax plan`), the whole 32 need ~30 GiB. The tiny run halves both
@@ -75,24 +119,57 @@ STAGES = {
                    drop_path=0.0, start=("import", STAGE1_IMPORT), checkpoint_every=1000,
                    teacher="internvl2_2b", losses=dict(distill_image=1.0, distill_text=1.0), text_len=2048,
                    tiny_lr=3e-3, tiny_steps=60),
+    # Alignment, LLM frozen. 50M examples: NEO's HoVLE "mid-training" scale. lr 2e-4, batch 512,
+    # weight decay 0.01 and drop path 0 are InternVL 2.5's stage 1 (MLP warmup:
+    # internvl_chat/shell/internvl2.5/stage1/*.sh), the public stage with this freezing
+    # pattern (the LLM frozen, only what feeds it trains); its warmup is 100 steps, here the
+    # 3 % of stage 3. 16 micro-batches of 32: the rows per
+    # micro-batch of stage 3, which fit a v5e-16 that way (`evejax plan`, README).
+    "stage2": dict(trainable=EMBEDDING, lr=2e-4, global_batch=512, accum_steps=16, num_examples=50_000_000,
+                   drop_path=0.0, json="hovle_stage2.json", start=("stage", "stage1"), checkpoint_every=1000),
+    # Instruction tuning, all trainable. 7M examples: NEO's HoVLE SFT scale. lr 4e-5, batch 128,
+    # drop path 0.1 (InternVL's is on its vision encoder; here the embedding module plays that
+    # part) are InternVL 2.0's full fine-tuning of InternVL2-2B
+    # (internvl_chat/shell/internvl2.0/2nd_finetune/internvl2_2b_*_finetune_full.sh). Four
+    # micro-batches of 32: on a v5e-16 one step of 128 needs ~26 GiB/chip, two of 64 16.2 GiB,
+    # four of 32 10.2 GiB of the 16 (`evejax plan`, README).
+    "stage3": dict(trainable=EVERYTHING, lr=4e-5, global_batch=128, accum_steps=4, num_examples=7_000_000,
+                   drop_path=0.1, json="hovle_stage3.json", start=("stage", "stage2"), checkpoint_every=500),
 }
+# HoVLE-HD: its embedding layers run on 4x the image tokens (9472 for 4096 LLM tokens at 7 tile
+# slots); on a v5e-16 one step of 128 needs ~79 GiB/chip, eight micro-batches of 16 14.3 GiB.
+STAGES["hd_stage3"] = dict(STAGES["stage3"], json="hovle_hd_stage3.json", accum_steps=8)
 
 # arg -> (model size, stage)
-ARGS = {"stage1": ("2.6b", "stage1"), "tiny_stage1": ("tiny", "stage1")}
+ARGS = {"stage1": ("2.6b", "stage1"), "tiny_stage1": ("tiny", "stage1"), "stage2": ("2.6b", "stage2"), "stage3": ("2.6b", "stage3"), "hd_stage3": ("2.6b_hd", "hd_stage3"),
+        "tiny_stage2": ("tiny", "stage2"), "tiny_stage3": ("tiny", "stage3")}
 WARMUP_FRAC = 0.03
-# Grid tiles per image (max_dynamic_patch): the official 6; the tiny model's 3 (4 slots of 56 px).
+SEQ_LEN = 4096
+# Grid tiles per image (max_dynamic_patch): 6, the official InternVLChatConfig default and the
+# usual evaluation limit (hovle.md §1.4). InternVL2-2B's fine-tuning script uses 12: with
+# `--config.model.overrides.max_tiles=12` (13 slots) re-run `evejax plan`. The tiny model: 3.
 MAX_TILES = {"2.6b": 6, "2.6b_hd": 6, "tiny": 3}
-# The tiny teacher reshaped to tiny HoVLE's tiles: 56 px, patch 14 -> 4 x 4 grid -> 4 tokens of 64.
-TINY_TEACHER = dict(image_size=56, patch_size=14, llm_dim=64)
 
 
 def data_config(size: str, stage: str) -> dict:
-    """config.data; the tiling comes from config.model."""
+    """config.data: the keys of every pipeline config (evejax.config.data_config); the tile
+    geometry comes from config.model, so `--config.model.size=tiny` takes the tiny model's."""
     s = STAGES[stage]
+    if "teacher" in s:   # unpaired images (their text ignored) + random text ids
+        if size == "tiny":
+            return config_lib.data_config(name="unpaired_shapes", seq_len=16, global_batch=8, seed=0)
+        return config_lib.data_config(name="unpaired_llava", path="data/hovle/hovle_stage1.json",
+                                      image_root="data/hovle/images", seq_len=s["text_len"],
+                                      global_batch=s["global_batch"], seed=0)
     if size == "tiny":
-        return config_lib.data_config(name="unpaired_shapes", seq_len=16, global_batch=8, seed=0)
-    return config_lib.data_config(name="unpaired_shapes", seq_len=s["text_len"], global_batch=s["global_batch"],
-                                  seed=0)
+        # Rows hold the system prompt, a question or caption and up to 4 tiles x 4 tokens.
+        return config_lib.data_config(name="shapes_caption" if stage == "stage2" else "shapes_qa",
+                                      tokenizer="shapes", template=pipeline.HOVLE_TEMPLATE, seq_len=96,
+                                      global_batch=8, overlong="truncate", seed=0)
+    return config_lib.data_config(name="llava", path=f"data/hovle/{s['json']}", image_root="data/hovle/images",
+                                  tokenizer="checkpoints/internlm2_chat_1_8b/tokenizer.model",
+                                  template=pipeline.HOVLE_TEMPLATE, seq_len=SEQ_LEN, overlong="truncate",
+                                  global_batch=s["global_batch"], seed=0)
 
 
 def get_config(arg: str = "tiny_stage1"):
@@ -101,7 +178,7 @@ def get_config(arg: str = "tiny_stage1"):
     size, stage = ARGS[arg]
     s = STAGES[stage]
     tiny = size == "tiny"
-    prefix = "hovle_tiny" if tiny else "hovle_2_6b"
+    prefix = "hovle_tiny" if tiny else "hovle"
     kind, where = s["start"]
     if kind == "stage":
         start = dict(kind="stage", workdir=f"{prefix}_{where}", path="")
@@ -112,16 +189,23 @@ def get_config(arg: str = "tiny_stage1"):
 
     c = ml_collections.ConfigDict()
     c.data = data_config(size, stage)
-    c.model = dict(name="hovle", size=size, overrides=dict(
-        dtype="float32" if tiny else "bfloat16", remat="none" if tiny else "full",
-        embedding_drop_path=s["drop_path"], max_tiles=MAX_TILES[size]),
-        teacher="tiny" if tiny else s["teacher"], teacher_overrides=TINY_TEACHER if tiny else {})
+    overrides = dict(dtype="float32" if tiny else "bfloat16", remat="none" if tiny else "full",
+                     embedding_drop_path=s["drop_path"], max_tiles=MAX_TILES[size])
+    if "teacher" in s:
+        c.model = dict(name="hovle", size=size, overrides=overrides, teacher="tiny" if tiny else s["teacher"],
+                       teacher_overrides=TINY_TEACHER if tiny else {})
+    else:
+        # The model splices the image where the data's tokenizer puts <IMG_CONTEXT> (92546 for
+        # InternLM2's tokenizer; after the vocabulary for "shapes"); the pipeline checks they agree.
+        c.model = dict(name="hovle", size=size, overrides=dict(
+            overrides, img_context_token_id=pipeline.image_context_id(c.data.tokenizer)))
     c.mesh = dict(slice=1, data=-1, fsdp=1, tensor=1) if tiny else dict(slice=1, data=1, fsdp=-1, tensor=1)
-    steps = s["tiny_steps"] if tiny else math.ceil(s["num_examples"] / s["global_batch"])
-    c.optim = dict(lr=s["tiny_lr"] if tiny else s["lr"], warmup_frac=WARMUP_FRAC, schedule="cosine",
+    steps = s.get("tiny_steps", 30) if tiny else math.ceil(s["num_examples"] / s["global_batch"])
+    # The tiny model learns in 30 steps only with a larger learning rate.
+    c.optim = dict(lr=s.get("tiny_lr", 10 * s["lr"]) if tiny else s["lr"], warmup_frac=WARMUP_FRAC, schedule="cosine",
                    min_lr_frac=0.0, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.01, clip_norm=1.0,
                    no_decay=(r".*norm.*", r".*bias"))
-    c.stage = dict(name=f"hovle_{arg}", trainable=s["trainable"], losses=s["losses"], start=start)
+    c.stage = dict(name=f"hovle_{arg}", trainable=s["trainable"], losses=s.get("losses", dict(ce=1.0)), start=start)
     c.train = dict(steps=steps, accum_steps=1 if tiny else s["accum_steps"], seed=0, log_every=10 if tiny else 50,
                    ema_decay=0.0, peak_flops_per_device=0.0, progress_bar=True)
     c.checkpoint = dict(every=10 if tiny else s["checkpoint_every"], keep=3, async_save=True)

@@ -86,6 +86,10 @@ config.data fields (FIELDS; a key not listed there is an error):
   max_tiles          the official max_dynamic_patch, grid tiles per image (6); the
                      batch has max_tiles + 1 slots (the thumbnail; 1 slot at max_tiles 1)
   tokens_per_tile    <IMG_CONTEXT> per tile in the text (256 = (448 / 14)^2 / 4)
+                     With a HoVLE config.model these three come from it (`model_geometry`:
+                     its image_size, max_tiles, image_tokens_per_tile) and config.data must
+                     not set them; the tokenizer's <IMG_CONTEXT> id must be the model's
+                     img_context_token_id (`config_options`).
   The tokenizer's special tokens: INTERNLM2_SPECIAL_IDS for a tokenizer.model
   (InternLM2's); with "shapes" they take the ids after its vocabulary,
   (<|im_end|>, <|im_start|>, <img>, </img>, <IMG_CONTEXT>) = V, ..., V + 4,
@@ -144,9 +148,10 @@ NAME_DEFAULTS: dict[str, dict[str, Any]] = {
 }
 
 
-def options(data, geometry: image_lib.AnyResConfig | None = None) -> dict[str, Any]:
-    """config.data (ConfigDict or dict) with defaults filled in, checked; the GEOMETRY fields
-    from `geometry` (the model's) when given, which config.data must then leave out."""
+def options(data, geometry: dict | image_lib.AnyResConfig | None = None) -> dict[str, Any]:
+    """config.data (ConfigDict or dict) with defaults filled in, checked; the image fields of
+    `geometry` (the model's, `model_geometry`; an AnyResConfig stands for its GEOMETRY fields)
+    when given, which config.data must then leave out."""
     given = data.to_dict() if hasattr(data, "to_dict") else dict(data)
     unknown = sorted(set(given) - set(FIELDS))
     if unknown:
@@ -157,12 +162,14 @@ def options(data, geometry: image_lib.AnyResConfig | None = None) -> dict[str, A
         raise ValueError(f"config.data.name={name!r} is not a pipeline here; use one of {DATA_NAMES}")
     opts = dict(FIELDS, **NAME_DEFAULTS.get(name, {}))
     opts.update(given)
+    if isinstance(geometry, image_lib.AnyResConfig):
+        geometry = {k: getattr(geometry, k) for k in GEOMETRY}
     if geometry is not None:
-        doubled = sorted(set(given) & set(GEOMETRY))
+        doubled = sorted(set(given) & set(geometry))
         if doubled:
             raise ValueError(f"config.data sets {doubled}, but the image geometry comes from config.model "
                              "(its size and overrides); remove them from config.data")
-        opts.update({k: getattr(geometry, k) for k in GEOMETRY})
+        opts.update(geometry)
 
     def need(ok, what):
         if not ok:
@@ -192,25 +199,56 @@ def options(data, geometry: image_lib.AnyResConfig | None = None) -> dict[str, A
     return opts
 
 
-def model_geometry(model) -> image_lib.AnyResConfig:
-    """The image preprocessing config.model takes: EVE's canvas, patch, pool and its teacher's
-    view; a CLIP classifier's input size and patch (its view is the teacher view)."""
+def model_geometry(model) -> dict[str, int]:
+    """The config.data image fields config.model fixes: EVE's canvas, patch, pool and its
+    teacher's view, or a CLIP classifier's input size and patch (its view is the teacher
+    view), as GEOMETRY; HoVLE's tile side, max_tiles and LLM tokens per tile, as HOVLE_FIELDS."""
+    return _geometry(model, _model_config(model))
+
+
+def _model_config(model):
     from evejax.models import registry
 
-    cfg = registry.build(model).config
+    return registry.build(model).config
+
+
+def _geometry(model, cfg) -> dict[str, int]:
     if hasattr(cfg, "anyres"):
-        return cfg.anyres()
+        anyres = cfg.anyres()
+        return {k: getattr(anyres, k) for k in GEOMETRY}
+    if hasattr(cfg, "image_tokens_per_tile"):
+        return dict(tile_size=cfg.image_size, max_tiles=cfg.max_tiles, tokens_per_tile=cfg.image_tokens_per_tile)
     if hasattr(cfg, "patch_size"):
-        return image_lib.AnyResConfig(image_size=cfg.image_size, patch_size=cfg.patch_size, pool=1,
-                                      teacher_image_size=cfg.image_size, teacher_patch_size=cfg.patch_size)
+        return dict(image_size=cfg.image_size, patch_size=cfg.patch_size, pool=1,
+                    teacher_image_size=cfg.image_size, teacher_patch_size=cfg.patch_size)
     raise ValueError(f"config.model.name={model.name!r} takes no images; its data cannot be {DATA_NAMES}")
 
 
 def config_options(config) -> dict[str, Any]:
     """options() of config.data, with the image geometry of config.model when the config has
-    a model, else of config.data's fields (the pipeline used on its own)."""
+    a model, else of config.data's fields (the pipeline used on its own). A model that reads
+    tiles (HoVLE) needs conversations in the internlm2-chat template whose <IMG_CONTEXT> id is
+    its img_context_token_id; any other image model, another template."""
     model = getattr(config, "model", None)
-    return options(config.data, None if model is None else model_geometry(model))
+    if model is None:
+        return options(config.data)
+    cfg = _model_config(model)
+    geometry = _geometry(model, cfg)
+    opts = options(config.data, geometry)
+    if opts["name"] in CONVERSATION_NAMES:
+        tiled = "tokens_per_tile" in geometry
+        if tiled != (opts["template"] == HOVLE_TEMPLATE):
+            raise ValueError(f"config.data.template={opts['template']!r} does not fit config.model.name="
+                             f"{model.name!r}: " + (f"it reads {HOVLE_TEMPLATE!r} conversations" if tiled else
+                                                    f"{HOVLE_TEMPLATE!r} is HoVLE's template"))
+        if tiled:
+            data_id = image_context_id(opts["tokenizer"])
+            if data_id != cfg.img_context_token_id:
+                raise ValueError(f"config.data.tokenizer={opts['tokenizer']!r} gives <IMG_CONTEXT> id {data_id}, "
+                                 f"but the model splices the image at img_context_token_id="
+                                 f"{cfg.img_context_token_id}; set --config.model.overrides.img_context_token_id="
+                                 f"{data_id} or use the model's tokenizer")
+    return opts
 
 
 def image_geometry(config) -> image_lib.AnyResConfig:
@@ -337,6 +375,12 @@ def special_ids(tokenizer_spec: str, tokenizer: text_lib.Tokenizer) -> dict[str,
         return dict(text_lib.INTERNLM2_SPECIAL_IDS)
     ordered = sorted(text_lib.INTERNLM2_SPECIAL_IDS, key=text_lib.INTERNLM2_SPECIAL_IDS.get)
     return {s: tokenizer.vocab_size + k for k, s in enumerate(ordered)}
+
+
+def image_context_id(tokenizer_spec: str) -> int:
+    """The id of <IMG_CONTEXT> in internlm2-chat data tokenized by `tokenizer_spec` (no file read)."""
+    shapes_tokenizer = make_tokenizer(tokenizer_spec) if tokenizer_spec == "shapes" else None
+    return special_ids(tokenizer_spec, shapes_tokenizer)[text_lib.IMG_CONTEXT]
 
 
 class HoVLEConversationMap(ConversationMap):

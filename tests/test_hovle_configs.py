@@ -1,0 +1,120 @@
+"""configs/hovle.py: every stage builds, validates and takes data its model reads; the tiny chain
+trains through the trainer on generated shapes in internlm2-chat form (stage 2 leaves the LLM
+bit-identical, stage 3 trains it); the tile geometry of the data follows config.model."""
+import math
+
+import jax
+import numpy as np
+import pytest
+
+from evejax import config as config_lib
+from evejax.data import pipeline
+from evejax.models import hovle, registry
+from evejax.train import checkpoint as ckpt_lib
+from evejax.train import optimizer as optimizer_lib
+from evejax.train import trainer
+
+ARGS = ("stage2", "stage3", "hd_stage3", "tiny_stage2", "tiny_stage3")
+FAST = ["--config.train.steps=2", "--config.train.log_every=1", "--config.train.progress_bar=False",
+        "--config.checkpoint.every=0", "--config.checkpoint.async_save=False"]
+
+
+def load(arg, *overrides):
+    return config_lib.apply_overrides(config_lib.load(f"configs/hovle.py:{arg}"), list(overrides))
+
+
+def by_path(tree):
+    return {optimizer_lib.path_str(kp): v for kp, v in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+def test_every_stage_builds_validates_and_its_data_fits_its_model():
+    shapes_2_6b = hovle.abstract_params(registry.build(load("stage2").model).config)
+    for arg in ARGS:
+        c = load(arg)
+        config_lib.validate(c)
+        assert set(c.data) == set(config_lib.DATA_KEYS), arg
+        cfg = registry.build(c.model).config
+        opts = pipeline.config_options(c)   # raises when template, tokenizer or geometry disagree
+        assert (opts["tile_size"], opts["max_tiles"], opts["tokens_per_tile"]) == (
+            cfg.image_size, cfg.max_tiles, cfg.image_tokens_per_tile), arg
+        assert opts["template"] == "internlm2-chat" and c.stage.losses.to_dict() == {"ce": 1.0}
+        trains = by_path(optimizer_lib.path_mask(shapes_2_6b, c.stage.trainable, "trainable"))
+        stage2 = arg.endswith("stage2")
+        assert all(v == (p.startswith("embedding_model/") or not stage2) for p, v in trains.items()), arg
+    # The table: one epoch of NEO's 50M / 7M examples; InternVL's lr and batch (module docstring).
+    expect = {  # arg: (steps, lr, global batch, accum, start kind, start workdir or path, model size)
+        "stage1": (math.ceil(550e6 / 512), 2e-4, 512, 4, "import",
+                   "language_model=checkpoints/internlm2_chat_1_8b,teacher=checkpoints/internvl2_2b_teacher", "2.6b"),
+        "stage2": (math.ceil(50e6 / 512), 2e-4, 512, 16, "stage", "hovle_stage1", "2.6b"),
+        "stage3": (math.ceil(7e6 / 128), 4e-5, 128, 4, "stage", "hovle_stage2", "2.6b"),
+        "hd_stage3": (math.ceil(7e6 / 128), 4e-5, 128, 8, "stage", "hovle_stage2", "2.6b_hd"),
+        "tiny_stage2": (30, 2e-3, 8, 1, "stage", "hovle_tiny_stage1", "tiny"),
+        "tiny_stage3": (30, 4e-4, 8, 1, "stage", "hovle_tiny_stage2", "tiny"),
+    }
+    for arg, (steps, lr, batch, accum, kind, where, size) in expect.items():
+        c = load(arg)
+        start = c.stage.start.workdir if kind == "stage" else c.stage.start.path
+        got = (c.train.steps, c.optim.lr, c.data.global_batch, c.train.accum_steps, c.stage.start.kind, start,
+               c.model.size)
+        assert got == (steps, lr, batch, accum, kind, where, size), arg
+        assert (c.optim.weight_decay, c.optim.warmup_frac, c.optim.clip_norm) == (0.01, 0.03, 1.0)
+    assert registry.build(load("hd_stage3").model).config.pixel_shuffle_loc == "post"
+    assert load("stage2").model.overrides.embedding_drop_path == 0.0
+    assert load("stage3").model.overrides.embedding_drop_path == 0.1
+    # Each stage's default workdir (runs/<file>_<arg>) is where the next one looks.
+    for arg, nxt in [("stage1", "stage2"), ("stage2", "stage3"), ("stage2", "hd_stage3"),
+                     ("tiny_stage1", "tiny_stage2"), ("tiny_stage2", "tiny_stage3")]:
+        assert load(nxt).stage.start.workdir == trainer.config_name(f"configs/hovle.py:{arg}"), (arg, nxt)
+    with pytest.raises(ValueError, match="stage4"):
+        load("stage4")
+
+
+def test_tiny_stage2_freezes_the_llm_and_stage3_trains_everything(tmp_path):
+    assert trainer.train(load("tiny_stage1", *FAST), str(tmp_path / "hovle_tiny_stage1"))["step"] == 2
+    stage1 = by_path(ckpt_lib.load_params(str(tmp_path / "hovle_tiny_stage1"))[1])
+    s2 = load("tiny_stage2", *FAST)
+    assert trainer.train(s2, str(tmp_path / "hovle_tiny_stage2"))["step"] == 2
+    step, after = ckpt_lib.load_params(str(tmp_path / "hovle_tiny_stage2"))
+    after = by_path(after)
+    # Stage 2 starts from stage 1's embedding module and LLM; the teacher stays behind.
+    before = {p: v for p, v in stage1.items() if not p.startswith("teacher/")}
+    assert step == 2 and set(after) == set(before)
+    changed = {p for p in after if not np.array_equal(after[p], before[p])}
+    assert not any(p.startswith("language_model/") for p in changed)
+    # Every embedding-module parameter moved (class_embedding only by weight decay: it is unused).
+    assert changed == {p for p in after if p.startswith("embedding_model/")}
+
+    # Stage 3 finds stage 2 next to its own workdir and trains both parts.
+    s3 = load("tiny_stage3", *FAST)
+    assert trainer.train(s3, str(tmp_path / "hovle_tiny_stage3"))["step"] == 2
+    final = by_path(ckpt_lib.load_params(str(tmp_path / "hovle_tiny_stage3"))[1])
+    moved = {p.split("/")[0] for p in final if not np.array_equal(final[p], after[p])}
+    assert moved == {"embedding_model", "language_model"}
+
+
+def test_tile_geometry_follows_the_model():
+    ctx = pipeline.image_context_id("shapes")
+    tiny = ["--config.model.size=tiny", "--config.data.name=shapes_qa", "--config.data.tokenizer=shapes",
+            f"--config.model.overrides.img_context_token_id={ctx}", "--config.data.global_batch=2",
+            "--config.data.seq_len=96"]
+    for extra, (tile, max_tiles, per_tile) in [([], (56, 6, 4)), (["--config.model.overrides.max_tiles=1"], (56, 1, 4))]:
+        c = load("stage3", *tiny, *extra)
+        spec = registry.build(c.model)
+        assert pipeline.model_geometry(c.model) == dict(tile_size=tile, max_tiles=max_tiles, tokens_per_tile=per_tile)
+        batch = next(pipeline.make_data(c, 0, 1))
+        for key, want in spec.batch_specs(2, 96).items():
+            assert batch[key].shape == want.shape and batch[key].dtype == want.dtype, key
+        assert ((batch["tokens"] == ctx).sum(1) == per_tile * batch["tile_mask"].sum(1)).all()
+    assert pipeline.model_geometry(load("stage3").model) == dict(tile_size=448, max_tiles=6, tokens_per_tile=256)
+
+    c = load("stage3", *tiny)
+    geometry = pipeline.model_geometry(c.model)
+    with pytest.raises(ValueError, match=r"\['tile_size'\].*config.model"):
+        pipeline.options(dict(c.data.to_dict(), tile_size=448), geometry)
+    with pytest.raises(ValueError, match=f"<IMG_CONTEXT> id 92546.*img_context_token_id={ctx}"):
+        pipeline.config_options(load("tiny_stage3", "--config.data.tokenizer=elsewhere/tokenizer.model"))
+    with pytest.raises(ValueError, match="template='vicuna_v1' does not fit config.model.name='hovle'"):
+        pipeline.config_options(load("stage3", *tiny, "--config.data.template=vicuna_v1"))
+    with pytest.raises(ValueError, match="'internlm2-chat' is HoVLE's template"):
+        pipeline.config_options(config_lib.apply_overrides(config_lib.load("configs/eve.py:tiny_stage3"),
+                                                           ["--config.data.template=internlm2-chat"]))
