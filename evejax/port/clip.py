@@ -34,7 +34,6 @@ teacher with `stage.start.path="...,clip=DIR"`):
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import os
 from pathlib import Path
@@ -48,7 +47,7 @@ from evejax.models.vit import ClipViT, ClipViTConfig, clip_vit
 from evejax.nn.transformer import TransformerConfig
 from evejax.port import checkpoint as lm_checkpoint
 from evejax.port import io, tables
-from evejax.port.command_line import parse_size, run_command
+from evejax.port.command_line import export_parser, import_parser, run_command, weight_files
 from evejax.port.io import CheckpointError
 from evejax.port.tables import FLAT_BIAS, LINEAR, LINEAR_FROM_HEADS, Row, Transform
 
@@ -268,14 +267,9 @@ def export_clip(src: str | os.PathLike, out_dir: str | os.PathLike, *, dtype: st
 
 def import_main(argv) -> int:
     """`evejax import --family clip SRC OUT_DIR [--config C] [--param-dtype D] [--overwrite]`."""
-    p = argparse.ArgumentParser(prog="evejax import --family clip",
-                                description="HF CLIP vision tower -> evejax CLIP checkpoint")
-    p.add_argument("--family", choices=("clip",), default="clip", help="clip (the dispatch in port.commands)")
-    p.add_argument("src", help="HF CLIPVisionModel or CLIPModel directory, shard index or weight file")
-    p.add_argument("out_dir", help="evejax checkpoint directory to create")
-    p.add_argument("--config", help="config.json (CLIPVisionConfig or CLIPConfig) instead of SRC's")
-    p.add_argument("--param-dtype", default="float32", choices=("float32", "bfloat16"))
-    p.add_argument("--overwrite", action="store_true", help="replace an existing checkpoint in OUT_DIR")
+    p = import_parser("clip", "HF CLIP vision tower -> evejax CLIP checkpoint",
+                      "HF CLIPVisionModel or CLIPModel directory, shard index or weight file",
+                      config_help="config.json (CLIPVisionConfig or CLIPConfig) instead of SRC's")
     args = p.parse_args(argv)
     return run_command("import", lambda: print("evejax import: " + import_clip(
         args.src, args.out_dir, config=args.config, param_dtype=args.param_dtype, overwrite=args.overwrite)))
@@ -283,17 +277,13 @@ def import_main(argv) -> int:
 
 def export_main(argv) -> int:
     """`evejax export CLIP_CKPT OUT_DIR [--dtype D] [--max-shard-size 5GB]`."""
-    p = argparse.ArgumentParser(prog="evejax export (CLIP checkpoint)",
-                                description="evejax CLIP checkpoint -> HF CLIPVisionModel layout")
-    p.add_argument("src", help="evejax CLIP checkpoint directory")
-    p.add_argument("out_dir", help="directory for config.json and safetensors files")
-    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
-    p.add_argument("--max-shard-size", default="5GB", type=parse_size)
+    p = export_parser("CLIP", "evejax CLIP checkpoint -> HF CLIPVisionModel layout",
+                      "evejax CLIP checkpoint directory")
     args = p.parse_args(argv)
 
     def body():
         files = export_clip(args.src, args.out_dir, dtype=args.dtype, max_shard_bytes=args.max_shard_size)
-        shards = [f for f in files if f.suffix == ".safetensors"]
-        print(f"evejax export: CLIPVisionModel in {len(shards)} safetensors file(s) -> {args.out_dir}")
+        print(f"evejax export: CLIPVisionModel in {weight_files(files, args.out_dir)} safetensors file(s) "
+              f"-> {args.out_dir}")
 
     return run_command("export", body)

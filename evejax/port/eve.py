@@ -53,7 +53,7 @@ from evejax.models import vit
 from evejax.port import checkpoint as lm_checkpoint
 from evejax.port import clip as clip_port
 from evejax.port import io, tables
-from evejax.port.command_line import parse_size, run_command
+from evejax.port.command_line import export_parser, import_parser, run_command, weight_files
 from evejax.port.io import CheckpointError
 from evejax.port.tables import LINEAR, Row, Transform
 
@@ -492,29 +492,19 @@ def _write_json(data: Mapping[str, Any], path: Path) -> Path:
 
 
 def _import_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="evejax import --family eve",
-                                description="official EVE weights -> evejax EVE checkpoint")
-    p.add_argument("--family", choices=("eve",), default="eve", help="eve (the dispatch in port.commands)")
-    p.add_argument("src", help="EVE model directory, shard index (*.index.json) or weight file")
-    p.add_argument("out_dir", help="evejax checkpoint directory to create")
-    p.add_argument("--config", help="config.json to use instead of the one found with SRC")
+    p = import_parser("eve", "official EVE weights -> evejax EVE checkpoint",
+                      "EVE model directory, shard index (*.index.json) or weight file")
     p.add_argument("--inference", action="store_true", help="drop the PAL and the CLIP teacher")
-    p.add_argument("--param-dtype", default="float32", choices=("float32", "bfloat16"))
-    p.add_argument("--overwrite", action="store_true", help="replace an existing checkpoint in OUT_DIR")
     return p
 
 
 def _export_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="evejax export (EVE checkpoint)",
-                                description="evejax EVE checkpoint -> official EVELlamaForCausalLM layout")
-    p.add_argument("src", help="evejax EVE checkpoint directory, or a training workdir of an EVE model (its newest checkpoint)")
-    p.add_argument("out_dir", help="directory for config.json and safetensors files")
+    p = export_parser("EVE", "evejax EVE checkpoint -> official EVELlamaForCausalLM layout",
+                      "evejax EVE checkpoint directory, or a training workdir of an EVE model (its newest checkpoint)")
     p.add_argument("--inference", action="store_true", help="leave out the PAL and the CLIP teacher")
     p.add_argument("--both-teacher-copies", action="store_true",
                    help="also write the teacher under model.vision_tower_compressor.clip_layer, as the official "
                         "module registers it, so load_state_dict(strict=True) passes")
-    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
-    p.add_argument("--max-shard-size", default="5GB", type=parse_size)
     return p
 
 
@@ -539,9 +529,8 @@ def export_main(argv) -> int:
         files = export_eve(args.src, args.out_dir, inference=args.inference, dtype=args.dtype,
                            max_shard_bytes=args.max_shard_size, both_teacher_copies=args.both_teacher_copies)
         out = Path(args.out_dir).absolute()
-        shards = [f for f in files if f.suffix == ".safetensors" and f.parent.absolute() == out]
         print(f"evejax export: EVE {'inference model' if args.inference else 'model with PAL and teacher'} "
-              f"in {len(shards)} safetensors file(s) -> {args.out_dir}")
+              f"in {weight_files(files, out)} safetensors file(s) -> {args.out_dir}")
         if any(f.parent.absolute() == out / TEACHER_DIR for f in files):
             print(f"evejax export: no official name builds the teacher; wrote it to {out / TEACHER_DIR}, "
                   "which mm_vision_tower_clip names (move it and that path must follow)")

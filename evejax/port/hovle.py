@@ -28,7 +28,6 @@ code (auto_map); copy its .py files next to the weights to load them with trust_
 """
 from __future__ import annotations
 
-import argparse
 import base64
 import dataclasses
 import os
@@ -41,7 +40,7 @@ import numpy as np
 from evejax.models import hovle as hovle_lib
 from evejax.port import checkpoint as lm_checkpoint
 from evejax.port import io, tables
-from evejax.port.command_line import parse_size, run_command
+from evejax.port.command_line import export_parser, import_parser, run_command, weight_files
 from evejax.port.eve import CONV_OIHW_TO_HWIO
 from evejax.port.io import CheckpointError
 from evejax.port.tables import LINEAR, Row
@@ -250,14 +249,8 @@ def export_hovle(src: str | os.PathLike, out_dir: str | os.PathLike, *, dtype: s
 
 def import_main(argv) -> int:
     """`evejax import --family hovle SRC OUT_DIR [--config C] [--param-dtype D] [--overwrite]`."""
-    p = argparse.ArgumentParser(prog="evejax import --family hovle",
-                                description="official HoVLE / HoVLE-HD weights -> evejax HoVLE checkpoint")
-    p.add_argument("--family", choices=("hovle",), default="hovle", help="hovle (the dispatch in port.commands)")
-    p.add_argument("src", help="HoVLE model directory, shard index (*.index.json) or weight file")
-    p.add_argument("out_dir", help="evejax checkpoint directory to create")
-    p.add_argument("--config", help="config.json to use instead of the one found with SRC")
-    p.add_argument("--param-dtype", default="float32", choices=("float32", "bfloat16"))
-    p.add_argument("--overwrite", action="store_true", help="replace an existing checkpoint in OUT_DIR")
+    p = import_parser("hovle", "official HoVLE / HoVLE-HD weights -> evejax HoVLE checkpoint",
+                      "HoVLE model directory, shard index (*.index.json) or weight file")
     args = p.parse_args(argv)
 
     def body():
@@ -270,18 +263,15 @@ def import_main(argv) -> int:
 
 def export_main(argv) -> int:
     """`evejax export HOVLE_CKPT OUT_DIR [--dtype D] [--max-shard-size 5GB]`."""
-    p = argparse.ArgumentParser(prog="evejax export (HoVLE checkpoint)",
-                                description="evejax HoVLE checkpoint -> official InternVLChatModel layout")
-    p.add_argument("src", help="evejax HoVLE checkpoint directory")
-    p.add_argument("out_dir", help="directory for config.json, safetensors and tokenizer files")
-    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
-    p.add_argument("--max-shard-size", default="5GB", type=parse_size)
+    p = export_parser("HoVLE", "evejax HoVLE checkpoint -> official InternVLChatModel layout",
+                      "evejax HoVLE checkpoint directory",
+                      out_help="directory for config.json, safetensors and tokenizer files")
     args = p.parse_args(argv)
 
     def body():
         files = export_hovle(args.src, args.out_dir, dtype=args.dtype, max_shard_bytes=args.max_shard_size)
-        shards = [f for f in files if f.suffix == ".safetensors"]
-        print(f"evejax export: HoVLE in {len(shards)} safetensors file(s) -> {args.out_dir}; copy the official "
-              "configuration_*.py / modeling_*.py files next to them to load with trust_remote_code=True")
+        print(f"evejax export: HoVLE in {weight_files(files, args.out_dir)} safetensors file(s) -> "
+              f"{args.out_dir}; copy the official configuration_*.py / modeling_*.py files next to them to load "
+              "with trust_remote_code=True")
 
     return run_command("export", body)

@@ -39,7 +39,6 @@ commands as functions.
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import os
 from pathlib import Path
@@ -54,7 +53,7 @@ from evejax.nn.transformer import TransformerConfig
 from evejax.port import checkpoint as lm_checkpoint
 from evejax.port import io, tables
 from evejax.port.clip import CONV_OIHW_TO_HWIO
-from evejax.port.command_line import parse_size, run_command
+from evejax.port.command_line import export_parser, import_parser, run_command, weight_files
 from evejax.port.io import CheckpointError
 from evejax.port.tables import LINEAR, LINEAR_FROM_HEADS, Row, Transform
 
@@ -303,15 +302,9 @@ def export_internvit(src: str | os.PathLike, out_dir: str | os.PathLike, *, dtyp
 
 def import_main(argv) -> int:
     """`evejax import --family internvit SRC OUT_DIR [--config C] [--param-dtype D] [--overwrite]`."""
-    p = argparse.ArgumentParser(prog="evejax import --family internvit",
-                                description="InternVL vision side (InternViT + mlp1) -> evejax InternVL teacher")
-    p.add_argument("--family", choices=("internvit",), default="internvit",
-                   help="internvit (the dispatch in port.commands)")
-    p.add_argument("src", help="InternVL or InternViT directory, shard index or weight file")
-    p.add_argument("out_dir", help="evejax checkpoint directory to create")
-    p.add_argument("--config", help="config.json (InternVLChatConfig or InternVisionConfig) instead of SRC's")
-    p.add_argument("--param-dtype", default="float32", choices=("float32", "bfloat16"))
-    p.add_argument("--overwrite", action="store_true", help="replace an existing checkpoint in OUT_DIR")
+    p = import_parser("internvit", "InternVL vision side (InternViT + mlp1) -> evejax InternVL teacher",
+                      "InternVL or InternViT directory, shard index or weight file",
+                      config_help="config.json (InternVLChatConfig or InternVisionConfig) instead of SRC's")
     args = p.parse_args(argv)
     return run_command("import", lambda: print("evejax import: " + import_internvit(
         args.src, args.out_dir, config=args.config, param_dtype=args.param_dtype, overwrite=args.overwrite)))
@@ -319,17 +312,13 @@ def import_main(argv) -> int:
 
 def export_main(argv) -> int:
     """`evejax export INTERNVL_CKPT OUT_DIR [--dtype D] [--max-shard-size 5GB]`."""
-    p = argparse.ArgumentParser(prog="evejax export (InternVL teacher checkpoint)",
-                                description="evejax InternVL teacher checkpoint -> official InternVL names")
-    p.add_argument("src", help="evejax InternVL teacher checkpoint directory")
-    p.add_argument("out_dir", help="directory for config.json and safetensors files")
-    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
-    p.add_argument("--max-shard-size", default="5GB", type=parse_size)
+    p = export_parser("InternVL teacher", "evejax InternVL teacher checkpoint -> official InternVL names",
+                      "evejax InternVL teacher checkpoint directory")
     args = p.parse_args(argv)
 
     def body():
         files = export_internvit(args.src, args.out_dir, dtype=args.dtype, max_shard_bytes=args.max_shard_size)
-        shards = [f for f in files if f.suffix == ".safetensors"]
-        print(f"evejax export: InternVL vision side in {len(shards)} safetensors file(s) -> {args.out_dir}")
+        print(f"evejax export: InternVL vision side in {weight_files(files, args.out_dir)} safetensors file(s) "
+              f"-> {args.out_dir}")
 
     return run_command("export", body)
