@@ -125,24 +125,10 @@ class ClipViT(nn.Module):
         cfg = self.cfg.validate()
         t = cfg.transformer
         dtype, pdtype = jnp.dtype(t.dtype), jnp.dtype(t.param_dtype)
-        x = _patch_embed(cfg, pixel_values, dtype, pdtype, False, "CLIP ViT")
-        b = x.shape[0]
-
-        cls = self.param("class_embedding", param_with_axes(default_kernel_init, ("embed",)),
-                         (t.embed_dim,), pdtype)
-        pos = self.param("position_embedding", param_with_axes(default_kernel_init, (None, "embed")),
-                         (1 + cfg.num_patches, t.embed_dim), pdtype)
-        x = jnp.concatenate([jnp.broadcast_to(cls.astype(dtype), (b, 1, t.embed_dim)), x], axis=1)
-        x = x + pos.astype(dtype)
+        x = _image_tokens(self, cfg, pixel_values, dtype, pdtype, False, "CLIP ViT")
         x = LayerNorm(eps=t.norm_eps, dtype=dtype, param_dtype=pdtype, name="pre_norm")(x)
-        x = constrain(x, ("batch", "length", "act_embed"))
-
-        segment_ids = jnp.ones(x.shape[:2], jnp.int32)  # one image per row, no padding
-        positions = jnp.broadcast_to(jnp.arange(x.shape[1], dtype=jnp.int32), x.shape[:2])
-        h, layer_out = TransformerStack(t, name="encoder")(
-            x, positions, segment_ids, deterministic=deterministic, return_hidden=return_hidden)
+        h, hidden = _encode(t, constrain(x, ("batch", "length", "act_embed")), deterministic, return_hidden)
         pooled = LayerNorm(eps=t.norm_eps, dtype=dtype, param_dtype=pdtype, name="post_norm")(h[:, 0])
-        hidden = jnp.concatenate([x[None], layer_out], axis=0) if return_hidden else None
         return ClipViTOutput(last_hidden_state=h, pooler_output=pooled, hidden_states=hidden)
 
 
@@ -312,6 +298,28 @@ def _patch_embed(cfg, pixel_values, dtype, pdtype, use_bias: bool, what: str):
     return x.reshape(b, cfg.num_patches, t.embed_dim)
 
 
+def _image_tokens(module: nn.Module, cfg, pixel_values, dtype, pdtype, use_bias: bool, what: str):
+    """[B, S, S, C] -> [B, 1 + P, D]: the class token, then the patches, plus learned positions
+    (`module`'s class_embedding [D] and position_embedding [1 + P, D])."""
+    t = cfg.transformer
+    x = _patch_embed(cfg, pixel_values, dtype, pdtype, use_bias, what)
+    cls = module.param("class_embedding", param_with_axes(default_kernel_init, ("embed",)), (t.embed_dim,), pdtype)
+    pos = module.param("position_embedding", param_with_axes(default_kernel_init, (None, "embed")),
+                       (1 + cfg.num_patches, t.embed_dim), pdtype)
+    x = jnp.concatenate([jnp.broadcast_to(cls.astype(dtype), (x.shape[0], 1, t.embed_dim)), x], axis=1)
+    return x + pos.astype(dtype)
+
+
+def _encode(t: TransformerConfig, x, deterministic: bool, return_hidden: bool):
+    """The encoder stack over one image per row (no padding): (last hidden [B, N, D], every
+    hidden state [L + 1, B, N, D] with the input first, or None)."""
+    segment_ids = jnp.ones(x.shape[:2], jnp.int32)
+    positions = jnp.broadcast_to(jnp.arange(x.shape[1], dtype=jnp.int32), x.shape[:2])
+    h, layer_out = TransformerStack(t, name="encoder")(
+        x, positions, segment_ids, deterministic=deterministic, return_hidden=return_hidden)
+    return h, (jnp.concatenate([x[None], layer_out], axis=0) if return_hidden else None)
+
+
 class InternViTOutput(NamedTuple):
     last_hidden_state: jax.Array           # [B, 1 + P, D]
     hidden_states: Optional[jax.Array]     # [L + 1, B, 1 + P, D] or None
@@ -326,19 +334,8 @@ class InternViT(nn.Module):
         cfg = self.cfg.validate()
         t = cfg.transformer
         dtype, pdtype = jnp.dtype(t.dtype), jnp.dtype(t.param_dtype)
-        x = _patch_embed(cfg, pixel_values, dtype, pdtype, True, "InternViT")
-        b = x.shape[0]
-        cls = self.param("class_embedding", param_with_axes(default_kernel_init, ("embed",)),
-                         (t.embed_dim,), pdtype)
-        pos = self.param("position_embedding", param_with_axes(default_kernel_init, (None, "embed")),
-                         (1 + cfg.num_patches, t.embed_dim), pdtype)
-        x = jnp.concatenate([jnp.broadcast_to(cls.astype(dtype), (b, 1, t.embed_dim)), x], axis=1)
-        x = constrain(x + pos.astype(dtype), ("batch", "length", "act_embed"))
-        segment_ids = jnp.ones(x.shape[:2], jnp.int32)
-        positions = jnp.broadcast_to(jnp.arange(x.shape[1], dtype=jnp.int32), x.shape[:2])
-        h, layer_out = TransformerStack(t, name="encoder")(
-            x, positions, segment_ids, deterministic=deterministic, return_hidden=return_hidden)
-        hidden = jnp.concatenate([x[None], layer_out], axis=0) if return_hidden else None
+        x = _image_tokens(self, cfg, pixel_values, dtype, pdtype, True, "InternViT")
+        h, hidden = _encode(t, constrain(x, ("batch", "length", "act_embed")), deterministic, return_hidden)
         return InternViTOutput(last_hidden_state=h, hidden_states=hidden)
 
 
