@@ -436,6 +436,16 @@ def _placeholders(turns) -> int:
     return sum(str(t.get("value", "")).count(text_lib.IMAGE_PLACEHOLDER) for t in turns if isinstance(t, dict))
 
 
+def record_source(kind: str, opts: dict):
+    """The conversation records at opts["path"]: "llava" JSON/JSONL or "arrayrecord" shards (whose
+    info.json supplies opts["image_root"] when none is set)."""
+    if kind == "llava":
+        return sources.JsonConversations(opts["path"])
+    if not opts["image_root"] and os.path.isdir(opts["path"]):
+        opts["image_root"] = sources.read_info(opts["path"]).get("image_root") or ""
+    return sources.arrayrecord_source(opts["path"])
+
+
 def decode_json(raw: bytes):
     record = sources.parse_record(raw)
     return record, record.get("image")
@@ -549,12 +559,9 @@ def make_data(config, process_index: int, process_count: int) -> packing.BatchIt
     opts = config_options(config)
     name, b = opts["name"], opts["global_batch"] // max(process_count, 1)
     if name in CONVERSATION_NAMES:
-        if name == "llava":
-            source, decode = sources.JsonConversations(opts["path"]), decode_json
-        elif name == "arrayrecord":
-            source, decode = sources.arrayrecord_source(opts["path"]), decode_arrayrecord
-            if not opts["image_root"] and os.path.isdir(opts["path"]):
-                opts["image_root"] = sources.read_info(opts["path"]).get("image_root") or ""
+        if name in ("llava", "arrayrecord"):
+            source = record_source(name, opts)
+            decode = decode_json if name == "llava" else decode_arrayrecord
         else:
             task = "caption" if name == "shapes_caption" else "qa"
             source, decode = _shapes_source(task, opts), decode_shapes

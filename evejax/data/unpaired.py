@@ -24,7 +24,6 @@ Data names (config.data.name) and their images:
 """
 from __future__ import annotations
 
-import os
 from typing import Callable
 
 import numpy as np
@@ -118,12 +117,10 @@ def make_data(config, process_index: int, process_count: int) -> packing.BatchIt
     what = opts["path"] or name
     if name == "unpaired_shapes":
         source, decode = pipeline._shapes_source("class", opts), _shapes_image
-    elif name == "unpaired_llava":
-        source, decode = sources.JsonConversations(opts["path"]), _decode_record_image
-    elif name == "unpaired_arrayrecord":
-        source, decode = sources.arrayrecord_source(opts["path"]), _decode_arrayrecord_image
-        if not opts["image_root"] and os.path.isdir(opts["path"]):
-            opts["image_root"] = sources.read_info(opts["path"]).get("image_root") or ""
+    elif name in ("unpaired_llava", "unpaired_arrayrecord"):
+        kind = name.removeprefix("unpaired_")
+        source = pipeline.record_source(kind, opts)
+        decode = _decode_record_image if kind == "llava" else _decode_arrayrecord_image
     else:
         source = sources.tfds_source(opts["tfds_name"], opts["split"], opts["tfds_dir"] or None,
                                      opts["image_key"])

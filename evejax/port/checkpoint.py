@@ -37,14 +37,21 @@ FORMAT = "evejax.lm"
 VERSION = 1
 
 
+def unwrap_format(data: Mapping[str, Any], fmt: str, version: int, what: str, source: str) -> dict[str, Any]:
+    """The fields of a model.json written for `fmt` / `version`, without those two keys; anything
+    else is refused naming `source` and what was expected."""
+    data = dict(data)
+    if data.pop("format", None) != fmt or data.pop("version", None) != version:
+        raise CheckpointError(f"{source}: not an evejax {what} config (expected format {fmt!r} version {version})")
+    return data
+
+
 def config_to_json(cfg: LMConfig) -> dict[str, Any]:
     return {"format": FORMAT, "version": VERSION, **dataclasses.asdict(cfg)}
 
 
 def config_from_json(data: Mapping[str, Any], source: str = MODEL_JSON) -> LMConfig:
-    data = dict(data)
-    if data.pop("format", None) != FORMAT or data.pop("version", None) != VERSION:
-        raise CheckpointError(f"{source}: not an evejax LM config (expected format {FORMAT!r} version {VERSION})")
+    data = unwrap_format(data, FORMAT, VERSION, "LM", source)
     t = dict(data.pop("transformer", {}))
     if t.get("rope_scaling") is not None:
         # JSON turns the hashable (key, value) pairs into lists.

@@ -199,9 +199,7 @@ def config_to_json(cfg: ClipViTConfig) -> dict[str, Any]:
 
 
 def config_from_json(data: Mapping[str, Any], source: str = MODEL_JSON) -> ClipViTConfig:
-    data = dict(data)
-    if data.pop("format", None) != FORMAT or data.pop("version", None) != VERSION:
-        raise CheckpointError(f"{source}: not an evejax CLIP config (expected format {FORMAT!r} version {VERSION})")
+    data = lm_checkpoint.unwrap_format(data, FORMAT, VERSION, "CLIP", source)
     try:
         return ClipViTConfig(**{**data, "transformer": TransformerConfig(**data.get("transformer", {}))}).validate()
     except (TypeError, ValueError) as e:

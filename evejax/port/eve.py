@@ -331,9 +331,7 @@ def config_to_json(cfg: eve_lib.EVEConfig) -> dict[str, Any]:
 
 
 def config_from_json(data: Mapping[str, Any], source: str = MODEL_JSON) -> eve_lib.EVEConfig:
-    data = dict(data)
-    if data.pop("format", None) != FORMAT or data.pop("version", None) != VERSION:
-        raise CheckpointError(f"{source}: not an evejax EVE config (expected format {FORMAT!r} version {VERSION})")
+    data = lm_checkpoint.unwrap_format(data, FORMAT, VERSION, "EVE", source)
     llm_cfg = lm_checkpoint.config_from_json(data.pop("llm", {}), source)
     clip = data.pop("clip", None)
     data.pop(NAMES_ENTRY, None)

@@ -169,9 +169,8 @@ def config_to_json(cfg: hovle_lib.HoVLEConfig) -> dict[str, Any]:
 
 
 def config_from_json(data: Mapping[str, Any], source: str = MODEL_JSON) -> hovle_lib.HoVLEConfig:
-    data = {k: v for k, v in data.items() if k != TOKENIZER_ENTRY}
-    if data.pop("format", None) != FORMAT or data.pop("version", None) != VERSION:
-        raise CheckpointError(f"{source}: not an evejax HoVLE config (expected format {FORMAT!r} version {VERSION})")
+    data = lm_checkpoint.unwrap_format({k: v for k, v in data.items() if k != TOKENIZER_ENTRY}, FORMAT, VERSION,
+                                        "HoVLE", source)
     llm = lm_checkpoint.config_from_json(data.pop("llm", {}), source)
     embedding = lm_checkpoint.config_from_json(data.pop("embedding", {}), source)
     try:

@@ -240,10 +240,7 @@ def config_to_json(cfg: InternVLTeacherConfig) -> dict[str, Any]:
 
 
 def config_from_json(data: Mapping[str, Any], source: str = MODEL_JSON) -> InternVLTeacherConfig:
-    data = dict(data)
-    if data.pop("format", None) != FORMAT or data.pop("version", None) != VERSION:
-        raise CheckpointError(f"{source}: not an evejax InternVL teacher config (expected format {FORMAT!r} "
-                              f"version {VERSION})")
+    data = lm_checkpoint.unwrap_format(data, FORMAT, VERSION, "InternVL teacher", source)
     try:
         vit = dict(data.pop("vit"))
         vit = InternViTConfig(**{**vit, "transformer": TransformerConfig(**vit.get("transformer", {}))})
