@@ -1,6 +1,8 @@
 """Exact-match VQA evaluation of an EVE checkpoint on held-out shapes questions.
 
   evejax eval CHECKPOINT [--num-questions 500] [--batch-size 100] [--seed 0] [--show 5]
+  evejax eval CHECKPOINT --bench vqav2,gqa,pope,... --data-root DIR   (the papers' benchmarks:
+                                                                      evejax.eval.benchmarks.run)
 
 CHECKPOINT is a trainer workdir (`evejax train --workdir`, newest checkpoint)
 or an evejax EVE checkpoint directory (`evejax import --family eve`).
@@ -258,6 +260,11 @@ def load_model(path: str | Path) -> tuple[eve_lib.EVEConfig, dict, image_lib.Any
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if any(a == "--bench" or a.startswith("--bench=") for a in argv):
+        from evejax.eval.benchmarks import run
+
+        return run.main(argv)
     p = argparse.ArgumentParser(prog="evejax eval", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("checkpoint", help="trainer workdir or evejax EVE checkpoint directory")
@@ -266,7 +273,7 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0, help="seed of the shapes set the model was trained on")
     p.add_argument("--show", type=int, default=5, help="print this many predictions")
     p.add_argument("--json", help="also write the figures to this file (replaced only once complete)")
-    args = p.parse_args(sys.argv[1:] if argv is None else argv)
+    args = p.parse_args(argv)
     try:
         cfg, params, anyres = load_model(args.checkpoint)
         questions = heldout_questions(args.num_questions, args.seed)
