@@ -65,8 +65,8 @@ def test_pope_metrics_and_yes_ratio():
     # "Not at all" is a yes: the official check looks for "no", "No" and "not", not "Not".
     # yes answers 0, 2, 4, 5: TP 0, 4; FP 2, 5; TN 1; FN 3
     got = pope.split_scores(POPE_LABELS, [pope.says_yes(a) for a in POPE_ANSWERS])
-    assert got == {"accuracy": 50.0, "precision": 50.0, "recall": 100 * (2 / 3),
-                   "f1": 100 * (2 * 0.5 * (2 / 3) / (0.5 + 2 / 3)), "yes_ratio": 100 * 4 / 6}
+    assert got == {"accuracy": 50.0, "precision": 50.0, "recall": 2 / 3 * 100,
+                   "f1": 2 * 0.5 * (2 / 3) / (0.5 + 2 / 3) * 100, "yes_ratio": 4 / 6 * 100}
 
 
 def test_mme_acc_plus_counts_an_image_only_when_both_answers_are_right():

@@ -75,7 +75,8 @@ def score(items, answers) -> dict[str, float]:
     for task in PERCEPTION + COGNITION:
         images = [r for (t, _), r in right_by_image.items() if t == task]
         questions = [x for r in images for x in r]
-        out[task] = common.percent(sum(questions), len(questions)) + common.percent(sum(map(all, images)), len(images))
+        # calculation.py's float order: accuracy * 100 + acc+ * 100
+        out[task] = sum(questions) / len(questions) * 100 + sum(map(all, images)) / len(images) * 100
     out["perception"] = sum(out[t] for t in PERCEPTION)
     out["cognition"] = sum(out[t] for t in COGNITION)
     return out

@@ -47,8 +47,9 @@ def split_scores(labels, yes) -> dict[str, float]:
     fn = len(labels) - tp - fp - tn
     precision, recall = (tp / (tp + fp) if tp + fp else 0.0), (tp / (tp + fn) if tp + fn else 0.0)
     f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
-    return {"accuracy": common.percent(tp + tn, len(labels)), "precision": 100 * precision,
-            "recall": 100 * recall, "f1": 100 * f1, "yes_ratio": common.percent(sum(yes), len(labels))}
+    # eval_pope.py's fractions, times 100
+    return {"accuracy": (tp + tn) / len(labels) * 100, "precision": precision * 100, "recall": recall * 100,
+            "f1": f1 * 100, "yes_ratio": sum(yes) / len(labels) * 100}
 
 
 def score(items, answers) -> dict[str, float]:
