@@ -72,13 +72,13 @@ def score(items, answers) -> dict[str, float]:
     for i, a in zip(items, answers, strict=True):
         right_by_image[i.truth["task"], i.qid].append(label(converted(i, a)) == i.truth["truth"].lower())
     out = {}
-    for task in PERCEPTION + COGNITION:
+    for task in [t for t in PERCEPTION + COGNITION if any(k[0] == t for k in right_by_image)]:
         images = [r for (t, _), r in right_by_image.items() if t == task]
         questions = [x for r in images for x in r]
         # calculation.py's float order: accuracy * 100 + acc+ * 100
         out[task] = sum(questions) / len(questions) * 100 + sum(map(all, images)) / len(images) * 100
-    out["perception"] = sum(out[t] for t in PERCEPTION)
-    out["cognition"] = sum(out[t] for t in COGNITION)
+    out["perception"] = sum(out.get(t, 0) for t in PERCEPTION)  # a task not asked (--limit) adds nothing
+    out["cognition"] = sum(out.get(t, 0) for t in COGNITION)
     return out
 
 
