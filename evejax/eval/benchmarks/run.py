@@ -30,6 +30,8 @@ class ModelAnswer:
 
     def __init__(self, answerer, max_new_tokens: int | None = None):
         self.answerer, self.fixed_max_new = answerer, max_new_tokens
+        # EVE's answerer decodes one question at a time; the bar then moves with every question
+        self.batch_size = getattr(answerer, "batch_size", 8)
 
     @property
     def protocol(self) -> str:
@@ -53,7 +55,7 @@ def parse_names(text: str) -> list[str]:
 
 
 def run_one(module, answer: common.Answer, data_root, out_dir, protocol: str, limit: int | None = None,
-            batch_size: int = 8, progress: bool = True) -> dict:
+            batch_size: int | None = None, progress: bool = True) -> dict:
     """{"questions", "scores", "files"} of one benchmark, or {"missing": message} / {"error": message}."""
     from tqdm import tqdm
 
@@ -64,6 +66,7 @@ def run_one(module, answer: common.Answer, data_root, out_dir, protocol: str, li
     items = items[:limit] if limit else items
     if hasattr(answer, "prepare"):
         answer.prepare(module, protocol)
+    batch_size = batch_size or getattr(answer, "batch_size", 8)
     answers: list[str] = []
     with tqdm(total=len(items), desc=module.NAME, unit="question", disable=not progress, file=sys.stderr) as bar:
         for start in range(0, len(items), batch_size):
@@ -79,7 +82,7 @@ def run_one(module, answer: common.Answer, data_root, out_dir, protocol: str, li
 
 
 def run(names: Sequence[str], answer: common.Answer, data_root, out_dir, protocol: str, limit: int | None = None,
-        batch_size: int = 8, progress: bool = True) -> dict:
+        batch_size: int | None = None, progress: bool = True) -> dict:
     """{name: run_one(...)} for the chosen benchmarks; results.json is written into out_dir."""
     common.check_protocol(protocol)
     results = {}
