@@ -208,3 +208,75 @@ def test_cli_runs_a_tiny_eve_on_the_vqav2_and_pope_layouts(tmp_path, capsys):
     assert results["vqav2"]["scores"]["val_accuracy"] == 100 * exact
     lines = (tmp_path / "out" / "pope_answers.jsonl").read_text().splitlines()
     assert len(lines) == 3 * len(presence) and json.loads(lines[0])["category"] == "adversarial"
+
+
+def test_submission_files_for_the_servers(tmp_path):
+    from evejax.eval.benchmarks import mmvet, vizwiz
+
+    (tmp_path / "vqav2").mkdir()
+    (tmp_path / "vqav2" / vqav2.SPLITS["test-dev"][0]).write_text(json.dumps(
+        {"questions": [{"question_id": 5, "image_id": 1, "question": "How many?"}]}))
+    (tmp_path / "vqav2" / vqav2.FULL_TEST).write_text(json.dumps(
+        {"questions": [{"question_id": q, "image_id": 1, "question": "x"} for q in (4, 5, 6)]}))
+    items = vqav2.load(tmp_path, "internvl")
+    assert items[0].prompt == "How many? Answer the question using a single word or phrase."
+    assert str(items[0].image).endswith("test2015/COCO_test2015_000000000001.jpg")
+    assert vqav2.score(items, ["Two."]) == {}
+    path, = vqav2.write(items, ["Two."], tmp_path / "out")
+    assert json.loads(path.read_text()) == [{"question_id": 4, "answer": ""}, {"question_id": 5, "answer": "2"},
+                                            {"question_id": 6, "answer": ""}]
+
+    (tmp_path / "vizwiz" / "Annotations").mkdir(parents=True)
+    (tmp_path / "vizwiz" / "Annotations" / "test.json").write_text(json.dumps([{"image": "VizWiz_test_1.jpg",
+                                                                              "question": "What is it?"}]))
+    (tmp_path / "vizwiz" / "Annotations" / "val.json").write_text(json.dumps([{
+        "image": "VizWiz_val_1.jpg", "question": "What?", "answers": [{"answer": "unanswerable"}] * 10}]))
+    items = vizwiz.load(tmp_path, "llava")
+    assert items[0].prompt == ("What is it?\nWhen the provided information is insufficient, respond with "
+                               "'Unanswerable'.\nAnswer the question using a single word or phrase.")
+    assert vizwiz.score(items, ["A cup.", "Unanswerable"]) == {"val_accuracy": 100.0}
+    test_file, _ = vizwiz.write(items, ["A cup.", "Unanswerable"], tmp_path / "out")
+    assert json.loads(test_file.read_text()) == [{"image": "VizWiz_test_1.jpg", "answer": "cup"}]
+
+    (tmp_path / "mm-vet").mkdir()
+    (tmp_path / "mm-vet" / "mm-vet.json").write_text(json.dumps({"v1_0": {"imagename": "v1_0.png", "question": "Q?"}}))
+    items = mmvet.load(tmp_path, "llava")
+    assert mmvet.score(items, ["An answer."]) == {}
+    assert json.loads(mmvet.write(items, ["An answer."], tmp_path / "out")[0].read_text()) == {"v1_0": "An answer."}
+
+
+def test_mme_and_scienceqa_release_layouts(tmp_path):
+    release = tmp_path / mme.RELEASE
+    for k, task in enumerate(mme.PERCEPTION + mme.COGNITION):
+        images = qa = release / task
+        if k % 2:  # the tasks that keep images and answers in subfolders
+            images, qa = release / task / "images", release / task / "questions_answers_YN"
+        images.mkdir(parents=True, exist_ok=True)
+        qa.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (4, 4)).save(images / "1.png")
+        (qa / "1.txt").write_text("Is it red? Please answer yes or no.\tYes\nIs it blue? Please answer yes or no.\tNo\n")
+    items = mme.load(tmp_path, "llava")
+    assert len(items) == 28 and items[0].prompt == ("Is it red? Please answer yes or no.\n"
+                                                    "Answer the question using a single word or phrase.")
+    scores = mme.score(items, ["yes", "No"] * 14)
+    assert scores["perception"] == 2000.0 and scores["cognition"] == 800.0
+    mme.write(items, ["yes", "No"] * 14, tmp_path / "out")
+    assert (tmp_path / "out" / "mme_results" / "count.txt").read_text().splitlines()[0] == \
+        "1.png\tIs it red? Please answer yes or no.\tYes\tYes"
+    (release / "existence" / "1.png").unlink()
+    with pytest.raises(common.MissingFile, match="existence/1"):
+        mme.load(tmp_path, "llava")
+
+    base = tmp_path / "scienceqa"
+    base.mkdir()
+    (base / "problems.json").write_text(json.dumps({
+        "1": {"question": "Which is a fish?", "choices": ["cat", "trout"], "answer": 1, "hint": "Look.",
+              "image": "image.png"},
+        "2": {"question": "No picture?", "choices": ["a", "b"], "answer": 0, "hint": "", "image": None}}))
+    (base / "pid_splits.json").write_text(json.dumps({"test": ["1", "2"]}))
+    llava, = scienceqa.load(tmp_path, "llava")
+    internvl, = scienceqa.load(tmp_path, "internvl")
+    assert llava.prompt == "Context: Look.\nWhich is a fish?\nA. cat\nB. trout\n" + common.OPTION_LETTER
+    assert internvl.prompt == "Look.\nWhich is a fish?\nA. cat\nB. trout\n" + common.OPTION_LETTER
+    assert str(llava.image).endswith("images/test/1/image.png")
+    assert scienceqa.score([llava, internvl], ["B", "trout"]) == {"img_accuracy": 100.0}
