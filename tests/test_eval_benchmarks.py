@@ -9,7 +9,6 @@ import pytest
 from PIL import Image
 
 from evejax import cli
-from evejax.data import shapes
 from evejax.eval import evaluate as ev
 from evejax.eval.benchmarks import common, gqa, mmbench, mme, pope, run, scienceqa, seed, textvqa, vqav2
 

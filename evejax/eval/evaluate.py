@@ -53,7 +53,7 @@ from evejax import atomic
 from evejax.data import image as image_lib
 from evejax.data import shapes
 from evejax.data import text as text_lib
-from evejax.eval.generate import greedy_generate
+from evejax.eval.generate import bucket_length, greedy_generate
 from evejax.models import eve as eve_lib
 from evejax.models import llm as llm_lib
 
@@ -127,7 +127,9 @@ def chance_accuracy(questions: Sequence[Question]) -> tuple[float, dict[str, tup
 class Answerer:
     """Greedy answers of an inference EVE (no PAL, no teacher) to (image, question) pairs.
 
-    Every batch is padded to the same [batch_size, N] so generation compiles once.
+    Every batch is padded to [rows, N]: N the longest prompt rounded up to a multiple of
+    PROMPT_BUCKET (generate.bucket_length), rows the batch size, or for fewer questions the next
+    power of two (the last row repeated), so generation compiles once per bucket, not per call.
     """
 
     def __init__(self, cfg: eve_lib.EVEConfig, params, batch_size: int = 100,
@@ -143,15 +145,15 @@ class Answerer:
 
     def answer(self, pictures: Sequence[Image.Image], questions: Sequence[str]) -> list[str]:
         prompts = [prompt_ids(q, self.tokenizer) for q in questions]
-        width = max(len(p) for p in prompts)
+        width = bucket_length(max(len(p) for p in prompts))
         answers: list[str] = []
         for start in range(0, len(prompts), self.batch_size):
             rows = list(range(start, min(start + self.batch_size, len(prompts))))
             n_real = len(rows)
-            # The last batch repeats its final row, so every call has the same shape.
-            rows += [rows[-1]] * (self.batch_size - n_real)
-            tokens = np.full((self.batch_size, width), self.tokenizer.pad_id, np.int32)
-            segment_ids = np.zeros((self.batch_size, width), np.int32)
+            size = min(self.batch_size, 1 << (n_real - 1).bit_length())
+            rows += [rows[-1]] * (size - n_real)
+            tokens = np.full((size, width), self.tokenizer.pad_id, np.int32)
+            segment_ids = np.zeros((size, width), np.int32)
             views = [image_lib.preprocess_anyres(pictures[r], self.anyres, with_teacher=False) for r in rows]
             for i, r in enumerate(rows):
                 tokens[i, :len(prompts[r])] = prompts[r]

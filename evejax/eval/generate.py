@@ -120,6 +120,13 @@ def _recompute_loop(next_token, append, state, mask, max_new_tokens, stops):
     return jnp.stack(out, axis=1)
 
 
+PROMPT_BUCKET = 64  # prompt widths are rounded up to a multiple of this: one compilation per bucket
+
+
+def bucket_length(length: int, bucket: int = PROMPT_BUCKET) -> int:
+    return -(-length // bucket) * bucket
+
+
 def _check_max_new(max_new_tokens):
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
@@ -380,6 +387,9 @@ def _hovle_answerer(path, tokenizer, max_new_tokens):
     return HoVLEAnswerer(cfg, params, made, pipeline.special_ids(tokenizer, made), max_new_tokens=max_new_tokens)
 
 
+EVE_BATCH = 16  # questions decoded together (left-padded, one compilation per prompt bucket)
+
+
 def _eve_answerer(path, tokenizer, max_new_tokens):
     from evejax.data import pipeline
     from evejax.eval import evaluate
@@ -388,7 +398,7 @@ def _eve_answerer(path, tokenizer, max_new_tokens):
         raise ValueError("an EVE checkpoint carries no tokenizer: pass --tokenizer (the LLM's tokenizer.model, "
                          "or 'shapes' for a model trained on the generated shapes data)")
     cfg, params, anyres = evaluate.load_model(path)
-    return evaluate.Answerer(cfg, params, batch_size=1, tokenizer=pipeline.make_tokenizer(tokenizer),
+    return evaluate.Answerer(cfg, params, batch_size=EVE_BATCH, tokenizer=pipeline.make_tokenizer(tokenizer),
                              anyres=anyres, max_new_tokens=max_new_tokens)
 
 
