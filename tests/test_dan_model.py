@@ -1,0 +1,102 @@
+"""De-focus Attention Networks classifiers (evejax/models/dan.py): sizes from shapes, the drop-path
+rate per layer and the auxiliary loss against their closed forms, token order, padding, errors."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from evejax.models import dan
+from evejax.sharding import unbox
+
+
+@pytest.mark.parametrize("size,count", [("mamba_s", 25_092_944), ("mamba_b", 92_650_832),
+                                        ("mamba_l", 330_117_840)])
+def test_param_counts_from_shapes(size, count):
+    # reference/dan.md §12: the official build_model counts (README 25.1M, 92.7M, 330.1M).
+    assert dan.param_count(dan.get_config(size)) == count
+
+
+def test_small_with_the_official_config_default_width_is_49m():
+    assert dan.param_count(dan.get_config("mamba_s", intermediate_size=1536)) == 49_109_840
+
+
+def _tiny(**kw):
+    cfg = dan.get_config("mamba_tiny", **kw)
+    model = dan.DANClassifier(cfg)
+    pixels = jax.random.normal(jax.random.PRNGKey(0), (3, *cfg.image_size, 3))
+    params = unbox(jax.jit(model.init)(jax.random.PRNGKey(1), pixels)["params"])
+    return cfg, model, params, pixels
+
+
+def _apply(model, params, pixels, rate=None):
+    """Jitted forward; with a rate, in training mode (drop path on, fixed dropout key)."""
+    if rate is None:
+        return jax.jit(lambda p, x: model.apply({"params": p}, x))(params, pixels)
+    return jax.jit(lambda p, x, r: model.apply({"params": p}, x, deterministic=False, drop_path_rate=r,
+                                               rngs={"dropout": jax.random.PRNGKey(5)}))(params, pixels, rate)
+
+
+def test_drop_path_rate_per_layer_is_linear_over_depth():
+    np.testing.assert_allclose(dan.drop_path_rates(0.75, 24), 0.75 * np.arange(24) / 23, rtol=1e-6)
+    assert float(dan.drop_path_rates(0.3, 1)[0]) == 0.0
+    # End to end with depth 2 and maximum rate 1: block 0 (rate 0) always runs, block 1 (rate 1)
+    # is always dropped, so the output is the model with block 1's branch zeroed.
+    cfg, model, params, pixels = _tiny()
+    dropped = _apply(model, params, pixels, 1.0)
+    mixer = params["blocks"]["mixer"]
+    zeroed = {**params, "blocks": {**params["blocks"], "mixer": {
+        **mixer, "out_proj": {"kernel": mixer["out_proj"]["kernel"].at[1].set(0.0)}}}}
+    np.testing.assert_allclose(dropped.logits, _apply(model, zeroed, pixels).logits, rtol=1e-5, atol=1e-6)
+    # The maximum rate is a runtime input: a schedule over epochs compiles once.
+    step = jax.jit(lambda r: model.apply({"params": params}, pixels, deterministic=False, drop_path_rate=r,
+                                         rngs={"dropout": jax.random.PRNGKey(5)}).logits)
+    np.testing.assert_allclose(step(jnp.float32(1.0)), dropped.logits, rtol=1e-5, atol=1e-6)
+    step(jnp.float32(0.0))
+    assert step._cache_size() == 1
+    np.testing.assert_allclose(step(jnp.float32(0.0)), _apply(model, params, pixels).logits,
+                               rtol=1e-5, atol=1e-6)
+
+
+def test_auxiliary_loss_equals_its_closed_form():
+    rng = np.random.default_rng(0)
+    logits, token_logits = rng.normal(size=(3, 5)), rng.normal(size=(3, 4, 5))
+    targets = rng.dirichlet(np.ones(5), size=3)
+    weights = np.array([1.0, 1.0, 0.0])  # the last row is padding
+    loss, ce, aux, weight = dan.classification_loss(
+        dan.DANOutput(jnp.asarray(logits, jnp.float32), jnp.asarray(token_logits, jnp.float32)),
+        jnp.asarray(targets, jnp.float32), jnp.asarray(weights))
+    log_softmax = lambda z: z - np.log(np.exp(z).sum(-1, keepdims=True))  # noqa: E731
+    ce_rows = -(targets * log_softmax(logits)).sum(-1)
+    aux_rows = -(targets[:, None] * log_softmax(token_logits)).sum(-1).mean(-1)
+    np.testing.assert_allclose(ce, ce_rows[:2].mean(), rtol=1e-6)
+    np.testing.assert_allclose(aux, aux_rows[:2].mean(), rtol=1e-6)
+    np.testing.assert_allclose(loss, (ce_rows[:2].mean() + aux_rows[:2].mean()) / 2, rtol=1e-6)
+    assert float(weight) == 2.0
+
+
+def test_class_token_last_and_causal_raster_order():
+    cfg, model, params, pixels = _tiny()
+    out = _apply(model, params, pixels)
+    assert out.logits.shape == (3, 10) and out.token_logits.shape == (3, cfg.num_patches, 10)
+    # Changing the last patch (bottom-right) leaves every earlier image token's logits unchanged
+    # and changes the class token's: it comes after every patch.
+    p = cfg.patch_size
+    changed = _apply(model, params, pixels.at[:, -p:, -p:].add(1.0))
+    np.testing.assert_allclose(changed.token_logits[:, :-1], out.token_logits[:, :-1], rtol=1e-5, atol=1e-6)
+    assert not np.allclose(changed.logits, out.logits, atol=1e-4)
+
+
+def test_right_padding_is_exact_and_non_square_images_work():
+    cfg, model, params, pixels = _tiny(image_size=(16, 40))
+    assert cfg.num_patches == 10
+    out = _apply(model, params, pixels)
+    padded = _apply(dan.DANClassifier(cfg.replace(pad_length_to=8)), params, pixels)
+    np.testing.assert_allclose(padded.logits, out.logits, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(padded.token_logits, out.token_logits, rtol=1e-5, atol=1e-6)
+
+
+def test_image_size_not_divisible_by_patch_size_is_named():
+    with pytest.raises(ValueError, match=r"image size 224x100 is not divisible by the patch size 16"):
+        dan.get_config("mamba_b", image_size=(224, 100))
+    with pytest.raises(ValueError, match=r"no field\(s\) \['depthh'\]"):
+        dan.get_config("mamba_b", depthh=3)
