@@ -150,3 +150,21 @@ def test_refusals_name_every_problem_and_write_nothing(tmp_path, capsys):
     assert commands.import_main(["--family", "dan", str(tmp_path / "bare.pth"), str(tmp_path / "d"), *IMPORT,
                                  "--set", "depht=3"]) == 1
     assert "depht" in capsys.readouterr().err and not (tmp_path / "d").exists()
+
+
+def test_an_interrupted_export_leaves_the_old_file(tmp_path, monkeypatch):
+    state = {k: v.numpy() for k, v in reference(tiny(), seed=0).state_dict().items()}
+    out = tmp_path / "out.pth"
+    out.write_bytes(b"the user's file")
+
+    def torch_save_dies(obj, path):
+        path.write_bytes(b"half")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch, "save", torch_save_dies)
+    with pytest.raises(KeyboardInterrupt):
+        dan_port.write_official(state, out)
+    assert out.read_bytes() == b"the user's file" and [p.name for p in tmp_path.iterdir()] == ["out.pth"]
+    monkeypatch.undo()
+    dan_port.write_official(state, out)
+    assert list(torch.load(out, weights_only=True)["model_ema"]) == list(state)

@@ -160,14 +160,17 @@ def read_official(path: str | os.PathLike, ema: bool = False) -> dict[str, np.nd
     return io.tensors_to_numpy(tensors)
 
 
+def _check_output(path: str | os.PathLike) -> None:
+    if Path(path).is_dir():
+        raise CheckpointError(f"{path} is a directory; give the .pth file to write, e.g. {Path(path) / 'model.pth'}")
+
+
 def write_official(state: Mapping[str, np.ndarray], path: str | os.PathLike) -> Path:
     """{'model': state, 'model_ema': state} as float32 torch tensors, written beside `path` and
     swapped in whole (evejax.atomic)."""
     import torch
 
-    path = Path(path)
-    if path.is_dir():
-        raise CheckpointError(f"{path} is a directory; give the .pth file to write, e.g. {path / 'model.pth'}")
+    _check_output(path)
     tensors = {k: torch.tensor(np.asarray(v, np.float32)) for k, v in state.items()}
     return atomic.write_file(path, lambda tmp: torch.save({RAW_ENTRY: tensors, EMA_ENTRY: tensors}, tmp))
 
@@ -221,6 +224,7 @@ def import_dan(src: str | os.PathLike, out_dir: str | os.PathLike, *, size: str,
 
 def export_dan(src: str | os.PathLike, out: str | os.PathLike) -> Path:
     """evejax DAN checkpoint -> the official `.pth` at `out`."""
+    _check_output(out)
     cfg, params = load_checkpoint(src)
     return write_official(to_torch(jax.tree.map(np.asarray, params), cfg), out)
 
