@@ -1,5 +1,7 @@
 """De-focus Attention Networks classifiers (evejax/models/dan.py): sizes from shapes, the drop-path
 rate per layer and the auxiliary loss against their closed forms, token order, padding, errors."""
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -20,20 +22,26 @@ def test_small_with_the_official_config_default_width_is_49m():
     assert dan.param_count(dan.get_config("mamba_s", intermediate_size=1536)) == 49_109_840
 
 
+@functools.lru_cache(maxsize=None)
+def _params():
+    # No position embedding, so one parameter tree serves every image size.
+    model = dan.DANClassifier(dan.get_config("mamba_tiny"))
+    return unbox(jax.jit(model.init)(jax.random.PRNGKey(1), *dan.init_inputs(model.cfg))["params"])
+
+
+@functools.lru_cache(maxsize=None)
+def _forward(cfg, train: bool):
+    """Jitted forward; in training mode (drop path on, fixed dropout key) it takes the maximum rate."""
+    model = dan.DANClassifier(cfg)
+    if not train:
+        return jax.jit(lambda p, x: model.apply({"params": p}, x))
+    return jax.jit(lambda p, x, r: model.apply({"params": p}, x, deterministic=False, drop_path_rate=r,
+                                               rngs={"dropout": jax.random.PRNGKey(5)}))
+
+
 def _tiny(**kw):
     cfg = dan.get_config("mamba_tiny", **kw)
-    model = dan.DANClassifier(cfg)
-    pixels = jax.random.normal(jax.random.PRNGKey(0), (3, *cfg.image_size, 3))
-    params = unbox(jax.jit(model.init)(jax.random.PRNGKey(1), pixels)["params"])
-    return cfg, model, params, pixels
-
-
-def _apply(model, params, pixels, rate=None):
-    """Jitted forward; with a rate, in training mode (drop path on, fixed dropout key)."""
-    if rate is None:
-        return jax.jit(lambda p, x: model.apply({"params": p}, x))(params, pixels)
-    return jax.jit(lambda p, x, r: model.apply({"params": p}, x, deterministic=False, drop_path_rate=r,
-                                               rngs={"dropout": jax.random.PRNGKey(5)}))(params, pixels, rate)
+    return cfg, _params(), jax.random.normal(jax.random.PRNGKey(0), (3, *cfg.image_size, 3))
 
 
 def test_drop_path_rate_per_layer_is_linear_over_depth():
@@ -41,20 +49,17 @@ def test_drop_path_rate_per_layer_is_linear_over_depth():
     assert float(dan.drop_path_rates(0.3, 1)[0]) == 0.0
     # End to end with depth 2 and maximum rate 1: block 0 (rate 0) always runs, block 1 (rate 1)
     # is always dropped, so the output is the model with block 1's branch zeroed.
-    cfg, model, params, pixels = _tiny()
-    dropped = _apply(model, params, pixels, 1.0)
+    cfg, params, pixels = _tiny()
+    train = _forward(cfg, True)
+    dropped = train(params, pixels, jnp.float32(1.0))
     mixer = params["blocks"]["mixer"]
     zeroed = {**params, "blocks": {**params["blocks"], "mixer": {
         **mixer, "out_proj": {"kernel": mixer["out_proj"]["kernel"].at[1].set(0.0)}}}}
-    np.testing.assert_allclose(dropped.logits, _apply(model, zeroed, pixels).logits, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(dropped.logits, _forward(cfg, False)(zeroed, pixels).logits, rtol=1e-5, atol=1e-6)
     # The maximum rate is a runtime input: a schedule over epochs compiles once.
-    step = jax.jit(lambda r: model.apply({"params": params}, pixels, deterministic=False, drop_path_rate=r,
-                                         rngs={"dropout": jax.random.PRNGKey(5)}).logits)
-    np.testing.assert_allclose(step(jnp.float32(1.0)), dropped.logits, rtol=1e-5, atol=1e-6)
-    step(jnp.float32(0.0))
-    assert step._cache_size() == 1
-    np.testing.assert_allclose(step(jnp.float32(0.0)), _apply(model, params, pixels).logits,
-                               rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(train(params, pixels, jnp.float32(0.0)).logits,
+                               _forward(cfg, False)(params, pixels).logits, rtol=1e-5, atol=1e-6)
+    assert train._cache_size() == 1
 
 
 def test_auxiliary_loss_equals_its_closed_form():
@@ -75,22 +80,22 @@ def test_auxiliary_loss_equals_its_closed_form():
 
 
 def test_class_token_last_and_causal_raster_order():
-    cfg, model, params, pixels = _tiny()
-    out = _apply(model, params, pixels)
+    cfg, params, pixels = _tiny()
+    out = _forward(cfg, False)(params, pixels)
     assert out.logits.shape == (3, 10) and out.token_logits.shape == (3, cfg.num_patches, 10)
     # Changing the last patch (bottom-right) leaves every earlier image token's logits unchanged
     # and changes the class token's: it comes after every patch.
     p = cfg.patch_size
-    changed = _apply(model, params, pixels.at[:, -p:, -p:].add(1.0))
+    changed = _forward(cfg, False)(params, pixels.at[:, -p:, -p:].add(1.0))
     np.testing.assert_allclose(changed.token_logits[:, :-1], out.token_logits[:, :-1], rtol=1e-5, atol=1e-6)
     assert not np.allclose(changed.logits, out.logits, atol=1e-4)
 
 
 def test_right_padding_is_exact_and_non_square_images_work():
-    cfg, model, params, pixels = _tiny(image_size=(16, 40))
+    cfg, params, pixels = _tiny(image_size=(16, 40))
     assert cfg.num_patches == 10
-    out = _apply(model, params, pixels)
-    padded = _apply(dan.DANClassifier(cfg.replace(pad_length_to=8)), params, pixels)
+    out = _forward(cfg, False)(params, pixels)
+    padded = _forward(cfg.replace(pad_length_to=8), False)(params, pixels)
     np.testing.assert_allclose(padded.logits, out.logits, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(padded.token_logits, out.token_logits, rtol=1e-5, atol=1e-6)
 
