@@ -1,13 +1,16 @@
 """De-focus Attention Networks classifiers (evejax/models/dan.py): sizes from shapes, the drop-path
 rate per layer and the auxiliary loss against their closed forms, token order, padding, errors."""
 import functools
+import importlib.util
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 
-from evejax.models import dan
+from evejax import plan
+from evejax.models import dan, registry
 from evejax.sharding import unbox
 
 
@@ -105,3 +108,45 @@ def test_image_size_not_divisible_by_patch_size_is_named():
         dan.get_config("mamba_b", image_size=(224, 100))
     with pytest.raises(ValueError, match=r"no field\(s\) \['depthh'\]"):
         dan.get_config("mamba_b", depthh=3)
+
+
+def test_registry_entry_loss_metrics_and_batch_contract():
+    spec = registry.build(ml_collections.ConfigDict(dict(name="dan", size="mamba_tiny",
+                                                         overrides=dict(drop_path=1.0))))
+    params = _params()
+    pixels = jax.random.normal(jax.random.PRNGKey(0), (3, 32, 32, 3))
+    labels = jnp.array([3, 7, -1], jnp.int32)
+    probs = jax.nn.one_hot(jnp.maximum(labels, 0), 10) * (labels >= 0)[:, None]
+    loss_fn = jax.jit(spec.loss_fn)
+    rng = jax.random.PRNGKey(2)
+    by_label = loss_fn(params, {"pixels": pixels, "label": labels}, rng)
+    by_probs = loss_fn(params, {"pixels": pixels, "label_probs": probs}, rng)
+    np.testing.assert_allclose(by_label[0], by_probs[0], rtol=1e-6)
+    loss, metrics = by_label
+    assert set(metrics) == {"ce", "aux_ce", "accuracy", "weight"} and float(metrics["weight"]) == 2.0
+    np.testing.assert_allclose(loss, (metrics["ce"] + metrics["aux_ce"]) / 2, rtol=1e-6)
+    # The step's maximum drop-path rate comes with the batch: at 0 the loss is the eval model's.
+    out = _forward(dan.get_config("mamba_tiny"), False)(params, pixels)
+    want = dan.classification_loss(out, probs, labels >= 0)[0]
+    at_zero = loss_fn(params, {"pixels": pixels, "label": labels, "drop_path_rate": jnp.float32(0.0)}, rng)[0]
+    np.testing.assert_allclose(at_zero, want, rtol=1e-5)
+    assert abs(float(by_label[0]) - float(want)) > 1e-4  # absent: the config's 1.0 drops the last block
+    shapes = spec.batch_specs(4, 0)
+    assert shapes["pixels"].shape == (4, 32, 32, 3) and shapes["label"].shape == (4,)
+
+
+def test_analytic_flops_of_tiny_by_hand():
+    # mamba_tiny: d 32, E 64, N 8, R 4, K 4, depth 2, 16 patches of 8 x 8 x 3, 10 classes, linear heads.
+    block = 32 * 128 + 64 * 4 + 64 * (4 + 16) + 4 * 64 + 3 * 64 * 8 + 64 * 32     # 9472
+    macs = 16 * 192 * 32 + 2 * 17 * block + 17 * 32 * 10                          # 420,352
+    assert dan.training_flops(dan.get_config("mamba_tiny"), 2) == 6 * 2 * macs
+
+
+@pytest.mark.skipif(importlib.util.find_spec("libtpu") is None, reason="compiling for a TPU topology needs libtpu")
+def test_plan_compiles_the_tiny_step_for_v5p_8():
+    config = ml_collections.ConfigDict(dict(model=dict(name="dan", size="mamba_tiny", overrides=dict()),
+                                            mesh=dict(slice=1, data=-1, fsdp=1, tensor=1)))
+    topo = plan.parse_topology("v5p-8")
+    p = plan.Planner(config, topo, plan.virtual_devices(topo), effort="fast")("full", 2, 0)
+    assert p.fits and p.global_batch == 8 and p.temp_bytes > 0
+    assert p.model_flops == pytest.approx(dan.training_flops(dan.get_config("mamba_tiny"), 8) / 4)
