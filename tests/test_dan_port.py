@@ -168,3 +168,21 @@ def test_an_interrupted_export_leaves_the_old_file(tmp_path, monkeypatch):
     monkeypatch.undo()
     dan_port.write_official(state, out)
     assert list(torch.load(out, weights_only=True)["model_ema"]) == list(state)
+
+
+def test_export_takes_a_training_workdir(tmp_path):
+    """A workdir of `evejax train` with model name "dan": its newest step's params are written."""
+    from evejax.sharding import unbox
+    from evejax.train import checkpoint as ckpt_lib
+
+    model = {"name": "dan", "size": "mamba_tiny", "overrides": SETTINGS}
+    cfg = tiny()
+    params = unbox(dan.DANClassifier(cfg).init(jax.random.PRNGKey(3), *dan.init_inputs(cfg))["params"])
+    store = ckpt_lib.Checkpoints(str(tmp_path / "run"), async_save=False)
+    store.save(5, {"params": params, "step": np.int32(5)}, {}, {"model": model}, {"loss": 1.0})
+    store.wait()
+    store.close()
+    assert commands.export_main([str(tmp_path / "run"), str(tmp_path / "out.pth")]) == 0
+    written = torch.load(tmp_path / "out.pth", weights_only=True)["model"]
+    want = dan_port.to_torch(params, cfg)
+    assert list(written) == list(want) and all(np.array_equal(written[k].numpy(), want[k]) for k in want)

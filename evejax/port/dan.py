@@ -25,7 +25,7 @@ refused with the command that strips it. The `.pth` holds no config: import take
     evejax import --family dan SRC.pth OUT_DIR --size mamba_b [--ema] [--set FIELD=VALUE ...]
                   [--param-dtype float32|bfloat16] [--overwrite]
         'model' (or with --ema 'model_ema') -> OUT_DIR/model.json (format "evejax.dan") + params/.
-    evejax export DAN_CKPT OUT.pth
+    evejax export DAN_CKPT|WORKDIR OUT.pth
         -> {'model': state_dict, 'model_ema': the same} in float32, the layout of the release and of
         tools/convert_22k_to_1k.py: loads with strict=True into the official model built with the
         matching config, and through --pretrained gives the EMA copy the same weights.
@@ -223,9 +223,15 @@ def import_dan(src: str | os.PathLike, out_dir: str | os.PathLike, *, size: str,
 
 
 def export_dan(src: str | os.PathLike, out: str | os.PathLike) -> Path:
-    """evejax DAN checkpoint -> the official `.pth` at `out`."""
+    """evejax DAN checkpoint, or a training workdir that trains "dan" (its newest checkpoint's
+    params), -> the official `.pth` at `out`."""
     _check_output(out)
-    cfg, params = load_checkpoint(src)
+    if lm_checkpoint.is_workdir(src):
+        name, cfg, params, _ = lm_checkpoint.load_workdir(src)
+        if name != "dan":
+            raise CheckpointError(f"{src} trains a {name!r} model, not De-focus Mamba")
+    else:
+        cfg, params = load_checkpoint(src)
     return write_official(to_torch(jax.tree.map(np.asarray, params), cfg), out)
 
 
@@ -267,7 +273,7 @@ def export_main(argv) -> int:
     """`evejax export DAN_CKPT OUT.pth`."""
     p = argparse.ArgumentParser(prog="evejax export (De-focus Mamba checkpoint)",
                                 description="evejax DAN checkpoint -> official .pth {'model', 'model_ema'}")
-    p.add_argument("src", help="evejax DAN checkpoint directory")
+    p.add_argument("src", help="evejax DAN checkpoint directory or training workdir (its newest checkpoint)")
     p.add_argument("out", help=".pth file to write (replaced whole if it exists)")
     args = p.parse_args(argv)
     return run_command("export", lambda: print(
