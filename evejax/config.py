@@ -18,6 +18,7 @@ LIMITS = {
     "optim.lr": (lambda v: v >= 0, ">= 0"),
     "optim.warmup_frac": (lambda v: 0 <= v <= 1, "in [0, 1]"),
     "optim.min_lr_frac": (lambda v: 0 <= v <= 1, "in [0, 1]"),
+    "optim.warmup_init_frac": (lambda v: 0 <= v <= 1, "in [0, 1]"),
     "optim.b1": (lambda v: 0 <= v < 1, "in [0, 1)"),
     "optim.b2": (lambda v: 0 <= v < 1, "in [0, 1)"),
     "optim.eps": (lambda v: v >= 0, ">= 0"),
