@@ -94,7 +94,8 @@ def test_the_eval_view_resizes_by_crop_pct_and_centre_crops(tfds_dir):
     # so the bright band (rows 0..3 of 24, i.e. 0..5 of 32) is cut away and the crop is flat grey.
     config = data_config(tfds_dir, split="validation", augment=False, shuffle=False, num_epochs=1, crop_pct=0.5)
     (batch,) = list(pipeline.make_data(config, 0, 1))
-    assert "label_probs" not in batch and sorted(batch["label"]) == [0, 0, 1, 2, 3, 4]
+    assert sorted(batch["label"]) == [0, 0, 1, 2, 3, 4]
+    np.testing.assert_array_equal(batch["label_probs"], np.eye(NUM_CLASSES)[batch["label"]])
     grey = (batch["pixels"] * np.asarray((0.229, 0.224, 0.225)) + np.asarray((0.485, 0.456, 0.406))) * 255
     assert np.ptp(grey, axis=(1, 2, 3)).max() < 0.01
     np.testing.assert_allclose(np.sort(grey[:, 0, 0, 0]), 8 * np.arange(6), atol=0.01)

@@ -37,9 +37,9 @@ Data names (config.data.name) and their host batches:
                   erasing, then mixup / cutmix over the host batch (data/augment.py); else
                   short side to image_size / crop_pct (bicubic) + centre crop),
                   label int32 [b] (-1 on padding rows), index int64 [b] (the record's, -1 on
-                  padding rows); with augment and mixup, cutmix or
-                  label_smoothing also label_probs float32 [b, C] (C = the TFDS label
-                  feature's num_classes; zero rows on padding)
+                  padding rows), label_probs float32 [b, C] (C = the TFDS label feature's
+                  num_classes; with augment mixed and smoothed, else one-hot; zero rows on
+                  padding)
 Conversation batch (packing.SequencePacker; T = seq_len, S = image_size,
 Tt = teacher_image_size): tokens, targets, loss_mask, segment_ids, positions
 [b, T]; has_image [b]; pixels [b, S, S, 3], pixel_mask [b, S, S] and, with
@@ -528,9 +528,10 @@ class ImageClassMap:
 
 
 class MixingStacker(packing.Stacker):
-    """packing.Stacker whose batch gets label_probs [b, C] and, when full, mixup / cutmix
-    (augment.mix_batch) seeded by its first row's mix_seed, so a resumed run mixes alike.
-    A batch with padding rows (the end of a finite pass) is only smoothed."""
+    """packing.Stacker whose batch gets label_probs [b, C] and, with opts["augment"] and when
+    full, mixup / cutmix (augment.mix_batch) seeded by its first row's mix_seed, so a resumed
+    run mixes alike. A batch with padding rows (the end of a finite pass) is only smoothed;
+    without augment label_probs is the one-hot label."""
 
     def __init__(self, batch_size: int, pad: dict, num_classes: int, opts: dict):
         super().__init__(batch_size, dict(pad, mix_seed=np.uint32(0)))
@@ -539,11 +540,11 @@ class MixingStacker(packing.Stacker):
     def emit(self) -> dict[str, np.ndarray]:
         out = super().emit()
         o, seed = self.opts, out.pop("mix_seed")[0]
-        full = bool((out["label"] >= 0).all())
+        mix = o["augment"] and bool((out["label"] >= 0).all())
         out["pixels"], out["label_probs"], _ = augment_lib.mix_batch(
             out["pixels"], out["label"], np.random.default_rng(seed), self.num_classes,
-            o["mixup"] if full else 0.0, o["cutmix"] if full else 0.0, o["mix_prob"], o["mix_switch_prob"],
-            o["label_smoothing"])
+            o["mixup"] if mix else 0.0, o["cutmix"] if mix else 0.0, o["mix_prob"], o["mix_switch_prob"],
+            o["label_smoothing"] if o["augment"] else 0.0)
         return out
 
 
@@ -666,21 +667,9 @@ def make_data(config, process_index: int, process_count: int) -> packing.BatchIt
     s = opts["image_size"]
     pad = {"pixels": np.zeros((s, s, 3), np.float32), "label": np.int32(-1), "index": np.int64(-1)}
     source = sources.tfds_source(opts["tfds_name"], opts["split"], opts["tfds_dir"] or None, opts["image_key"])
-    if opts["augment"] and (opts["mixup"] or opts["cutmix"] or opts["label_smoothing"]):
-        num_classes = sources.tfds_num_classes(source, opts["label_key"])
-        make_batcher = lambda: MixingStacker(b, pad, num_classes, opts)  # noqa: E731
-    else:
-        pad["mix_seed"] = np.uint32(0)
-        make_batcher = lambda: _DropMixSeed(b, pad)  # noqa: E731
-    return build(source, ImageClassMap(opts), make_batcher, opts, process_index,
-                 process_count, random=True, what=f"TFDS {opts['tfds_name']} {opts['split']}")
-
-
-class _DropMixSeed(packing.Stacker):
-    def emit(self) -> dict[str, np.ndarray]:
-        out = super().emit()
-        out.pop("mix_seed")
-        return out
+    num_classes = sources.tfds_num_classes(source, opts["label_key"])
+    return build(source, ImageClassMap(opts), lambda: MixingStacker(b, pad, num_classes, opts), opts,
+                 process_index, process_count, random=True, what=f"TFDS {opts['tfds_name']} {opts['split']}")
 
 
 def _shapes_source(task: str, opts: dict) -> shapes.ShapesSource:
