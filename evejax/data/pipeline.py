@@ -243,8 +243,14 @@ def _geometry(model, cfg) -> dict[str, int]:
     if hasattr(cfg, "image_tokens_per_tile"):
         return dict(tile_size=cfg.image_size, max_tiles=cfg.max_tiles, tokens_per_tile=cfg.image_tokens_per_tile)
     if hasattr(cfg, "patch_size"):
-        return dict(image_size=cfg.image_size, patch_size=cfg.patch_size, pool=1,
-                    teacher_image_size=cfg.image_size, teacher_patch_size=cfg.patch_size)
+        size = cfg.image_size
+        if isinstance(size, (tuple, list)):   # (H, W): the square views here need H == W
+            if size[0] != size[1]:
+                raise ValueError(f"config.model.name={model.name!r} reads {size[0]} x {size[1]} images; the "
+                                 "classification pipelines make square views: set a square image_size")
+            size = size[0]
+        return dict(image_size=size, patch_size=cfg.patch_size, pool=1,
+                    teacher_image_size=size, teacher_patch_size=cfg.patch_size)
     raise ValueError(f"config.model.name={model.name!r} takes no images; its data cannot be {DATA_NAMES}")
 
 
