@@ -22,7 +22,8 @@ main.py; "build": data/build.py):
                 A different --config.data.global_batch does not rescale lr: set it too.
   schedule      per step, linear warmup then cosine (timm CosineLRScheduler, warmup_prefix)
   AdamW         betas (0.9, 0.999), eps 1e-8, weight decay 0.05 (default); no decay on 1-D
-                params, cls_token, A_log, D, freq (utils/optimizer.py; dan.md §12)
+                params, cls_token, A_log, D, freq (utils/optimizer.py; dan.md §12); ViT: nor
+                on its de-focus decay and rotation (a choice: no code)
   clipping      10.0 (every yaml; the default is 5.0)
   augmentation  timm create_transform (build): RandomResizedCrop bicubic + flip,
                 rand-m9-mstd0.5-inc1, random erasing 0.25 "pixel"; colour jitter 0.4 is
@@ -59,7 +60,9 @@ from evejax import config as config_lib
 
 IN1K_TRAIN, IN21K_TRAIN = 1_281_167, 14_197_122
 BASE_WARMUP_LR, BASE_MIN_LR = 5e-7, 5e-6   # per 512 images (default WARMUP_LR, MIN_LR)
-NO_DECAY = (r".*bias", r".*/scale", r"cls_token", r".*/A_log", r".*/D", r".*/freq", r".*pos_embed.*")
+# The De-focus ViT's learned decay and rotation (no official code) are left out like their Mamba
+# counterparts A_log and freq.
+NO_DECAY = (r".*bias", r".*/scale", r"cls_token", r".*/A_log", r".*/D", r".*/freq", r".*/defocus_.*")
 
 IN1K_SCRATCH = dict(
     image_size=224, epochs=300, warmup_epochs=20, global_batch=1024, base_lr=5e-4,

@@ -5,6 +5,7 @@ import json
 import re
 
 import jax
+import ml_collections
 import numpy as np
 import pytest
 from types import SimpleNamespace
@@ -46,14 +47,23 @@ def test_tiny_dan_trains_with_the_whole_chain_ema_and_drop_path_schedule(run):
 
 def test_the_decay_mask_is_the_official_one(run):
     _, config, _ = run
-    spec = registry.build(config.model)
-    shapes = sharding.unbox(jax.eval_shape(lambda: spec.module.init(jax.random.PRNGKey(0), *spec.init_args)["params"]))
-    paths = [optimizer_lib.path_str(kp) for kp, _ in jax.tree_util.tree_leaves_with_path(shapes)]
-    decayed = sorted(p for p in paths if not any(re.fullmatch(n, p) for n in config.optim.no_decay))
+    def decayed(model):
+        spec = registry.build(model)
+        shapes = sharding.unbox(jax.eval_shape(
+            lambda: spec.module.init(jax.random.PRNGKey(0), *spec.init_args)["params"]))
+        paths = [optimizer_lib.path_str(kp) for kp, _ in jax.tree_util.tree_leaves_with_path(shapes)]
+        return sorted(p for p in paths if not any(re.fullmatch(n, p) for n in config.optim.no_decay))
+
     # utils/optimizer.py build_optimizer run on the model (reference/dan.md §12).
-    assert decayed == ["blocks/mixer/conv1d/kernel", "blocks/mixer/dt_proj/kernel", "blocks/mixer/in_proj/kernel",
-                       "blocks/mixer/out_proj/kernel", "blocks/mixer/x_proj/kernel", "head/kernel", "head2/kernel",
-                       "patch_embed/kernel"]
+    assert decayed(config.model) == [
+        "blocks/mixer/conv1d/kernel", "blocks/mixer/dt_proj/kernel", "blocks/mixer/in_proj/kernel",
+        "blocks/mixer/out_proj/kernel", "blocks/mixer/x_proj/kernel", "head/kernel", "head2/kernel",
+        "patch_embed/kernel"]
+    # The De-focus ViT: weight matrices only (DeiT's rule), not its learned decay and rotation.
+    vit = dict(config.model.to_dict(), size="vit_tiny")
+    assert decayed(ml_collections.ConfigDict(vit)) == [
+        f"blocks/layers/{m}/kernel" for m in ("attention/key", "attention/out", "attention/query", "attention/value",
+                                              "mlp/wi", "mlp/wo")] + ["head/kernel", "head2/kernel", "patch_embed/kernel"]
 
 
 def test_eval_reads_the_checkpoint_raw_and_ema(run, capsys):

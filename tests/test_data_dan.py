@@ -1,5 +1,6 @@
 """The De-focus Attention Networks data: a tiny TFDS set written to disk in ArrayRecord format,
 read through tfds.data_source into the grain pipeline with the whole training chain."""
+import functools
 import io
 from types import SimpleNamespace
 
@@ -13,9 +14,9 @@ from evejax.data import augment, pipeline
 NUM_CLASSES = 5
 
 
-def tiny_imagenet(data_dir, train: int = 24, validation: int = 6) -> str:
-    """A 2-split image-classification TFDS set (ArrayRecord, written without TensorFlow); example i
-    is a 24 x 32 image of grey level 8 * i with a bright left half-row, label i % 5."""
+@functools.cache
+def _builder_class():
+    """TFDS registers a builder class by name once per process, so it is defined once."""
     import tensorflow_datasets as tfds
 
     class TinyDanImagenet(tfds.core.GeneratorBasedBuilder):
@@ -27,7 +28,7 @@ def tiny_imagenet(data_dir, train: int = 24, validation: int = 6) -> str:
                 "label": tfds.features.ClassLabel(num_classes=NUM_CLASSES)}))
 
         def _split_generators(self, dl_manager):
-            return {"train": self._generate_examples(train), "validation": self._generate_examples(validation)}
+            return {"train": self._generate_examples(24), "validation": self._generate_examples(6)}
 
         def _generate_examples(self, n):
             for i in range(n):
@@ -37,7 +38,14 @@ def tiny_imagenet(data_dir, train: int = 24, validation: int = 6) -> str:
                 Image.fromarray(pixels).save(buf, "PNG")
                 yield i, {"image": buf.getvalue(), "label": i % NUM_CLASSES}
 
-    TinyDanImagenet(data_dir=data_dir, file_format="array_record").download_and_prepare()
+    return TinyDanImagenet
+
+
+def tiny_imagenet(data_dir) -> str:
+    """A 2-split image-classification TFDS set (ArrayRecord, written without TensorFlow): train 24 and
+    validation 6 examples; example i is a 24 x 32 image of grey level 8 * i with a bright band over
+    the left half of its top 4 rows, label i % 5."""
+    _builder_class()(data_dir=data_dir, file_format="array_record").download_and_prepare()
     return "tiny_dan_imagenet"
 
 
