@@ -12,7 +12,7 @@ import sys
 
 COMMANDS = {
     "train": ("evejax.train.trainer", "train a model from a config (stages chain by config)"),
-    "eval": ("evejax.eval.evaluate", "evaluate a checkpoint"),
+    "eval": ("evejax.eval.classify", "evaluate a checkpoint (classifiers: --tfds-dir; else EVE VQA)"),
     "generate": ("evejax.eval.generate", "greedy generation from a checkpoint"),
     "import": ("evejax.port.commands", "convert official PyTorch weights into an evejax checkpoint"),
     "export": ("evejax.port.commands", "write an evejax checkpoint in the official PyTorch layout"),

@@ -18,6 +18,7 @@ LIMITS = {
     "optim.lr": (lambda v: v >= 0, ">= 0"),
     "optim.warmup_frac": (lambda v: 0 <= v <= 1, "in [0, 1]"),
     "optim.min_lr_frac": (lambda v: 0 <= v <= 1, "in [0, 1]"),
+    "optim.warmup_init_frac": (lambda v: 0 <= v <= 1, "in [0, 1]"),
     "optim.b1": (lambda v: 0 <= v < 1, "in [0, 1)"),
     "optim.b2": (lambda v: 0 <= v < 1, "in [0, 1)"),
     "optim.eps": (lambda v: v >= 0, ">= 0"),
@@ -44,6 +45,8 @@ DATA_KEYS = dict(
     with_teacher=True, with_ids=False, path="", image_root="",
     split="train", num_examples=100_000, min_side=16, max_side=64, qa_rounds="sample",
     tfds_name="imagenet2012", tfds_dir="", image_key="image", label_key="label", augment=True,
+    crop_pct=0.875, rand_augment="", random_erase=0.0, mixup=0.0, cutmix=0.0, mix_prob=1.0,
+    mix_switch_prob=0.5, label_smoothing=0.0, repeated_aug=1,
 )
 
 

@@ -226,18 +226,24 @@ class Planner:
 
         from evejax import sharding
         from evejax.models import registry
+        from evejax.train import optimizer as optimizer_lib
         from evejax.train import step
 
         spec = registry.build(self.model_config(remat).model)
         mesh = sharding.make_mesh(self.mesh_sizes, self.devices)
         global_batch = batch_per_chip * self.topo.chips
         optimizer = self.optimizer()
-        boxed, state_sh = step.abstract_state(spec.module, spec.init_args, spec.init_kwargs, optimizer, mesh)
+        train_cfg = self.config.get("train", {})
+        ema_decay = float(train_cfg.get("ema_decay", 0.0))
+        boxed, state_sh = step.abstract_state(spec.module, spec.init_args, spec.init_kwargs, optimizer, mesh,
+                                              ema=ema_decay > 0)
         params = sharding.unbox(boxed)
         state = step.TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=params,
                                 opt_state=jax.eval_shape(optimizer.init, params),
-                                rng=jax.eval_shape(lambda: jax.random.PRNGKey(0)))
-        batch = spec.batch_specs(global_batch, seq_len)
+                                rng=jax.eval_shape(lambda: jax.random.PRNGKey(0)),
+                                ema_params=params if ema_decay > 0 else None)
+        scalars = optimizer_lib.batch_schedules(train_cfg)
+        batch = {k: v for k, v in spec.batch_specs(global_batch, seq_len).items() if k not in scalars}
         batch_sh = jax.tree.map(lambda s: sharding.batch_sharding(mesh, len(s.shape)), batch)
         accum = int(self.config.get("train", {}).get("accum_steps", 1))
         plan = Plan(remat, batch_per_chip, global_batch, seq_len, fits=False, total_bytes=None,
@@ -247,7 +253,8 @@ class Planner:
         try:
             with sharding.rules_context(mesh):
                 train_step = step.make_train_step(spec.loss_fn, optimizer, state_sh, batch_sh,
-                                                  accum_steps=accum)
+                                                  accum_steps=accum, ema_decay=ema_decay,
+                                                  batch_scalars=scalars)
                 lowered = train_step.lower(state, batch)
             with _quiet_libtpu():
                 compiled = lowered.compile(compiler_options=options)

@@ -376,15 +376,17 @@ def random_resized_crop_box(width: int, height: int, rng: np.random.Generator,
 
 def imagenet_train_transform(image: Image.Image, rng: np.random.Generator, size: int = 224,
                              scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), hflip_prob: float = 0.5,
-                             mean=IMAGENET_MEAN, std=IMAGENET_STD) -> np.ndarray:
-    """Random resized crop (bicubic) + horizontal flip -> float32 [size, size, 3]."""
+                             mean=IMAGENET_MEAN, std=IMAGENET_STD, augment=None) -> np.ndarray:
+    """Random resized crop (bicubic) + horizontal flip [+ `augment`, PIL -> PIL, e.g. RandAugment,
+    as timm orders them] -> float32 [size, size, 3]."""
     image = image.convert("RGB")
     left, top, w, h = random_resized_crop_box(image.width, image.height, rng, scale, ratio)
     crop = image.crop((left, top, left + w, top + h)).resize((size, size), Image.Resampling.BICUBIC)
-    pixels = np.asarray(crop)
     if rng.uniform() < hflip_prob:
-        pixels = pixels[:, ::-1]
-    return normalize(pixels, mean, std)
+        crop = crop.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    if augment is not None:
+        crop = augment(crop)
+    return normalize(np.asarray(crop), mean, std)
 
 
 def imagenet_eval_transform(image: Image.Image, size: int = 224, crop_pct: float = 0.875,

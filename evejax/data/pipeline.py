@@ -33,8 +33,13 @@ Data names (config.data.name) and their host batches:
                   ids): evejax/data/unpaired.py
   tfds_imagenet   any TFDS image-classification set prepared as ArrayRecord:
                   pixels float32 [b, image_size, image_size, 3] (ImageNet-normalised;
-                  random-resized crop + flip when augment, else resize + centre crop),
-                  label int32 [b] (-1 on padding rows)
+                  when augment: random-resized crop (bicubic) + flip, RandAugment, random
+                  erasing, then mixup / cutmix over the host batch (data/augment.py); else
+                  short side to image_size / crop_pct (bicubic) + centre crop),
+                  label int32 [b] (-1 on padding rows), index int64 [b] (the record's, -1 on
+                  padding rows), label_probs float32 [b, C] (C = the TFDS label feature's
+                  num_classes; with augment mixed and smoothed, else one-hot; zero rows on
+                  padding)
 Conversation batch (packing.SequencePacker; T = seq_len, S = image_size,
 Tt = teacher_image_size): tokens, targets, loss_mask, segment_ids, positions
 [b, T]; has_image [b]; pixels [b, S, S, 3], pixel_mask [b, S, S] and, with
@@ -112,7 +117,16 @@ config.data fields (FIELDS; a key not listed there is an error):
   tfds_dir           TFDS data_dir, local or gs:// ("": TFDS's default)
   split              TFDS split ("train")
   image_key, label_key  feature names ("image", "label")
-  augment            training augmentation (True)
+  augment            training augmentation (True); the fields below apply only with it
+  crop_pct           eval view: the centre crop's share of the resized short side (0.875 = 224/256)
+  rand_augment       timm RandAugment policy, e.g. "rand-m9-mstd0.5-inc1" ("": none)
+  random_erase       probability of one random-erasing box per image (0.0)
+  mixup, cutmix      Beta alphas of mixup and cutmix (0.0: off)
+  mix_prob           probability that a batch is mixed at all (1.0)
+  mix_switch_prob    probability of cutmix instead of mixup when both are on (0.5)
+  label_smoothing    label_probs smoothing (0.0)
+  repeated_aug       R > 1: each epoch reads 1/R of this host's records, each R times in a row
+                     (so in one batch), with independent augmentations (DeiT's RASampler) (1)
 """
 from __future__ import annotations
 
@@ -124,6 +138,7 @@ import numpy as np
 from PIL import Image
 
 from evejax import config as config_lib
+from evejax.data import augment as augment_lib
 from evejax.data import image as image_lib
 from evejax.data import packing, shapes, sources
 from evejax.data import text as text_lib
@@ -194,6 +209,15 @@ def options(data, geometry: dict | image_lib.AnyResConfig | None = None) -> dict
          f"{changed} apply only to template={HOVLE_TEMPLATE!r}, not {opts['template']!r}")
     if name in ("llava", "arrayrecord", "unpaired_llava", "unpaired_arrayrecord"):
         need(bool(opts["path"]), f"path is required for {name}")
+    if name == "tfds_imagenet":
+        need(0 < opts["crop_pct"] <= 1, f"crop_pct must be in (0, 1], got {opts['crop_pct']}")
+        need(int(opts["repeated_aug"]) >= 1, f"repeated_aug must be >= 1, got {opts['repeated_aug']}")
+        need(0 <= opts["label_smoothing"] < 1 and 0 <= opts["random_erase"] <= 1
+             and 0 <= opts["mix_prob"] <= 1 and 0 <= opts["mix_switch_prob"] <= 1
+             and opts["mixup"] >= 0 and opts["cutmix"] >= 0,
+             "label_smoothing must be in [0, 1), random_erase, mix_prob and mix_switch_prob in [0, 1], "
+             "mixup and cutmix >= 0")
+        augment_lib.parse_rand_augment(opts["rand_augment"])
     if name in UNPAIRED_NAMES:
         need(opts["seq_len"] >= 1, f"seq_len (the text stream's length) must be >= 1, got {opts['seq_len']}")
     return opts
@@ -219,8 +243,14 @@ def _geometry(model, cfg) -> dict[str, int]:
     if hasattr(cfg, "image_tokens_per_tile"):
         return dict(tile_size=cfg.image_size, max_tiles=cfg.max_tiles, tokens_per_tile=cfg.image_tokens_per_tile)
     if hasattr(cfg, "patch_size"):
-        return dict(image_size=cfg.image_size, patch_size=cfg.patch_size, pool=1,
-                    teacher_image_size=cfg.image_size, teacher_patch_size=cfg.patch_size)
+        size = cfg.image_size
+        if isinstance(size, (tuple, list)):   # (H, W): the square views here need H == W
+            if size[0] != size[1]:
+                raise ValueError(f"config.model.name={model.name!r} reads {size[0]} x {size[1]} images; the "
+                                 "classification pipelines make square views: set a square image_size")
+            size = size[0]
+        return dict(image_size=size, patch_size=cfg.patch_size, pool=1,
+                    teacher_image_size=size, teacher_patch_size=cfg.patch_size)
     raise ValueError(f"config.model.name={model.name!r} takes no images; its data cannot be {DATA_NAMES}")
 
 
@@ -474,11 +504,14 @@ class ShapesClassMap:
 
 
 class ImageClassMap:
-    """((index, TFDS features), rng) -> {"index", "pixels" [s, s, 3], "label"} or {"bad": kind}."""
+    """((index, TFDS features), rng) -> {"index", "pixels" [s, s, 3], "label", "mix_seed"} or
+    {"bad": kind}; mix_seed (uint32, from the element's own rng) seeds the batch's mixing."""
 
     def __init__(self, opts: dict):
-        self.size, self.augment = opts["image_size"], opts["augment"]
+        self.size, self.augment, self.crop_pct = opts["image_size"], opts["augment"], opts["crop_pct"]
         self.image_key, self.label_key = opts["image_key"], opts["label_key"]
+        self.policy = augment_lib.parse_rand_augment(opts["rand_augment"])
+        self.random_erase = opts["random_erase"]
 
     def __call__(self, item, rng: np.random.Generator) -> dict:
         index, features = item
@@ -489,12 +522,58 @@ class ImageClassMap:
             image = _load_image(bytes(features[self.image_key]))
         except BadRecord as e:
             return {"bad": e.kind}
-        pixels = (image_lib.imagenet_train_transform(image, rng, self.size) if self.augment
-                  else image_lib.imagenet_eval_transform(image, self.size))
-        return {"index": np.int64(index), "pixels": pixels, "label": np.int32(features[self.label_key])}
+        if self.augment:
+            pixels = image_lib.imagenet_train_transform(
+                image, rng, self.size,
+                augment=None if self.policy is None else lambda im: augment_lib.rand_augment(im, rng, self.policy))
+            pixels = augment_lib.random_erasing(pixels, rng, self.random_erase)
+        else:
+            pixels = image_lib.imagenet_eval_transform(image, self.size, self.crop_pct)
+        return {"index": np.int64(index), "pixels": pixels, "label": np.int32(features[self.label_key]),
+                "mix_seed": np.uint32(rng.integers(0, 2 ** 32))}
+
+
+class MixingStacker(packing.Stacker):
+    """packing.Stacker whose batch gets label_probs [b, C] and, with opts["augment"] and when
+    full, mixup / cutmix (augment.mix_batch) seeded by its first row's mix_seed, so a resumed
+    run mixes alike. A batch with padding rows (the end of a finite pass) is only smoothed;
+    without augment label_probs is the one-hot label."""
+
+    def __init__(self, batch_size: int, pad: dict, num_classes: int, opts: dict):
+        super().__init__(batch_size, dict(pad, mix_seed=np.uint32(0)))
+        self.num_classes, self.opts = num_classes, opts
+
+    def emit(self) -> dict[str, np.ndarray]:
+        out = super().emit()
+        o, seed = self.opts, out.pop("mix_seed")[0]
+        mix = o["augment"] and bool((out["label"] >= 0).all())
+        out["pixels"], out["label_probs"], _ = augment_lib.mix_batch(
+            out["pixels"], out["label"], np.random.default_rng(seed), self.num_classes,
+            o["mixup"] if mix else 0.0, o["cutmix"] if mix else 0.0, o["mix_prob"], o["mix_switch_prob"],
+            o["label_smoothing"] if o["augment"] else 0.0)
+        return out
 
 
 # ---- assembly -------------------------------------------------------------------------------
+
+class _RepeatedAugmentation(grain.MapDataset):
+    """Position g of epoch e = g // n reads parent[e * n + (g % n) // repeats]: each epoch (n
+    elements) takes the first ceil(n / repeats) records of the parent's epoch-e order, each
+    `repeats` times in a row."""
+
+    def __init__(self, parent: grain.MapDataset, repeats: int):
+        super().__init__(parent)
+        self._repeats = repeats
+
+    def __len__(self) -> int:
+        return len(self._parent)
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return self.slice(index)
+        n = len(self._parent)
+        return self._parent[index // n * n + index % n // self._repeats]
+
 
 class _WithIndex:
     """(index, record) -> (record's index in the source, record); grain hands later
@@ -524,6 +603,8 @@ def build(source, transform: Callable, make_batcher: Callable[[], packing.Batche
     per_pass = len(ds)
     if opts["shuffle"]:
         ds = ds.shuffle(seed=opts["seed"])
+    if opts["repeated_aug"] > 1:
+        ds = _RepeatedAugmentation(ds, opts["repeated_aug"])
     ds = ds.repeat(opts["num_epochs"] or None)
     ds = ds.random_map(transform, seed=opts["seed"]) if random else ds.map(transform)
     # Small buffers: an element is ~9 MB at 672 px, and every worker process holds
@@ -590,10 +671,11 @@ def make_data(config, process_index: int, process_count: int) -> packing.BatchIt
         return build(_shapes_source("class", opts), ShapesClassMap(opts), lambda: packing.Stacker(b, pad),
                      opts, process_index, process_count)
     s = opts["image_size"]
-    pad = {"pixels": np.zeros((s, s, 3), np.float32), "label": np.int32(-1)}
+    pad = {"pixels": np.zeros((s, s, 3), np.float32), "label": np.int32(-1), "index": np.int64(-1)}
     source = sources.tfds_source(opts["tfds_name"], opts["split"], opts["tfds_dir"] or None, opts["image_key"])
-    return build(source, ImageClassMap(opts), lambda: packing.Stacker(b, pad), opts, process_index,
-                 process_count, random=True, what=f"TFDS {opts['tfds_name']} {opts['split']}")
+    num_classes = sources.tfds_num_classes(source, opts["label_key"])
+    return build(source, ImageClassMap(opts), lambda: MixingStacker(b, pad, num_classes, opts), opts,
+                 process_index, process_count, random=True, what=f"TFDS {opts['tfds_name']} {opts['split']}")
 
 
 def _shapes_source(task: str, opts: dict) -> shapes.ShapesSource:

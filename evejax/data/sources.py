@@ -301,9 +301,21 @@ def tfds_source(name: str, split: str, data_dir: str | None, image_key: str = "i
 
     Needs no TensorFlow. `data_dir` may be local or a bucket (gs://...); the
     dataset must already be prepared there (`tfds build --file_format=array_record`).
+    A split the prepared dataset does not have is a ValueError naming the ones it has.
     """
     import tensorflow_datasets as tfds
 
+    try:
+        available = sorted(tfds.builder(name, data_dir=data_dir).info.splits)
+    except Exception as e:  # tfds raises several types for an unknown or unreadable dataset
+        raise FileNotFoundError(f"TFDS dataset {name!r} is not readable in {data_dir!r} ({e}); prepare it "
+                                "there in ArrayRecord format (config.data.tfds_dir, config.data.tfds_name)") from e
+    # "train[:10%]+validation": the named splits, without slices.
+    wanted = [part.split("[")[0].strip() for part in split.split("+")]
+    missing = [w for w in wanted if w not in available]
+    if missing and available:
+        raise ValueError(f"TFDS dataset {name!r} in {data_dir!r} has no split {missing}; it has {available} "
+                         "(config.data.split)")
     try:
         return tfds.data_source(name, split=split, data_dir=data_dir,
                                 decoders={image_key: tfds.decode.SkipDecoding()})
@@ -311,3 +323,12 @@ def tfds_source(name: str, split: str, data_dir: str | None, image_key: str = "i
         raise FileNotFoundError(
             f"TFDS dataset {name!r} split {split!r} is not readable in {data_dir!r} ({e}); prepare it "
             "in ArrayRecord format there (config.data.tfds_dir, config.data.tfds_name)") from e
+
+
+def tfds_num_classes(source, label_key: str = "label") -> int:
+    """The number of classes of a tfds.data_source's ClassLabel feature `label_key`."""
+    feature = source.dataset_info.features[label_key] if label_key in source.dataset_info.features else None
+    if getattr(feature, "num_classes", None) is None:
+        raise ValueError(f"TFDS feature {label_key!r} is not a ClassLabel with num_classes "
+                         f"(features: {sorted(source.dataset_info.features)}); set config.data.label_key")
+    return int(feature.num_classes)

@@ -168,8 +168,11 @@ def _build_dan(model_cfg) -> ModelSpec:
         return loss, {"ce": ce, "aux_ce": aux_ce, "accuracy": right / jnp.maximum(weight, 1.0), "weight": weight}
 
     def batch_specs(batch, seq_len):
+        # The trainer feeds only these keys: label_probs carries the data's mixup / cutmix /
+        # smoothing (tfds_imagenet always makes it; one-hot without augmentation).
         return {"pixels": jax.ShapeDtypeStruct((batch, *cfg.image_size, 3), jnp.float32),
-                "label": jax.ShapeDtypeStruct((batch,), jnp.int32)}
+                "label": jax.ShapeDtypeStruct((batch,), jnp.int32),
+                "label_probs": jax.ShapeDtypeStruct((batch, cfg.num_classes), jnp.float32)}
 
     return ModelSpec(module=module, init_args=dan.init_inputs(cfg), init_kwargs={}, loss_fn=loss_fn,
                      batch_specs=batch_specs, flops_per_step=lambda b, t: dan.training_flops(cfg, b), config=cfg)

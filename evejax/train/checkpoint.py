@@ -166,12 +166,18 @@ class Checkpoints:
         self.manager.close()
 
 
-def load_params(workdir: str, step: Optional[int] = None) -> tuple[int, Any]:
-    """(step, params as numpy arrays) of a run's checkpoint (default: the newest).
+WEIGHTS = ("params", "ema_params")
+
+
+def load_params(workdir: str, step: Optional[int] = None, weights: str = "params") -> tuple[int, Any]:
+    """(step, params as numpy arrays) of a run's checkpoint (default: the newest); `weights`
+    "ema_params" reads the exponential moving average instead (config.train.ema_decay > 0).
 
     Needs no model, mesh or optimizer, and works on any number of devices:
     for evaluation, export and tests.
     """
+    if weights not in WEIGHTS:
+        raise ValueError(f"weights={weights!r}: use one of {WEIGHTS}")
     store = Checkpoints(workdir, read_only=True)
     step = store.latest_step() if step is None else step
     store.close()
@@ -179,11 +185,15 @@ def load_params(workdir: str, step: Optional[int] = None) -> tuple[int, Any]:
         raise FileNotFoundError(f"{workdir} has no complete checkpoint")
     path = store.directory / str(step) / "state"
     checkpointer = ocp.PyTreeCheckpointer()
-    target = {"params": checkpointer.metadata(path).item_metadata.tree["params"]}
+    saved = checkpointer.metadata(path).item_metadata.tree
+    if saved.get(weights) is None:
+        raise FileNotFoundError(f"checkpoint {step} in {workdir} has no {weights} (an EMA is kept only when "
+                                "config.train.ema_decay > 0); use the params")
+    target = {weights: saved[weights]}
     restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), target)
     restored = checkpointer.restore(path, args=ocp.args.PyTreeRestore(
         item=target, restore_args=restore_args, partial_restore=True))
-    return step, restored["params"]
+    return step, restored[weights]
 
 
 class WorkdirBusyError(RuntimeError):

@@ -14,7 +14,16 @@ Patterns are Python regexes that must match a whole path (`re.fullmatch`).
 
 The trainable group is global-norm clipping followed by AdamW, with linear
 warmup over a fraction of the steps and then cosine decay (HF's
-`get_cosine_schedule_with_warmup`, which all three papers' code uses).
+`get_cosine_schedule_with_warmup`, which all three papers' code uses; with
+`optim.warmup_init_frac` the warmup starts from that share of the peak, as
+timm's CosineLRScheduler `warmup_lr_init` in the DAN code).
+
+  config.train.batch_schedules   {batch key: dict(start, end, epochs, steps_per_epoch)}:
+                           a scalar the step adds to every (micro-)batch, a function
+                           of the update count u: start + (end - start) * e / (epochs - 1),
+                           e = min(u // steps_per_epoch, epochs - 1), i.e. constant over
+                           an epoch and linear over epochs from start to end (DAN's
+                           drop-path maximum; start == end is a constant).
 """
 from __future__ import annotations
 
@@ -24,6 +33,7 @@ import re
 from typing import Any, Callable, Sequence
 
 import jax
+import jax.numpy as jnp
 import optax
 
 TRAINABLE, FROZEN = "trainable", "frozen"
@@ -74,12 +84,41 @@ def make_schedule(optim, total_steps: int) -> Callable:
     """
     warmup = math.ceil(optim.warmup_frac * total_steps)
     peak, end = optim.lr, optim.lr * optim.min_lr_frac
+    start = optim.lr * optim.get("warmup_init_frac", 0.0)
     if optim.schedule == "cosine":
-        return optax.warmup_cosine_decay_schedule(0.0, peak, warmup, max(total_steps, warmup + 1), end)
+        return optax.warmup_cosine_decay_schedule(start, peak, warmup, max(total_steps, warmup + 1), end)
     if optim.schedule == "constant":
         return optax.join_schedules(
-            [optax.linear_schedule(0.0, peak, warmup), optax.constant_schedule(peak)], [warmup])
+            [optax.linear_schedule(start, peak, warmup), optax.constant_schedule(peak)], [warmup])
     raise ValueError(f"config.optim.schedule={optim.schedule!r} is not known; use 'cosine' or 'constant'")
+
+
+def epoch_linear(start: float, end: float, epochs: int, steps_per_epoch: int) -> Callable:
+    """Update count -> float32 value: constant within an epoch, linear over epochs (module docstring)."""
+    if epochs < 1 or steps_per_epoch < 1:
+        raise ValueError(f"a batch schedule needs epochs >= 1 and steps_per_epoch >= 1, got {epochs}, "
+                         f"{steps_per_epoch}")
+
+    def value(count):
+        epoch = jnp.minimum(jnp.asarray(count) // steps_per_epoch, epochs - 1).astype(jnp.float32)
+        return jnp.float32(start) + jnp.float32(end - start) * epoch / max(epochs - 1, 1)
+
+    return value
+
+
+def batch_schedules(train) -> dict[str, Callable]:
+    """{batch key: update count -> value} of config.train.batch_schedules (absent: none)."""
+    given = train.get("batch_schedules", None) or {}
+    out = {}
+    for key, spec in given.items():
+        fields = dict(spec)
+        unknown = sorted(set(fields) ^ {"start", "end", "epochs", "steps_per_epoch"})
+        if unknown:
+            raise KeyError(f"config.train.batch_schedules.{key} needs exactly start, end, epochs, "
+                           f"steps_per_epoch; it differs in {unknown}")
+        out[key] = epoch_linear(float(fields["start"]), float(fields["end"]), int(fields["epochs"]),
+                                int(fields["steps_per_epoch"]))
+    return out
 
 
 @dataclasses.dataclass

@@ -104,7 +104,8 @@ def state_from_params(params, optimizer, shardings: TrainState, rng) -> TrainSta
 def make_train_step(loss_fn: Callable, optimizer: optax.GradientTransformation,
                     state_shardings: TrainState, batch_shardings: Any,
                     accum_steps: int = 1, donate: bool = True, *,
-                    trainable: Any = None, ema_decay: float = 0.0):
+                    trainable: Any = None, ema_decay: float = 0.0,
+                    batch_scalars: Optional[dict[str, Callable]] = None):
     """Returns step(state, batch) -> (state, metrics), jitted with shardings.
 
     With `accum_steps > 1` the batch's leading dimension is split into that many
@@ -112,16 +113,19 @@ def make_train_step(loss_fn: Callable, optimizer: optax.GradientTransformation,
     inside the step, so large global batches fit small slices. `trainable` is
     a bool tree like the params (None: all train); `grad_norm` is measured
     over the trainable part, before clipping. With `ema_decay > 0` the state
-    must carry `ema_params`, which follow the params.
+    must carry `ema_params`, which follow the params. `batch_scalars` {key: update count ->
+    value} adds those float32 scalars, computed from `state.step`, to every micro-batch.
     """
     def step(state: TrainState, batch):
         rng, step_rng = jax.random.split(state.rng)
+        scalars = {k: jnp.asarray(fn(state.step), jnp.float32) for k, fn in (batch_scalars or {}).items()}
         if trainable is None:
             train_p, frozen_p = state.params, None
         else:
             train_p, frozen_p = _split(state.params, trainable)
 
         def grads_of(tp, mb, r):
+            mb = dict(mb, **scalars)
             (loss, metrics), grads = jax.value_and_grad(
                 lambda p: loss_fn(p if frozen_p is None else _merge(p, frozen_p), mb, r),
                 has_aux=True)(tp)
@@ -131,7 +135,7 @@ def make_train_step(loss_fn: Callable, optimizer: optax.GradientTransformation,
             loss, metrics, grads = grads_of(train_p, batch, step_rng)
         else:
             loss, metrics, grads = _accumulate(grads_of, train_p, batch, step_rng, accum_steps)
-        metrics = dict(metrics, loss=loss, grad_norm=optax.tree.norm(grads))
+        metrics = dict(metrics, **scalars, loss=loss, grad_norm=optax.tree.norm(grads))
         if frozen_p is not None:
             grads = _merge(grads, jax.tree.map(jnp.zeros_like, frozen_p))
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)

@@ -218,7 +218,9 @@ def _train(config, workdir: str) -> dict:
 
         # ---- data ----
         data_iter = data_source(dc.name)(config, jax.process_index(), jax.process_count())
-        specs = spec.batch_specs(dc.global_batch, dc.seq_len)
+        # Scheduled scalars (drop_path_rate, ...) are made inside the step, not read from the data.
+        scalars = optimizer_lib.batch_schedules(tc)
+        specs = {k: v for k, v in spec.batch_specs(dc.global_batch, dc.seq_len).items() if k not in scalars}
         batch_shardings = {k: sharding.batch_sharding(mesh, len(s.shape)) for k, s in specs.items()}
 
         # ---- checkpoints, and where this run starts ----
@@ -241,7 +243,7 @@ def _train(config, workdir: str) -> dict:
         # ---- the step: compiled once, before the loop ----
         train_step = step_lib.make_train_step(
             weighted_loss(spec.loss_fn, dict(config.stage.losses)), opt.tx, shardings, batch_shardings,
-            accum, trainable=opt.trainable, ema_decay=tc.ema_decay)
+            accum, trainable=opt.trainable, ema_decay=tc.ema_decay, batch_scalars=scalars)
         state_spec = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                                   state_shape, shardings)
         compiled = train_step.lower(state_spec, specs).compile()
