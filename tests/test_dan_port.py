@@ -170,18 +170,24 @@ def test_an_interrupted_export_leaves_the_old_file(tmp_path, monkeypatch):
     assert list(torch.load(out, weights_only=True)["model_ema"]) == list(state)
 
 
-def test_export_takes_a_training_workdir(tmp_path):
-    """A workdir of `evejax train` with model name "dan": its newest step's params are written."""
+@pytest.mark.parametrize("with_ema", [True, False])
+def test_export_takes_a_training_workdir(tmp_path, with_ema):
+    """A workdir of `evejax train` with model name "dan": its newest step's params go to 'model'
+    and its EMA (the params again when the run keeps none) to 'model_ema'."""
     from evejax.train import checkpoint as ckpt_lib
 
     model = {"name": "dan", "size": "mamba_tiny", "overrides": SETTINGS}
     cfg, rng = tiny(), np.random.default_rng(3)
-    params = jax.tree.map(lambda a: rng.normal(size=a.shape).astype(a.dtype), dan.abstract_params(cfg))
+    draw = lambda: jax.tree.map(lambda a: rng.normal(size=a.shape).astype(a.dtype), dan.abstract_params(cfg))  # noqa: E731
+    params, ema = draw(), draw()
+    state = {"params": params, "step": np.int32(5), **({"ema_params": ema} if with_ema else {})}
     store = ckpt_lib.Checkpoints(str(tmp_path / "run"), async_save=False)
-    store.save(5, {"params": params, "step": np.int32(5)}, {}, {"model": model}, {"loss": 1.0})
+    store.save(5, state, {}, {"model": model}, {"loss": 1.0})
     store.wait()
     store.close()
     assert commands.export_main([str(tmp_path / "run"), str(tmp_path / "out.pth")]) == 0
-    written = torch.load(tmp_path / "out.pth", weights_only=True)["model"]
-    want = dan_port.to_torch(params, cfg)
-    assert list(written) == list(want) and all(np.array_equal(written[k].numpy(), want[k]) for k in want)
+    written = torch.load(tmp_path / "out.pth", weights_only=True)
+    for entry, source in (("model", params), ("model_ema", ema if with_ema else params)):
+        want = dan_port.to_torch(source, cfg)
+        got = written[entry]
+        assert list(got) == list(want) and all(np.array_equal(got[k].numpy(), want[k]) for k in want), entry

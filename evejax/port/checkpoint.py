@@ -205,9 +205,10 @@ def workdir_model(workdir: str | os.PathLike) -> str:
             store.close()
 
 
-def load_workdir(workdir: str | os.PathLike) -> tuple[str, Any, Any, int]:
+def load_workdir(workdir: str | os.PathLike, weights: str = "params") -> tuple[str, Any, Any, int]:
     """(model name, e.g. "llm" or "eve"; its family's config; params as numpy arrays; step) of
-    the newest checkpoint of a training workdir, read through evejax.train.checkpoint."""
+    the newest checkpoint of a training workdir, read through evejax.train.checkpoint;
+    `weights` "ema_params" takes its exponential moving average (FileNotFoundError if none)."""
     import ml_collections
 
     from evejax.models import registry
@@ -216,7 +217,7 @@ def load_workdir(workdir: str | os.PathLike) -> tuple[str, Any, Any, int]:
     _ignore_reads_after_a_failed_restore()
     with expected_orbax_warnings_silenced():
         try:
-            step, params = ckpt_lib.load_params(str(workdir))
+            step, params = ckpt_lib.load_params(str(workdir), weights=weights)
             store = ckpt_lib.Checkpoints(str(workdir), read_only=True)
             try:
                 model = store.config(step)["model"]

@@ -26,9 +26,9 @@ refused with the command that strips it. The `.pth` holds no config: import take
                   [--param-dtype float32|bfloat16] [--overwrite]
         'model' (or with --ema 'model_ema') -> OUT_DIR/model.json (format "evejax.dan") + params/.
     evejax export DAN_CKPT|WORKDIR OUT.pth
-        -> {'model': state_dict, 'model_ema': the same} in float32, the layout of the release and of
-        tools/convert_22k_to_1k.py: loads with strict=True into the official model built with the
-        matching config, and through --pretrained gives the EMA copy the same weights.
+        -> {'model': state_dict, 'model_ema': the workdir's EMA (config.train.ema_decay > 0), else
+        the same} in float32, the layout of the release and of tools/convert_22k_to_1k.py: loads
+        with strict=True into the official model built with the matching config.
 
 `to_flax` / `to_torch` convert in memory; `import_dan` / `export_dan` are the commands as functions.
 """
@@ -165,14 +165,17 @@ def _check_output(path: str | os.PathLike) -> None:
         raise CheckpointError(f"{path} is a directory; give the .pth file to write, e.g. {Path(path) / 'model.pth'}")
 
 
-def write_official(state: Mapping[str, np.ndarray], path: str | os.PathLike) -> Path:
-    """{'model': state, 'model_ema': state} as float32 torch tensors, written beside `path` and
-    swapped in whole (evejax.atomic)."""
+def write_official(state: Mapping[str, np.ndarray], path: str | os.PathLike,
+                   ema_state: Mapping[str, np.ndarray] | None = None) -> Path:
+    """{'model': state, 'model_ema': ema_state (default: state)} as float32 torch tensors,
+    written beside `path` and swapped in whole (evejax.atomic)."""
     import torch
 
     _check_output(path)
-    tensors = {k: torch.tensor(np.asarray(v, np.float32)) for k, v in state.items()}
-    return atomic.write_file(path, lambda tmp: torch.save({RAW_ENTRY: tensors, EMA_ENTRY: tensors}, tmp))
+    as_torch = lambda sd: {k: torch.tensor(np.asarray(v, np.float32)) for k, v in sd.items()}  # noqa: E731
+    tensors = as_torch(state)
+    ema = tensors if ema_state is None else as_torch(ema_state)
+    return atomic.write_file(path, lambda tmp: torch.save({RAW_ENTRY: tensors, EMA_ENTRY: ema}, tmp))
 
 
 # ---- evejax DAN checkpoints -----------------------------------------------------------
@@ -224,15 +227,23 @@ def import_dan(src: str | os.PathLike, out_dir: str | os.PathLike, *, size: str,
 
 def export_dan(src: str | os.PathLike, out: str | os.PathLike) -> Path:
     """evejax DAN checkpoint, or a training workdir that trains "dan" (its newest checkpoint's
-    params), -> the official `.pth` at `out`."""
+    params, and its EMA as 'model_ema' when the run keeps one), -> the official `.pth` at `out`.
+    Without an EMA both entries hold the params: the official loader would otherwise leave
+    timm's ModelEma at its random init."""
     _check_output(out)
+    ema = None
     if lm_checkpoint.is_workdir(src):
-        name, cfg, params, _ = lm_checkpoint.load_workdir(src)
+        name, cfg, params, step = lm_checkpoint.load_workdir(src)
         if name != "dan":
             raise CheckpointError(f"{src} trains a {name!r} model, not De-focus Mamba")
+        try:
+            ema = lm_checkpoint.load_workdir(src, weights="ema_params")[2]
+        except FileNotFoundError:
+            pass
     else:
         cfg, params = load_checkpoint(src)
-    return write_official(to_torch(jax.tree.map(np.asarray, params), cfg), out)
+    torch_state = lambda p: to_torch(jax.tree.map(np.asarray, p), cfg)  # noqa: E731
+    return write_official(torch_state(params), out, None if ema is None else torch_state(ema))
 
 
 # ---- command line ---------------------------------------------------------------------
@@ -272,7 +283,7 @@ def import_main(argv) -> int:
 def export_main(argv) -> int:
     """`evejax export DAN_CKPT OUT.pth`."""
     p = argparse.ArgumentParser(prog="evejax export (De-focus Mamba checkpoint)",
-                                description="evejax DAN checkpoint -> official .pth {'model', 'model_ema'}")
+                                description="evejax DAN checkpoint or workdir -> official .pth {'model', 'model_ema'}")
     p.add_argument("src", help="evejax DAN checkpoint directory or training workdir (its newest checkpoint)")
     p.add_argument("out", help=".pth file to write (replaced whole if it exists)")
     args = p.parse_args(argv)
