@@ -6,8 +6,9 @@ Masks are built from per-token data, never from the model type:
 - `causal` (static): key index <= query index;
 - `prefix` [B, T] bool: tokens marked True see each other bidirectionally
   (prefix-LM), on top of the causal rule.
-`impl` chooses the kernel: "xla" (einsum, softmax in float32) or "cudnn"/"dot"
-(`jax.nn.dot_product_attention`, which routes to XLA on CPU/TPU).
+`impl` chooses the kernel: "xla" (einsum, softmax in float32), "cudnn"/"dot"
+(`jax.nn.dot_product_attention`, which routes to XLA on CPU/TPU) or "splash"
+(the Pallas TPU kernel, evejax/nn/splash.py; decoding with the cache uses "xla").
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 from evejax.nn.layers import Dense, constrain
 from evejax.nn.rope import apply_rope
+from evejax.nn.splash import splash_attention
 
 
 def make_mask(q_segment, kv_segment, q_index, kv_index, causal: bool,
@@ -40,7 +42,7 @@ def attend(q, k, v, mask, *, scale: float, impl: str = "xla"):
         return jax.nn.dot_product_attention(
             q, k, v, mask=mask, scale=scale, implementation="cudnn" if impl == "cudnn" else None)
     if impl != "xla":
-        raise ValueError(f"attention impl {impl!r} is not known; use 'xla', 'dot' or 'cudnn'")
+        raise ValueError(f"attention impl {impl!r} is not known; use 'xla', 'dot', 'cudnn' or 'splash'")
     b, t, n, h = q.shape
     kv = k.shape[2]
     if kv == n:
@@ -77,6 +79,8 @@ class Attention(nn.Module):
     rope_scaling: Optional[tuple] = None  # (("type", "dynamic"), ("factor", 2.0)): hashable
     max_position_embeddings: int = 0
     impl: str = "xla"
+    splash_block_q: int = 512
+    splash_block_kv: int = 512
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
     flatten: bool = False  # Dense.flatten
@@ -111,9 +115,15 @@ class Attention(nn.Module):
         if decode:
             k, v, kv_segment, kv_prefix, q_index, kv_index = self._update_cache(k, v, segment_ids, prefix)
 
-        mask = make_mask(segment_ids, kv_segment, q_index, kv_index, self.causal,
-                         prefix, kv_prefix)
-        out = attend(q, k, v, mask, scale=self.head_dim ** -0.5, impl=self.impl)
+        if self.impl == "splash" and not decode:
+            out = splash_attention(q, k, v, segment_ids, causal=self.causal, scale=self.head_dim ** -0.5,
+                                   block_q=self.splash_block_q, block_kv=self.splash_block_kv,
+                                   prefix=prefix)
+        else:
+            mask = make_mask(segment_ids, kv_segment, q_index, kv_index, self.causal,
+                             prefix, kv_prefix)
+            out = attend(q, k, v, mask, scale=self.head_dim ** -0.5,
+                         impl="xla" if self.impl == "splash" else self.impl)
         out = constrain(out, ("batch", "length", "act_heads", None))
         return Dense((x.shape[-1],), ("heads", "head_dim"), ("embed",), use_bias=self.out_bias,
                      name="out", **kw)(out)

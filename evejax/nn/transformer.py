@@ -46,7 +46,10 @@ class TransformerConfig:
     max_position_embeddings: int = 4096
     drop_path: float = 0.0
     layer_scale_init: Optional[float] = None  # None: no layer scale
-    attention_impl: str = "xla"
+    attention_impl: str = "xla"  # "xla" | "dot" | "cudnn" | "splash" (TPU kernel; nn/splash.py)
+    # Splash tiles (multiples of 128; MaxText's default 512 compiles on v4, v5e, v5p and v6e).
+    splash_block_q: int = 512
+    splash_block_kv: int = 512
     remat: str = "full"
     scan_unroll: int = 1
     matmul_2d: bool = False  # Dense.flatten for every projection: faster on CPU, not needed on TPU
@@ -64,10 +67,14 @@ class TransformerConfig:
             raise ValueError(f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}")
         if self.rope_base is not None and self.head_dim % 2:
             raise ValueError(f"RoPE needs an even head_dim, got {self.head_dim}")
+        if self.attention_impl not in ATTENTION_IMPLS:
+            raise ValueError(f"attention_impl {self.attention_impl!r} is not known; use one of {ATTENTION_IMPLS}")
         if self.remat not in REMAT_POLICIES:
             raise ValueError(f"remat policy {self.remat!r} is not known; use one of {sorted(REMAT_POLICIES)}")
         return self
 
+
+ATTENTION_IMPLS = ("xla", "dot", "cudnn", "splash")
 
 _SAVED_NAMES = ("query_proj", "key_proj", "value_proj", "context", "mlp_hidden")
 
@@ -99,6 +106,7 @@ class DecoderLayer(nn.Module):
             causal=cfg.causal, qkv_bias=cfg.qkv_bias, out_bias=cfg.out_bias,
             rope_base=cfg.rope_base, rope_layout=cfg.rope_layout, rope_scaling=cfg.rope_scaling,
             max_position_embeddings=cfg.max_position_embeddings, impl=cfg.attention_impl,
+            splash_block_q=cfg.splash_block_q, splash_block_kv=cfg.splash_block_kv,
             dtype=dtype, param_dtype=pdtype, flatten=cfg.matmul_2d, name="attention",
         )(h, positions, segment_ids, prefix, decode=self.decode)
         h = checkpoint_name(h, "context")
