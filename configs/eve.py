@@ -101,8 +101,10 @@ def get_config(arg: str = "tiny_stage1"):
         start = dict(kind="import", workdir="", path=IMPORTED)
 
     c = ml_collections.ConfigDict()
+    # TPU stages run the splash kernel (no [B, heads, T, T] scores in HBM); the CPU stays on "xla".
     c.model = dict(name="eve", size=size,
-                   overrides=dict(dtype="float32" if tiny else "bfloat16", remat="full"))
+                   overrides=dict(dtype="float32" if tiny else "bfloat16", remat="full",
+                                  attention_impl="xla" if tiny else "splash"))
     c.mesh = dict(slice=1, data=-1, fsdp=1, tensor=1) if tiny else dict(slice=1, data=1, fsdp=-1, tensor=1)
     c.data = data_config(size, stage)
     steps = 30 if tiny else math.ceil(s["num_examples"] / s["global_batch"])

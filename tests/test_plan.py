@@ -91,3 +91,42 @@ def test_search_then_too_big_then_bad_mesh(capsys):
     rc = plan.main(["configs/llm.py:tiny", "--topology", "v5p-8", "--config.mesh.data=3"])
     err = capsys.readouterr().err
     assert rc == 2 and "does not fit v5p-8 (4 chips)" in err and "'data': 3" in err
+
+
+def test_collective_counting_of_a_scanned_fsdp_matmul_on_8_devices():
+    """4 layers of x @ w[l], w [4, 256, 256] float32 sharded over 8 devices on its rows, x on its
+    batch: each layer all-gathers its weight once forward and once backward (7/8 of 256 KiB sent per
+    chip each time), and the weight gradient is reduced across the 8 batch shards once per layer."""
+    import jax
+    import jax.numpy as jnp
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    from evejax import sharding
+
+    mesh = sharding.make_mesh({"fsdp": 8})
+    w_sh = NamedSharding(mesh, P(None, "fsdp", None))
+    w = jax.ShapeDtypeStruct((4, 256, 256), jnp.float32, sharding=w_sh)
+    x = jax.ShapeDtypeStruct((64, 256), jnp.float32, sharding=NamedSharding(mesh, P("fsdp", None)))
+
+    def loss(w, x):
+        h, _ = jax.lax.scan(lambda h, wl: (jnp.tanh(h @ wl), None), x, w)
+        return jnp.sum(h ** 2)
+
+    text = jax.jit(jax.grad(loss), out_shardings=w_sh).lower(w, x).compile().as_text()
+    cost = plan.step_cost(text, 8)
+    layer_weight = 256 * 256 * 4
+    count, sent = cost.collectives["all-gather"]
+    assert count == 2 * 4 and sent == pytest.approx(2 * 4 * layer_weight * 7 / 8)
+    # The gradient's reduction: an all-reduce (then sliced) or a reduce-scatter, once per layer.
+    reduced = cost.collectives["all-reduce"][0] + cost.collectives["reduce-scatter"][0]
+    assert reduced == 4
+    assert cost.collective_bytes == pytest.approx(sum(b for _, b in cost.collectives.values()))
+    # Matmul FLOPs: per layer one forward and two backward matmuls of 8 x 256 x 256 per device.
+    assert cost.matmul_flops == pytest.approx(4 * 3 * 2 * 8 * 256 * 256)
+
+
+def test_group_sizes_in_every_replica_group_form():
+    assert plan._group_size("replica_groups={{0,1,2,3},{4,5,6,7}}, dimensions={0}", 8) == 4
+    assert plan._group_size("replica_groups=[4,8]<=[32], dimensions={0}", 32) == 8
+    assert plan._group_size("replica_groups=mesh['data'=2,'fsdp'=4] {'fsdp'}, x", 8) == 4
+    assert plan._group_size("channel_id=1, use_global_device_ids=true", 16) == 16
