@@ -228,6 +228,7 @@ def step_cost(hlo_text: str, num_devices: int) -> StepCost:
     """
     computations: dict[str, list[tuple[str, str, str, str]]] = {}
     shapes: dict[str, list] = {}
+    constants: dict[str, int] = {}
     order, current, entry = [], None, None
     for line in hlo_text.splitlines():
         if not line.startswith(" ") and line.rstrip().endswith("{"):
@@ -244,6 +245,8 @@ def step_cost(hlo_text: str, num_devices: int) -> StepCost:
             name, type_text, opcode, rest = m.groups()
             shapes[name] = _arrays(type_text)
             computations[current].append((name, type_text, opcode, rest))
+            if opcode == "constant" and re.fullmatch(r"[su](32|64)\[\]\S*", type_text):
+                constants[name] = int(rest.split(")")[0])
     runs = {c: 0 for c in computations}
     runs[entry] = 1
     # Callees are printed before their callers, so callers are done first in reverse.
@@ -251,10 +254,7 @@ def step_cost(hlo_text: str, num_devices: int) -> StepCost:
         for _, _, opcode, rest in computations[comp]:
             if opcode in ("async-done", "async-update"):  # the same computation as its async-start
                 continue
-            trips = 1
-            if opcode == "while":
-                m = re.search(r'known_trip_count":\{"n":"(\d+)"', rest)
-                trips = int(m.group(1)) if m else 1
+            trips = _trip_count(rest, computations, constants) if opcode == "while" else 1
             for m in _CALLED.finditer(rest):
                 for callee in re.findall(r"%?([\w.\-]+)", m.group(1)):
                     if callee in runs:
@@ -285,6 +285,21 @@ def step_cost(hlo_text: str, num_devices: int) -> StepCost:
     return StepCost(collectives, flops)
 
 
+def _trip_count(attrs: str, computations, constants) -> int:
+    """XLA:CPU writes `known_trip_count`; XLA:TPU leaves the loop's condition, `i < N` from 0 by 1
+    as scans lower, to be read."""
+    m = re.search(r'known_trip_count":\{"n":"(\d+)"', attrs)
+    if m:
+        return int(m.group(1))
+    m = re.search(r"condition=%?([\w.\-]+)", attrs)
+    for _, _, opcode, rest in computations.get(m.group(1), []) if m else []:
+        if opcode == "compare" and "direction=LT" in rest:
+            bounds = [constants[o] for o in re.findall(r"%([\w.\-]+)", rest.split(")")[0]) if o in constants]
+            if bounds:
+                return bounds[-1]
+    return 1
+
+
 def _matmul_flops(opcode, result, rest, shapes) -> float:
     operands = re.findall(r"%([\w.\-]+)", rest.split(")")[0])
     out = math.prod(result[0][1]) if result else 0
@@ -294,12 +309,29 @@ def _matmul_flops(opcode, result, rest, shapes) -> float:
         if not (m and lhs):
             return 0.0
         return 2.0 * out * math.prod(lhs[0][1][int(i)] for i in m.group(1).split(",") if i)
-    m = re.search(r"dim_labels=\w+_(\w+)->", rest)
+    # XLA:TPU writes batched dots as convolutions whose batch dimensions are
+    # dilated or padded windows; as XLA's cost analysis does, only window taps
+    # that land on a real input element count.
+    m = re.search(r"dim_labels=(\w+)_(\w+)->(\w+)", rest)
+    lhs = shapes.get(operands[0]) if operands else None
     rhs = shapes.get(operands[1]) if len(operands) > 1 else None
-    if not (m and rhs):
+    if not (m and lhs and rhs and result):
         return 0.0
-    kernel = rhs[0][1]  # its input-feature dim is already per feature group
-    return 2.0 * out * math.prod(kernel) / kernel[m.group(1).index("o")]
+    lhs_labels, rhs_labels, out_labels = m.groups()
+    lhs_dims, rhs_dims, out_dims = lhs[0][1], rhs[0][1], result[0][1]
+    spatial = [c for c in out_labels if c.isdigit()]
+    window = lambda key, default: ([int(v) for v in re.search(key + r"=([\dx_\-]+)", rest).group(1).replace("_", "x").split("x")]  # noqa: E731
+                                   if re.search(key + r"=", rest) else default)
+    n = len(spatial)
+    strides, lhs_dil, rhs_dil = window("stride", [1] * n), window("lhs_dilate", [1] * n), window("rhs_dilate", [1] * n)
+    pads = window("pad", [0] * 2 * n)
+    taps = 1
+    for d, c in enumerate(spatial):
+        size_in, k = lhs_dims[lhs_labels.index(c)], rhs_dims[rhs_labels.index(c)]
+        extent = (size_in - 1) * lhs_dil[d] + 1
+        taps *= sum(1 for o in range(out_dims[out_labels.index(c)]) for j in range(k)
+                    if 0 <= (p := o * strides[d] + j * rhs_dil[d] - pads[2 * d]) < extent and p % lhs_dil[d] == 0)
+    return 2.0 * out_dims[out_labels.index("b")] * out_dims[out_labels.index("f")] * rhs_dims[rhs_labels.index("i")] * taps
 
 
 @dataclasses.dataclass
