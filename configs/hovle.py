@@ -190,6 +190,7 @@ def get_config(arg: str = "tiny_stage1"):
     c = ml_collections.ConfigDict()
     c.data = data_config(size, stage)
     overrides = dict(dtype="float32" if tiny else "bfloat16", remat="none" if tiny else "full",
+                     attention_impl="xla" if tiny else "splash",
                      embedding_drop_path=s["drop_path"], max_tiles=MAX_TILES[size])
     if "teacher" in s:
         c.model = dict(name="hovle", size=size, overrides=overrides, teacher="tiny" if tiny else s["teacher"],

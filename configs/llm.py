@@ -22,7 +22,8 @@ def get_config(arg: str = "tiny"):
     big = arg in ("vicuna_7b", "internlm2_1_8b")
     c = ml_collections.ConfigDict()
     c.model = dict(name="llm", size=SIZES[arg],
-                   overrides=dict(dtype="bfloat16" if big else "float32", remat="full"))
+                   overrides=dict(dtype="bfloat16" if big else "float32", remat="full",
+                                  attention_impl="splash" if big else "xla"))
     c.mesh = dict(slice=1, data=-1, fsdp=1, tensor=1) if not big else dict(slice=1, data=1, fsdp=-1, tensor=1)
     c.data = dict(name="synthetic_text", seq_len=2048 if big else 64, global_batch=8 if not big else 256,
                   vocab_size=VOCAB[arg], seed=0)

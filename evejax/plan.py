@@ -163,6 +163,177 @@ def virtual_devices(topo: Topology) -> list:
     return list(desc.devices)
 
 
+# Bidirectional ICI bandwidth per chip, bytes/s, as Cloud TPU publishes it.
+ICI_BANDWIDTH = {
+    "v4": 300e9,   # unverified: 2,400 Gbps "interchip interconnect BW" of the older v4 page
+    "v5p": 1200e9,  # docs.cloud.google.com/tpu/docs/v5p: "Bidirectional ICI bandwidth per chip 1200 GBps"
+    "v5e": 400e9,   # docs.cloud.google.com/tpu/docs/v5e: "Bidirectional ICI bandwidth (per chip) 400 GBps"
+    "v6e": 800e9,   # unverified: twice v5e's, as Google's Trillium announcement states
+}
+
+COLLECTIVE_KINDS = ("all-gather", "reduce-scatter", "collective-permute", "all-reduce", "all-to-all")
+
+_DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "f8e4m3fn": 1, "f8e5m2": 1, "s16": 2, "u16": 2, "f16": 2,
+                "bf16": 2, "s32": 4, "u32": 4, "f32": 4, "s64": 8, "u64": 8, "f64": 8, "c64": 8, "c128": 16}
+_ARRAY = re.compile(r"\b([a-z]+\d*[a-z0-9]*)\[([\d,]*)\]")
+_INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(.*?)\s([a-z][\w\-]*)\((.*)$")
+_COMPUTATION = re.compile(r"^(?:ENTRY\s+)?%?([\w.\-]+)\s.*\{\s*$")
+_CALLED = re.compile(r"(?:calls|to_apply|body|branch_computations|called_computations)=\{?([^}\s,]+(?:,\s*%[\w.\-]+)*)")
+
+
+def _arrays(type_text: str) -> list[tuple[str, list[int]]]:
+    return [(t, [int(d) for d in dims.split(",") if d]) for t, dims in _ARRAY.findall(type_text)
+            if t in _DTYPE_BYTES]
+
+
+def _bytes(arrays) -> int:
+    return sum(_DTYPE_BYTES[t] * math.prod(dims) for t, dims in arrays)
+
+
+def _group_size(attrs: str, num_devices: int) -> int:
+    """Devices in one replica group, from any of the three forms XLA prints."""
+    m = re.search(r"replica_groups=mesh\[([^\]]*)\]\s*\{([^}]*)\}", attrs)
+    if m:
+        sizes = dict((k.strip("' "), int(v)) for k, v in (kv.split("=") for kv in m.group(1).split(",")))
+        return math.prod(sizes[a.strip("' ")] for a in m.group(2).split(",") if a.strip("' "))
+    m = re.search(r"replica_groups=\[([\d,]+)\]<=", attrs)
+    if m:
+        return int(m.group(1).split(",")[-1])
+    m = re.search(r"replica_groups=\{\{([\d,]*)\}", attrs)
+    if m:
+        return len(m.group(1).split(","))
+    return num_devices
+
+
+@dataclasses.dataclass
+class StepCost:
+    """What the compiled step does per chip, the scanned layer body counted once per layer."""
+    collectives: dict          # kind -> [count, bytes sent per chip]
+    matmul_flops: float        # dot/convolution FLOPs XLA runs (remat recomputation included)
+
+    @property
+    def collective_bytes(self) -> float:
+        return sum(b for _, b in self.collectives.values())
+
+
+def step_cost(hlo_text: str, num_devices: int) -> StepCost:
+    """Collectives and matmul FLOPs of optimised HLO text, each weighed by how often it runs.
+
+    A computation runs as often as its callers, times the trip count of a
+    while loop (XLA's `known_trip_count`) whose body it is. Bytes sent per chip
+    follow the ring algorithms over a group of n: all-gather (n-1)/n of its
+    result, reduce-scatter (n-1) x its result, all-reduce 2(n-1)/n, all-to-all
+    (n-1)/n, collective-permute its whole result. Custom calls (the splash
+    kernel) hide their FLOPs from this count.
+    """
+    computations: dict[str, list[tuple[str, str, str, str]]] = {}
+    shapes: dict[str, list] = {}
+    constants: dict[str, int] = {}
+    order, current, entry = [], None, None
+    for line in hlo_text.splitlines():
+        if not line.startswith(" ") and line.rstrip().endswith("{"):
+            m = _COMPUTATION.match(line)
+            if m:
+                current = m.group(1)
+                order.append(current)
+                computations[current] = []
+                if line.startswith("ENTRY"):
+                    entry = current
+            continue
+        m = current and _INSTRUCTION.match(line)
+        if m:
+            name, type_text, opcode, rest = m.groups()
+            shapes[name] = _arrays(type_text)
+            computations[current].append((name, type_text, opcode, rest))
+            if opcode == "constant" and re.fullmatch(r"[su](32|64)\[\]\S*", type_text):
+                constants[name] = int(rest.split(")")[0])
+    runs = {c: 0 for c in computations}
+    runs[entry] = 1
+    # Callees are printed before their callers, so callers are done first in reverse.
+    for comp in reversed(order):
+        for _, _, opcode, rest in computations[comp]:
+            if opcode in ("async-done", "async-update"):  # the same computation as its async-start
+                continue
+            trips = _trip_count(rest, computations, constants) if opcode == "while" else 1
+            for m in _CALLED.finditer(rest):
+                for callee in re.findall(r"%?([\w.\-]+)", m.group(1)):
+                    if callee in runs:
+                        runs[callee] += runs[comp] * (trips if m.group(0).startswith("body") else 1)
+    collectives = {k: [0, 0.0] for k in COLLECTIVE_KINDS}
+    flops = 0.0
+    for comp, instructions in computations.items():
+        times = runs[comp]
+        if not times:
+            continue
+        for name, type_text, opcode, rest in instructions:
+            kind = opcode[:-6] if opcode.endswith("-start") else opcode
+            if kind in COLLECTIVE_KINDS:
+                arrays = shapes[name]
+                if opcode.endswith("-start") and kind == "all-gather":
+                    arrays = arrays[len(arrays) // 2:]   # (operands, results)
+                elif opcode.endswith("-start") and kind == "collective-permute":
+                    arrays = arrays[:1]                   # (operand, result, contexts)
+                n = _group_size(rest, num_devices)
+                size = _bytes(arrays)
+                sent = {"all-gather": size * (n - 1) / n, "reduce-scatter": size * (n - 1),
+                        "all-reduce": 2 * size * (n - 1) / n, "all-to-all": size * (n - 1) / n,
+                        "collective-permute": size}[kind]
+                collectives[kind][0] += times
+                collectives[kind][1] += times * sent
+            elif opcode in ("dot", "convolution"):
+                flops += times * _matmul_flops(opcode, shapes[name], rest, shapes)
+    return StepCost(collectives, flops)
+
+
+def _trip_count(attrs: str, computations, constants) -> int:
+    """XLA:CPU writes `known_trip_count`; XLA:TPU leaves the loop's condition, `i < N` from 0 by 1
+    as scans lower, to be read."""
+    m = re.search(r'known_trip_count":\{"n":"(\d+)"', attrs)
+    if m:
+        return int(m.group(1))
+    m = re.search(r"condition=%?([\w.\-]+)", attrs)
+    for _, _, opcode, rest in computations.get(m.group(1), []) if m else []:
+        if opcode == "compare" and "direction=LT" in rest:
+            bounds = [constants[o] for o in re.findall(r"%([\w.\-]+)", rest.split(")")[0]) if o in constants]
+            if bounds:
+                return bounds[-1]
+    return 1
+
+
+def _matmul_flops(opcode, result, rest, shapes) -> float:
+    operands = re.findall(r"%([\w.\-]+)", rest.split(")")[0])
+    out = math.prod(result[0][1]) if result else 0
+    if opcode == "dot":
+        m = re.search(r"lhs_contracting_dims=\{([\d,]*)\}", rest)
+        lhs = shapes.get(operands[0]) if operands else None
+        if not (m and lhs):
+            return 0.0
+        return 2.0 * out * math.prod(lhs[0][1][int(i)] for i in m.group(1).split(",") if i)
+    # XLA:TPU writes batched dots as convolutions whose batch dimensions are
+    # dilated or padded windows; as XLA's cost analysis does, only window taps
+    # that land on a real input element count.
+    m = re.search(r"dim_labels=(\w+)_(\w+)->(\w+)", rest)
+    lhs = shapes.get(operands[0]) if operands else None
+    rhs = shapes.get(operands[1]) if len(operands) > 1 else None
+    if not (m and lhs and rhs and result):
+        return 0.0
+    lhs_labels, rhs_labels, out_labels = m.groups()
+    lhs_dims, rhs_dims, out_dims = lhs[0][1], rhs[0][1], result[0][1]
+    spatial = [c for c in out_labels if c.isdigit()]
+    window = lambda key, default: ([int(v) for v in re.search(key + r"=([\dx_\-]+)", rest).group(1).replace("_", "x").split("x")]  # noqa: E731
+                                   if re.search(key + r"=", rest) else default)
+    n = len(spatial)
+    strides, lhs_dil, rhs_dil = window("stride", [1] * n), window("lhs_dilate", [1] * n), window("rhs_dilate", [1] * n)
+    pads = window("pad", [0] * 2 * n)
+    taps = 1
+    for d, c in enumerate(spatial):
+        size_in, k = lhs_dims[lhs_labels.index(c)], rhs_dims[rhs_labels.index(c)]
+        extent = (size_in - 1) * lhs_dil[d] + 1
+        taps *= sum(1 for o in range(out_dims[out_labels.index(c)]) for j in range(k)
+                    if 0 <= (p := o * strides[d] + j * rhs_dil[d] - pads[2 * d]) < extent and p % lhs_dil[d] == 0)
+    return 2.0 * out_dims[out_labels.index("b")] * out_dims[out_labels.index("f")] * rhs_dims[rhs_labels.index("i")] * taps
+
+
 @dataclasses.dataclass
 class Plan:
     remat: str
@@ -179,6 +350,19 @@ class Plan:
     model_flops: float = 0.0            # per chip
     compile_seconds: float = 0.0
     note: str = ""                      # why it does not fit, when the compiler said so
+    cost: Optional[StepCost] = None     # per chip, from the compiled step
+    mesh: str = ""                      # e.g. "data=2 fsdp=16"
+    attention: str = ""                 # the attention impl compiled
+
+    def estimate(self, chip: ChipType) -> Optional[tuple[float, float]]:
+        """(step seconds, MFU): the larger of compute at peak (XLA's matmul FLOPs, or the model's
+        when the kernels hide more) and collective bytes over the ICI bandwidth; no overlap loss,
+        no memory-bound time, so an upper bound on MFU."""
+        if self.cost is None or not self.model_flops:
+            return None
+        seconds = max(max(self.cost.matmul_flops, self.model_flops) / chip.peak_flops,
+                      self.cost.collective_bytes / ICI_BANDWIDTH[chip.generation])
+        return seconds, self.model_flops / (seconds * chip.peak_flops)
 
 
 @dataclasses.dataclass
@@ -203,13 +387,15 @@ class Planner:
         except ValueError as e:
             raise ValueError(f"config.mesh {dict(self.config.mesh)} does not fit {self.topo.name} "
                              f"({self.topo.chips} chips): {e}") from None
+        self.mesh_sizes_label = " ".join(f"{k}={v}" for k, v in self.mesh_sizes.items() if v > 1) or "1 chip"
         self.compiles = 0
         self.compile_seconds = 0.0
 
-    def model_config(self, remat: str):
+    def model_config(self, remat: str, attention: Optional[str] = None):
         config = copy.deepcopy(self.config)
         with config.unlocked():
-            config.model.overrides = dict(config.model.get("overrides", {}) or {}, remat=remat)
+            extra = dict(remat=remat, **({"attention_impl": attention} if attention else {}))
+            config.model.overrides = dict(config.model.get("overrides", {}) or {}, **extra)
         return config
 
     def optimizer(self):
@@ -220,7 +406,8 @@ class Planner:
                           eps=o.get("eps", 1e-8), weight_decay=o.get("weight_decay", 0.0),
                           clip_norm=o.get("clip_norm", 1.0))
 
-    def __call__(self, remat: str, batch_per_chip: int, seq_len: int) -> Plan:
+    def __call__(self, remat: str, batch_per_chip: int, seq_len: int,
+                 attention: Optional[str] = None) -> Plan:
         import jax
         import jax.numpy as jnp
 
@@ -229,7 +416,8 @@ class Planner:
         from evejax.train import optimizer as optimizer_lib
         from evejax.train import step
 
-        spec = registry.build(self.model_config(remat).model)
+        model_config = self.model_config(remat, attention).model
+        spec = registry.build(model_config)
         mesh = sharding.make_mesh(self.mesh_sizes, self.devices)
         global_batch = batch_per_chip * self.topo.chips
         optimizer = self.optimizer()
@@ -247,7 +435,9 @@ class Planner:
         batch_sh = jax.tree.map(lambda s: sharding.batch_sharding(mesh, len(s.shape)), batch)
         accum = int(self.config.get("train", {}).get("accum_steps", 1))
         plan = Plan(remat, batch_per_chip, global_batch, seq_len, fits=False, total_bytes=None,
-                    model_flops=spec.flops_per_step(global_batch, seq_len) / self.topo.chips)
+                    model_flops=spec.flops_per_step(global_batch, seq_len) / self.topo.chips,
+                    mesh=self.mesh_sizes_label,
+                    attention=(model_config.get("overrides", {}) or {}).get("attention_impl", "xla"))
         options = {"exec_time_optimization_effort": -1.0} if self.effort == "fast" else {}
         start = time.perf_counter()
         try:
@@ -278,6 +468,7 @@ class Planner:
         cost = compiled.cost_analysis()
         cost = cost[0] if isinstance(cost, (list, tuple)) else cost
         plan.xla_flops = float(cost.get("flops", 0.0)) if cost else None
+        plan.cost = step_cost(compiled.as_text(), self.topo.chips)
         return self._timed(plan, start)
 
     def _timed(self, plan: Plan, start: float) -> Plan:
@@ -352,12 +543,17 @@ def _secant_guess(probes: dict, hbm_bytes: int) -> Optional[int]:
 POLICY_ORDER = ("none", "save_dots", "save_dots_no_batch", "minimal", "save_qkv", "full")
 
 
-def recommend(best: dict[str, Optional[Plan]]) -> Optional[Plan]:
-    """Largest batch per chip; at equal batch the policy that recomputes least."""
+def recommend(best: dict, chip: Optional[ChipType] = None) -> Optional[Plan]:
+    """Best estimated tokens/s/chip; then the largest batch per chip; then the policy that recomputes least."""
     fitting = [p for p in best.values() if p is not None]
     if not fitting:
         return None
-    return max(fitting, key=lambda p: (p.batch_per_chip, -POLICY_ORDER.index(p.remat)))
+
+    def tokens_per_second(p):
+        est = p.estimate(chip) if chip else None
+        return p.batch_per_chip * p.seq_len / est[0] if est else 0.0
+
+    return max(fitting, key=lambda p: (tokens_per_second(p), p.batch_per_chip, -POLICY_ORDER.index(p.remat)))
 
 
 def _size(n: Optional[int], prefix: str = "") -> str:
@@ -369,24 +565,34 @@ def _size(n: Optional[int], prefix: str = "") -> str:
     return f"{prefix}{n}B"
 
 
+_KIND_HEADS = {"all-gather": "AG", "reduce-scatter": "RS", "collective-permute": "CP", "all-reduce": "AR",
+               "all-to-all": "A2A"}
+
+
 def format_table(plans: Sequence[Plan], topo: Topology, mfu: float,
                  labels: Optional[Sequence[str]] = None) -> str:
     hbm = topo.chip.hbm_bytes
-    head = ["", "remat", "batch/chip", "global batch", "args", "out", "temp", "code",
-            "total", "% HBM", "fits", "XLA FLOPs", "model FLOPs", f"step s @{mfu:.0%}",
-            f"tok/s/chip @{mfu:.0%}", "compile s"]
+    head = ["", "mesh", "attention", "remat", "batch/chip", "global batch", "args", "out", "temp", "code",
+            "total", "% HBM", "fits", "XLA FLOPs", "model FLOPs",
+            *(f"{h} bytes" for h in _KIND_HEADS.values()), "est step s", "est MFU", "est tok/s/chip",
+            f"step s @{mfu:.0%}", f"tok/s/chip @{mfu:.0%}", "compile s"]
     rows = []
     for i, p in enumerate(plans):
         step_s = p.model_flops / (mfu * topo.chip.peak_flops)
+        est = p.estimate(topo.chip)
+        kinds = [_size(int(p.cost.collectives[k][1])) + f" ({p.cost.collectives[k][0]})" if p.cost else "-"
+                 for k in _KIND_HEADS]
         rows.append([
-            labels[i] if labels else "", p.remat, str(p.batch_per_chip), str(p.global_batch),
+            labels[i] if labels else "", p.mesh, p.attention, p.remat, str(p.batch_per_chip), str(p.global_batch),
             _size(p.argument_bytes), _size(p.output_bytes), _size(p.temp_bytes), _size(p.code_bytes),
             _size(p.total_bytes, "" if p.output_bytes is not None else "~"),
             "-" if p.total_bytes is None else f"{100 * p.total_bytes / hbm:.0f}",
             "yes" if p.fits else "no",
             "-" if p.xla_flops is None else f"{p.xla_flops:.3g}",
-            f"{p.model_flops:.3g}", f"{step_s:.3g}",
-            f"{p.batch_per_chip * p.seq_len / step_s:,.0f}", f"{p.compile_seconds:.0f}"])
+            f"{p.model_flops:.3g}", *kinds,
+            "-" if est is None else f"{est[0]:.3g}", "-" if est is None else f"{est[1]:.0%}",
+            "-" if est is None else f"{p.batch_per_chip * p.seq_len / est[0]:,.0f}",
+            f"{step_s:.3g}", f"{p.batch_per_chip * p.seq_len / step_s:,.0f}", f"{p.compile_seconds:.0f}"])
     if not labels:
         head, rows = head[1:], [r[1:] for r in rows]
     widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(head)]
@@ -401,7 +607,15 @@ memory per chip (K/M/G = 2^10/2^20/2^30 bytes): args = state shard + batch shard
 XLA FLOPs: compiled.cost_analysis() per chip. XLA counts the scanned layer body once, so this is
   not the model's count. model FLOPs: MaxText-style matmul FLOPs per chip of one step (6 x params x
   tokens + causal attention), remat recomputation not counted; step time and tokens/s/chip assume
-  {mfu:.0%} MFU of the {peak:.0f} TFLOP/s bf16 peak."""
+  {mfu:.0%} MFU of the {peak:.0f} TFLOP/s bf16 peak.
+collectives (AG all-gather, RS reduce-scatter, CP collective-permute (what a decomposed reduce-scatter
+  becomes), AR all-reduce, A2A all-to-all): bytes sent per chip per step (count in brackets), read from
+  the compiled HLO with the scanned layer body counted once per layer (ring algorithms: AG (n-1)/n of
+  the result, RS (n-1) x the result, AR 2(n-1)/n, CP the result).
+est step s = max(compute at peak, collective bytes / {ici:.0f} GB/s bidirectional ICI per chip (ICI_BANDWIDTH
+  in plan.py)); compute = the larger of XLA's matmul FLOPs (HLO dots and convolutions per layer, remat
+  recomputation included; the splash kernel's are hidden) and the model FLOPs. No overlap loss or
+  memory-bound time is counted, so est MFU (model FLOPs / (est step s x peak)) is an upper bound."""
 
 
 def _parse(argv):
@@ -418,6 +632,10 @@ def _parse(argv):
                    help="largest batch per chip that fits, for each policy in --policies")
     p.add_argument("--policies", default="none,save_dots,minimal,save_qkv,full",
                    help="comma-separated remat policies for --search")
+    p.add_argument("--meshes", help="--search over these meshes, ';'-separated, e.g. "
+                   "'fsdp=-1;data=2,fsdp=-1;fsdp=-1,tensor=4'; default: the config's mesh")
+    p.add_argument("--attention", help="--search over these attention impls, comma-separated "
+                   "(xla, splash, ...); default: the config's")
     p.add_argument("--max-batch-per-chip", type=int, default=512, help="upper end of --search")
     p.add_argument("--mfu", type=float, default=0.5, help="assumed MFU for step time and tokens/s")
     p.add_argument("--effort", choices=("fast", "default"),
@@ -426,11 +644,27 @@ def _parse(argv):
     return p.parse_args(rest), overrides
 
 
+def _mesh_spec(text: str) -> dict:
+    """'data=2,fsdp=-1' -> {'data': 2, 'fsdp': -1}; axes not named are 1."""
+    try:
+        spec = {k.strip(): int(v) for k, v in (kv.split("=") for kv in text.split(",") if kv.strip())}
+    except ValueError:
+        raise ValueError(f"--meshes: {text!r} is not axis=size,...; e.g. data=2,fsdp=-1") from None
+    return {"slice": 1, "data": 1, "fsdp": 1, "tensor": 1, **spec}
+
+
+def _with_mesh(config, mesh: dict):
+    config = copy.deepcopy(config)
+    with config.unlocked():
+        config.mesh = mesh
+    return config
+
+
 def main(argv=None) -> int:
     """Exit status: 0 fits, 1 does not fit (or, with --search, nothing fits), 2 bad arguments."""
     args, overrides = _parse(list(sys.argv[1:] if argv is None else argv))
     from evejax import config as config_lib
-    from evejax.nn.transformer import REMAT_POLICIES
+    from evejax.nn.transformer import ATTENTION_IMPLS, REMAT_POLICIES
 
     try:
         topo = parse_topology(args.topology)
@@ -440,6 +674,15 @@ def main(argv=None) -> int:
         if unknown:
             raise ValueError(f"--policies: {unknown} not known; use {sorted(REMAT_POLICIES)}")
         planner = Planner(config, topo, virtual_devices(topo))
+        meshes = [_mesh_spec(m) for m in (args.meshes or "").split(";") if m.strip()] if args.search else []
+        if meshes:
+            planner = Planner(_with_mesh(config, meshes.pop(0)), topo, planner.devices)
+        impls = [a.strip() for a in (args.attention or "").split(",") if a.strip()] or [None]
+        bad = [a for a in impls if a is not None and a not in ATTENTION_IMPLS]
+        if bad:
+            raise ValueError(f"--attention: {bad} not known; use {list(ATTENTION_IMPLS)}")
+        for m in meshes:
+            Planner(_with_mesh(config, m), topo, planner.devices)  # a mesh that does not fit fails here
     except (ValueError, KeyError, FileNotFoundError) as e:
         print(f"evejax plan: {e}", file=sys.stderr)
         return 2
@@ -452,44 +695,51 @@ def main(argv=None) -> int:
           f"peak {topo.chip.peak_flops / 1e12:.0f} TFLOP/s/chip bf16")
     print(f"mesh {mesh}; seq len {seq_len}")
     notes = NOTES.format(hbm=topo.chip.hbm_bytes / GiB, gen=topo.chip.generation, mfu=args.mfu,
-                         peak=topo.chip.peak_flops / 1e12)
+                         peak=topo.chip.peak_flops / 1e12, ici=ICI_BANDWIDTH[topo.chip.generation] / 1e9)
     if not args.search:
         planner.effort = args.effort or "default"
         batch = args.batch_per_chip or max(1, int(data.get("global_batch", topo.chips)) // topo.chips)
-        plan = planner(remat, batch, seq_len)
+        plan = planner(remat, batch, seq_len, impls[0])
         print(format_table([plan], topo, args.mfu))
         if plan.note:
             print(f"compiler: {plan.note}")
         print(notes)
         return 0 if plan.fits else 1
 
-    planner.effort = args.effort or "fast"
     start = time.perf_counter()
+    planners = [planner] + [Planner(_with_mesh(config, m), topo, planner.devices) for m in meshes]
     best, rows, labels = {}, [], []
-    for policy in policies:
-        fit, probes = largest_fitting(lambda b: planner(policy, b, seq_len), topo.chip.hbm_bytes,
-                                      args.max_batch_per_chip)
-        best[policy] = fit
-        rows.append(fit or probes[0])
-        labels.append(f"{len(probes)} probes" + (" (cap)" if fit and fit.batch_per_chip == args.max_batch_per_chip else ""))
-        print(f"  {policy}: largest batch per chip {fit.batch_per_chip if fit else 0} "
-              f"(probed {', '.join(str(p.batch_per_chip) for p in probes)})", flush=True)
-    choice = recommend(best)
+    for mesh_planner in planners:
+        mesh_planner.effort = args.effort or "fast"
+        for attention in impls:
+            for policy in policies:
+                fit, probes = largest_fitting(lambda b: mesh_planner(policy, b, seq_len, attention),
+                                              topo.chip.hbm_bytes, args.max_batch_per_chip)
+                best[(id(mesh_planner), attention, policy)] = fit
+                rows.append(fit or probes[0])
+                labels.append(f"{len(probes)} probes"
+                              + (" (cap)" if fit and fit.batch_per_chip == args.max_batch_per_chip else ""))
+                print(f"  {rows[-1].mesh} {attention} {policy}: largest batch per chip "
+                      f"{fit.batch_per_chip if fit else 0} (probed {', '.join(str(p.batch_per_chip) for p in probes)})",
+                      flush=True)
+    choice = recommend(best, topo.chip)
     if choice is not None and args.effort is None:
         # Probes ran at the fast setting; the recommendation is compiled as training will compile it.
-        planner.effort = "default"
-        confirmed = planner(choice.remat, choice.batch_per_chip, seq_len)
+        chosen = next(q for q in planners if q.mesh_sizes_label == choice.mesh)
+        chosen.effort = "default"
+        confirmed = chosen(choice.remat, choice.batch_per_chip, seq_len, choice.attention)
         while not confirmed.fits and confirmed.batch_per_chip > 1:
-            confirmed = planner(choice.remat, confirmed.batch_per_chip - 1, seq_len)
+            confirmed = chosen(choice.remat, confirmed.batch_per_chip - 1, seq_len, choice.attention)
         choice = confirmed if confirmed.fits else None
     if choice is not None:
         rows.append(choice)
         labels.append("recommended")
     print(format_table(rows, topo, args.mfu, labels))
-    print(f"{planner.compiles} compiles in {time.perf_counter() - start:.0f} s "
-          f"({planner.compile_seconds:.0f} s compiling); probes at effort {args.effort or 'fast'}"
+    compiles = sum(q.compiles for q in planners)
+    print(f"{compiles} compiles in {time.perf_counter() - start:.0f} s "
+          f"({sum(q.compile_seconds for q in planners):.0f} s compiling); probes at effort {args.effort or 'fast'}"
           + ("" if args.effort else ", the recommended row at default effort"))
-    print("recommended: the largest batch per chip, at equal batch the policy that recomputes least"
-          + ("" if choice else ": nothing fits"))
+    print("recommended: the best estimated tokens/s/chip among the plans that fit, then the largest batch "
+          "per chip, then the policy that recomputes least" + ("" if choice else ": nothing fits"))
     print(notes)
     return 0 if choice is not None else 1

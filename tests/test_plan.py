@@ -71,6 +71,12 @@ def test_tiny_step_compiles_for_v5p_8():
     assert p.argument_bytes > 0 and p.temp_bytes > 0 and p.total_bytes >= p.argument_bytes
     assert p.xla_flops > 0
     assert p.model_flops == pytest.approx(_tiny_flops(8, 64) / 4)
+    # What XLA runs per chip (2 rows of 64): full remat recomputes the forward (8 x params x tokens;
+    # the lm_head's too, under the loss's remat) and the attention einsums are not halved.
+    layers, lm_head, tokens = 2 * 36864, 64 * 256, 2 * 64
+    attention = 2 * 2 * 64 * 64 * 4 * 16 * 2 * 4  # 2 einsums x 2 FLOPs x B T^2 N H L x (fwd, re-fwd, 2 bwd)
+    assert p.cost.matmul_flops == pytest.approx(8 * (layers + lm_head) * tokens + attention, rel=1e-6)
+    assert p.mesh == "data=4" and p.attention == "xla"
 
 
 @needs_libtpu
@@ -91,3 +97,75 @@ def test_search_then_too_big_then_bad_mesh(capsys):
     rc = plan.main(["configs/llm.py:tiny", "--topology", "v5p-8", "--config.mesh.data=3"])
     err = capsys.readouterr().err
     assert rc == 2 and "does not fit v5p-8 (4 chips)" in err and "'data': 3" in err
+
+
+def _scanned_fsdp_matmul_hlo(devices):
+    """4 layers of x @ w[l], w [4, 256, 256] float32 sharded on its rows over n devices, x [64, 256]
+    on its batch: the gradient step's optimised HLO."""
+    import jax
+    import jax.numpy as jnp
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    from evejax import sharding
+
+    mesh = sharding.make_mesh({"fsdp": len(devices)}, devices)
+    w_sh = NamedSharding(mesh, P(None, "fsdp", None))
+    w = jax.ShapeDtypeStruct((4, 256, 256), jnp.float32, sharding=w_sh)
+    x = jax.ShapeDtypeStruct((64, 256), jnp.float32, sharding=NamedSharding(mesh, P("fsdp", None)))
+
+    def loss(w, x):
+        h, _ = jax.lax.scan(lambda h, wl: (jnp.tanh(h @ wl), None), x, w)
+        return jnp.sum(h ** 2)
+
+    return jax.jit(jax.grad(loss), out_shardings=w_sh).lower(w, x).compile().as_text()
+
+
+def _check_fsdp_matmul_cost(cost, n, gathered_bytes):
+    # Each layer all-gathers its weight forward and backward ((n-1)/n of it sent per chip each
+    # time) and reduces the weight gradient (float32) across the n batch shards once; 3 matmuls per layer.
+    count, sent = cost.collectives["all-gather"]
+    assert count == 2 * 4 and sent == pytest.approx(2 * 4 * 256 * 256 * gathered_bytes * (n - 1) / n)
+    count, sent = cost.collectives["all-reduce"]
+    assert count == 4 and sent == pytest.approx(4 * 2 * 256 * 256 * 4 * (n - 1) / n)
+    assert cost.matmul_flops == pytest.approx(4 * 3 * 2 * (64 // n) * 256 * 256)
+
+
+def test_collective_counting_of_a_scanned_fsdp_matmul_on_8_cpu_devices():
+    import jax
+
+    cost = plan.step_cost(_scanned_fsdp_matmul_hlo(jax.devices()), 8)
+    _check_fsdp_matmul_cost(cost, 8, gathered_bytes=4)
+    assert cost.collective_bytes == pytest.approx(sum(b for _, b in cost.collectives.values()))
+
+
+@needs_libtpu
+def test_collective_counting_of_a_scanned_fsdp_matmul_compiled_for_v5p_8():
+    # XLA:TPU writes no trip count on the loop, wraps the gradient's all-reduce in a fusion, and
+    # gathers the float32 weights as bfloat16 (its default matmul precision).
+    topo = plan.parse_topology("v5p-8")
+    cost = plan.step_cost(_scanned_fsdp_matmul_hlo(plan.virtual_devices(topo)), topo.chips)
+    _check_fsdp_matmul_cost(cost, 4, gathered_bytes=2)
+
+
+def test_group_sizes_in_every_replica_group_form():
+    assert plan._group_size("replica_groups={{0,1,2,3},{4,5,6,7}}, dimensions={0}", 8) == 4
+    assert plan._group_size("replica_groups=[4,8]<=[32], dimensions={0}", 32) == 8
+    assert plan._group_size("replica_groups=mesh['data'=2,'fsdp'=4] {'fsdp'}, x", 8) == 4
+    assert plan._group_size("channel_id=1, use_global_device_ids=true", 16) == 16
+
+
+@needs_libtpu
+@pytest.mark.parametrize("topology", ["v4-8", "v5e-4", "v5p-8", "v6e-4"])
+def test_splash_default_blocks_compile_for_every_generation(topology):
+    """The tiny LM at 1024 tokens (two 512 blocks) with splash: Mosaic compiles the kernel, whose
+    attention FLOPs XLA does not see (the einsum path's exceed the model's)."""
+    topo = plan.parse_topology(topology)
+    planner = plan.Planner(config_lib.load("configs/llm.py:tiny"), topo, plan.virtual_devices(topo),
+                           effort="fast")
+    p = planner("none", 1, 1024, "splash")
+    assert p.fits and p.attention == "splash"
+    assert p.cost.matmul_flops < p.model_flops
+    if topology == "v5p-8":
+        einsum = planner("none", 1, 1024, "xla")
+        assert einsum.cost.matmul_flops > einsum.model_flops
+        assert p.temp_bytes < einsum.temp_bytes

@@ -55,7 +55,8 @@ from evejax.models import vit
 from evejax.nn.layers import Dense, LayerNorm, activation, constrain, default_kernel_init, param_with_axes
 
 # TransformerConfig fields that a precision / memory override sets on the teacher too.
-_SHARED_TRANSFORMER_FIELDS = ("dtype", "param_dtype", "remat", "attention_impl", "scan_unroll")
+_SHARED_TRANSFORMER_FIELDS = ("dtype", "param_dtype", "remat", "attention_impl", "splash_block_q",
+                              "splash_block_kv", "scan_unroll")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -66,7 +66,8 @@ from evejax.nn.transformer import TransformerConfig, TransformerStack
 
 PIXEL_SHUFFLE_LOCS = ("pre", "post")
 # TransformerConfig fields a precision / memory override sets on both stacks.
-_SHARED_TRANSFORMER_FIELDS = ("dtype", "param_dtype", "remat", "attention_impl", "scan_unroll", "matmul_2d")
+_SHARED_TRANSFORMER_FIELDS = ("dtype", "param_dtype", "remat", "attention_impl", "splash_block_q",
+                              "splash_block_kv", "scan_unroll", "matmul_2d")
 _EMBEDDING_PREFIX = "embedding_"
 
 

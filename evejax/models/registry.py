@@ -233,7 +233,7 @@ def _build_hovle_distill(model_cfg) -> ModelSpec:
 
     overrides = dict(model_cfg.get("overrides", {}) or {})
     shared = {k: v for k, v in overrides.items() if k in ("dtype", "param_dtype", "remat", "attention_impl",
-                                                          "scan_unroll")}
+                                                          "splash_block_q", "splash_block_kv", "scan_unroll")}
     teacher_cfg = vit.get_internvl_config(model_cfg.teacher,
                                           **{**shared, **dict(model_cfg.get("teacher_overrides", {}) or {})})
     cfg = hovle.HoVLEDistillConfig(hovle.get_config(model_cfg.size, **overrides), teacher_cfg).validate()

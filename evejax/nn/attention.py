@@ -6,8 +6,9 @@ Masks are built from per-token data, never from the model type:
 - `causal` (static): key index <= query index;
 - `prefix` [B, T] bool: tokens marked True see each other bidirectionally
   (prefix-LM), on top of the causal rule.
-`impl` chooses the kernel: "xla" (einsum, softmax in float32) or "cudnn"/"dot"
-(`jax.nn.dot_product_attention`, which routes to XLA on CPU/TPU).
+`impl` chooses the kernel: "xla" (einsum, softmax in float32), "cudnn"/"dot"
+(`jax.nn.dot_product_attention`, which routes to XLA on CPU/TPU) or "splash"
+(the Pallas TPU kernel, evejax/nn/splash.py; decoding with the cache uses "xla").
 
 De-focus attention (De-focus Attention Networks, arXiv 2406.04342, Eq. 8), `defocus` set, causal only:
   y_t = sum_{s<=t} Softmax_s(q_t^T e^{lambda (t-s)} e^{i theta (t-s)} k_s / sqrt(H)) v_s
@@ -36,6 +37,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 from evejax.nn.layers import Dense, constrain, param_with_axes
 from evejax.nn.rope import apply_rope, inverse_frequencies, rotate_pairs
+from evejax.nn.splash import splash_attention
 
 
 def make_mask(q_segment, kv_segment, q_index, kv_index, causal: bool,
@@ -65,7 +67,7 @@ def attend(q, k, v, mask, *, scale: float, impl: str = "xla", decay=None, decay_
         return jax.nn.dot_product_attention(
             q, k, v, mask=mask, scale=scale, implementation="cudnn" if impl == "cudnn" else None)
     if impl != "xla":
-        raise ValueError(f"attention impl {impl!r} is not known; use 'xla', 'dot' or 'cudnn'")
+        raise ValueError(f"attention impl {impl!r} is not known; use 'xla', 'dot', 'cudnn' or 'splash'")
     b, t, n, h = q.shape
     kv = k.shape[2]
     if kv == n:
@@ -109,6 +111,8 @@ class Attention(nn.Module):
     defocus: Optional[str] = None  # None, "scale" or "bias" (module docstring)
     defocus_decay_init: tuple = (5.0, 1.0)
     defocus_position_scale: float = 1.0
+    splash_block_q: int = 512
+    splash_block_kv: int = 512
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
     flatten: bool = False  # Dense.flatten
@@ -145,11 +149,17 @@ class Attention(nn.Module):
         if decode:
             k, v, kv_segment, kv_prefix, q_index, kv_index = self._update_cache(k, v, segment_ids, prefix)
 
-        mask = make_mask(segment_ids, kv_segment, q_index, kv_index, self.causal,
-                         prefix, kv_prefix)
-        decay = None if self.defocus is None else self._defocus_decay(q_index, kv_index)
-        out = attend(q, k, v, mask, scale=self.head_dim ** -0.5, impl=self.impl, decay=decay,
-                     decay_form=self.defocus or "scale")
+        if self.impl == "splash" and not decode:
+            out = splash_attention(q, k, v, segment_ids, causal=self.causal, scale=self.head_dim ** -0.5,
+                                   block_q=self.splash_block_q, block_kv=self.splash_block_kv,
+                                   prefix=prefix)
+        else:
+            mask = make_mask(segment_ids, kv_segment, q_index, kv_index, self.causal,
+                             prefix, kv_prefix)
+            decay = None if self.defocus is None else self._defocus_decay(q_index, kv_index)
+            out = attend(q, k, v, mask, scale=self.head_dim ** -0.5,
+                         impl="xla" if self.impl == "splash" else self.impl, decay=decay,
+                         decay_form=self.defocus or "scale")
         out = constrain(out, ("batch", "length", "act_heads", None))
         return Dense((x.shape[-1],), ("heads", "head_dim"), ("embed",), use_bias=self.out_bias,
                      name="out", **kw)(out)

@@ -47,7 +47,10 @@ class TransformerConfig:
     max_position_embeddings: int = 4096
     drop_path: float = 0.0
     layer_scale_init: Optional[float] = None  # None: no layer scale
-    attention_impl: str = "xla"
+    attention_impl: str = "xla"  # "xla" | "dot" | "cudnn" | "splash" (TPU kernel; nn/splash.py)
+    # Splash tiles (multiples of 128; MaxText's default 512 compiles on v4, v5e, v5p and v6e).
+    splash_block_q: int = 512
+    splash_block_kv: int = 512
     # De-focus attention (nn/attention.py): None (off), "scale" (Eq. 8 as printed) or "bias".
     defocus: Optional[str] = None
     defocus_decay_init: tuple = (5.0, 1.0)
@@ -69,14 +72,20 @@ class TransformerConfig:
             raise ValueError(f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}")
         if self.rope_base is not None and self.head_dim % 2:
             raise ValueError(f"RoPE needs an even head_dim, got {self.head_dim}")
+        if self.attention_impl not in ATTENTION_IMPLS:
+            raise ValueError(f"attention_impl {self.attention_impl!r} is not known; use one of {ATTENTION_IMPLS}")
         if self.remat not in REMAT_POLICIES:
             raise ValueError(f"remat policy {self.remat!r} is not known; use one of {sorted(REMAT_POLICIES)}")
         if self.defocus is not None and (self.defocus not in ("scale", "bias") or not self.causal
                                          or self.rope_base is None):
             raise ValueError(f"defocus={self.defocus!r} needs 'scale' or 'bias', causal=True and a rope_base "
                              "(its rotation starts at the RoPE frequencies)")
+        if self.defocus is not None and self.attention_impl == "splash":
+            raise ValueError("defocus attention needs attention_impl 'xla' (the splash kernel has no decay term)")
         return self
 
+
+ATTENTION_IMPLS = ("xla", "dot", "cudnn", "splash")
 
 _SAVED_NAMES = ("query_proj", "key_proj", "value_proj", "context", "mlp_hidden")
 
@@ -109,7 +118,9 @@ class DecoderLayer(nn.Module):
             rope_base=cfg.rope_base, rope_layout=cfg.rope_layout, rope_scaling=cfg.rope_scaling,
             max_position_embeddings=cfg.max_position_embeddings, impl=cfg.attention_impl,
             defocus=cfg.defocus, defocus_decay_init=tuple(cfg.defocus_decay_init),
-            defocus_position_scale=cfg.defocus_position_scale, dtype=dtype, param_dtype=pdtype, flatten=cfg.matmul_2d, name="attention",
+            defocus_position_scale=cfg.defocus_position_scale,
+            splash_block_q=cfg.splash_block_q, splash_block_kv=cfg.splash_block_kv,
+            dtype=dtype, param_dtype=pdtype, flatten=cfg.matmul_2d, name="attention",
         )(h, positions, segment_ids, prefix, decode=self.decode)
         h = checkpoint_name(h, "context")
         h = self._layer_scale(h, "attention_layer_scale")
