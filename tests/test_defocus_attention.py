@@ -37,7 +37,7 @@ def _eq8(p, x, form, num_heads, num_kv_heads, pos_scale):
     return np.einsum("btnh,nhd->btd", out, p["out"]["kernel"])
 
 
-@pytest.mark.parametrize("form,num_kv_heads,pos_scale", [("scale", 4, 1.0), ("bias", 4, 2.0), ("scale", 2, 1.0)])
+@pytest.mark.parametrize("form,num_kv_heads,pos_scale", [("bias", 4, 2.0), ("scale", 2, 1.0)])
 def test_defocus_attention_equals_eq8(form, num_kv_heads, pos_scale):
     layer = Attention(num_heads=4, num_kv_heads=num_kv_heads, head_dim=8, rope_layout="interleaved",
                       defocus=form, defocus_position_scale=pos_scale)
@@ -75,7 +75,8 @@ def _stack_out(cfg):
 
 
 def test_defocus_off_adds_nothing_and_on_changes_the_core():
-    base = TransformerConfig(num_layers=2, embed_dim=32, num_heads=4, num_kv_heads=2, head_dim=8, mlp_dim=64)
+    base = TransformerConfig(num_layers=2, embed_dim=32, num_heads=4, num_kv_heads=2, head_dim=8, mlp_dim=64,
+                             remat="none")
     params, out = _stack_out(base)
     assert not any("defocus" in "/".join(map(str, path)) for path, _ in jax.tree_util.tree_leaves_with_path(params))
     on_params, on_out = _stack_out(base.replace(defocus="bias"))
