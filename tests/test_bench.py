@@ -1,8 +1,10 @@
-"""`evejax bench lm` at a toy size: both frameworks run and the reported figures agree with each other."""
+"""`evejax bench lm|hovle` at toy sizes: both frameworks run, the reported figures agree with each
+other, and a family's two steps compute the same loss on the same weights and batch."""
 import pytest
 
 from evejax import bench
 from evejax.models import llm
+from evejax.models import registry
 
 pytest.importorskip("torch")
 pytest.importorskip("transformers")
@@ -28,10 +30,37 @@ def test_lm_bench_toy_size():
     assert res.allocator.startswith(("glibc malloc keeps", "system allocator (not glibc)")), res.allocator
     assert res.peak_flops == max(res.jax_matmul_flops, res.torch_matmul_flops) > 0
     s = res.jax_step_s[0]
-    assert res.tokens_per_s(s) == pytest.approx(32 / s)
+    assert res.per_second(s) == pytest.approx(32 / s)
     assert res.fraction_of_peak(s) == pytest.approx(res.flops_per_step / s / res.peak_flops)
     # Both start from random weights on the same tokens: losses near log(vocab) = 5.5.
     assert all(abs(x - 5.5) < 1.0 for x in res.jax_loss + [res.torch_loss])
-    table = bench.format_lm(res)
+    table = bench.format_result(res)
     assert "x torch tokens/s" in table and "fraction of peak" in table and "variant 1" in table
     assert "page faults/step" in table and res.allocator in table
+    assert f"machine: {bench.cpu_model()}," in table and "first loss" not in table  # own inits
+
+
+def test_hovle_bench_steps_agree_and_the_table():
+    """The comparison is fair: the PyTorch reference holds the evejax step's initial weights (moved
+    by the port) and reads the same batch, so both first losses agree, and so do the losses
+    after the three clipped AdamW steps each ran (one warm-up, two measured)."""
+    res = bench.run_bench("hovle", "tiny", batch=2, seq_len=32, steps=1, repeats=2, matmul_size=64, warmup=1)
+    assert res.same_weights and res.unit == "tokens" and res.units_per_step == 64
+    assert res.torch_first_loss == pytest.approx(res.jax_first_loss[0], rel=1e-5)
+    assert res.torch_loss == pytest.approx(res.jax_loss[0], rel=1e-5)
+    assert res.jax_loss[0] < res.jax_first_loss[0]  # the steps train
+    spec = registry.build(bench.model_config(bench.BENCHES["hovle"], "tiny"))
+    assert res.flops_per_step == spec.flops_per_step(2, 32) > 0
+    assert min(res.jax_step_s) > 0 and res.torch_step_s > 0 and len(res.torch_samples) == 2
+    table = bench.format_result(res)
+    assert table.startswith("evejax bench hovle: tiny (embedding 2 + LLM 2 InternLM2 layers")
+    assert f"machine: {res.cpu}," in table and res.cpu == bench.cpu_model() != ""
+    for row in ("tokens/s", "x torch tokens/s", "fraction of peak", "first loss", "last loss"):
+        assert row in table
+    assert "InternVLChatModel" in table
+
+
+def test_unknown_bench_is_named():
+    with pytest.raises(ValueError, match="no entry 'dann'.*hovle"):
+        bench.run_bench("dann")
+    assert bench.main(["dann"]) == 2
