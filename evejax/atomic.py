@@ -5,6 +5,7 @@
     # out now holds exactly what was written into tmp; an exception inside leaves out untouched
 
     write_text(path, text)                                          # one file, the same rule
+    write_file(path, lambda tmp: torch.save(obj, tmp))              # any writer, the same rule
 
 A directory is swapped in by two renames: <out> -> <out>.old-<token>, then
 <out>.tmp-<token> -> <out>; the old one is deleted last. Before the first rename
@@ -27,7 +28,7 @@ import re
 import shutil
 import uuid
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 
 def _siblings(path: Path, kind: str) -> list[Path]:
@@ -144,11 +145,17 @@ def replaced_dir(path: str | os.PathLike, owned: Sequence[str] | None = None,
 
 def write_text(path: str | os.PathLike, text: str) -> Path:
     """Writes `text` to `path` through a temporary file beside it and one atomic rename."""
+    return write_file(path, lambda tmp: tmp.write_text(text))
+
+
+def write_file(path: str | os.PathLike, write: Callable[[Path], object]) -> Path:
+    """`write(tmp)` fills a temporary file beside `path`, which then replaces `path` by one
+    atomic rename; if `write` fails, `path` is untouched and the temporary file removed."""
     path = Path(path).absolute()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex}")
     try:
-        tmp.write_text(text)
+        write(tmp)
         fsync(tmp)
         os.replace(tmp, path)
     except BaseException:

@@ -116,6 +116,26 @@ def test_bin_that_is_not_a_tensor_dict_is_refused(tmp_path):
         io.load_state_dict(path)
 
 
+class _MakesADirectory:
+    """Unpickling this runs os.mkdir: the shape of a pickle that would run code."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        import os
+
+        return os.mkdir, (self.path,)
+
+
+def test_pickle_that_would_run_code_is_refused_and_nothing_runs(tmp_path):
+    marker = tmp_path / "code_ran"
+    torch.save({"state_dict": {"w": torch.ones(2)}, "config": _MakesADirectory(str(marker))}, tmp_path / "x.pth")
+    with pytest.raises(io.CheckpointError, match=r"x\.pth: refused: .*posix\.mkdir.*would run code"):
+        io.load_state_dict(tmp_path / "x.pth")
+    assert not marker.exists()
+
+
 @pytest.mark.parametrize("keep_bytes", [4, 60, -3])
 def test_truncated_safetensors_names_the_file(tmp_path, keep_bytes):
     io.save_state_dict(_state(), tmp_path)

@@ -135,6 +135,46 @@ def _build_clip_classifier(model_cfg) -> ModelSpec:
                      loss_fn=loss_fn, batch_specs=batch_specs, flops_per_step=flops_per_step, config=cfg)
 
 
+def _build_dan(model_cfg) -> ModelSpec:
+    """De-focus Attention Networks classifiers (models/dan.py). model_cfg: size (dan.SIZES:
+    "mamba_s|b|l|tiny", "vit_s|b|tiny": the size picks the backbone), overrides (DANConfig,
+    MambaConfig or TransformerConfig fields, e.g. num_classes, image_size, drop_path).
+    Batches: pixels [B, H, W, 3] float32 (normalised); label [B] int32 (-1 marks a padding row) or
+    label_probs [B, C] float32 soft targets (mixup/cutmix/smoothing; used instead of label when
+    present; an all-zero row is padding); optional drop_path_rate [] float32, this step's maximum
+    drop-path rate (absent: the config's). seq_len is not used.
+    Loss: the official mix (ce + aux_ce) / 2; metrics ce, aux_ce, accuracy (top-1 of the class
+    token against argmax of the target), weight (real rows)."""
+    import jax
+
+    from evejax.models import dan
+
+    overrides = dict(model_cfg.get("overrides", {}) or {})
+    cfg = dan.get_config(model_cfg.size, **overrides)
+    module = dan.DANClassifier(cfg)
+
+    def loss_fn(params, batch, rng):
+        out = module.apply({"params": params}, batch["pixels"], deterministic=False,
+                           drop_path_rate=batch.get("drop_path_rate"), rngs={"dropout": rng})
+        if "label_probs" in batch:
+            targets = batch["label_probs"].astype(jnp.float32)
+            valid, truth = jnp.sum(targets, axis=-1) > 0, jnp.argmax(targets, axis=-1)
+        else:
+            truth = batch["label"]
+            valid = truth >= 0
+            targets = jax.nn.one_hot(jnp.maximum(truth, 0), cfg.num_classes, dtype=jnp.float32)
+        loss, ce, aux_ce, weight = dan.classification_loss(out, targets, valid)
+        right = jnp.sum((jnp.argmax(out.logits, axis=-1) == truth) & valid)
+        return loss, {"ce": ce, "aux_ce": aux_ce, "accuracy": right / jnp.maximum(weight, 1.0), "weight": weight}
+
+    def batch_specs(batch, seq_len):
+        return {"pixels": jax.ShapeDtypeStruct((batch, *cfg.image_size, 3), jnp.float32),
+                "label": jax.ShapeDtypeStruct((batch,), jnp.int32)}
+
+    return ModelSpec(module=module, init_args=dan.init_inputs(cfg), init_kwargs={}, loss_fn=loss_fn,
+                     batch_specs=batch_specs, flops_per_step=lambda b, t: dan.training_flops(cfg, b), config=cfg)
+
+
 def _build_hovle(model_cfg) -> ModelSpec:
     """HoVLE (models/hovle.py). model_cfg: size ("tiny", "demo", "2.6b", "2.6b_hd"), overrides
     (HoVLEConfig fields, embedding_<field> for the embedding layers, TransformerConfig fields).
@@ -218,7 +258,7 @@ def _build_hovle_distill(model_cfg) -> ModelSpec:
 
 FAMILIES: dict[str, Callable[[Any], ModelSpec]] = {"llm": _build_llm, "eve": _build_eve,
                                                     "clip_classifier": _build_clip_classifier,
-                                                    "hovle": _build_hovle}
+                                                    "hovle": _build_hovle, "dan": _build_dan}
 
 
 def build(model_cfg) -> ModelSpec:

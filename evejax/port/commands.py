@@ -22,6 +22,9 @@
     evejax import --family clip SRC OUT_DIR ...   and   evejax export CLIP_CKPT OUT_DIR
         The HF CLIP vision tower (EVE's teacher) alone: see evejax.port.clip.
 
+    evejax import --family dan SRC.pth OUT_DIR --size NAME [--ema]   and   evejax export DAN_CKPT OUT.pth
+        De-focus Mamba's official classification .pth ('model' / 'model_ema'): see evejax.port.dan.
+
 Every check happens before anything is written; errors a user can cause print
 one message and exit with status 1.
 """
@@ -39,7 +42,7 @@ from evejax.port.io import CheckpointError
 # checkpoint FORMAT): `import --family F` goes to it, and so does `export` of a
 # checkpoint in its format. The modules sit below this one and never import it.
 FAMILY_CONVERTERS = {"eve": "evejax.port.eve", "clip": "evejax.port.clip", "hovle": "evejax.port.hovle",
-                     "internvit": "evejax.port.internvit"}
+                     "internvit": "evejax.port.internvit", "dan": "evejax.port.dan"}
 
 
 def _import_parser() -> argparse.ArgumentParser:

@@ -55,15 +55,7 @@ from evejax.port import io, tables
 from evejax.port.clip import CONV_OIHW_TO_HWIO
 from evejax.port.command_line import export_parser, import_parser, run_command, weight_files
 from evejax.port.io import CheckpointError
-from evejax.port.tables import LINEAR, LINEAR_FROM_HEADS, Row, Transform
-
-
-def _unit_axes(n: int) -> Transform:
-    """PyTorch's `n` leading unit axes (nn.Parameter [1, ..., X]) <-> the array without them."""
-    return Transform(f"unit_axes_{n}",
-                     to_flax=lambda t, shapes: [t.reshape(shapes[0])],
-                     to_torch=lambda arrays: arrays[0].reshape((1,) * n + arrays[0].shape),
-                     torch_shape=lambda shapes: (1,) * n + tuple(shapes[0]))
+from evejax.port.tables import LINEAR, LINEAR_FROM_HEADS, Row, Transform, unit_axes
 
 
 def _qkv_to_flax(t, shapes):
@@ -105,8 +97,8 @@ def _layer_rows(t: TransformerConfig) -> list[Row]:
 
 def vision_rows(t: TransformerConfig) -> list[Row]:
     """InternVisionModel (names without a scope) <-> InternViT."""
-    return ([Row("embeddings.class_embedding", "class_embedding", _unit_axes(2)),
-             Row("embeddings.position_embedding", "position_embedding", _unit_axes(1)),
+    return ([Row("embeddings.class_embedding", "class_embedding", unit_axes(2)),
+             Row("embeddings.position_embedding", "position_embedding", unit_axes(1)),
              Row("embeddings.patch_embedding.weight", "patch_embedding/kernel", CONV_OIHW_TO_HWIO),
              Row("embeddings.patch_embedding.bias", "patch_embedding/bias")]
             + tables.prefixed(_layer_rows(t), "encoder.layers.{i}.", "encoder/layers"))

@@ -6,7 +6,7 @@ mapped to arrays in the PyTorch layout (a Linear weight is ``[out, in]``).
 Reading (``load_state_dict``) accepts
 
 - a single ``.safetensors`` file (parsed here, so reading needs no extra package),
-- a single ``.bin`` / ``.pt`` pickle, read only with
+- a single ``.bin`` / ``.pt`` / ``.pth`` pickle, read only with
   ``torch.load(path, map_location="cpu", weights_only=True)``,
 - a sharded index ``*.index.json``, or
 - a directory holding, in this order of preference, ``model.safetensors``,
@@ -30,6 +30,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import pickle
 import re
 import uuid
 from pathlib import Path
@@ -104,7 +105,7 @@ def load_state_dict(path: str | os.PathLike, keep_dtype: bool = False) -> dict[s
     if path.suffix in (".bin", ".pt", ".pth"):
         return _load_torch_pickle(path, keep_dtype)
     raise CheckpointError(
-        f"{path}: unknown checkpoint type; expected .safetensors, .bin, .pt or *.index.json"
+        f"{path}: unknown checkpoint type; expected .safetensors, .bin, .pt, .pth or *.index.json"
     )
 
 
@@ -173,22 +174,45 @@ def _widen(array: np.ndarray) -> np.ndarray:
     return array.astype(np.float32) if array.dtype in _ML_FLOATS else array
 
 
-def _load_torch_pickle(path: Path, keep_dtype: bool) -> dict[str, np.ndarray]:
-    torch = _import_torch("reading PyTorch .bin/.pt checkpoints")
+def read_torch_pickle(path: str | os.PathLike) -> Any:
+    """The object in a PyTorch pickle, read only with ``torch.load(weights_only=True)``: tensors
+    and plain containers. A pickle that would run code or build other objects (e.g. a training
+    checkpoint carrying its yacs config) is refused, naming what it holds; nothing in it runs."""
+    torch = _import_torch("reading PyTorch .bin/.pt/.pth checkpoints")
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch reports damage as RuntimeError, EOFError, UnpicklingError, ...
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        if "weights only" not in str(e).lower():
+            raise CheckpointError(f"{path}: truncated or corrupt PyTorch pickle ({e}); re-download it") from None
+        found = re.search(r"unsupported (?:global: )?GLOBAL ([\w.]+)", str(e), re.IGNORECASE)
         raise CheckpointError(
-            f"{path}: truncated, corrupt or not a plain tensor pickle "
-            f"({type(e).__name__}: {e}); re-download it or convert it to safetensors"
+            f"{path}: refused: it holds more than tensors ({found.group(1) if found else 'other objects'}), and "
+            "loading it would run code from the file. If you trust it, keep only the weights in a trusted "
+            "environment, e.g. torch.save({k: v for k, v in torch.load(SRC, weights_only=False).items() "
+            "if k in ('model', 'model_ema', 'state_dict')}, DST), and read DST"
         ) from None
-    tensors = _unwrap_tensor_dict(obj, torch)
+    except Exception as e:  # torch reports damage as RuntimeError, EOFError, ...
+        raise CheckpointError(
+            f"{path}: truncated, corrupt or not a PyTorch pickle ({type(e).__name__}: {e}); re-download it "
+            "or convert it to safetensors"
+        ) from None
+
+
+def tensors_to_numpy(tensors: Mapping[str, Any], keep_dtype: bool = False) -> dict[str, np.ndarray]:
+    """A name -> torch.Tensor dict as numpy arrays (bfloat16 and float8 as in ``load_state_dict``)."""
+    torch = _import_torch("converting PyTorch tensors")
+    return {name: _torch_to_numpy(t, torch, keep_dtype) for name, t in tensors.items()}
+
+
+def _load_torch_pickle(path: Path, keep_dtype: bool) -> dict[str, np.ndarray]:
+    obj = read_torch_pickle(path)
+    tensors = _unwrap_tensor_dict(obj, _import_torch("reading PyTorch checkpoints"))
     if tensors is None:
         raise CheckpointError(
             f"{path}: expected a dict of tensor names to tensors, got {type(obj).__name__}"
             + (f" with keys {sorted(map(str, obj))[:10]}" if isinstance(obj, dict) else "")
         )
-    return {name: _torch_to_numpy(t, torch, keep_dtype) for name, t in tensors.items()}
+    return tensors_to_numpy(tensors, keep_dtype)
 
 
 def _unwrap_tensor_dict(obj: Any, torch) -> dict | None:

@@ -82,6 +82,14 @@ FLAT_BIAS = Transform(
 )
 
 
+def unit_axes(n: int) -> Transform:
+    """PyTorch's `n` leading unit axes (nn.Parameter [1, ..., X]) <-> the array without them."""
+    return Transform(f"unit_axes_{n}",
+                     to_flax=lambda t, shapes: [t.reshape(shapes[0])],
+                     to_torch=lambda arrays: arrays[0].reshape((1,) * n + arrays[0].shape),
+                     torch_shape=lambda shapes: (1,) * n + tuple(shapes[0]))
+
+
 def linear(num_in_dims: int = 1) -> Transform:
     """Linear weight [out, in] <-> kernel [*in_dims, *out_dims] with `num_in_dims` input dims.
 
