@@ -1,6 +1,6 @@
 """`evejax bench`: a training step of evejax against its PyTorch counterpart. `data` is evejax/data/bench.py.
 
-  evejax bench lm|hovle [--size S] [--overrides k=v,...] [--batch B] [--seq-len T] [--steps 2]
+  evejax bench lm|hovle|dan [--size S] [--overrides k=v,...] [--batch B] [--seq-len T] [--steps 2]
                   [--repeats 5] [--variant remat=full,scan_unroll=1 ...] [--threads N]
 
 Each entry of `BENCHES` times one training step (forward + backward + AdamW with
@@ -14,9 +14,17 @@ global-norm clipping at 1.0, float32, the same host batch) of a registry model
          the evejax step's initial weights, moved by evejax.port.hovle.to_torch; rows of
          T tokens with one run of <IMG_CONTEXT> placeholders (n per tile, every tile slot
          real) and the tiles' pixels; the CE of both is over hovle.supervised_mask
+  dan    an evejax De-focus Mamba classifier against evejax/port/torch_ref/dan.py
+         `DefocusAttentionNetwork` (its selective scan sequential) holding the evejax
+         step's initial weights (evejax.port.dan.to_torch); random pixels [B, H, W, 3]
+         and labels [B]; the registry's loss, (class-token CE + mean token CE) / 2, on
+         both sides; no drop path (the reference has none); rates in images/s
 
 A family plugs in as one `Bench` (its registry name, a numpy batch both steps read,
-the port's to_torch, the reference module and its loss); De-focus Mamba is one more.
+the port's to_torch, the reference module and its loss, the evejax step's options).
+A `Bench.part` (dan: the selective scan) is also timed alone in every repeat, forward +
+backward at the step's shapes, as many calls as one step makes, in both frameworks;
+the table gives it per step and as a share of the step's median.
 
 Both run on this machine's CPU with one thread per core, each framework in its own
 worker process that sets up host memory first (`evejax.hostmem`: freed memory stays
@@ -31,9 +39,9 @@ Peak FLOP/s: a 2048 x 2048 x 2048 float32 matmul in both frameworks, timed
 inside every repeat (medians); the higher of the two is the machine's peak.
 Model FLOPs per step are the registry's `flops_per_step` (MaxText's count).
 
-The evejax side uses `BENCH_OPTIONS`, ordinary TransformerConfig fields a
-training config can set too; `--variant` adds evejax runs with other options
-to the same alternation, to measure a choice.
+The evejax side uses the entry's options (`BENCH_OPTIONS` for the transformers,
+`DAN_OPTIONS`), ordinary config fields a training config can set too; `--variant`
+adds evejax runs with other options to the same alternation, to measure a choice.
 """
 from __future__ import annotations
 
@@ -69,6 +77,12 @@ import numpy as np
 # Host memory: evejax.hostmem (used by both workers) took the step from 8.14 to
 # 5.95 s and PyTorch's from 10.82 to 9.46 (against an EVEJAX_MALLOC=system run).
 BENCH_OPTIONS = dict(matmul_2d=True, remat="save_dots_no_batch", scan_unroll=1, attention_impl="xla")
+
+# The De-focus Mamba-B step's options (DANConfig / MambaConfig fields). The scan, forward + backward
+# of one block at batch 2 alone (ms, medians of 3, a loaded machine): chunked with chunk 1: 617,
+# 2: 440, 4: 1075, 8: 1683, 32: 4317; associative 4216 (each chunk's associative scan does
+# O(log chunk) passes over [B, chunk, E, N] states; the sequential loop between chunks is cheap on CPU).
+DAN_OPTIONS = dict(remat="full", scan="chunked", scan_chunk=2)
 
 
 def parse_options(text: str) -> dict:
@@ -155,10 +169,10 @@ class JaxStep:
 class TorchStep:
     """A PyTorch module's training step: `loss_of(model)` -> scalar, backward, clipping at 1.0, AdamW."""
 
-    def __init__(self, model, loss_of: Callable[[Any], Any], label: str):
+    def __init__(self, model, loss_of: Callable[[Any], Any], label: str, config=None):
         import torch
 
-        self.model, self.loss_of = model.float().train(), loss_of
+        self.model, self.loss_of, self.config = model.float().train(), loss_of, config
         try:  # the fused CPU kernel where this torch has it: the strongest eager baseline
             self.optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.0, fused=True)
             kind = "fused"
@@ -204,10 +218,18 @@ class Bench:
     to_torch: Optional[Callable[[dict, Any], dict]] = None
     unit: str = "tokens"
     units: Callable[[int, int], int] = lambda batch, seq_len: batch * seq_len
+    shape: Callable[[int, int], str] = lambda batch, seq_len: f"{batch} x {seq_len}"  # the batch, in the headline
+    options: dict = dataclasses.field(default_factory=lambda: dict(BENCH_OPTIONS))  # the evejax step's
+    overrides: dict = dataclasses.field(default_factory=dict)  # both sides, under --overrides
+    # A piece of the step timed alone in the same run: `part(kind, cfg, B, T)` -> (fn, k), k calls of
+    # fn ("jax" or "torch") being what one step spends on it; `part_name` names it in the table.
+    part: Optional[Callable[[str, Any, int, int], tuple]] = None
+    part_name: str = ""
+    default_batch: int = 4                       # default --batch
 
     def jax_step(self, size: str, batch: int, seq_len: int, options: dict, overrides: Optional[dict] = None,
                  seed: int = 0) -> JaxStep:
-        model_cfg = model_config(self, size, {**(overrides or {}), **options})
+        model_cfg = model_config(self, size, {**self.overrides, **(overrides or {}), **options})
         from evejax.models import registry
 
         cfg = registry.build(model_cfg).config
@@ -219,10 +241,10 @@ class Bench:
 
         from evejax.models import registry
 
-        cfg = registry.build(model_config(self, size, overrides)).config
+        cfg = registry.build(model_config(self, size, {**self.overrides, **(overrides or {})})).config
         torch.manual_seed(seed)
         model, loss_of, label = self.reference(cfg, state, self.batch(cfg, batch, seq_len, seed))
-        return TorchStep(model, loss_of, label)
+        return TorchStep(model, loss_of, label, cfg)
 
 
 def _lm_batch(cfg, batch: int, seq_len: int, seed: int) -> dict:
@@ -313,10 +335,99 @@ def _hovle_describe(cfg) -> str:
             f"'{cfg.pixel_shuffle_loc}'")
 
 
+def _dan_batch(cfg, batch: int, seq_len: int, seed: int) -> dict:
+    """Random normalised pixels [B, H, W, 3] and labels [B] (seq_len is not used)."""
+    rng = np.random.default_rng(seed)
+    return {"pixels": rng.standard_normal((batch, *cfg.image_size, 3), dtype=np.float32),
+            "label": rng.integers(0, cfg.num_classes, batch).astype(np.int32)}
+
+
+def _dan_reference(cfg, state, batch):
+    import torch
+    import torch.nn.functional as F
+
+    from evejax.port import dan as dan_port
+    from evejax.port.torch_ref.dan import DefocusAttentionNetwork
+
+    model = DefocusAttentionNetwork(dan_port.official_config(cfg))
+    model.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in state.items()}, strict=True)
+    pixels = torch.from_numpy(batch["pixels"]).permute(0, 3, 1, 2).contiguous()
+    labels = torch.from_numpy(batch["label"]).long()
+
+    def loss_of(m):  # the registry's dan loss: (CE of head(class token) + mean token CE of head2) / 2
+        out = m(pixels)  # [B, P + 1, C]: head2 on the P image tokens, head on the class token (last)
+        tokens = out[:, :-1]
+        aux = F.cross_entropy(tokens.flatten(0, 1), labels.repeat_interleave(tokens.shape[1]))
+        return (F.cross_entropy(out[:, -1], labels) + aux) / 2
+
+    return model, loss_of, ("DefocusAttentionNetwork (evejax/port/torch_ref/dan.py, sequential scan) eager, "
+                            "the evejax step's initial weights moved by evejax.port.dan.to_torch")
+
+
+def _dan_to_torch(params, cfg) -> dict:
+    from evejax.port import dan as dan_port
+
+    return dan_port.to_torch(params, cfg)
+
+
+def _dan_describe(cfg) -> str:
+    m = cfg.mamba
+    return (f"d {m.embed_dim}, {cfg.depth} Mamba blocks, E {m.intermediate_size}, N {m.state_size}, "
+            f"R {m.time_step_rank}; {cfg.image_size[0]}x{cfg.image_size[1]} px / {cfg.patch_size} -> "
+            f"{cfg.num_patches + 1} tokens, {cfg.num_classes} classes, head + head2")
+
+
+def _dan_scan(kind: str, cfg, batch: int, seq_len: int) -> tuple:
+    """One block's selective scan, forward + backward (gradients for delta, u, B, C and A as the
+    step needs them), at the step's shapes; `depth` of them make a step. The evejax one is
+    nn/mamba's scan with the step's scan options, jitted, its forward run twice when the step
+    rematerialises the blocks (as the step does); the PyTorch one the reference's sequential scan."""
+    m = cfg.mamba
+    length, e, n = cfg.num_patches + 1, m.intermediate_size, m.state_size
+    length += -length % cfg.pad_length_to
+    rng = np.random.default_rng(0)
+    delta = rng.uniform(m.time_step_min, m.time_step_max, (batch, length, e)).astype(np.float32)
+    u, cotangent = (rng.standard_normal((batch, length, e), dtype=np.float32) for _ in range(2))
+    b_mat, c_mat = (rng.standard_normal((batch, length, n), dtype=np.float32) for _ in range(2))
+    a = -np.broadcast_to(np.arange(1, n + 1, dtype=np.float32), (e, n))
+    if kind == "jax":
+        import jax
+        import jax.numpy as jnp
+
+        from evejax.nn import mamba
+
+        scan = lambda *xs: mamba.selective_scan(*xs, scan=m.scan, chunk=m.scan_chunk)  # noqa: E731
+        if cfg.remat != "none":
+            scan = jax.checkpoint(scan)
+        grads = jax.jit(jax.grad(lambda *xs: jnp.vdot(scan(*xs), cotangent), argnums=(0, 1, 2, 3, 4)))
+        inputs = [jnp.asarray(x) for x in (delta, u, b_mat, c_mat, a)]
+        return (lambda: jax.block_until_ready(grads(*inputs))), cfg.depth
+    import torch
+
+    from evejax.port.torch_ref.dan import selective_scan
+
+    channels_first = lambda x: torch.from_numpy(np.ascontiguousarray(x.transpose(0, 2, 1)))  # noqa: E731
+    inputs = [channels_first(x).requires_grad_() for x in (u, delta, b_mat, c_mat)]
+    a_t, g = torch.from_numpy(a.copy()).requires_grad_(), channels_first(cotangent)
+
+    def forward_backward():
+        u_t, delta_t, b_t, c_t = inputs
+        selective_scan(u_t, delta_t, a_t, b_t, c_t).backward(g)
+        for x in (*inputs, a_t):
+            x.grad = None
+
+    return forward_backward, cfg.depth
+
+
 BENCHES: dict[str, Bench] = {
     "lm": Bench(model="llm", size="llama_110m", batch=_lm_batch, reference=_lm_reference, describe=_lm_describe),
     "hovle": Bench(model="hovle", size="110m", batch=_hovle_batch, reference=_hovle_reference,
                    describe=_hovle_describe, to_torch=_hovle_to_torch),
+    # The reference has no drop path; DAN_OPTIONS below.
+    "dan": Bench(model="dan", size="mamba_b", batch=_dan_batch, reference=_dan_reference, describe=_dan_describe,
+                 to_torch=_dan_to_torch, unit="images", units=lambda batch, seq_len: batch,
+                 shape=lambda batch, seq_len: f"{batch} images", options=dict(DAN_OPTIONS),
+                 overrides=dict(drop_path=0.0), part=_dan_scan, part_name="scan"),
 }
 
 
@@ -359,7 +470,7 @@ class BenchResult:
     jax_matmul_flops: float        # median FLOP/s of the matmul, per framework
     torch_matmul_flops: float
     peak_flops: float              # the higher of the two
-    variants: list                 # [options dict] per evejax run, the first is BENCH_OPTIONS
+    variants: list                 # [options dict] per evejax run, the first the entry's options
     jax_step_s: list               # [median step seconds] per variant
     jax_samples: list              # [[seconds per step, one per repeat]] per variant
     torch_step_s: float
@@ -370,6 +481,10 @@ class BenchResult:
     torch_first_loss: float
     jax_loss: list                 # last loss per variant
     torch_loss: float
+    shape: str = ""                # the batch, as the headline gives it
+    part_name: str = ""            # a piece of the step timed alone (Bench.part), "" for none
+    jax_part_s: list = dataclasses.field(default_factory=list)  # its median seconds per step, per variant
+    torch_part_s: float = 0.0
 
     def per_second(self, seconds: float) -> float:
         """Units (tokens, samples) per second at `seconds` per step."""
@@ -382,8 +497,8 @@ class BenchResult:
 def _worker(conn, kind: str, name: str, size: str, overrides: dict, batch: int, seq_len: int, option_sets: list,
             threads: int, matmul_size: int, warmup: int, weights: Optional[str]) -> None:
     """One framework in its own process: builds and warms up its runs (one per evejax option
-    set), then answers ("step", run, n) and ("matmul", n) with (seconds per call, minor page
-    faults per call) until ("stop",). Own processes keep the frameworks' heaps and thread pools
+    set), then answers ("step", run, n), ("part", run, n) (the entry's `part`, per step) and
+    ("matmul", n) with (seconds per call, minor page faults per call) until ("stop",). Own processes keep the frameworks' heaps and thread pools
     apart; both set up host memory the same way, first. With shared weights the evejax worker
     writes the official state dict of its first run's initial weights to `weights` (.npz),
     which the PyTorch worker, started after it, loads."""
@@ -410,6 +525,9 @@ def _worker(conn, kind: str, name: str, size: str, overrides: dict, batch: int, 
             for _ in range(warmup):
                 runs[-1].step()
             info["setup_s"].append(time.perf_counter() - start)
+        parts = [bench.part(kind, run.config, batch, seq_len) for run in runs] if bench.part else []
+        for fn, _ in parts:
+            fn()  # compiles
         if kind == "jax":
             spec = runs[0].spec
             info.update(describe=bench.describe(spec.config), flops=spec.flops_per_step(batch, seq_len))
@@ -423,9 +541,14 @@ def _worker(conn, kind: str, name: str, size: str, overrides: dict, batch: int, 
             if cmd == "stop":
                 conn.send([(run.first_loss, run.loss) for run in runs])
                 return
-            fn, n = (runs[arg[0]].step, arg[1]) if cmd == "step" else (matmul, arg[0])
+            if cmd == "step":
+                fn, n, k = runs[arg[0]].step, arg[1], 1
+            elif cmd == "part":  # k calls make a step
+                (fn, k), n = parts[arg[0]], arg[1]
+            else:
+                fn, n, k = matmul, arg[0], 1
             faults = hostmem.minor_page_faults()
-            seconds = _seconds_per_call(fn, n)
+            seconds = _seconds_per_call(fn, n) * k
             conn.send((seconds, (hostmem.minor_page_faults() - faults) / n))
     except BaseException:  # reported by the parent with the worker's traceback
         import traceback
@@ -460,7 +583,7 @@ def run_bench(name: str, size: Optional[str] = None, batch: int = 4, seq_len: in
               repeats: int = 5, variants: Sequence[dict] = (), matmul_size: int = 2048,
               threads: Optional[int] = None, warmup: int = 3, overrides: Optional[dict] = None,
               log: Callable[[str], None] = lambda s: None) -> BenchResult:
-    """Measures evejax (BENCH_OPTIONS, then each variant's options on top) and PyTorch
+    """Measures evejax (the entry's options, then each variant's options on top) and PyTorch
     alternately for BENCHES[name]: all evejax runs in one worker process, PyTorch in another.
     Three warm-up steps: with kept host memory the heap settles within them (a 110M LM run
     grew once, at its third step, then ran 22 steps at a flat 5.66 GiB)."""
@@ -473,7 +596,7 @@ def run_bench(name: str, size: Optional[str] = None, batch: int = 4, seq_len: in
     overrides = dict(overrides or {})
     ctx = multiprocessing.get_context("spawn")
     threads = threads or os.cpu_count() or 1
-    option_sets = [dict(BENCH_OPTIONS)] + [dict(BENCH_OPTIONS, **v) for v in variants]
+    option_sets = [dict(bench.options)] + [dict(bench.options, **v) for v in variants]
     names = [f"evejax {o}" for o in option_sets] + ["torch"]
     workers = []
     with tempfile.TemporaryDirectory(prefix="evejax_bench_") as tmp:
@@ -489,6 +612,7 @@ def run_bench(name: str, size: Optional[str] = None, batch: int = 4, seq_len: in
                 log(f"{label}: build + {warmup} warm-up steps {t:.1f} s")
             runs = [(jax_worker, i) for i in range(len(option_sets))] + [(torch_worker, 0)]
             samples = [[] for _ in runs]
+            part_samples = [[] for _ in runs] if bench.part else []
             faults = [[] for _ in runs]
             jax_mm_s, torch_mm_s = [], []
             for r in range(repeats):
@@ -498,6 +622,8 @@ def run_bench(name: str, size: Optional[str] = None, batch: int = 4, seq_len: in
                     seconds, n = w.ask("step", k, steps)
                     samples[i].append(seconds)
                     faults[i].append(n)
+                for i, (w, k) in enumerate(runs[:len(part_samples)]):
+                    part_samples[i].append(w.ask("part", k, 2)[0])
                 log(f"repeat {r + 1}/{repeats}: evejax " + " ".join(f"{s[-1]:.3f}" for s in samples[:-1])
                     + f" s/step, torch {samples[-1][-1]:.3f} s/step")
             losses = jax_worker.ask("stop") + torch_worker.ask("stop")
@@ -522,7 +648,10 @@ def run_bench(name: str, size: Optional[str] = None, batch: int = 4, seq_len: in
         torch_step_s=statistics.median(samples[-1]), torch_samples=samples[-1],
         jax_faults=[statistics.median(f) for f in faults[:-1]], torch_faults=statistics.median(faults[-1]),
         jax_first_loss=[first for first, _ in losses[:-1]], torch_first_loss=losses[-1][0],
-        jax_loss=[last for _, last in losses[:-1]], torch_loss=losses[-1][1])
+        jax_loss=[last for _, last in losses[:-1]], torch_loss=losses[-1][1], shape=bench.shape(batch, seq_len),
+        part_name=bench.part_name if bench.part else "",
+        jax_part_s=[statistics.median(s) for s in part_samples[:-1]],
+        torch_part_s=statistics.median(part_samples[-1]) if part_samples else 0.0)
 
 
 def run_lm(size: str = "llama_110m", batch: int = 4, seq_len: int = 512, **kw) -> BenchResult:
@@ -533,7 +662,7 @@ def format_result(res: BenchResult) -> str:
     from importlib.metadata import version
 
     lines = [
-        f"evejax bench {res.bench}: {res.size} ({res.describe}), batch {res.batch} x {res.seq_len}, "
+        f"evejax bench {res.bench}: {res.size} ({res.describe}), batch {res.shape or f'{res.batch} x {res.seq_len}'}, "
         "float32, forward + backward + AdamW",
         f"machine: {res.cpu}, {os.cpu_count()} CPU cores ({platform.machine()}); "
         f"torch {version('torch')} threads {res.threads}; jax {version('jax')}; "
@@ -559,6 +688,10 @@ def format_result(res: BenchResult) -> str:
          f"{min(res.torch_samples):.3f}..{max(res.torch_samples):.3f}"],
         ["page faults/step", *(f"{x:,.0f}" for x in res.jax_faults), f"{res.torch_faults:,.0f}"],
     ]
+    if res.part_name:
+        rows += [[f"{res.part_name} s/step", *(f"{p:.3f}" for p in res.jax_part_s), f"{res.torch_part_s:.3f}"],
+                 [f"{res.part_name} share", *(f"{p / s:.1%}" for p, s in zip(res.jax_part_s, res.jax_step_s)),
+                  f"{res.torch_part_s / res.torch_step_s:.1%}"]]
     if res.same_weights:  # the same weights and batch: the first losses agree when the steps do
         rows.append(["first loss", *(f"{x:.5f}" for x in res.jax_first_loss), f"{res.torch_first_loss:.5f}"])
     rows.append(["last loss", *(f"{x:.3f}" for x in res.jax_loss), f"{res.torch_loss:.3f}"])
@@ -572,6 +705,9 @@ def format_result(res: BenchResult) -> str:
         f"peak: {res.matmul_size}^3 float32 matmul, jax {res.jax_matmul_flops / 1e9:.1f} GFLOP/s, "
         f"torch {res.torch_matmul_flops / 1e9:.1f} GFLOP/s -> peak {res.peak_flops / 1e9:.1f} GFLOP/s",
     ]
+    if res.part_name:
+        lines.append(f"{res.part_name} s/step: timed alone in the same run, as many calls as a step makes "
+                     "(forward + backward); share: of the step's median")
     for name, options in zip(names, res.variants):
         lines.append(f"{name} options: " + ", ".join(f"{k}={v}" for k, v in options.items()))
     return "\n".join(lines)
@@ -584,12 +720,12 @@ def _parser(name: str) -> argparse.ArgumentParser:
     p.add_argument("--size", default=bench.size, help=f"a size of the registry's {bench.model!r} family")
     p.add_argument("--overrides", default="",
                    help="model config fields for both sides, e.g. max_tiles=2,num_layers=4")
-    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--batch", type=int, default=bench.default_batch)
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--steps", type=int, default=2, help="steps per measurement")
     p.add_argument("--repeats", type=int, default=5, help="alternating measurements per framework")
     p.add_argument("--variant", action="append", default=[],
-                   help="extra evejax run with these options on top of BENCH_OPTIONS, e.g. remat=full")
+                   help="extra evejax run with these options on top of the entry's, e.g. remat=full")
     p.add_argument("--threads", type=int, help="torch threads (default: CPU cores)")
     p.add_argument("--matmul-size", type=int, default=2048)
     return p

@@ -64,3 +64,21 @@ def test_unknown_bench_is_named():
     with pytest.raises(ValueError, match="no entry 'dann'.*hovle"):
         bench.run_bench("dann")
     assert bench.main(["dann"]) == 2
+
+
+def test_dan_entry_steps_compute_the_same_loss():
+    """`evejax bench dan`'s two steps, built in-process at the tiny size: the PyTorch reference holds
+    the evejax step's initial weights (moved by port.dan.to_torch) and reads the same pixels and
+    labels, so the first losses (the official CE mix) agree; both scan timers run at the step's shapes."""
+    entry = bench.BENCHES["dan"]
+    jax_step = entry.jax_step("mamba_tiny", 2, 0, entry.options)
+    torch_step = entry.torch_step("mamba_tiny", 2, 0, entry.to_torch(jax_step.params(), jax_step.config))
+    jax_step.step()
+    torch_step.step()
+    assert torch_step.first_loss == pytest.approx(jax_step.first_loss, rel=1e-5)
+    assert 1.5 < jax_step.first_loss < 3.5  # near log(10 classes) from a fresh init, not a degenerate 0
+    assert jax_step.config.drop_path == 0.0 == torch_step.config.drop_path  # the reference has none
+    for kind, cfg in (("jax", jax_step.config), ("torch", torch_step.config)):
+        scan, calls = entry.part(kind, cfg, 2, 0)
+        scan()
+        assert calls == cfg.depth == 2
