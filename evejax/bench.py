@@ -1,27 +1,47 @@
-"""`evejax bench`: speed benchmarks. `lm` is here; `data` is evejax/data/bench.py.
+"""`evejax bench`: a training step of evejax against its PyTorch counterpart. `data` is evejax/data/bench.py.
 
-  evejax bench lm [--steps 2] [--repeats 5] [--size llama_110m] [--batch 4] [--seq-len 512]
-                  [--variant remat=full,scan_unroll=1 ...] [--threads N]
+  evejax bench lm|hovle|dan [--size S] [--overrides k=v,...] [--batch B] [--seq-len T] [--steps 2]
+                  [--repeats 5] [--variant remat=full,scan_unroll=1 ...] [--threads N]
 
-`lm` times one training step (forward + backward + clipped AdamW update) of an
-evejax CausalLM against transformers' LlamaForCausalLM built with the same
-shapes (eager PyTorch, float32, `torch.optim.AdamW`, global-norm clipping at
-1.0, the same token batch [B, T] int32 and next-token targets). Both run on
-this machine's CPU with one thread per core, each run in its own worker
-process that sets up host memory first (`evejax.hostmem`: freed memory stays
+Each entry of `BENCHES` times one training step (forward + backward + AdamW with
+global-norm clipping at 1.0, float32, the same host batch) of a registry model
+(evejax.models.registry) in evejax and of its PyTorch counterpart (eager,
+`torch.optim.AdamW`):
+
+  lm     an evejax CausalLM against transformers' LlamaForCausalLM built with the same
+         shapes (its own random init), random next-token batch [B, T]
+  hovle  evejax HoVLE against evejax/port/torch_ref/hovle.py `InternVLChatModel` holding
+         the evejax step's initial weights, moved by evejax.port.hovle.to_torch; rows of
+         T tokens with one run of <IMG_CONTEXT> placeholders (n per tile, every tile slot
+         real) and the tiles' pixels; the CE of both is over hovle.supervised_mask
+  dan    an evejax De-focus Mamba classifier against evejax/port/torch_ref/dan.py
+         `DefocusAttentionNetwork` (its selective scan sequential) holding the evejax
+         step's initial weights (evejax.port.dan.to_torch); random pixels [B, H, W, 3]
+         and labels [B]; the registry's loss, (class-token CE + mean token CE) / 2, on
+         both sides; no drop path (the reference has none); rates in images/s
+
+A family plugs in as one `Bench` (its registry name, a numpy batch both steps read,
+the port's to_torch, the reference module and its loss, the evejax step's options).
+A `Bench.part` (dan: the selective scan) is also timed alone in every repeat, forward +
+backward at the step's shapes, as many calls as one step makes, in both frameworks;
+the table gives it per step and as a share of the step's median.
+
+Both run on this machine's CPU with one thread per core, each framework in its own
+worker process that sets up host memory first (`evejax.hostmem`: freed memory stays
 in the process, so steps after the first take no page faults; set
 EVEJAX_MALLOC=system to measure without). After warm-up the runs are measured
-alternately, evejax then PyTorch, `--repeats` times, each measurement
-`--steps` steps, so drifting background load hits both alike; medians are
-reported, with the minor page faults per step.
+alternately, evejax then PyTorch, `--repeats` times, each measurement `--steps`
+steps, so drifting background load hits both alike; medians are reported, with the
+minor page faults per step. With shared weights the table also gives both first
+losses, equal when the two steps compute the same thing.
 
 Peak FLOP/s: a 2048 x 2048 x 2048 float32 matmul in both frameworks, timed
 inside every repeat (medians); the higher of the two is the machine's peak.
-Model FLOPs per step are `llm.training_flops_per_step` (MaxText's count).
+Model FLOPs per step are the registry's `flops_per_step` (MaxText's count).
 
-The evejax side uses `BENCH_OPTIONS`, ordinary TransformerConfig fields a
-training config can set too; `--variant` adds evejax runs with other options
-to the same alternation, to measure a choice.
+The evejax side uses the entry's options (`BENCH_OPTIONS` for the transformers,
+`DAN_OPTIONS`), ordinary config fields a training config can set too; `--variant`
+adds evejax runs with other options to the same alternation, to measure a choice.
 """
 from __future__ import annotations
 
@@ -31,8 +51,11 @@ import os
 import platform
 import statistics
 import sys
+import tempfile
 import time
-from typing import Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
+
+import numpy as np
 
 # The evejax step's options on CPU, chosen by alternating measurements of the
 # 110M step on 2 cores (CPU seconds per step, medians):
@@ -55,6 +78,12 @@ from typing import Callable, Optional, Sequence
 # 5.95 s and PyTorch's from 10.82 to 9.46 (against an EVEJAX_MALLOC=system run).
 BENCH_OPTIONS = dict(matmul_2d=True, remat="save_dots_no_batch", scan_unroll=1, attention_impl="xla")
 
+# The De-focus Mamba-B step's options (DANConfig / MambaConfig fields). The scan, forward + backward
+# of one block at batch 2 alone (ms, medians of 3, a loaded machine): chunked with chunk 1: 617,
+# 2: 440, 4: 1075, 8: 1683, 32: 4317; associative 4216 (each chunk's associative scan does
+# O(log chunk) passes over [B, chunk, E, N] states; the sequential loop between chunks is cheap on CPU).
+DAN_OPTIONS = dict(remat="full", scan="chunked", scan_chunk=2)
+
 
 def parse_options(text: str) -> dict:
     """"remat=full,scan_unroll=1" -> {"remat": "full", "scan_unroll": 1}."""
@@ -72,6 +101,19 @@ def parse_options(text: str) -> dict:
     return out
 
 
+def cpu_model() -> str:
+    """The CPU's model name (/proc/cpuinfo on Linux), else what `platform` knows."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() in ("model name", "Model", "Hardware") and value.strip():
+                    return value.strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU model"
+
+
 def _seconds_per_call(fn: Callable[[], object], n: int) -> float:
     start = time.perf_counter()
     for _ in range(n):
@@ -79,82 +121,314 @@ def _seconds_per_call(fn: Callable[[], object], n: int) -> float:
     return (time.perf_counter() - start) / n
 
 
-class JaxLM:
-    """The evejax train step on one CPU device; `step()` runs and waits for one step."""
+def model_config(bench: "Bench", size: str, overrides: Optional[dict] = None):
+    """config.model of a bench run, for evejax.models.registry.build."""
+    import ml_collections
 
-    def __init__(self, size: str, batch: int, seq_len: int, options: dict, seed: int = 0):
+    return ml_collections.ConfigDict(dict(name=bench.model, size=size, overrides=dict(overrides or {})))
+
+
+class JaxStep:
+    """The evejax train step of a registry model on one CPU device; `step()` runs and waits for one step."""
+
+    def __init__(self, model_cfg, host_batch: dict, seed: int = 0):
         import jax
-        import jax.numpy as jnp
 
         from evejax import sharding
-        from evejax.models import llm
-        from evejax.models import losses
+        from evejax.models import registry
         from evejax.train import step
 
-        self.config = llm.get_config(size, **options)
-        module = llm.CausalLM(self.config)
+        spec = registry.build(model_cfg)
+        self.spec, self.config = spec, spec.config
         optimizer = step.adamw(1e-4)
         mesh = sharding.make_mesh({"data": 1}, jax.devices()[:1])
-        init_args = (jnp.zeros((1, 8), jnp.int32),)
-        _, shardings = step.abstract_state(module, init_args, {}, optimizer, mesh)
-        host_batch = losses.dummy_lm_batch(batch, seq_len, self.config.vocab_size, seed)
+        _, shardings = step.abstract_state(spec.module, spec.init_args, spec.init_kwargs, optimizer, mesh)
         batch_sh = {k: sharding.batch_sharding(mesh, v.ndim) for k, v in host_batch.items()}
         with sharding.rules_context(mesh):
-            self.state = step.init_state(module, init_args, {}, optimizer, shardings, jax.random.PRNGKey(seed))
-            self.train_step = step.make_train_step(losses.lm_loss_fn(module), optimizer, shardings, batch_sh)
+            self.state = step.init_state(spec.module, spec.init_args, spec.init_kwargs, optimizer, shardings,
+                                         jax.random.PRNGKey(seed))
+            self.train_step = step.make_train_step(spec.loss_fn, optimizer, shardings, batch_sh)
         self.batch = jax.device_put(host_batch, batch_sh)
-        self.loss = None
+        self.first_loss = self.loss = None
+
+    def params(self) -> dict:
+        """The current parameters as host numpy arrays."""
+        import jax
+
+        return jax.tree.map(np.asarray, self.state.params)
 
     def step(self):
         import jax
 
         self.state, metrics = self.train_step(self.state, self.batch)
         self.loss = float(jax.block_until_ready(metrics["loss"]))
+        if self.first_loss is None:
+            self.first_loss = self.loss
 
 
-class TorchLM:
-    """transformers' LlamaForCausalLM with the same shapes, eager, and its AdamW step."""
+class TorchStep:
+    """A PyTorch module's training step: `loss_of(model)` -> scalar, backward, clipping at 1.0, AdamW."""
 
-    def __init__(self, config, batch: int, seq_len: int, seed: int = 0):
+    def __init__(self, model, loss_of: Callable[[Any], Any], label: str, config=None):
         import torch
-        import transformers
 
-        from evejax.models import losses
-
-        t = config.transformer
-        hf = transformers.LlamaConfig(
-            vocab_size=config.vocab_size, hidden_size=t.embed_dim, intermediate_size=t.mlp_dim,
-            num_hidden_layers=t.num_layers, num_attention_heads=t.num_heads,
-            num_key_value_heads=t.num_kv_heads, head_dim=t.head_dim, rms_norm_eps=t.norm_eps,
-            max_position_embeddings=max(t.max_position_embeddings, seq_len), rope_theta=t.rope_base,
-            tie_word_embeddings=False, attention_dropout=0.0)
-        torch.manual_seed(seed)
-        self.model = transformers.LlamaForCausalLM(hf).float().train()
-        self.attention = self.model.config._attn_implementation
+        self.model, self.loss_of, self.config = model.float().train(), loss_of, config
         try:  # the fused CPU kernel where this torch has it: the strongest eager baseline
-            self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-4, weight_decay=0.0, fused=True)
-            self.optimizer_kind = "fused"
+            self.optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.0, fused=True)
+            kind = "fused"
         except (RuntimeError, TypeError):
-            self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-4, weight_decay=0.0, foreach=True)
-            self.optimizer_kind = "foreach"
-        b = losses.dummy_lm_batch(batch, seq_len, config.vocab_size, seed)
-        self.tokens = torch.from_numpy(b["tokens"]).long()
-        self.targets = torch.from_numpy(b["targets"]).long()
-        self.mask = torch.from_numpy(b["loss_mask"])
-        self.loss = None
+            self.optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.0, foreach=True)
+            kind = "foreach"
+        self.label = f"{label}, AdamW {kind}"
+        self.first_loss = self.loss = None
 
     def step(self):
         import torch
-        import torch.nn.functional as F
 
-        logits = self.model(input_ids=self.tokens).logits
-        nll = F.cross_entropy(logits.flatten(0, 1), self.targets.flatten(), reduction="none")
-        loss = (nll * self.mask.flatten()).sum() / self.mask.sum().clamp(min=1.0)
+        loss = self.loss_of(self.model)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.loss = float(loss.detach())
+        if self.first_loss is None:
+            self.first_loss = self.loss
+
+
+def masked_cross_entropy(logits, targets, mask):
+    """The torch twin of losses.cross_entropy: mean token CE over mask [B, T]."""
+    import torch.nn.functional as F
+
+    nll = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none")
+    return (nll * mask.flatten()).sum() / mask.sum().clamp(min=1.0)
+
+
+@dataclasses.dataclass(frozen=True)
+class Bench:
+    """One `evejax bench NAME` entry. `batch(cfg, B, T, seed)` is the numpy batch both steps read;
+    `reference(cfg, state, batch)` -> (torch module, loss_of(module) -> scalar tensor), `state`
+    the official state dict of the evejax step's initial weights (`to_torch(params, cfg)`), or
+    None when `to_torch` is None and the reference keeps its own init; `describe(cfg)` names the
+    shapes in the headline; rates count `unit`s, `units(B, T)` per step."""
+    model: str                                   # registry family, config.model.name
+    size: str                                    # default --size
+    batch: Callable[[Any, int, int, int], dict]
+    reference: Callable[[Any, Optional[dict], dict], tuple]
+    describe: Callable[[Any], str]
+    to_torch: Optional[Callable[[dict, Any], dict]] = None
+    unit: str = "tokens"
+    units: Callable[[int, int], int] = lambda batch, seq_len: batch * seq_len
+    shape: Callable[[int, int], str] = lambda batch, seq_len: f"{batch} x {seq_len}"  # the batch, in the headline
+    options: dict = dataclasses.field(default_factory=lambda: dict(BENCH_OPTIONS))  # the evejax step's
+    overrides: dict = dataclasses.field(default_factory=dict)  # both sides, under --overrides
+    # A piece of the step timed alone in the same run: `part(kind, cfg, B, T)` -> (fn, k), k calls of
+    # fn ("jax" or "torch") being what one step spends on it; `part_name` names it in the table.
+    part: Optional[Callable[[str, Any, int, int], tuple]] = None
+    part_name: str = ""
+    default_batch: int = 4                       # default --batch
+
+    def jax_step(self, size: str, batch: int, seq_len: int, options: dict, overrides: Optional[dict] = None,
+                 seed: int = 0) -> JaxStep:
+        model_cfg = model_config(self, size, {**self.overrides, **(overrides or {}), **options})
+        from evejax.models import registry
+
+        cfg = registry.build(model_cfg).config
+        return JaxStep(model_cfg, self.batch(cfg, batch, seq_len, seed), seed)
+
+    def torch_step(self, size: str, batch: int, seq_len: int, state: Optional[dict],
+                   overrides: Optional[dict] = None, seed: int = 0) -> TorchStep:
+        import torch
+
+        from evejax.models import registry
+
+        cfg = registry.build(model_config(self, size, {**self.overrides, **(overrides or {})})).config
+        torch.manual_seed(seed)
+        model, loss_of, label = self.reference(cfg, state, self.batch(cfg, batch, seq_len, seed))
+        return TorchStep(model, loss_of, label, cfg)
+
+
+def _lm_batch(cfg, batch: int, seq_len: int, seed: int) -> dict:
+    from evejax.models import losses
+
+    return losses.dummy_lm_batch(batch, seq_len, cfg.vocab_size, seed)
+
+
+def _lm_reference(cfg, state, batch):
+    import torch
+    import transformers
+
+    t = cfg.transformer
+    hf = transformers.LlamaConfig(
+        vocab_size=cfg.vocab_size, hidden_size=t.embed_dim, intermediate_size=t.mlp_dim,
+        num_hidden_layers=t.num_layers, num_attention_heads=t.num_heads,
+        num_key_value_heads=t.num_kv_heads, head_dim=t.head_dim, rms_norm_eps=t.norm_eps,
+        max_position_embeddings=max(t.max_position_embeddings, batch["tokens"].shape[1]), rope_theta=t.rope_base,
+        tie_word_embeddings=False, attention_dropout=0.0)
+    model = transformers.LlamaForCausalLM(hf)
+    tokens, targets = (torch.from_numpy(batch[k]).long() for k in ("tokens", "targets"))
+    mask = torch.from_numpy(batch["loss_mask"])
+    loss_of = lambda m: masked_cross_entropy(m(input_ids=tokens).logits, targets, mask)  # noqa: E731
+    return model, loss_of, f"LlamaForCausalLM eager, attention {model.config._attn_implementation}"
+
+
+def _lm_describe(cfg) -> str:
+    t = cfg.transformer
+    return (f"d {t.embed_dim}, {t.num_layers} layers, {t.num_heads} heads, SwiGLU {t.mlp_dim}, "
+            f"vocab {cfg.vocab_size}")
+
+
+def _hovle_batch(cfg, batch: int, seq_len: int, seed: int) -> dict:
+    """Rows [bos, 3 text ids, P n <IMG_CONTEXT>, text ids...] of seq_len + 1 tokens (inputs and
+    next-token targets), every tile slot a real tile of random pixels, no padding."""
+    image = cfg.tile_slots * cfg.image_tokens_per_tile
+    if seq_len < image + 5:
+        raise ValueError(f"--seq-len {seq_len} cannot hold {cfg.tile_slots} tile(s) x {cfg.image_tokens_per_tile} "
+                         f"image tokens and 5 text tokens; use --seq-len >= {image + 5}")
+    rng = np.random.default_rng(seed)
+    text = rng.integers(3, min(cfg.llm.vocab_size, cfg.embedding.vocab_size), (batch, seq_len + 1 - image))
+    text = np.where(text == cfg.img_context_token_id, 3, text)
+    text[:, 0] = 1
+    rows = np.concatenate([text[:, :4], np.full((batch, image), cfg.img_context_token_id), text[:, 4:]], 1)
+    rows = rows.astype(np.int32)
+    s = cfg.image_size
+    return {"tokens": rows[:, :-1], "targets": rows[:, 1:], "segment_ids": np.ones((batch, seq_len), np.int32),
+            "loss_mask": np.ones((batch, seq_len), np.float32),
+            "pixels": rng.standard_normal((batch, cfg.tile_slots, s, s, 3), dtype=np.float32),
+            "tile_mask": np.ones((batch, cfg.tile_slots), bool)}
+
+
+def _hovle_reference(cfg, state, batch):
+    import torch
+
+    from evejax.models import hovle
+    from evejax.port import hovle as hovle_port
+    from evejax.port.torch_ref.hovle import HolisticEmbeddingConfig, InternVLChatModel
+    from evejax.port.torch_ref.internlm2 import InternLM2Config
+
+    official = hovle_port.hf_config(cfg)
+    model = InternVLChatModel(HolisticEmbeddingConfig.from_hf_config_dict(official["embedding_config"]),
+                              InternLM2Config.from_hf_config_dict(official["llm_config"]),
+                              official["normalize_encoder_output"])
+    model.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in state.items()}, strict=True)
+    if cfg.pixel_shuffle_loc != "pre":
+        raise ValueError("the HoVLE bench runs 'pre' (HoVLE): the reference runs 'post' at batch 1 only")
+    pixels = torch.from_numpy(batch["pixels"]).flatten(0, 1).permute(0, 3, 1, 2).contiguous()
+    tokens, targets = (torch.from_numpy(batch[k]).long() for k in ("tokens", "targets"))
+    mask = torch.from_numpy(np.asarray(hovle.supervised_mask(cfg, batch["targets"], batch["loss_mask"],
+                                                             batch["segment_ids"]), np.float32))
+    loss_of = lambda m: masked_cross_entropy(m(pixels, tokens), targets, mask)  # noqa: E731
+    return model, loss_of, ("InternVLChatModel (evejax/port/torch_ref/hovle.py) eager, the evejax step's "
+                            "initial weights moved by evejax.port.hovle.to_torch")
+
+
+def _hovle_to_torch(params, cfg) -> dict:
+    from evejax.port import hovle as hovle_port
+
+    return hovle_port.to_torch(params, cfg)
+
+
+def _hovle_describe(cfg) -> str:
+    e, t = cfg.embedding.transformer, cfg.llm.transformer
+    return (f"embedding {e.num_layers} + LLM {t.num_layers} InternLM2 layers, d {t.embed_dim}, "
+            f"{t.num_heads} heads / {t.num_kv_heads} KV, SwiGLU {t.mlp_dim}, vocab {cfg.llm.vocab_size}; "
+            f"{cfg.tile_slots} tile(s) of {cfg.image_size} px -> {cfg.image_tokens_per_tile} image tokens each, "
+            f"'{cfg.pixel_shuffle_loc}'")
+
+
+def _dan_batch(cfg, batch: int, seq_len: int, seed: int) -> dict:
+    """Random normalised pixels [B, H, W, 3] and labels [B] (seq_len is not used)."""
+    rng = np.random.default_rng(seed)
+    return {"pixels": rng.standard_normal((batch, *cfg.image_size, 3), dtype=np.float32),
+            "label": rng.integers(0, cfg.num_classes, batch).astype(np.int32)}
+
+
+def _dan_reference(cfg, state, batch):
+    import torch
+    import torch.nn.functional as F
+
+    from evejax.port import dan as dan_port
+    from evejax.port.torch_ref.dan import DefocusAttentionNetwork
+
+    model = DefocusAttentionNetwork(dan_port.official_config(cfg))
+    model.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in state.items()}, strict=True)
+    pixels = torch.from_numpy(batch["pixels"]).permute(0, 3, 1, 2).contiguous()
+    labels = torch.from_numpy(batch["label"]).long()
+
+    def loss_of(m):  # the registry's dan loss: (CE of head(class token) + mean token CE of head2) / 2
+        out = m(pixels)  # [B, P + 1, C]: head2 on the P image tokens, head on the class token (last)
+        tokens = out[:, :-1]
+        aux = F.cross_entropy(tokens.flatten(0, 1), labels.repeat_interleave(tokens.shape[1]))
+        return (F.cross_entropy(out[:, -1], labels) + aux) / 2
+
+    return model, loss_of, ("DefocusAttentionNetwork (evejax/port/torch_ref/dan.py, sequential scan) eager, "
+                            "the evejax step's initial weights moved by evejax.port.dan.to_torch")
+
+
+def _dan_to_torch(params, cfg) -> dict:
+    from evejax.port import dan as dan_port
+
+    return dan_port.to_torch(params, cfg)
+
+
+def _dan_describe(cfg) -> str:
+    m = cfg.mamba
+    return (f"d {m.embed_dim}, {cfg.depth} Mamba blocks, E {m.intermediate_size}, N {m.state_size}, "
+            f"R {m.time_step_rank}; {cfg.image_size[0]}x{cfg.image_size[1]} px / {cfg.patch_size} -> "
+            f"{cfg.num_patches + 1} tokens, {cfg.num_classes} classes, head + head2")
+
+
+def _dan_scan(kind: str, cfg, batch: int, seq_len: int) -> tuple:
+    """One block's selective scan, forward + backward (gradients for delta, u, B, C and A as the
+    step needs them), at the step's shapes; `depth` of them make a step. The evejax one is
+    nn/mamba's scan with the step's scan options, jitted, its forward run twice when the step
+    rematerialises the blocks (as the step does); the PyTorch one the reference's sequential scan."""
+    m = cfg.mamba
+    length, e, n = cfg.num_patches + 1, m.intermediate_size, m.state_size
+    length += -length % cfg.pad_length_to
+    rng = np.random.default_rng(0)
+    delta = rng.uniform(m.time_step_min, m.time_step_max, (batch, length, e)).astype(np.float32)
+    u, cotangent = (rng.standard_normal((batch, length, e), dtype=np.float32) for _ in range(2))
+    b_mat, c_mat = (rng.standard_normal((batch, length, n), dtype=np.float32) for _ in range(2))
+    a = -np.broadcast_to(np.arange(1, n + 1, dtype=np.float32), (e, n))
+    if kind == "jax":
+        import jax
+        import jax.numpy as jnp
+
+        from evejax.nn import mamba
+
+        scan = lambda *xs: mamba.selective_scan(*xs, scan=m.scan, chunk=m.scan_chunk)  # noqa: E731
+        if cfg.remat != "none":
+            scan = jax.checkpoint(scan)
+        grads = jax.jit(jax.grad(lambda *xs: jnp.vdot(scan(*xs), cotangent), argnums=(0, 1, 2, 3, 4)))
+        inputs = [jnp.asarray(x) for x in (delta, u, b_mat, c_mat, a)]
+        return (lambda: jax.block_until_ready(grads(*inputs))), cfg.depth
+    import torch
+
+    from evejax.port.torch_ref.dan import selective_scan
+
+    channels_first = lambda x: torch.from_numpy(np.ascontiguousarray(x.transpose(0, 2, 1)))  # noqa: E731
+    inputs = [channels_first(x).requires_grad_() for x in (u, delta, b_mat, c_mat)]
+    a_t, g = torch.from_numpy(a.copy()).requires_grad_(), channels_first(cotangent)
+
+    def forward_backward():
+        u_t, delta_t, b_t, c_t = inputs
+        selective_scan(u_t, delta_t, a_t, b_t, c_t).backward(g)
+        for x in (*inputs, a_t):
+            x.grad = None
+
+    return forward_backward, cfg.depth
+
+
+BENCHES: dict[str, Bench] = {
+    "lm": Bench(model="llm", size="llama_110m", batch=_lm_batch, reference=_lm_reference, describe=_lm_describe),
+    "hovle": Bench(model="hovle", size="110m", batch=_hovle_batch, reference=_hovle_reference,
+                   describe=_hovle_describe, to_torch=_hovle_to_torch),
+    # The reference has no drop path; DAN_OPTIONS below.
+    "dan": Bench(model="dan", size="mamba_b", batch=_dan_batch, reference=_dan_reference, describe=_dan_describe,
+                 to_torch=_dan_to_torch, unit="images", units=lambda batch, seq_len: batch,
+                 shape=lambda batch, seq_len: f"{batch} images", options=dict(DAN_OPTIONS),
+                 overrides=dict(drop_path=0.0), part=_dan_scan, part_name="scan"),
+}
 
 
 def matmul_timer(kind: str, n: int) -> Callable[[], object]:
@@ -175,86 +449,106 @@ def matmul_timer(kind: str, n: int) -> Callable[[], object]:
 
 
 @dataclasses.dataclass
-class LMResult:
+class BenchResult:
+    bench: str                     # the BENCHES entry
     size: str
+    describe: str                  # the model's shapes
+    unit: str                      # what a rate counts
+    units_per_step: int
     batch: int
     seq_len: int
     steps: int
     repeats: int
     threads: int
     xla_flags: str
-    torch_attention: str
-    torch_optimizer: str
+    cpu: str                       # the CPU model
+    torch_label: str               # the PyTorch side: module, attention, optimizer, weights
+    same_weights: bool             # both start from the same weights
     allocator: str                 # host malloc mode of the workers (evejax.hostmem)
     flops_per_step: float
     matmul_size: int
     jax_matmul_flops: float        # median FLOP/s of the matmul, per framework
     torch_matmul_flops: float
     peak_flops: float              # the higher of the two
-    variants: list                 # [options dict] per evejax run, the first is BENCH_OPTIONS
+    variants: list                 # [options dict] per evejax run, the first the entry's options
     jax_step_s: list               # [median step seconds] per variant
     jax_samples: list              # [[seconds per step, one per repeat]] per variant
     torch_step_s: float
     torch_samples: list
     jax_faults: list               # median minor page faults per step, per variant
     torch_faults: float
-    jax_loss: list                 # last loss per variant (all start at ~log(vocab))
+    jax_first_loss: list           # loss of the first step per variant
+    torch_first_loss: float
+    jax_loss: list                 # last loss per variant
     torch_loss: float
+    shape: str = ""                # the batch, as the headline gives it
+    part_name: str = ""            # a piece of the step timed alone (Bench.part), "" for none
+    jax_part_s: list = dataclasses.field(default_factory=list)  # its median seconds per step, per variant
+    torch_part_s: float = 0.0
 
-    @property
-    def tokens(self) -> int:
-        return self.batch * self.seq_len
-
-    def tokens_per_s(self, seconds: float) -> float:
-        return self.tokens / seconds
+    def per_second(self, seconds: float) -> float:
+        """Units (tokens, samples) per second at `seconds` per step."""
+        return self.units_per_step / seconds
 
     def fraction_of_peak(self, seconds: float) -> float:
         return self.flops_per_step / seconds / self.peak_flops
 
 
-def _worker(conn, kind: str, size: str, batch: int, seq_len: int, option_sets: list,
-            threads: int, matmul_size: int, warmup: int) -> None:
-    """One framework in its own process: builds and warms up its runs (one per
-    evejax option set), then answers ("step", run, n) and ("matmul", n) with
-    (seconds per call, minor page faults per call) until ("stop",). Own processes
-    keep the frameworks' heaps and thread pools apart; both set up host memory
-    the same way, first."""
+def _worker(conn, kind: str, name: str, size: str, overrides: dict, batch: int, seq_len: int, option_sets: list,
+            threads: int, matmul_size: int, warmup: int, weights: Optional[str]) -> None:
+    """One framework in its own process: builds and warms up its runs (one per evejax option
+    set), then answers ("step", run, n), ("part", run, n) (the entry's `part`, per step) and
+    ("matmul", n) with (seconds per call, minor page faults per call) until ("stop",). Own processes keep the frameworks' heaps and thread pools
+    apart; both set up host memory the same way, first. With shared weights the evejax worker
+    writes the official state dict of its first run's initial weights to `weights` (.npz),
+    which the PyTorch worker, started after it, loads."""
     from evejax import hostmem
 
     try:
         allocator = hostmem.keep_freed_memory()
         info = dict(allocator=allocator, setup_s=[])
+        bench = BENCHES[name]
         if kind == "jax":
-            make = lambda options: JaxLM(size, batch, seq_len, options)  # noqa: E731
+            make = lambda options: bench.jax_step(size, batch, seq_len, options, overrides)  # noqa: E731
         else:
             import torch
 
-            from evejax.models import llm
-
             torch.set_num_threads(threads)
-            make = lambda options: TorchLM(llm.get_config(size), batch, seq_len)  # noqa: E731
+            state = dict(np.load(weights)) if weights else None
+            make = lambda options: bench.torch_step(size, batch, seq_len, state, overrides)  # noqa: E731
         runs = []
         for options in option_sets:
             start = time.perf_counter()
             runs.append(make(options))
+            if kind == "jax" and weights and len(runs) == 1:
+                np.savez(weights, **bench.to_torch(runs[0].params(), runs[0].config))
             for _ in range(warmup):
                 runs[-1].step()
             info["setup_s"].append(time.perf_counter() - start)
+        parts = [bench.part(kind, run.config, batch, seq_len) for run in runs] if bench.part else []
+        for fn, _ in parts:
+            fn()  # compiles
         if kind == "jax":
-            info["config"] = runs[0].config
+            spec = runs[0].spec
+            info.update(describe=bench.describe(spec.config), flops=spec.flops_per_step(batch, seq_len))
         else:
-            info.update(attention=str(runs[0].attention), optimizer=runs[0].optimizer_kind)
+            info.update(label=runs[0].label)
         matmul = matmul_timer(kind, matmul_size)
         matmul()
         conn.send(info)
         while True:
             cmd, *arg = conn.recv()
             if cmd == "stop":
-                conn.send([run.loss for run in runs])
+                conn.send([(run.first_loss, run.loss) for run in runs])
                 return
-            fn, n = (runs[arg[0]].step, arg[1]) if cmd == "step" else (matmul, arg[0])
+            if cmd == "step":
+                fn, n, k = runs[arg[0]].step, arg[1], 1
+            elif cmd == "part":  # k calls make a step
+                (fn, k), n = parts[arg[0]], arg[1]
+            else:
+                fn, n, k = matmul, arg[0], 1
             faults = hostmem.minor_page_faults()
-            seconds = _seconds_per_call(fn, n)
+            seconds = _seconds_per_call(fn, n) * k
             conn.send((seconds, (hostmem.minor_page_faults() - faults) / n))
     except BaseException:  # reported by the parent with the worker's traceback
         import traceback
@@ -285,92 +579,107 @@ class _Worker:
         return reply
 
 
-def run_lm(size: str = "llama_110m", batch: int = 4, seq_len: int = 512, steps: int = 2, repeats: int = 5,
-           variants: Sequence[dict] = (), matmul_size: int = 2048, threads: Optional[int] = None,
-           warmup: int = 3, log: Callable[[str], None] = lambda s: None) -> LMResult:
-    """Measures evejax (BENCH_OPTIONS, then each variant's options on top) and PyTorch
-    alternately: all evejax runs in one worker process, PyTorch in another. Three
-    warm-up steps: with kept host memory the heap settles within them (a 110M
-    run grew once, at its third step, then ran 22 steps at a flat 5.66 GiB)."""
+def run_bench(name: str, size: Optional[str] = None, batch: int = 4, seq_len: int = 512, steps: int = 2,
+              repeats: int = 5, variants: Sequence[dict] = (), matmul_size: int = 2048,
+              threads: Optional[int] = None, warmup: int = 3, overrides: Optional[dict] = None,
+              log: Callable[[str], None] = lambda s: None) -> BenchResult:
+    """Measures evejax (the entry's options, then each variant's options on top) and PyTorch
+    alternately for BENCHES[name]: all evejax runs in one worker process, PyTorch in another.
+    Three warm-up steps: with kept host memory the heap settles within them (a 110M LM run
+    grew once, at its third step, then ran 22 steps at a flat 5.66 GiB)."""
     import multiprocessing
 
+    if name not in BENCHES:
+        raise ValueError(f"evejax bench has no entry {name!r}; use one of {sorted(BENCHES)} or data")
+    bench = BENCHES[name]
+    size = size or bench.size
+    overrides = dict(overrides or {})
     ctx = multiprocessing.get_context("spawn")
     threads = threads or os.cpu_count() or 1
-    option_sets = [dict(BENCH_OPTIONS)] + [dict(BENCH_OPTIONS, **v) for v in variants]
+    option_sets = [dict(bench.options)] + [dict(bench.options, **v) for v in variants]
     names = [f"evejax {o}" for o in option_sets] + ["torch"]
     workers = []
-    try:
-        # One after the other: a worker's set-up (compiles, warm-up) must not overlap another's.
-        for kind, sets in (("jax", option_sets), ("torch", [None])):
-            workers.append(_Worker(ctx, kind, kind, size, batch, seq_len, sets, threads, matmul_size, warmup))
-        jax_worker, torch_worker = workers
-        for name, t in zip(names, jax_worker.info["setup_s"] + torch_worker.info["setup_s"]):
-            log(f"{name}: build + {warmup} warm-up steps {t:.1f} s")
-        runs = [(jax_worker, i) for i in range(len(option_sets))] + [(torch_worker, 0)]
-        samples = [[] for _ in runs]
-        faults = [[] for _ in runs]
-        jax_mm_s, torch_mm_s = [], []
-        for r in range(repeats):
-            jax_mm_s.append(jax_worker.ask("matmul", 3)[0])
-            torch_mm_s.append(torch_worker.ask("matmul", 3)[0])
-            for i, (w, k) in enumerate(runs):
-                seconds, n = w.ask("step", k, steps)
-                samples[i].append(seconds)
-                faults[i].append(n)
-            log(f"repeat {r + 1}/{repeats}: evejax " + " ".join(f"{s[-1]:.3f}" for s in samples[:-1])
-                + f" s/step, torch {samples[-1][-1]:.3f} s/step")
-        losses = jax_worker.ask("stop") + torch_worker.ask("stop")
-    finally:
-        for w in workers:
-            w.process.join(30)
-            if w.process.is_alive():
-                w.process.kill()
+    with tempfile.TemporaryDirectory(prefix="evejax_bench_") as tmp:
+        weights = os.path.join(tmp, "reference_state.npz") if bench.to_torch else None
+        try:
+            # One after the other: a worker's set-up (compiles, warm-up) must not overlap another's,
+            # and the PyTorch worker reads the weights the evejax worker wrote.
+            for kind, sets in (("jax", option_sets), ("torch", [None])):
+                workers.append(_Worker(ctx, kind, kind, name, size, overrides, batch, seq_len, sets, threads,
+                                       matmul_size, warmup, weights))
+            jax_worker, torch_worker = workers
+            for label, t in zip(names, jax_worker.info["setup_s"] + torch_worker.info["setup_s"]):
+                log(f"{label}: build + {warmup} warm-up steps {t:.1f} s")
+            runs = [(jax_worker, i) for i in range(len(option_sets))] + [(torch_worker, 0)]
+            samples = [[] for _ in runs]
+            part_samples = [[] for _ in runs] if bench.part else []
+            faults = [[] for _ in runs]
+            jax_mm_s, torch_mm_s = [], []
+            for r in range(repeats):
+                jax_mm_s.append(jax_worker.ask("matmul", 3)[0])
+                torch_mm_s.append(torch_worker.ask("matmul", 3)[0])
+                for i, (w, k) in enumerate(runs):
+                    seconds, n = w.ask("step", k, steps)
+                    samples[i].append(seconds)
+                    faults[i].append(n)
+                for i, (w, k) in enumerate(runs[:len(part_samples)]):
+                    part_samples[i].append(w.ask("part", k, 2)[0])
+                log(f"repeat {r + 1}/{repeats}: evejax " + " ".join(f"{s[-1]:.3f}" for s in samples[:-1])
+                    + f" s/step, torch {samples[-1][-1]:.3f} s/step")
+            losses = jax_worker.ask("stop") + torch_worker.ask("stop")
+        finally:
+            for w in workers:
+                w.process.join(30)
+                if w.process.is_alive():
+                    w.process.kill()
 
     mm_flops = 2.0 * matmul_size ** 3
     jax_mm_flops = mm_flops / statistics.median(jax_mm_s)
     torch_mm_flops = mm_flops / statistics.median(torch_mm_s)
-    from evejax.models import llm
-
-    config = jax_worker.info["config"]
-    return LMResult(
-        size=size, batch=batch, seq_len=seq_len, steps=steps, repeats=repeats, threads=threads,
-        xla_flags=os.environ.get("XLA_FLAGS", ""), torch_attention=torch_worker.info["attention"],
-        torch_optimizer=torch_worker.info["optimizer"], allocator=torch_worker.info["allocator"],
-        flops_per_step=llm.training_flops_per_step(config, batch, seq_len),
+    return BenchResult(
+        bench=name, size=size, describe=jax_worker.info["describe"], unit=bench.unit,
+        units_per_step=bench.units(batch, seq_len), batch=batch, seq_len=seq_len, steps=steps, repeats=repeats,
+        threads=threads, xla_flags=os.environ.get("XLA_FLAGS", ""), cpu=cpu_model(),
+        torch_label=torch_worker.info["label"], same_weights=bench.to_torch is not None,
+        allocator=torch_worker.info["allocator"], flops_per_step=jax_worker.info["flops"],
         matmul_size=matmul_size, jax_matmul_flops=jax_mm_flops, torch_matmul_flops=torch_mm_flops,
         peak_flops=max(jax_mm_flops, torch_mm_flops), variants=option_sets,
         jax_step_s=[statistics.median(s) for s in samples[:-1]], jax_samples=samples[:-1],
         torch_step_s=statistics.median(samples[-1]), torch_samples=samples[-1],
         jax_faults=[statistics.median(f) for f in faults[:-1]], torch_faults=statistics.median(faults[-1]),
-        jax_loss=losses[:-1], torch_loss=losses[-1])
+        jax_first_loss=[first for first, _ in losses[:-1]], torch_first_loss=losses[-1][0],
+        jax_loss=[last for _, last in losses[:-1]], torch_loss=losses[-1][1], shape=bench.shape(batch, seq_len),
+        part_name=bench.part_name if bench.part else "",
+        jax_part_s=[statistics.median(s) for s in part_samples[:-1]],
+        torch_part_s=statistics.median(part_samples[-1]) if part_samples else 0.0)
 
 
-def format_lm(res: LMResult) -> str:
+def run_lm(size: str = "llama_110m", batch: int = 4, seq_len: int = 512, **kw) -> BenchResult:
+    return run_bench("lm", size, batch, seq_len, **kw)
+
+
+def format_result(res: BenchResult) -> str:
     from importlib.metadata import version
 
-    from evejax.models import llm
-
-    t = llm.get_config(res.size).transformer
     lines = [
-        f"evejax bench lm: {res.size} (d {t.embed_dim}, {t.num_layers} layers, {t.num_heads} heads, "
-        f"SwiGLU {t.mlp_dim}, vocab {llm.get_config(res.size).vocab_size}), batch {res.batch} x {res.seq_len}, "
+        f"evejax bench {res.bench}: {res.size} ({res.describe}), batch {res.shape or f'{res.batch} x {res.seq_len}'}, "
         "float32, forward + backward + AdamW",
-        f"machine: {os.cpu_count()} CPU cores ({platform.processor() or platform.machine()}); "
+        f"machine: {res.cpu}, {os.cpu_count()} CPU cores ({platform.machine()}); "
         f"torch {version('torch')} threads {res.threads}; jax {version('jax')}; "
         f"transformers {version('transformers')}",
         f"host memory: {res.allocator}, in each framework's worker process",
         f"XLA_FLAGS: {res.xla_flags or '(none)'}",
-        f"torch: LlamaForCausalLM eager, attention {res.torch_attention}, AdamW {res.torch_optimizer}",
+        f"torch: {res.torch_label}",
         f"{res.repeats} alternating repeats of {res.steps} steps each; medians",
         "",
     ]
     names = ["evejax" if i == 0 else f"variant {i}" for i in range(len(res.variants))]
     head = ["", *names, "torch"]
+    rate = f"{res.unit}/s"
     rows = [
         ["s/step", *(f"{s:.3f}" for s in res.jax_step_s), f"{res.torch_step_s:.3f}"],
-        ["tokens/s", *(f"{res.tokens_per_s(s):,.0f}" for s in res.jax_step_s),
-         f"{res.tokens_per_s(res.torch_step_s):,.0f}"],
-        ["x torch tokens/s", *(f"{res.torch_step_s / s:.2f}" for s in res.jax_step_s), "1.00"],
+        [rate, *(f"{res.per_second(s):,.0f}" for s in res.jax_step_s), f"{res.per_second(res.torch_step_s):,.0f}"],
+        [f"x torch {rate}", *(f"{res.torch_step_s / s:.2f}" for s in res.jax_step_s), "1.00"],
         ["GFLOP/s (model)", *(f"{res.flops_per_step / s / 1e9:.1f}" for s in res.jax_step_s),
          f"{res.flops_per_step / res.torch_step_s / 1e9:.1f}"],
         ["fraction of peak", *(f"{res.fraction_of_peak(s):.1%}" for s in res.jax_step_s),
@@ -378,54 +687,68 @@ def format_lm(res: LMResult) -> str:
         ["min..max s/step", *(f"{min(s):.3f}..{max(s):.3f}" for s in res.jax_samples),
          f"{min(res.torch_samples):.3f}..{max(res.torch_samples):.3f}"],
         ["page faults/step", *(f"{x:,.0f}" for x in res.jax_faults), f"{res.torch_faults:,.0f}"],
-        ["last loss", *(f"{x:.3f}" for x in res.jax_loss), f"{res.torch_loss:.3f}"],
     ]
+    if res.part_name:
+        rows += [[f"{res.part_name} s/step", *(f"{p:.3f}" for p in res.jax_part_s), f"{res.torch_part_s:.3f}"],
+                 [f"{res.part_name} share", *(f"{p / s:.1%}" for p, s in zip(res.jax_part_s, res.jax_step_s)),
+                  f"{res.torch_part_s / res.torch_step_s:.1%}"]]
+    if res.same_weights:  # the same weights and batch: the first losses agree when the steps do
+        rows.append(["first loss", *(f"{x:.5f}" for x in res.jax_first_loss), f"{res.torch_first_loss:.5f}"])
+    rows.append(["last loss", *(f"{x:.3f}" for x in res.jax_loss), f"{res.torch_loss:.3f}"])
     widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(head)]
     fmt = lambda cells: "  ".join(c.ljust(w) if i == 0 else c.rjust(w)  # noqa: E731
                                   for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
     lines += [fmt(head), fmt(["-" * w for w in widths])] + [fmt(r) for r in rows]
     lines += [
         "",
-        f"model FLOPs per step: {res.flops_per_step:.4g} (training_flops_per_step, MaxText's count)",
+        f"model FLOPs per step: {res.flops_per_step:.4g} (the registry's flops_per_step, MaxText's count)",
         f"peak: {res.matmul_size}^3 float32 matmul, jax {res.jax_matmul_flops / 1e9:.1f} GFLOP/s, "
         f"torch {res.torch_matmul_flops / 1e9:.1f} GFLOP/s -> peak {res.peak_flops / 1e9:.1f} GFLOP/s",
     ]
+    if res.part_name:
+        lines.append(f"{res.part_name} s/step: timed alone in the same run, as many calls as a step makes "
+                     "(forward + backward); share: of the step's median")
     for name, options in zip(names, res.variants):
         lines.append(f"{name} options: " + ", ".join(f"{k}={v}" for k, v in options.items()))
     return "\n".join(lines)
 
 
-def _lm_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="evejax bench lm", description="evejax vs PyTorch eager LM train step")
-    p.add_argument("--size", default="llama_110m", help="an evejax.models.llm size")
-    p.add_argument("--batch", type=int, default=4)
+def _parser(name: str) -> argparse.ArgumentParser:
+    bench = BENCHES[name]
+    p = argparse.ArgumentParser(prog=f"evejax bench {name}",
+                                description=f"evejax vs PyTorch eager: a {bench.model} training step")
+    p.add_argument("--size", default=bench.size, help=f"a size of the registry's {bench.model!r} family")
+    p.add_argument("--overrides", default="",
+                   help="model config fields for both sides, e.g. max_tiles=2,num_layers=4")
+    p.add_argument("--batch", type=int, default=bench.default_batch)
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--steps", type=int, default=2, help="steps per measurement")
     p.add_argument("--repeats", type=int, default=5, help="alternating measurements per framework")
     p.add_argument("--variant", action="append", default=[],
-                   help="extra evejax run with these options on top of BENCH_OPTIONS, e.g. remat=full")
+                   help="extra evejax run with these options on top of the entry's, e.g. remat=full")
     p.add_argument("--threads", type=int, help="torch threads (default: CPU cores)")
     p.add_argument("--matmul-size", type=int, default=2048)
     return p
 
 
-def bench_lm(argv: Sequence[str]) -> int:
-    args = _lm_parser().parse_args(argv)
+def bench_family(name: str, argv: Sequence[str]) -> int:
+    args = _parser(name).parse_args(argv)
     os.environ.setdefault("JAX_PLATFORMS", "cpu")  # a TPU VM's chips are not what this measures
-    res = run_lm(args.size, args.batch, args.seq_len, args.steps, args.repeats,
-                 [parse_options(v) for v in args.variant], args.matmul_size, args.threads,
-                 log=lambda s: print(s, file=sys.stderr, flush=True))
-    print(format_lm(res))
+    res = run_bench(name, args.size, args.batch, args.seq_len, args.steps, args.repeats,
+                    [parse_options(v) for v in args.variant], args.matmul_size, args.threads,
+                    overrides=parse_options(args.overrides), log=lambda s: print(s, file=sys.stderr, flush=True))
+    print(format_result(res))
     return 0
 
 
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] not in ("lm", "data"):
-        print("usage: evejax bench lm|data [args]  (evejax bench lm --help)", file=sys.stderr)
+    if not argv or argv[0] not in (*BENCHES, "data"):
+        print(f"usage: evejax bench {'|'.join([*BENCHES, 'data'])} [args]  (evejax bench lm --help)",
+              file=sys.stderr)
         return 2
     if argv[0] == "data":
         from evejax.data.bench import bench_data
 
         return int(bench_data(argv[1:]) or 0)
-    return bench_lm(argv[1:])
+    return bench_family(argv[0], argv[1:])

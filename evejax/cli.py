@@ -17,7 +17,7 @@ COMMANDS = {
     "import": ("evejax.port.commands", "convert official PyTorch weights into an evejax checkpoint"),
     "export": ("evejax.port.commands", "write an evejax checkpoint in the official PyTorch layout"),
     "plan": ("evejax.plan", "AOT-compile the sharded train step for a TPU topology: memory and FLOPs"),
-    "bench": ("evejax.bench", "speed benchmarks (lm, data)"),
+    "bench": ("evejax.bench", "speed benchmarks (lm, hovle, dan, data)"),
     "data": ("evejax.data.commands", "data tools (convert to ArrayRecord, inspect)"),
     "demo": ("evejax.demo", "the built-in end-to-end demo on generated data"),
 }

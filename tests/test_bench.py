@@ -1,8 +1,10 @@
-"""`evejax bench lm` at a toy size: both frameworks run and the reported figures agree with each other."""
+"""`evejax bench lm|hovle` at toy sizes: both frameworks run, the reported figures agree with each
+other, and a family's two steps compute the same loss on the same weights and batch."""
 import pytest
 
 from evejax import bench
 from evejax.models import llm
+from evejax.models import registry
 
 pytest.importorskip("torch")
 pytest.importorskip("transformers")
@@ -28,10 +30,55 @@ def test_lm_bench_toy_size():
     assert res.allocator.startswith(("glibc malloc keeps", "system allocator (not glibc)")), res.allocator
     assert res.peak_flops == max(res.jax_matmul_flops, res.torch_matmul_flops) > 0
     s = res.jax_step_s[0]
-    assert res.tokens_per_s(s) == pytest.approx(32 / s)
+    assert res.per_second(s) == pytest.approx(32 / s)
     assert res.fraction_of_peak(s) == pytest.approx(res.flops_per_step / s / res.peak_flops)
     # Both start from random weights on the same tokens: losses near log(vocab) = 5.5.
     assert all(abs(x - 5.5) < 1.0 for x in res.jax_loss + [res.torch_loss])
-    table = bench.format_lm(res)
+    table = bench.format_result(res)
     assert "x torch tokens/s" in table and "fraction of peak" in table and "variant 1" in table
     assert "page faults/step" in table and res.allocator in table
+    assert f"machine: {bench.cpu_model()}," in table and "first loss" not in table  # own inits
+
+
+def test_hovle_bench_steps_agree_and_the_table():
+    """The comparison is fair: the PyTorch reference holds the evejax step's initial weights (moved
+    by the port) and reads the same batch, so both first losses agree, and so do the losses
+    after the three clipped AdamW steps each ran (one warm-up, two measured)."""
+    res = bench.run_bench("hovle", "tiny", batch=2, seq_len=32, steps=1, repeats=2, matmul_size=64, warmup=1)
+    assert res.same_weights and res.unit == "tokens" and res.units_per_step == 64
+    assert res.torch_first_loss == pytest.approx(res.jax_first_loss[0], rel=1e-5)
+    assert res.torch_loss == pytest.approx(res.jax_loss[0], rel=1e-5)
+    assert res.jax_loss[0] < res.jax_first_loss[0]  # the steps train
+    spec = registry.build(bench.model_config(bench.BENCHES["hovle"], "tiny"))
+    assert res.flops_per_step == spec.flops_per_step(2, 32) > 0
+    assert min(res.jax_step_s) > 0 and res.torch_step_s > 0 and len(res.torch_samples) == 2
+    table = bench.format_result(res)
+    assert table.startswith("evejax bench hovle: tiny (embedding 2 + LLM 2 InternLM2 layers")
+    assert f"machine: {res.cpu}," in table and res.cpu == bench.cpu_model() != ""
+    for row in ("tokens/s", "x torch tokens/s", "fraction of peak", "first loss", "last loss"):
+        assert row in table
+    assert "InternVLChatModel" in table
+
+
+def test_unknown_bench_is_named():
+    with pytest.raises(ValueError, match="no entry 'dann'.*hovle"):
+        bench.run_bench("dann")
+    assert bench.main(["dann"]) == 2
+
+
+def test_dan_entry_steps_compute_the_same_loss():
+    """`evejax bench dan`'s two steps, built in-process at the tiny size: the PyTorch reference holds
+    the evejax step's initial weights (moved by port.dan.to_torch) and reads the same pixels and
+    labels, so the first losses (the official CE mix) agree; both scan timers run at the step's shapes."""
+    entry = bench.BENCHES["dan"]
+    jax_step = entry.jax_step("mamba_tiny", 2, 0, entry.options)
+    torch_step = entry.torch_step("mamba_tiny", 2, 0, entry.to_torch(jax_step.params(), jax_step.config))
+    jax_step.step()
+    torch_step.step()
+    assert torch_step.first_loss == pytest.approx(jax_step.first_loss, rel=1e-5)
+    assert 1.5 < jax_step.first_loss < 3.5  # near log(10 classes) from a fresh init, not a degenerate 0
+    assert jax_step.config.drop_path == 0.0 == torch_step.config.drop_path  # the reference has none
+    for kind, cfg in (("jax", jax_step.config), ("torch", torch_step.config)):
+        scan, calls = entry.part(kind, cfg, 2, 0)
+        scan()
+        assert calls == cfg.depth == 2

@@ -194,6 +194,11 @@ SIZES = {
                                 embedding=_embedding_layers(256, 64, 2, 4, 2, 128, max_pos=512).replace(
                                     rope_base=20000.0),
                                 image_size=56, img_context_token_id=250, max_tiles=3),  # 4 slots
+    # The ~110M HoVLE of `evejax bench hovle`: 12 InternLM2 layers of llama_110m's width split as
+    # HoVLE's 8 + 24 (3 + 9), GQA 12 / 4, one 448 px tile (256 of a 512-token row), vocab 32000.
+    "110m": lambda: HoVLEConfig(llm=llm_lib._internlm2(32000, 768, 9, 12, 4, 2048, max_pos=2048),
+                                embedding=_embedding_layers(32000, 768, 3, 12, 4, 2048, max_pos=2048),
+                                img_context_token_id=31999, max_tiles=1),
     # Demo scale (CPU minutes): 64 px tiles of 8 px patches (g 8, 16 LLM tokens per tile).
     "demo": lambda: HoVLEConfig(llm=llm_lib.get_config("internlm2_tiny", num_layers=4,
                                                        max_position_embeddings=2048),
