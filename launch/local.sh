@@ -95,6 +95,6 @@ if [[ -n "${EVEJAX_PIDFILE:-}" ]]; then
 fi
 case "$cmd" in
   setup) say "ready: $VENV/bin/evejax" ;;
-  test) cd "$ROOT" && exec "$VENV/bin/python" -m pytest -q tests "$@" ;;
+  test) cd "$ROOT" && exec "$VENV/bin/python" -m pytest -q -n auto --dist loadfile tests "$@" ;;
   *) exec "$VENV/bin/evejax" "$cmd" "$@" ;;
 esac

@@ -360,10 +360,10 @@ def test_local_test_installs_test_extras_with_pinned_torch_and_passes_args(fake_
     assert proc.returncode == 0, proc.stderr
     assert made[1:] == [
         f"python -m pip install -e .[torch,test,tpu] torch==2.13.0 (cwd={root})",
-        f"python -m pytest -q tests -k launch and not slow (cwd={root})",
+        f"python -m pytest -q -n auto --dist loadfile tests -k launch and not slow (cwd={root})",
     ]
     _, made = run("test")
-    assert made == [f"python -m pytest -q tests (cwd={root})"]
+    assert made == [f"python -m pytest -q -n auto --dist loadfile tests (cwd={root})"]
 
 
 def test_local_demo_and_other_subcommands(fake_repo):
@@ -394,5 +394,5 @@ def test_local_without_arguments_prints_usage_and_fails(fake_repo):
 def test_ci_run_fails_whenever_pytest_fails(fake_repo, pytest_rc):
     root, run = fake_repo
     proc, made = run(script=".ci/run", FAKE_PYTEST_RC=str(pytest_rc))
-    assert made[-1] == f"python -m pytest -q tests (cwd={root})"
+    assert made[-1] == f"python -m pytest -q -n auto --dist loadfile tests (cwd={root})"
     assert proc.returncode == pytest_rc
