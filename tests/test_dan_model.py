@@ -25,10 +25,13 @@ def test_small_with_the_official_config_default_width_is_49m():
     assert dan.param_count(dan.get_config("mamba_s", intermediate_size=1536)) == 49_109_840
 
 
+TINY = ["mamba_tiny", "vit_tiny"]
+
+
 @functools.lru_cache(maxsize=None)
-def _params():
+def _params(size="mamba_tiny"):
     # No position embedding, so one parameter tree serves every image size.
-    model = dan.DANClassifier(dan.get_config("mamba_tiny"))
+    model = dan.DANClassifier(dan.get_config(size))
     return unbox(jax.jit(model.init)(jax.random.PRNGKey(1), *dan.init_inputs(model.cfg))["params"])
 
 
@@ -42,22 +45,36 @@ def _forward(cfg, train: bool):
                                                rngs={"dropout": jax.random.PRNGKey(5)}))
 
 
-def _tiny(**kw):
-    cfg = dan.get_config("mamba_tiny", **kw)
-    return cfg, _params(), jax.random.normal(jax.random.PRNGKey(0), (3, *cfg.image_size, 3))
+def _tiny(size="mamba_tiny", **kw):
+    cfg = dan.get_config(size, **kw)
+    return cfg, _params(size), jax.random.normal(jax.random.PRNGKey(0), (3, *cfg.image_size, 3))
 
 
-def test_drop_path_rate_per_layer_is_linear_over_depth():
+def _zero_last_block_branches(params, backbone):
+    """The parameters with every residual branch of block 1 (the last of two) made zero."""
+    def zero(tree, *path):
+        if len(path) == 1:
+            return {**tree, path[0]: tree[path[0]].at[1].set(0.0)}
+        return {**tree, path[0]: zero(tree[path[0]], *path[1:])}
+
+    if backbone == "mamba":
+        return zero(params, "blocks", "mixer", "out_proj", "kernel")
+    for path in [("attention", "out"), ("mlp", "wo")]:
+        for leaf in ("kernel", "bias"):
+            params = zero(params, "blocks", "layers", *path, leaf)
+    return params
+
+
+@pytest.mark.parametrize("size", TINY)
+def test_drop_path_rate_per_layer_is_linear_over_depth(size):
     np.testing.assert_allclose(dan.drop_path_rates(0.75, 24), 0.75 * np.arange(24) / 23, rtol=1e-6)
     assert float(dan.drop_path_rates(0.3, 1)[0]) == 0.0
     # End to end with depth 2 and maximum rate 1: block 0 (rate 0) always runs, block 1 (rate 1)
     # is always dropped, so the output is the model with block 1's branch zeroed.
-    cfg, params, pixels = _tiny()
+    cfg, params, pixels = _tiny(size)
     train = _forward(cfg, True)
     dropped = train(params, pixels, jnp.float32(1.0))
-    mixer = params["blocks"]["mixer"]
-    zeroed = {**params, "blocks": {**params["blocks"], "mixer": {
-        **mixer, "out_proj": {"kernel": mixer["out_proj"]["kernel"].at[1].set(0.0)}}}}
+    zeroed = _zero_last_block_branches(params, cfg.backbone)
     np.testing.assert_allclose(dropped.logits, _forward(cfg, False)(zeroed, pixels).logits, rtol=1e-5, atol=1e-6)
     # The maximum rate is a runtime input: a schedule over epochs compiles once.
     np.testing.assert_allclose(train(params, pixels, jnp.float32(0.0)).logits,
@@ -82,8 +99,9 @@ def test_auxiliary_loss_equals_its_closed_form():
     assert float(weight) == 2.0
 
 
-def test_class_token_last_and_causal_raster_order():
-    cfg, params, pixels = _tiny()
+@pytest.mark.parametrize("size", TINY)
+def test_class_token_last_and_causal_raster_order(size):
+    cfg, params, pixels = _tiny(size)
     out = _forward(cfg, False)(params, pixels)
     assert out.logits.shape == (3, 10) and out.token_logits.shape == (3, cfg.num_patches, 10)
     # Changing the last patch (bottom-right) leaves every earlier image token's logits unchanged
@@ -94,8 +112,9 @@ def test_class_token_last_and_causal_raster_order():
     assert not np.allclose(changed.logits, out.logits, atol=1e-4)
 
 
-def test_right_padding_is_exact_and_non_square_images_work():
-    cfg, params, pixels = _tiny(image_size=(16, 40))
+@pytest.mark.parametrize("size", TINY)
+def test_right_padding_is_exact_and_non_square_images_work(size):
+    cfg, params, pixels = _tiny(size, image_size=(16, 40))
     assert cfg.num_patches == 10
     out = _forward(cfg, False)(params, pixels)
     padded = _forward(cfg.replace(pad_length_to=8), False)(params, pixels)
@@ -108,6 +127,8 @@ def test_image_size_not_divisible_by_patch_size_is_named():
         dan.get_config("mamba_b", image_size=(224, 100))
     with pytest.raises(ValueError, match=r"no field\(s\) \['depthh'\]"):
         dan.get_config("mamba_b", depthh=3)
+    with pytest.raises(ValueError, match=r"image size 224x230 is not divisible by the patch size 16"):
+        dan.get_config("vit_b", image_size=(224, 230))
 
 
 def test_registry_entry_loss_metrics_and_batch_contract():

@@ -12,6 +12,9 @@ DANClassifier: pixels [B, H, W, 3] (NHWC, ImageNet-normalised) -> DANOutput:
 
 Mamba block (no MLP): x <- x + drop_path(MambaMixer(RMSNorm(x))), the residual in float32.
 No position embedding: positions enter through the conv, the decay and the rotation of B, C.
+`backbone="vit"`: the De-focus ViT, the shared core (nn/transformer.py) with causal de-focus
+attention (nn/attention.py: learned per-head decay and rotation, DAN Eq. 8); no official code
+exists, so its choices are stated in `_vit` and nn/attention.py.
 
 Parameters (Flax paths; blocks stacked on axis 0) -> official state-dict names:
   patch_embed/kernel [p, p, 3, D] (HWIO), bias [D]   <- patch_embed.proj.weight (OIHW), .bias
@@ -20,6 +23,8 @@ Parameters (Flax paths; blocks stacked on axis 0) -> official state-dict names:
   blocks/mixer/... [L, ...]                            <- blocks.{i}.mixer.... (nn/mamba.py)
   norm/{scale, bias} [D]                               <- norm.weight, norm.bias
   head/{kernel [D, C], bias [C]}, head2/...            <- head.weight, head.bias, head2.*
+  ViT: blocks/layers/... as the shared core's (models/llm.py lists them), plus
+  blocks/layers/attention/defocus_decay [L, N] (lambda_hat) and defocus_freq [L, N, H/2] (theta)
   with head="mlp" (the IN-22k heads, Large): head/fc1/{kernel [D, 3D], bias} <- head.0.*,
     head/fc2/{kernel [3D, C], bias} <- head.2.* (and head2 the same)
 """
@@ -37,7 +42,7 @@ from flax import linen as nn
 
 from evejax.nn.layers import Dense, DropPath, LayerNorm, RMSNorm, constrain, default_kernel_init, param_with_axes
 from evejax.nn.mamba import MambaConfig, MambaMixer
-from evejax.nn.transformer import REMAT_POLICIES
+from evejax.nn.transformer import REMAT_POLICIES, TransformerConfig, TransformerStack
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,10 +51,12 @@ class DANConfig:
     patch_size: int
     num_classes: int
     depth: int
-    mamba: MambaConfig
+    backbone: str = "mamba"      # "mamba" (blocks from `mamba`) or "vit" (the shared core, `transformer`)
+    mamba: Optional[MambaConfig] = None
+    transformer: Optional[TransformerConfig] = None
     head: str = "linear"         # "linear" (official IN1k_cls) or "mlp" (IN22k*: Linear, Tanh, Linear)
     drop_path: float = 0.0       # the maximum drop-path rate when a step gives none
-    block_norm_eps: float = 1e-5
+    block_norm_eps: float = 1e-5  # the Mamba blocks' RMSNorm
     norm_eps: float = 1e-6
     pad_length_to: int = 1       # e.g. 8 or 128 on TPU: 197 tokens are prime
     remat: str = "full"
@@ -63,20 +70,39 @@ class DANConfig:
         return self.grid[0] * self.grid[1]
 
     @property
+    def blocks(self):
+        """The backbone's own config: MambaConfig or TransformerConfig."""
+        return self.mamba if self.backbone == "mamba" else self.transformer
+
+    @property
     def embed_dim(self) -> int:
-        return self.mamba.embed_dim
+        return self.blocks.embed_dim
+
+    @property
+    def dtype(self):
+        return jnp.dtype(self.blocks.dtype)
+
+    @property
+    def param_dtype(self):
+        return jnp.dtype(self.blocks.param_dtype)
 
     def replace(self, **kw) -> "DANConfig":
-        if "image_size" in kw and isinstance(kw["image_size"], int):
-            kw["image_size"] = (kw["image_size"], kw["image_size"])
+        """Own fields, else the backbone's (MambaConfig or TransformerConfig; num_layers is depth)."""
+        if isinstance(kw.get("image_size"), int):
+            kw["image_size"] = (kw["image_size"],) * 2
+        if "num_layers" in kw:
+            kw["depth"] = kw.pop("num_layers")
         own_fields = {f.name for f in dataclasses.fields(self)}
-        m_fields = {f.name for f in dataclasses.fields(MambaConfig)}
         own = {k: v for k, v in kw.items() if k in own_fields}
-        m_kw = {k: v for k, v in kw.items() if k in m_fields and k not in own_fields}
-        unknown = set(kw) - own_fields - m_fields
+        sub = {k: v for k, v in kw.items() if k not in own_fields}
+        inner = self.blocks
+        unknown = set(sub) - {f.name for f in dataclasses.fields(inner)}
         if unknown:
-            raise ValueError(f"DAN config has no field(s) {sorted(unknown)}")
-        return dataclasses.replace(self, mamba=dataclasses.replace(self.mamba, **m_kw), **own)
+            raise ValueError(f"DAN config ({self.backbone}) has no field(s) {sorted(unknown)}")
+        if self.backbone == "vit":
+            sub.update(num_layers=own.get("depth", self.depth), remat=own.get("remat", self.remat))
+        inner = dataclasses.replace(inner, **sub)
+        return dataclasses.replace(self, **own, **{"mamba" if self.backbone == "mamba" else "transformer": inner})
 
     def validate(self) -> "DANConfig":
         h, w = self.image_size
@@ -87,7 +113,16 @@ class DANConfig:
             raise ValueError(f"DAN head {self.head!r} is not known; use 'linear' or 'mlp'")
         if self.remat not in REMAT_POLICIES:
             raise ValueError(f"remat policy {self.remat!r} is not known; use one of {sorted(REMAT_POLICIES)}")
-        self.mamba.validate()
+        if self.backbone not in ("mamba", "vit") or self.blocks is None:
+            raise ValueError(f"DAN backbone {self.backbone!r} needs 'mamba' with a MambaConfig or 'vit' with a "
+                             "TransformerConfig")
+        if self.backbone == "mamba":
+            self.mamba.validate()
+        else:
+            t = self.transformer.validate()
+            if not t.causal or t.num_layers != self.depth or t.num_heads * t.head_dim != t.embed_dim:
+                raise ValueError("a De-focus ViT needs causal=True, num_layers == depth and "
+                                 "num_heads x head_dim == embed_dim")
         return self
 
 
@@ -96,6 +131,19 @@ def _mamba(d: int, e: int, depth: int, image: int = 224, **kw) -> DANConfig:
     mamba = MambaConfig(embed_dim=d, intermediate_size=e, **{k: v for k, v in kw.items() if k in m_fields})
     return DANConfig(image_size=(image, image), patch_size=16, num_classes=1000, depth=depth, mamba=mamba,
                      **{k: v for k, v in kw.items() if k not in m_fields})
+
+
+def _vit(d: int, heads: int, depth: int, image: int = 224, **kw) -> DANConfig:
+    """DeiT shapes (reference/dan.md §4: De-focus ViT-S/B = DeiT-S/B + head2) on the shared core:
+    LayerNorm eps 1e-6, GELU MLP of 4d, biases everywhere, causal de-focus attention with
+    interleaved pairs (RetNet's layout). No position embedding (the official class has
+    use_pos_embed False; no ViT code was released, so this is inferred). Counts: S 22,362,392 (paper 22.4M), B 87,190,112 (paper 87.4M)."""
+    t = TransformerConfig(num_layers=depth, embed_dim=d, num_heads=heads, num_kv_heads=heads, head_dim=d // heads,
+                          mlp_dim=4 * d, mlp_act="gelu", mlp_gated=False, mlp_bias=True, norm="layer",
+                          norm_eps=1e-6, qkv_bias=True, out_bias=True, causal=True, rope_base=10000.0,
+                          rope_layout="interleaved", defocus="scale")
+    return DANConfig(image_size=(image, image), patch_size=16, num_classes=1000, depth=depth, backbone="vit",
+                     transformer=t, **kw)
 
 
 SIZES = {
@@ -113,6 +161,11 @@ SIZES = {
     "mamba_tiny": lambda: dataclasses.replace(
         _mamba(32, 64, 2, image=32, state_size=8, time_step_rank=4, group_norm_size=16, scan_chunk=8),
         patch_size=8, num_classes=10),
+    # De-focus ViT-S/B (paper Table 1: 22.4M, 87.4M; drop path as the Mamba recipe, paper 0.1 -> 0.7).
+    # DeiT-S's 6 heads; the broken official factory `defocus_deit_small` asks for 12.
+    "vit_s": lambda: _vit(384, 6, 12, drop_path=0.7),
+    "vit_b": lambda: _vit(768, 12, 12, drop_path=0.7),
+    "vit_tiny": lambda: dataclasses.replace(_vit(32, 4, 2, image=32), patch_size=8, num_classes=10),
 }
 
 
@@ -164,7 +217,7 @@ class DANClassifier(nn.Module):
     @nn.compact
     def __call__(self, pixels, *, deterministic: bool = True, drop_path_rate=None):
         cfg = self.cfg.validate()
-        dtype, pdtype = jnp.dtype(cfg.mamba.dtype), jnp.dtype(cfg.mamba.param_dtype)
+        dtype, pdtype = cfg.dtype, cfg.param_dtype
         d, p = cfg.embed_dim, cfg.patch_size
         b, height, width, channels = pixels.shape
         if (height, width) != cfg.image_size:
@@ -178,15 +231,20 @@ class DANClassifier(nn.Module):
         x = jnp.concatenate([x.reshape(b, gh * gw, d), jnp.broadcast_to(cls.astype(dtype), (b, 1, d))], axis=1)
         length = x.shape[1]
         x = jnp.pad(x, ((0, 0), (0, -length % cfg.pad_length_to), (0, 0)))
-        x = constrain(x.astype(jnp.float32), ("batch", "length", "act_embed"))
-
-        rate = cfg.drop_path if drop_path_rate is None else drop_path_rate
-        block = MambaBlock
-        if cfg.remat != "none":
-            block = nn.remat(block, policy=REMAT_POLICIES[cfg.remat], prevent_cse=False)
-        x, _ = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
-                       in_axes=0, length=cfg.depth, metadata_params={nn.PARTITION_NAME: "layers"})(
-            cfg, deterministic=deterministic, name="blocks")(x, drop_path_rates(rate, cfg.depth))
+        rates = drop_path_rates(cfg.drop_path if drop_path_rate is None else drop_path_rate, cfg.depth)
+        if cfg.backbone == "vit":
+            x = constrain(x, ("batch", "length", "act_embed"))
+            positions = jnp.broadcast_to(jnp.arange(x.shape[1], dtype=jnp.int32), x.shape[:2])
+            x, _ = TransformerStack(cfg.transformer, name="blocks")(
+                x, positions, jnp.ones(x.shape[:2], jnp.int32), deterministic=deterministic, drop_path_rate=rates)
+        else:
+            x = constrain(x.astype(jnp.float32), ("batch", "length", "act_embed"))
+            block = MambaBlock
+            if cfg.remat != "none":
+                block = nn.remat(block, policy=REMAT_POLICIES[cfg.remat], prevent_cse=False)
+            x, _ = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
+                           in_axes=0, length=cfg.depth, metadata_params={nn.PARTITION_NAME: "layers"})(
+                cfg, deterministic=deterministic, name="blocks")(x, rates)
         x = LayerNorm(eps=cfg.norm_eps, dtype=dtype, param_dtype=pdtype, name="norm")(x[:, :length])
         head = lambda name: _Head(cfg.num_classes, cfg.head, dtype, pdtype, name=name)  # noqa: E731
         return DANOutput(logits=head("head")(x[:, -1]), token_logits=head("head2")(x[:, :-1]))
@@ -248,12 +306,16 @@ def classification_loss(out: DANOutput, targets, weights):
 
 
 def training_flops(cfg: DANConfig, batch: int) -> float:
-    """Model FLOPs of one forward+backward step: 6 x multiply-adds (matmuls, the conv, the scan
-    counted as 3 E N per token: decay, injection, read-out; head2 on every image token)."""
-    m, d = cfg.mamba, cfg.embed_dim
-    e, n, r, k = m.intermediate_size, m.state_size, m.time_step_rank, m.conv_kernel
-    tokens = cfg.num_patches + 1
-    block = d * 2 * e + e * k + e * (r + 2 * n) + r * e + 3 * e * n + e * d
+    """Model FLOPs of one forward+backward step: 6 x multiply-adds (matmuls; Mamba: the conv and
+    the scan counted as 3 E N per token: decay, injection, read-out; ViT: causal attention scores
+    and values, halved; head2 on every image token)."""
+    d, tokens = cfg.embed_dim, cfg.num_patches + 1
+    if cfg.backbone == "vit":
+        block = 4 * d * d + 2 * d * cfg.transformer.mlp_dim + tokens * d
+    else:
+        m = cfg.mamba
+        e, n, r, k = m.intermediate_size, m.state_size, m.time_step_rank, m.conv_kernel
+        block = d * 2 * e + e * k + e * (r + 2 * n) + r * e + 3 * e * n + e * d
     head = d * cfg.num_classes if cfg.head == "linear" else d * 3 * d + 3 * d * cfg.num_classes
     macs = cfg.num_patches * 3 * cfg.patch_size ** 2 * d + cfg.depth * tokens * block + tokens * head
     return 6.0 * batch * macs

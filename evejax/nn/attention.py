@@ -8,6 +8,22 @@ Masks are built from per-token data, never from the model type:
   (prefix-LM), on top of the causal rule.
 `impl` chooses the kernel: "xla" (einsum, softmax in float32) or "cudnn"/"dot"
 (`jax.nn.dot_product_attention`, which routes to XLA on CPU/TPU).
+
+De-focus attention (De-focus Attention Networks, arXiv 2406.04342, Eq. 8), `defocus` set, causal only:
+  y_t = sum_{s<=t} Softmax_s(q_t^T e^{lambda (t-s)} e^{i theta (t-s)} k_s / sqrt(H)) v_s
+The rotation is RoPE with learned frequencies `defocus_freq` [K, H/2] (theta, one set per key head),
+applied to q and k; lambda = -exp(`defocus_decay` [N]), one decay per head, enters the logits as
+`defocus="scale"`: logit * e^{lambda (t-s)} (Eq. 8 as printed: a multiplier on q^T k, as a decay
+applied to q and k "following the common implementation of RoPE" gives) or `defocus="bias"`:
+logit + lambda (t-s) (ALiBi-like: the attention weights themselves decay by e^{lambda (t-s)}, the
+kernel of the paper's bandpass argument, Eq. 6-7). The paper gives neither the form it ran nor
+any initial value, and no De-focus ViT code is released (reference/dan.md §1, §10), so:
+- default "scale": the equation as printed;
+- theta starts at the RoPE frequencies `rope_base`^(-2i/H) (a learnable RoPE starts as RoPE);
+- lambda_h starts at ln(1 - 2^-(a + b h)) for head h, (a, b) = `defocus_decay_init`, default
+  (5, 1): RetNet's per-head decays, which De-focus RetNet makes learnable;
+- positions (for theta and the decay alike) are divided by `defocus_position_scale`, the
+  resolution knob the official Mamba calls rope_scale_factor.
 """
 from __future__ import annotations
 
@@ -18,8 +34,8 @@ import jax.numpy as jnp
 from flax import linen as nn
 from jax.ad_checkpoint import checkpoint_name
 
-from evejax.nn.layers import Dense, constrain
-from evejax.nn.rope import apply_rope
+from evejax.nn.layers import Dense, constrain, param_with_axes
+from evejax.nn.rope import apply_rope, inverse_frequencies, rotate_pairs
 
 
 def make_mask(q_segment, kv_segment, q_index, kv_index, causal: bool,
@@ -34,8 +50,17 @@ def make_mask(q_segment, kv_segment, q_index, kv_index, causal: bool,
     return same[:, None]
 
 
-def attend(q, k, v, mask, *, scale: float, impl: str = "xla"):
-    """q [B, T, N, H], k/v [B, S, K, H] with N % K == 0, mask [B, 1, T, S] -> [B, T, N, H]."""
+def _decayed(logits, decay, form: str):
+    return logits * jnp.exp(decay) if form == "scale" else logits + decay
+
+
+def attend(q, k, v, mask, *, scale: float, impl: str = "xla", decay=None, decay_form: str = "scale"):
+    """q [B, T, N, H], k/v [B, S, K, H] with N % K == 0, mask [B, 1, T, S] -> [B, T, N, H].
+
+    decay [B, N, T, S] float32 (de-focus, xla only): lambda (t - s), applied as `decay_form`.
+    """
+    if decay is not None and impl != "xla":
+        raise ValueError(f"de-focus attention runs with attention impl 'xla', not {impl!r}")
     if impl in ("dot", "cudnn"):
         return jax.nn.dot_product_attention(
             q, k, v, mask=mask, scale=scale, implementation="cudnn" if impl == "cudnn" else None)
@@ -48,11 +73,15 @@ def attend(q, k, v, mask, *, scale: float, impl: str = "xla"):
         # the softmax and its gradient on them much faster than on the grouped
         # 5-D form with a unit group axis (about 40% less attention time).
         logits = jnp.einsum("btnh,bsnh->bnts", q, k, preferred_element_type=jnp.float32) * scale
+        if decay is not None:
+            logits = _decayed(logits, decay, decay_form)
         logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
         probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
         return jnp.einsum("bnts,bsnh->btnh", probs, v)
     qg = q.reshape(b, t, kv, n // kv, h)
     logits = jnp.einsum("btkgh,bskh->bkgts", qg, k, preferred_element_type=jnp.float32) * scale
+    if decay is not None:
+        logits = _decayed(logits, decay.reshape(logits.shape), decay_form)
     logits = jnp.where(mask[:, :, None], logits, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
     out = jnp.einsum("bkgts,bskh->btkgh", probs, v)
@@ -77,6 +106,9 @@ class Attention(nn.Module):
     rope_scaling: Optional[tuple] = None  # (("type", "dynamic"), ("factor", 2.0)): hashable
     max_position_embeddings: int = 0
     impl: str = "xla"
+    defocus: Optional[str] = None  # None, "scale" or "bias" (module docstring)
+    defocus_decay_init: tuple = (5.0, 1.0)
+    defocus_position_scale: float = 1.0
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
     flatten: bool = False  # Dense.flatten
@@ -95,7 +127,9 @@ class Attention(nn.Module):
         v = checkpoint_name(constrain(v, ("batch", "length", "act_kv_heads", None)), "value_proj")
 
         b, t = x.shape[:2]
-        if self.rope_base is not None:
+        if self.defocus is not None:
+            q, k = self._defocus_rotation(q, k, positions)
+        elif self.rope_base is not None:
             # Dynamic NTK sees the length so far, max(positions) + 1 over the whole
             # batch, as transformers does: not this chunk's length, so one-token
             # decode steps scale like the prompt they extend. Cached keys keep
@@ -113,10 +147,40 @@ class Attention(nn.Module):
 
         mask = make_mask(segment_ids, kv_segment, q_index, kv_index, self.causal,
                          prefix, kv_prefix)
-        out = attend(q, k, v, mask, scale=self.head_dim ** -0.5, impl=self.impl)
+        decay = None if self.defocus is None else self._defocus_decay(q_index, kv_index)
+        out = attend(q, k, v, mask, scale=self.head_dim ** -0.5, impl=self.impl, decay=decay,
+                     decay_form=self.defocus or "scale")
         out = constrain(out, ("batch", "length", "act_heads", None))
         return Dense((x.shape[-1],), ("heads", "head_dim"), ("embed",), use_bias=self.out_bias,
                      name="out", **kw)(out)
+
+    def _defocus_rotation(self, q, k, positions):
+        """q, k rotated by the learned per-head frequencies: angle = positions / scale * theta."""
+        base = inverse_frequencies(self.head_dim, self.rope_base)
+        # One set per key head, shared by the query heads it serves, so q^T k stays relative.
+        freq = self.param("defocus_freq", param_with_axes(
+            lambda key, shape, dtype: jnp.broadcast_to(base, shape).astype(dtype), ("kv_heads", None)),
+            (self.num_kv_heads, self.head_dim // 2), self.param_dtype)
+        pos = positions.astype(jnp.float32)[:, :, None, None] / self.defocus_position_scale
+        angle = pos * freq.astype(jnp.float32)                        # [B, T, K, H/2]
+        group = self.num_heads // self.num_kv_heads
+        return (rotate_pairs(q, jnp.repeat(angle, group, axis=2), self.rope_layout),
+                rotate_pairs(k, angle, self.rope_layout))
+
+    def _defocus_decay(self, q_index, kv_index):
+        """lambda_n (t - s) / scale: [B, N, T, S] float32, lambda = -exp(defocus_decay); 0 at t <= s
+        (those are masked anyway, and exp of a positive distance could overflow)."""
+        a, slope = self.defocus_decay_init
+
+        def init(key, shape, dtype):
+            rate = -jnp.log1p(-(2.0 ** -(a + slope * jnp.arange(shape[0], dtype=jnp.float32))))
+            return jnp.log(rate).astype(dtype)
+
+        decay_hat = self.param("defocus_decay", param_with_axes(init, ("heads",)), (self.num_heads,),
+                               self.param_dtype)
+        dist = jnp.maximum(q_index[:, :, None] - kv_index[:, None, :], 0).astype(jnp.float32)
+        return -jnp.exp(decay_hat.astype(jnp.float32))[None, :, None, None] * (
+            dist[:, None] / self.defocus_position_scale)
 
     def _update_cache(self, k, v, segment_ids, prefix):
         # Keys are cached after RoPE, as HF does, so decoding matches it exactly.

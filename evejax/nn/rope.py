@@ -38,9 +38,13 @@ def apply_rope(x, positions, *, base: float = 10000.0, layout: str = "rotate_hal
     pos = positions.astype(jnp.float32)
     if (scaling or {}).get("type") == "linear":
         pos = pos / scaling["factor"]
-    angles = pos[..., None] * inv  # [B, T, H/2]
-    sin = jnp.sin(angles)[:, :, None, :]
-    cos = jnp.cos(angles)[:, :, None, :]
+    return rotate_pairs(x, (pos[..., None] * inv)[:, :, None, :], layout)
+
+
+def rotate_pairs(x, angles, layout: str = "rotate_half"):
+    """x [B, T, N, H] rotated pair by pair by angles [B, T, N or 1, H/2] (float32); same dtype."""
+    sin = jnp.sin(angles)
+    cos = jnp.cos(angles)
     xf = x.astype(jnp.float32)
     if layout == "rotate_half":
         x1, x2 = jnp.split(xf, 2, axis=-1)

@@ -1,7 +1,8 @@
 """The one transformer core: a pre-norm layer and a scanned, rematerialised stack.
 
 LLaMA/Vicuna, InternLM2, HoVLE's embedding module, the CLIP teacher and the
-De-focus ViT are all this stack with different `TransformerConfig` options.
+De-focus ViT (`defocus`: learned decay and rotation in causal attention) are all
+this stack with different `TransformerConfig` options.
 
 Layer: x [B, T, D] -> x + drop_path(attn(norm(x))) -> h + drop_path(mlp(norm(h))).
 With `layer_scale_init` set (InternViT, CaiT-style layer scale) each branch is
@@ -47,6 +48,10 @@ class TransformerConfig:
     drop_path: float = 0.0
     layer_scale_init: Optional[float] = None  # None: no layer scale
     attention_impl: str = "xla"
+    # De-focus attention (nn/attention.py): None (off), "scale" (Eq. 8 as printed) or "bias".
+    defocus: Optional[str] = None
+    defocus_decay_init: tuple = (5.0, 1.0)
+    defocus_position_scale: float = 1.0
     remat: str = "full"
     scan_unroll: int = 1
     matmul_2d: bool = False  # Dense.flatten for every projection: faster on CPU, not needed on TPU
@@ -66,6 +71,10 @@ class TransformerConfig:
             raise ValueError(f"RoPE needs an even head_dim, got {self.head_dim}")
         if self.remat not in REMAT_POLICIES:
             raise ValueError(f"remat policy {self.remat!r} is not known; use one of {sorted(REMAT_POLICIES)}")
+        if self.defocus is not None and (self.defocus not in ("scale", "bias") or not self.causal
+                                         or self.rope_base is None):
+            raise ValueError(f"defocus={self.defocus!r} needs 'scale' or 'bias', causal=True and a rope_base "
+                             "(its rotation starts at the RoPE frequencies)")
         return self
 
 
@@ -99,7 +108,8 @@ class DecoderLayer(nn.Module):
             causal=cfg.causal, qkv_bias=cfg.qkv_bias, out_bias=cfg.out_bias,
             rope_base=cfg.rope_base, rope_layout=cfg.rope_layout, rope_scaling=cfg.rope_scaling,
             max_position_embeddings=cfg.max_position_embeddings, impl=cfg.attention_impl,
-            dtype=dtype, param_dtype=pdtype, flatten=cfg.matmul_2d, name="attention",
+            defocus=cfg.defocus, defocus_decay_init=tuple(cfg.defocus_decay_init),
+            defocus_position_scale=cfg.defocus_position_scale, dtype=dtype, param_dtype=pdtype, flatten=cfg.matmul_2d, name="attention",
         )(h, positions, segment_ids, prefix, decode=self.decode)
         h = checkpoint_name(h, "context")
         h = self._layer_scale(h, "attention_layer_scale")
