@@ -221,8 +221,8 @@ def experiment_main(args) -> int:
     results = []
     for variant in ("defocus", "plain"):
         for seed in seeds:
-            config = config_lib.apply_overrides(config_lib.load(f"{config_file}:{variant}"),
-                                                [f"train.seed={seed}", f"data.seed={seed}", f"train.steps={args.steps}"])
+            overrides = [f"train.seed={seed}", f"data.seed={seed}", f"train.steps={args.steps}"]
+            config = config_lib.apply_overrides(config_lib.load(f"{config_file}:{variant}"), overrides)
             workdir = out / f"{variant}_s{seed}"
             trainer.train(config, str(workdir))
             row = dict(variant=variant, seed=seed, steps=args.steps, **evaluate_run(str(workdir), args.heldout))
