@@ -1,7 +1,8 @@
 """Attention maps and the over-focus statistic of causal ViTs (De-focus Attention Networks).
 
   evejax viz attention TARGET --image IMG [--layers 0,1] [--out maps.png]
-  evejax viz experiment [--out runs/counting] [--seeds 0,1,2] [--steps 600] [--heldout 1000]
+  evejax viz experiment [--out runs/counting] [--seeds 0,1,2] [--steps 600] [--side 48]
+                        [--heldout 1000]
 
 TARGET is a trainer workdir of a DAN ViT (`evejax train`, newest checkpoint) or a config
 FILE.py[:ARG] of one (random initial weights, seed --seed).
@@ -20,7 +21,7 @@ left out. The statistic is the mean of the shares over those queries and every l
 (layers, images, heads). 1 means every query puts all its mass on one key; uniform causal
 attention over T tokens gives the mean of 1/(t+1) over t = 1..T-1: 0.089 at T = 37.
 
-`experiment` trains configs/dan_counting.py:defocus and :plain for each seed (workdirs
+`experiment` trains configs/dan_counting.py:defocus and :plain (images --side px) for each seed (workdirs
 OUT/{defocus,plain}_s{seed}; a finished workdir is reused), then reports per run the held-out
 accuracy on the first --heldout held-out counting images and the over-focus statistic on the
 first 64 of them (all layers), writes OUT/{variant}_s{seed}.png (the maps of held-out image
@@ -216,12 +217,14 @@ def experiment_main(args) -> int:
     out = Path(args.out)
     seeds = [int(s) for s in args.seeds.split(",")]
     config_file = f"{config_lib.REPO_CONFIGS}/dan_counting.py"
-    first, _ = counting.image(0, "heldout", 0, config_lib.load(config_file).data.max_side)
+    side = args.side or config_lib.load(config_file).data.max_side
+    first, _ = counting.image(0, "heldout", 0, side)
     save_png(Image.fromarray(first), out / "heldout0.png")
     results = []
     for variant in ("defocus", "plain"):
         for seed in seeds:
-            overrides = [f"train.seed={seed}", f"data.seed={seed}", f"train.steps={args.steps}"]
+            overrides = [f"train.seed={seed}", f"data.seed={seed}", f"train.steps={args.steps}",
+                         f"data.max_side={side}", f"model.overrides.image_size={side}"]
             config = config_lib.apply_overrides(config_lib.load(f"{config_file}:{variant}"), overrides)
             workdir = out / f"{variant}_s{seed}"
             trainer.train(config, str(workdir))
@@ -254,6 +257,7 @@ def main(argv=None) -> int:
     exp.add_argument("--out", default="runs/counting")
     exp.add_argument("--seeds", default="0,1,2")
     exp.add_argument("--steps", type=int, default=600)
+    exp.add_argument("--side", type=int, default=0, help="image side in pixels (default: the config's, 48)")
     exp.add_argument("--heldout", type=int, default=1000, help="held-out images for the accuracy")
     args = parser.parse_args(argv)
     try:
