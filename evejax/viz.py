@@ -94,7 +94,8 @@ def attention_weights(cfg, params, pixels) -> np.ndarray:
 
     module = dan.DANClassifier(cfg)
     _, state = jax.jit(lambda p, x: module.apply({"params": p}, x, mutable=["intermediates"]))(params, pixels)
-    found = [v for k, v in traverse_util.flatten_dict(state["intermediates"]).items() if k[-1] == "attention_weights"]
+    sown = traverse_util.flatten_dict(state.get("intermediates", {}))
+    found = [v for k, v in sown.items() if k[-1] == "attention_weights"]
     if len(found) != 1:
         raise RuntimeError("the model sowed no attention weights (nn/attention.py sows 'attention_weights' "
                            "when the 'intermediates' collection is mutable)")
