@@ -1,5 +1,4 @@
 """evejax viz: the over-focus statistic, the attention-map CLI, and that de-focus changes the maps."""
-import dataclasses
 import re
 
 import jax
