@@ -75,7 +75,8 @@ def _stack_out(cfg):
 
 
 def test_defocus_off_adds_nothing_and_on_changes_the_core():
-    base = TransformerConfig(num_layers=2, embed_dim=32, num_heads=4, num_kv_heads=2, head_dim=8, mlp_dim=64)
+    base = TransformerConfig(num_layers=2, embed_dim=32, num_heads=4, num_kv_heads=2, head_dim=8, mlp_dim=64,
+                             remat="none")
     params, out = _stack_out(base)
     assert not any("defocus" in "/".join(map(str, path)) for path, _ in jax.tree_util.tree_leaves_with_path(params))
     on_params, on_out = _stack_out(base.replace(defocus="bias"))

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from evejax.nn import mamba
+from evejax.sharding import unbox
 
 
 def _sequential_scan(delta, u, b, c, a):
@@ -19,22 +20,23 @@ def _sequential_scan(delta, u, b, c, a):
     return np.stack(ys, axis=1)
 
 
-@pytest.mark.parametrize("scan,chunk", [("associative", 0), ("chunked", 4), ("chunked", 64)])
-def test_scans_equal_the_sequential_scan(scan, chunk):
+def test_scans_equal_the_sequential_scan():
     keys = jax.random.split(jax.random.PRNGKey(0), 5)
     bsz, length, e, n = 2, 13, 6, 4
     delta = jax.nn.softplus(jax.random.normal(keys[0], (bsz, length, e)))
     u = jax.random.normal(keys[1], (bsz, length, e))
     b, c = jax.random.normal(keys[2], (2, bsz, length, n))
     a = -jnp.exp(jax.random.normal(keys[3], (e, n)))
-    y = mamba.selective_scan(delta, u, b, c, a, scan=scan, chunk=chunk or 1)
-    np.testing.assert_allclose(y, _sequential_scan(delta, u, b, c, a), rtol=1e-5, atol=1e-5)
+    want = _sequential_scan(delta, u, b, c, a)
+    # Chunks of 4 pad 13 tokens to 16; 64 is one chunk longer than the sequence.
+    variants = [("associative", 1), ("chunked", 4), ("chunked", 64)]
+    scans = {v: jax.jit(lambda uu, v=v: mamba.selective_scan(delta, uu, b, c, a, scan=v[0], chunk=v[1]))
+             for v in variants}
+    for v in variants:
+        np.testing.assert_allclose(scans[v](u), want, rtol=1e-5, atol=1e-5, err_msg=str(v))
     # Gradients too: the chunked scan is rematerialised, the associative one is not.
-    grad = jax.grad(lambda uu: jnp.sum(jnp.sin(mamba.selective_scan(delta, uu, b, c, a, scan=scan,
-                                                                      chunk=chunk or 1))))(u)
-    ref = jax.grad(lambda uu: jnp.sum(jnp.sin(mamba.selective_scan(delta, uu, b, c, a, scan="chunked",
-                                                                     chunk=1))))(u)
-    np.testing.assert_allclose(grad, ref, rtol=1e-4, atol=1e-5)
+    grads = [jax.jit(jax.grad(lambda uu, v=v: jnp.sum(jnp.sin(scans[v](uu)))))(u) for v in variants[:2]]
+    np.testing.assert_allclose(grads[1], grads[0], rtol=1e-4, atol=1e-5)
 
 
 def _official_mixer(p, x, cfg):
@@ -60,39 +62,37 @@ def _official_mixer(p, x, cfg):
     return y @ p["out_proj"]["kernel"]
 
 
-@pytest.mark.parametrize("scan", mamba.SCANS)
-def test_mixer_equals_the_official_forward(scan):
+def test_mixer_equals_the_official_forward():
     cfg = mamba.MambaConfig(embed_dim=16, intermediate_size=32, state_size=8, time_step_rank=4,
-                            group_norm_size=8, rope_scale_factor=2.0, delta_scale_factor=1.5, scan=scan, scan_chunk=3)
+                            group_norm_size=8, rope_scale_factor=2.0, delta_scale_factor=1.5, scan_chunk=3)
     x = jax.random.normal(jax.random.PRNGKey(1), (2, 11, 16))
-    params = mamba.MambaMixer(cfg).init(jax.random.PRNGKey(2), x)["params"]
-    params = jax.tree.map(lambda v: v.value if hasattr(v, "value") else v, params,
-                          is_leaf=lambda v: hasattr(v, "value"))
+    mixer = mamba.MambaMixer(cfg)
+    params = unbox(jax.jit(mixer.init)(jax.random.PRNGKey(2), x)["params"])
     # Move freq and A_log off their init so a wrong pairing or sign cannot hide.
     params["freq"] = params["freq"] + 0.3
     params["A_log"] = params["A_log"] + jax.random.normal(jax.random.PRNGKey(3), params["A_log"].shape) * 0.2
-    out = mamba.MambaMixer(cfg).apply({"params": params}, x)
+    apply = jax.jit(mixer.apply)
+    out = apply({"params": params}, x)
     np.testing.assert_allclose(out, _official_mixer(params, np.asarray(x, np.float64), cfg), rtol=2e-4, atol=2e-5)
     # Causal in L: a token's output never depends on later tokens (so right padding is exact).
     later = x.at[:, 7:].set(5.0)
-    np.testing.assert_allclose(mamba.MambaMixer(cfg).apply({"params": params}, later)[:, :7], out[:, :7],
-                               rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(apply({"params": params}, later)[:, :7], out[:, :7], rtol=1e-5, atol=1e-6)
 
 
 def test_official_init():
     cfg = mamba.MambaConfig(embed_dim=32, intermediate_size=64, state_size=16, time_step_rank=48)
-    params = mamba.MambaMixer(cfg).init(jax.random.PRNGKey(0), jnp.zeros((1, 3, 32)))["params"]
-    unbox = lambda v: np.asarray(v.value if hasattr(v, "value") else v)  # noqa: E731
+    params = jax.tree.map(np.asarray, unbox(jax.jit(mamba.MambaMixer(cfg).init)(jax.random.PRNGKey(0),
+                                                                                 jnp.zeros((1, 3, 32)))["params"]))
     # The sixteen freq values of reference/dan.md §2, the last exactly 0.
-    np.testing.assert_allclose(unbox(params["freq"])[[0, 1, 7, 15]], [0.7474, 0.5579, 0.0909, 0.0], atol=1e-4)
-    np.testing.assert_allclose(unbox(params["A_log"]), np.broadcast_to(np.log(np.arange(1, 17)), (64, 16)),
+    np.testing.assert_allclose(params["freq"][[0, 1, 7, 15]], [0.7474, 0.5579, 0.0909, 0.0], atol=1e-4)
+    np.testing.assert_allclose(params["A_log"], np.broadcast_to(np.log(np.arange(1, 17)), (64, 16)),
                                rtol=1e-6)
-    np.testing.assert_array_equal(unbox(params["D"]), np.ones(64))
-    dt = np.log1p(np.exp(unbox(params["dt_proj"]["bias"])))
+    np.testing.assert_array_equal(params["D"], np.ones(64))
+    dt = np.log1p(np.exp(params["dt_proj"]["bias"]))
     np.testing.assert_allclose(dt[[0, -1]], [1e-3, 0.1], rtol=1e-4)
     assert np.all(np.diff(np.log(dt)) > 0)
-    assert 0.1 < np.abs(unbox(params["dt_proj"]["kernel"])).max() <= 48 ** -0.5
-    assert unbox(params["in_proj"]["kernel"]).shape == (32, 2, 64)
+    assert 0.1 < np.abs(params["dt_proj"]["kernel"]).max() <= 48 ** -0.5
+    assert params["in_proj"]["kernel"].shape == (32, 2, 64)
 
 
 def test_bad_config_is_named():

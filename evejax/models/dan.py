@@ -246,30 +246,25 @@ class DANClassifier(nn.Module):
                            in_axes=0, length=cfg.depth, metadata_params={nn.PARTITION_NAME: "layers"})(
                 cfg, deterministic=deterministic, name="blocks")(x, rates)
         x = LayerNorm(eps=cfg.norm_eps, dtype=dtype, param_dtype=pdtype, name="norm")(x[:, :length])
-        head = lambda name: _Head(cfg.num_classes, cfg.head, dtype, pdtype, name=name)  # noqa: E731
-        return DANOutput(logits=head("head")(x[:, -1]), token_logits=head("head2")(x[:, :-1]))
+        return DANOutput(logits=self._head("head", x[:, -1]), token_logits=self._head("head2", x[:, :-1]))
+
+    def _head(self, name: str, x):
+        """[..., D] -> [..., C] float32: Linear, or fc1 [D, 3D] -> tanh -> fc2 (the official IN-22k heads)."""
+        kw = dict(use_bias=True, dtype=self.cfg.dtype, param_dtype=self.cfg.param_dtype)
+        classes = (self.cfg.num_classes,)
+        if self.cfg.head == "linear":
+            return Dense(classes, ("embed",), (None,), name=name, **kw)(x).astype(jnp.float32)
+        return _MLPHead(classes, kw, name=name)(x)
 
 
-class _Head(nn.Module):
-    """[..., D] -> [..., C] float32: Linear (kernel [D, C], bias [C]) or, `kind="mlp"`,
-    fc1 [D, 3D] -> tanh -> fc2 [3D, C] (the official IN-22k heads)."""
-    num_classes: int
-    kind: str
-    dtype: jnp.dtype
-    param_dtype: jnp.dtype
+class _MLPHead(nn.Module):
+    classes: tuple
+    kw: dict
 
     @nn.compact
     def __call__(self, x):
-        if self.kind == "mlp":
-            x = jnp.tanh(Dense((3 * x.shape[-1],), ("embed",), ("mlp",), use_bias=True, dtype=self.dtype,
-                               param_dtype=self.param_dtype, name="fc1")(x))
-            return Dense((self.num_classes,), ("mlp",), (None,), use_bias=True, dtype=self.dtype,
-                         param_dtype=self.param_dtype, name="fc2")(x).astype(jnp.float32)
-        kernel = self.param("kernel", param_with_axes(default_kernel_init, ("embed", None)),
-                            (x.shape[-1], self.num_classes), self.param_dtype)
-        bias = self.param("bias", param_with_axes(nn.initializers.zeros, (None,)), (self.num_classes,),
-                          self.param_dtype)
-        return (jnp.dot(x.astype(self.dtype), kernel.astype(self.dtype)) + bias.astype(self.dtype)).astype(jnp.float32)
+        h = jnp.tanh(Dense((3 * x.shape[-1],), ("embed",), ("mlp",), name="fc1", **self.kw)(x))
+        return Dense(self.classes, ("mlp",), (None,), name="fc2", **self.kw)(h).astype(jnp.float32)
 
 
 def init_inputs(cfg: DANConfig, batch: int = 1, abstract: bool = False) -> tuple:

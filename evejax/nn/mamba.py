@@ -58,7 +58,7 @@ class MambaConfig:
     time_step_max: float = 0.1
     time_step_floor: float = 1e-4
     scan: str = "chunked"
-    scan_chunk: int = 32
+    scan_chunk: int = 4  # measured on CPU (Mamba-B fwd+bwd at 224): faster and smaller than 8-64 or associative
     dtype: str = "float32"
     param_dtype: str = "float32"
 
@@ -93,7 +93,7 @@ def _scan_chunk(h0, delta, u, b_mat, c_mat, a):
     return h[:, -1], jnp.einsum("blen,bln->ble", h, c_mat)
 
 
-def selective_scan(delta, u, b_mat, c_mat, a, *, scan: str = "chunked", chunk: int = 32):
+def selective_scan(delta, u, b_mat, c_mat, a, *, scan: str = "chunked", chunk: int = 4):
     """y [B, L, E] float32 of h_t = exp(delta_t a) h_{t-1} + delta_t u_t b_t, y_t = h_t . c_t, h_{-1} = 0.
 
     delta, u [B, L, E]; b_mat, c_mat [B, L, N]; a [E, N]; all float32.
