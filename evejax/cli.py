@@ -20,6 +20,7 @@ COMMANDS = {
     "bench": ("evejax.bench", "speed benchmarks (lm, hovle, dan, data)"),
     "data": ("evejax.data.commands", "data tools (convert to ArrayRecord, inspect)"),
     "demo": ("evejax.demo", "the built-in end-to-end demo on generated data"),
+    "viz": ("evejax.viz", "attention maps and over-focus of a causal (De-focus) ViT; the counting experiment"),
 }
 
 

@@ -96,6 +96,8 @@ class Attention(nn.Module):
     Params: query [D, N, H], key/value [D, K, H], out [N, H, D] (+ biases).
     With `decode=True` keys and values are written into the `cache` collection
     (sized by the input at init) and queries attend to everything cached so far.
+    With the `intermediates` collection mutable it also sows the attention weights
+    [B, N, T, S] as `attention_weights` (evejax viz).
     """
     num_heads: int
     num_kv_heads: int
@@ -160,6 +162,13 @@ class Attention(nn.Module):
             out = attend(q, k, v, mask, scale=self.head_dim ** -0.5,
                          impl="xla" if self.impl == "splash" else self.impl, decay=decay,
                          decay_form=self.defocus or "scale")
+            if self.is_mutable_collection("intermediates"):
+                # The weights [B, N, T, S] for inspection (evejax viz; not on the splash path): the
+                # einsum kernel on one-hot values.
+                eye = jnp.broadcast_to(jnp.eye(k.shape[1], dtype=jnp.float32)[None, :, None], (*k.shape[:3], k.shape[1]))
+                self.sow("intermediates", "attention_weights",
+                         attend(q.astype(jnp.float32), k.astype(jnp.float32), eye, mask, scale=self.head_dim ** -0.5,
+                                impl="xla", decay=decay, decay_form=self.defocus or "scale").transpose(0, 2, 1, 3))
         out = constrain(out, ("batch", "length", "act_heads", None))
         return Dense((x.shape[-1],), ("heads", "head_dim"), ("embed",), use_bias=self.out_bias,
                      name="out", **kw)(out)

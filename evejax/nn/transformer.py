@@ -162,7 +162,7 @@ class TransformerStack(nn.Module):
         rates = jnp.broadcast_to(jnp.asarray(rate, jnp.float32), (cfg.num_layers,))
         scanned = nn.scan(
             layer,
-            variable_axes={"params": 0, "cache": 0},
+            variable_axes={"params": 0, "cache": 0, "intermediates": 0},
             split_rngs={"params": True, "dropout": True},
             in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0),
             length=cfg.num_layers,

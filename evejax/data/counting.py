@@ -1,0 +1,99 @@
+"""A generated counting set: the label is how many cells are filled, so it needs the whole image.
+
+Image `index` of a split is drawn from a generator seeded by (seed, split, index), so any
+example can be produced on its own (random access for grain):
+
+  image  S x S RGB, S = config.data.max_side (a multiple of CELL), white, on a grid of
+         (S / CELL)^2 cells of CELL = 8 px; n = label + 1 of them (label uniform in
+         [0, NUM_CLASSES)) hold one square each, 4-6 px, at a random offset inside its cell,
+         in one of the shapes colours (evejax/data/shapes.py COLOURS). With patch 8 every image
+         token sees one cell, so no token alone knows the label: a classifier must aggregate
+         all of them, which is where a causal model's over-focus on a few keys hurts.
+  label  int32 in [0, NUM_CLASSES): the number of filled cells minus one.
+
+Splits: an image belongs to "heldout" when a hash of its exact layout (cells, offsets,
+sizes, colours) falls in HELDOUT_BUCKETS of NUM_BUCKETS buckets, else to "train"; each
+split rejects candidates of the other, so no held-out image is ever trained on.
+
+Host batch (`make_data`, config.data.name = "evejax.data.counting:make_data"): pixels float32
+[b, S, S, 3] (ImageNet-normalised, as the DAN classifiers expect), label int32 [b],
+b = global_batch / process_count; endless.
+"""
+from __future__ import annotations
+
+import hashlib
+
+import grain
+import numpy as np
+
+from evejax.data import shapes
+from evejax.data.image import IMAGENET_MEAN, IMAGENET_STD
+
+CELL = 8
+NUM_CLASSES = 10
+NUM_BUCKETS, HELDOUT_BUCKETS = 10, 1
+SPLITS = ("train", "heldout")
+NUM_EXAMPLES = 2 ** 40  # endless in practice; random access needs a length
+_COLOURS = np.array(list(shapes.COLOURS.values()), np.uint8)
+
+
+def image(index: int, split: str = "train", seed: int = 0, side: int = 64) -> tuple[np.ndarray, int]:
+    """(uint8 [side, side, 3], label) of image `index` of `split`."""
+    if split not in SPLITS:
+        raise ValueError(f"counting split {split!r} is not known; use one of {SPLITS}")
+    if side % CELL or side < 4 * CELL:
+        raise ValueError(f"counting images need a side that is a multiple of {CELL} and at least {4 * CELL} "
+                         f"(config.data.max_side), got {side}")
+    grid = side // CELL
+    rng = np.random.default_rng((seed, SPLITS.index(split), int(index)))
+    while True:
+        label = int(rng.integers(NUM_CLASSES))
+        cells = rng.choice(grid * grid, size=label + 1, replace=False)
+        sizes = rng.integers(4, 7, size=label + 1)
+        offsets = rng.integers(1, CELL - sizes[:, None], size=(label + 1, 2))
+        colours = rng.integers(len(_COLOURS), size=label + 1)
+        layout = np.concatenate([np.sort(cells), sizes, offsets.ravel(), colours]).astype(np.int32)
+        bucket = int.from_bytes(hashlib.blake2b(layout.tobytes(), digest_size=8).digest(), "little") % NUM_BUCKETS
+        if (bucket < HELDOUT_BUCKETS) == (split == "heldout"):
+            break
+    canvas = np.full((side, side, 3), 255, np.uint8)
+    for cell, size, (dy, dx), colour in zip(cells, sizes, offsets, colours):
+        y, x = (cell // grid) * CELL + dy, (cell % grid) * CELL + dx
+        canvas[y:y + size, x:x + size] = _COLOURS[colour]
+    return canvas, label
+
+
+def normalize(pixels: np.ndarray) -> np.ndarray:
+    """uint8 [..., 3] -> float32 ImageNet-normalised."""
+    return ((pixels.astype(np.float32) / 255.0 - np.float32(IMAGENET_MEAN)) / np.float32(IMAGENET_STD))
+
+
+def batch(indices, split: str = "heldout", seed: int = 0, side: int = 64) -> dict[str, np.ndarray]:
+    """{"pixels" [n, side, side, 3] float32, "label" [n] int32} of the given images."""
+    images, labels = zip(*(image(i, split, seed, side) for i in indices))
+    return {"pixels": normalize(np.stack(images)), "label": np.array(labels, np.int32)}
+
+
+class CountingSource:
+    """A random-access source: `source[i]` -> one example (unbatched arrays)."""
+
+    def __init__(self, split: str, seed: int, side: int):
+        image(0, split, seed, side)  # checks the arguments now, not in a worker
+        self.split, self.seed, self.side = split, seed, side
+
+    def __len__(self) -> int:
+        return NUM_EXAMPLES
+
+    def __getitem__(self, index: int) -> dict[str, np.ndarray]:
+        pixels, label = image(index, self.split, self.seed, self.side)
+        return {"pixels": normalize(pixels), "label": np.int32(label)}
+
+
+def make_data(config, process_index: int, process_count: int):
+    """This process's endless iterator of host batches, with get_state / set_state."""
+    d = config.data
+    if d.global_batch % process_count:
+        raise ValueError(f"config.data.global_batch={d.global_batch} does not split over {process_count} processes")
+    dataset = grain.MapDataset.source(CountingSource(d.split, d.seed, d.max_side))[process_index::process_count]
+    dataset = dataset.batch(d.global_batch // process_count, drop_remainder=True)
+    return iter(dataset.to_iter_dataset(grain.ReadOptions(num_threads=d.read_threads, prefetch_buffer_size=4)))

@@ -1,0 +1,70 @@
+"""evejax viz: the over-focus statistic, the attention-map CLI, and that de-focus changes the maps."""
+import re
+
+import jax
+import numpy as np
+import pytest
+from flax import linen as nn
+from PIL import Image
+
+from evejax import viz
+from evejax.data import counting
+from evejax.models import dan
+
+
+def test_overfocus_hand_computed():
+    causal = viz.causal_mask(3)
+    # [heads 2, T 3, S 3]; the 9s sit on masked keys and must be ignored; query 0 (one key) is left out.
+    weights = np.array([[[1, 9, 9], [0.3, 0.7, 9], [0.5, 0.2, 0.3]],
+                        [[1, 9, 9], [0.9, 0.1, 9], [0.2, 0.2, 0.6]]])
+    assert viz.overfocus(weights, causal) == pytest.approx((0.7 + 0.5 + 0.9 + 0.6) / 4, abs=1e-12)
+    # 250 allowed keys: the top 1% is floor(2.5) = 2 keys.
+    row = np.concatenate([[0.4, 0.1], np.full(248, 0.5 / 248)])[::-1]
+    assert viz.overfocus(row[None, None], np.ones((1, 250), bool)) == pytest.approx(0.5, abs=1e-12)
+    # 199 allowed keys: floor(1.99) = 1 key.
+    assert viz.overfocus(row[None, None, -199:], np.ones((1, 199), bool)) == pytest.approx(0.4, abs=1e-12)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    cfg = dan.get_config("vit_tiny")   # 32 px, patch 8: 16 patches + class token, 4 heads, 2 layers
+    module = dan.DANClassifier(cfg)
+    params = nn.meta.unbox(jax.jit(lambda r: module.init(r, *dan.init_inputs(cfg))["params"])(jax.random.PRNGKey(0)))
+    pixels = counting.batch(range(2), "heldout", 0, 32)["pixels"]
+    return cfg, params, pixels
+
+
+def test_attention_weights_are_causal_softmax_rows(tiny):
+    cfg, params, pixels = tiny
+    w = viz.attention_weights(cfg, params, pixels)
+    assert w.shape == (2, 2, 4, 17, 17)
+    np.testing.assert_allclose(w.sum(-1), 1.0, atol=1e-5)
+    assert np.all(w[..., ~viz.causal_mask(17)] == 0)
+
+
+def test_defocus_changes_the_maps(tiny):
+    cfg, params, pixels = tiny
+    # Sharp attention (at init the logits are near 0 and a multiplicative decay barely shows).
+    attention = dict(params["blocks"]["layers"]["attention"])
+    attention["query"] = dict(attention["query"], kernel=attention["query"]["kernel"] * 30)
+    params = dict(params, blocks={"layers": dict(params["blocks"]["layers"], attention=attention)})
+    plain_cfg = cfg.replace(defocus=None)
+    plain = dict(params, blocks={"layers": dict(params["blocks"]["layers"], attention={
+        k: v for k, v in attention.items() if not k.startswith("defocus")})})
+    with_defocus, without = viz.attention_weights(cfg, params, pixels), viz.attention_weights(plain_cfg, plain, pixels)
+    assert np.abs(with_defocus - without).max() > 1e-3
+
+
+def test_viz_attention_cli_writes_grid_and_prints_overfocus(tmp_path, capsys):
+    picture = tmp_path / "img.png"
+    Image.fromarray(counting.image(0, "heldout", 0, 48)[0]).save(picture)
+    out = tmp_path / "maps.png"
+    target = "configs/dan_counting.py:defocus"   # vit_tiny at 48 px: 36 patches, 4 heads, 2 layers
+    assert viz.main(["attention", target, "--image", str(picture), "--layers", "0,1", "--out", str(out)]) == 0
+    # 2 rows (layers); 6 columns: the image, 4 heads, the head mean.
+    assert Image.open(out).size == (6 * (96 + 4) + 4, 2 * (96 + 12 + 4) + 4)
+    printed = float(re.search(r"over-focus .*?: ([0-9.]+)", capsys.readouterr().out).group(1))
+    cfg, params = viz.load_target(target)
+    weights = viz.attention_weights(cfg, params, counting.normalize(np.asarray(Image.open(picture)))[None])[:, 0]
+    assert printed == pytest.approx(viz.overfocus(weights, viz.causal_mask(37)), abs=1e-4)
+    assert viz.main(["attention", target, "--image", str(picture), "--layers", "2"]) == 2
