@@ -78,8 +78,8 @@ def test_the_distillation_loss_never_reaches_the_projection():
 
 def test_tiny_stage1_clip_halves_both_losses_and_leaves_clip_and_llm_bit_identical(tmp_path, monkeypatch):
     """configs/hovle.py:tiny_stage1_clip from an imported LLM (evejax.lm) and CLIP (evejax.clip, into
-    teacher/clip): both distillation losses halve, the projection trains by its own loss and its
-    targets stay spread (no collapse), CLIP and the LLM leave bit-identical."""
+    teacher/clip): both distillation losses halve, the projection trains by its own loss, CLIP and
+    the LLM leave bit-identical."""
     config, spec, params, batch = _model_and_batch()
     rng = np.random.default_rng(7)
     imported = {"language_model": params["language_model"], "clip": params["teacher"]["clip"]}
@@ -105,17 +105,3 @@ def test_tiny_stage1_clip_halves_both_losses_and_leaves_clip_and_llm_bit_identic
     jax.tree.map(np.testing.assert_array_equal, trained["teacher"]["clip"], imported["clip"])
     kernel = trained["teacher"]["projection"]["fc1"]["kernel"]
     assert not np.array_equal(kernel, params["teacher"]["projection"]["fc1"]["kernel"])
-
-    # No collapse: the trained projection's targets differ between the batch's tokens about as much
-    # as the CLIP features they come from (spread = 1 - mean pairwise cosine; 0 when collapsed).
-    def spread(z):
-        z = z / np.linalg.norm(z, axis=-1, keepdims=True)
-        return 1.0 - float(np.mean(z @ z.T))
-
-    out = spec.module.apply({"params": trained}, batch["pixels"], batch["tile_mask"], batch["text_tokens"])
-    targets = np.asarray(out.image_target)[np.asarray(out.image_mask)]
-    flat = batch["pixels"].reshape((-1,) + batch["pixels"].shape[2:])[batch["tile_mask"].reshape(-1)]
-    clip_features = vit.ClipTeacher(spec.config.teacher).apply({"params": trained["teacher"]}, flat)[1]
-    clip_spread = spread(np.asarray(clip_features).reshape(-1, clip_features.shape[-1]))
-    print(f"spread: targets {spread(targets):.4f}, CLIP features {clip_spread:.4f}")
-    assert spread(targets) >= 0.5 * clip_spread > 0
