@@ -15,15 +15,33 @@ Its images come from `--config.data.path=x.jsonl --config.data.image_root=DIR` (
 records, their text ignored; or `--config.data.name=unpaired_arrayrecord|unpaired_tfds`,
 evejax/data/unpaired.py); the text stream needs no data.
 
-Teacher (a config choice: config.model.teacher, teacher_overrides). Its features must be
-where the LLM reads its inputs: 2048-d, 256 tokens per 448 px tile. The default is
-InternVL2-2B's vision side, InternViT-300M-448px + pixel shuffle 0.5 + `mlp1`: its output
-is, by construction, the input space of InternVL2-2B's LLM (InternLM2-chat-1.8B, the LLM
-HoVLE is built on), one token per 2 x 2 patch block of a 448 px tile, the same geometry as
-HoVLE's image tokens, so student token (y, x) is compared with teacher token (y, x) with no
-learned part in between. The alternative, CLIP with a learned projection into that space,
-would put a trainable map on the target side of a cosine loss (which can collapse) or
-first need its own training against the LLM; it is not built.
+Teacher (a config choice: config.model.teacher, teacher_overrides; the arg picks its kind,
+`stage1` InternVL, `stage1_clip` CLIP). Its features must be where the LLM reads its
+inputs: 2048-d, 256 tokens per 448 px tile. The default is InternVL2-2B's vision side,
+InternViT-300M-448px + pixel shuffle 0.5 + `mlp1`: its output is, by construction, the input
+space of InternVL2-2B's LLM (InternLM2-chat-1.8B, the LLM HoVLE is built on), one token per
+2 x 2 patch block of a 448 px tile, the same geometry as HoVLE's image tokens, so student
+token (y, x) is compared with teacher token (y, x) with no learned part in between: the
+target is fixed and already in the LLM's input space.
+The alternative, `stage1_clip` (teacher "clip_l14_336", models/vit.py ClipTeacher): CLIP-ViT-L/14-336
+(`evejax import --family clip`, frozen) on the same 448 px tiles, its 24 x 24 position grid
+resized bicubically to 32 x 32 (HF's interpolate_pos_encoding; the 336 px model needs the
+smallest resize of the CLIP-L/14 pair), layer -2 without CLS, the same 2 x 2 pixel shuffle
+(256 tokens of 4096), then a learned projection (LayerNorm-Linear-GELU-Linear) to 2048. Why it
+is not the default: a projection trained with the student by the distillation loss can
+shrink that loss without teaching anything (map every tile to one vector, which the student
+copies); and nothing in stage 1's unpaired data ties its output to the LLM's input space.
+The guard: the target is the projection's output under stop_gradient, so the distillation
+loss never reaches the projection; the projection trains by its own objective only,
+`teacher_projection` = 1 - cos between the shuffled CLIP features and their reconstruction
+(one Linear, `teacher/reconstruction`) from its output, which a collapsed projection cannot
+satisfy. Its output is an information-preserving code of CLIP's features, not the LLM's input
+space: stage 2 (next-token prediction through the frozen LLM) does that alignment.
+`stage1_clip` trains embedding_model and teacher/{projection,reconstruction} (CLIP and LLM
+frozen) with losses distill_image + distill_text + teacher_projection; start:
+  evejax import --family clip clip-vit-large-patch14-336-dir checkpoints/clip_vit_l14_336
+  evejax train --config configs/hovle.py:stage1_clip   # runs/hovle_stage1_clip
+  evejax train --config configs/hovle.py:stage2 --config.stage.start.workdir=hovle_stage1_clip
 What is distilled: the LLM's inputs at the image positions. For "pre" (HoVLE) these are the
 embedding module's outputs; for "post" (HoVLE-HD) the outputs of the 1024 patch tokens per
 tile, pixel-shuffled and projected to 256 (the projection trains after the layers).
@@ -92,7 +110,7 @@ gradient clipping at 1.0 (HF max_grad_norm), bf16 compute with fp32 master weigh
 text + image tokens cut to max_seq_length 4096. Each is a config field; change it on the
 command line (`--config.optim.lr=1e-4`).
 
-Args: stage1 | stage2 | stage3 | hd_stage3 | tiny_stage1 | tiny_stage2 | tiny_stage3. The tiny
+Args: stage1 | stage1_clip | stage2 | stage3 | hd_stage3 | tiny_stage1 | tiny_stage1_clip | tiny_stage2 | tiny_stage3. The tiny
 stages run the same chain on CPU on generated shapes (evejax/data/shapes.py) from fresh
 weights: tiny HoVLE (56 px tiles, 4 tokens per tile, width 64) against a tiny InternVL
 teacher sized to match, then internlm2-chat conversations.
@@ -109,6 +127,15 @@ EVERYTHING = (r".*",)
 STAGE1_IMPORT = "language_model=checkpoints/internlm2_chat_1_8b,teacher=checkpoints/internvl2_2b_teacher"
 # The tiny teacher reshaped to tiny HoVLE's tiles: 56 px, patch 14 -> 4 x 4 grid -> 4 tokens of 64.
 TINY_TEACHER = dict(image_size=56, patch_size=14, llm_dim=64)
+# Stage-1 teacher kinds (the args without / with "_clip"): teacher sizes (full, tiny), the tiny
+# overrides, the import of the start, what trains besides the embedding module, extra loss terms.
+TEACHER_KINDS = {
+    "internvl": dict(teacher="internvl2_2b", tiny="tiny", tiny_overrides=TINY_TEACHER, start=STAGE1_IMPORT,
+                     trainable=(), losses={}),
+    "clip": dict(teacher="clip_l14_336", tiny="clip_tiny", tiny_overrides={},
+                 start="language_model=checkpoints/internlm2_chat_1_8b,teacher/clip=checkpoints/clip_vit_l14_336",
+                 trainable=(r"teacher/(projection|reconstruction)/.*",), losses=dict(teacher_projection=1.0)),
+}
 
 # One row per stage. Sources of the numbers:
 STAGES = {
@@ -141,7 +168,8 @@ STAGES = {
 STAGES["hd_stage3"] = dict(STAGES["stage3"], json="hovle_hd_stage3.json", accum_steps=8)
 
 # arg -> (model size, stage)
-ARGS = {"stage1": ("2.6b", "stage1"), "tiny_stage1": ("tiny", "stage1"), "stage2": ("2.6b", "stage2"), "stage3": ("2.6b", "stage3"), "hd_stage3": ("2.6b_hd", "hd_stage3"),
+ARGS = {"stage1": ("2.6b", "stage1"), "tiny_stage1": ("tiny", "stage1"), "stage1_clip": ("2.6b", "stage1"),
+        "tiny_stage1_clip": ("tiny", "stage1"), "stage2": ("2.6b", "stage2"), "stage3": ("2.6b", "stage3"), "hd_stage3": ("2.6b_hd", "hd_stage3"),
         "tiny_stage2": ("tiny", "stage2"), "tiny_stage3": ("tiny", "stage3")}
 WARMUP_FRAC = 0.03
 SEQ_LEN = 4096
@@ -177,6 +205,10 @@ def get_config(arg: str = "tiny_stage1"):
         raise ValueError(f"configs/hovle.py takes one of {sorted(ARGS)}, got {arg!r}")
     size, stage = ARGS[arg]
     s = STAGES[stage]
+    if "teacher" in s:
+        teacher = TEACHER_KINDS["clip" if arg.endswith("_clip") else "internvl"]
+        s = dict(s, teacher=teacher["teacher"], start=("import", teacher["start"]),
+                 trainable=s["trainable"] + teacher["trainable"], losses={**s["losses"], **teacher["losses"]})
     tiny = size == "tiny"
     prefix = "hovle_tiny" if tiny else "hovle"
     kind, where = s["start"]
@@ -193,8 +225,8 @@ def get_config(arg: str = "tiny_stage1"):
                      attention_impl="xla" if tiny else "splash",
                      embedding_drop_path=s["drop_path"], max_tiles=MAX_TILES[size])
     if "teacher" in s:
-        c.model = dict(name="hovle", size=size, overrides=overrides, teacher="tiny" if tiny else s["teacher"],
-                       teacher_overrides=TINY_TEACHER if tiny else {})
+        c.model = dict(name="hovle", size=size, overrides=overrides, teacher=teacher["tiny"] if tiny else s["teacher"],
+                       teacher_overrides=teacher["tiny_overrides"] if tiny else {})
     else:
         # The model splices the image where the data's tokenizer puts <IMG_CONTEXT> (92546 for
         # InternLM2's tokenizer; after the vocabulary for "shapes"); the pipeline checks they agree.

@@ -61,6 +61,7 @@ from flax import linen as nn
 from evejax.models import llm as llm_lib
 from evejax.models import vit as vit_lib
 from evejax.models.eve import Projector
+from evejax.models.vit import bicubic_resize_matrix
 from evejax.nn.layers import Dense, constrain, default_kernel_init, param_with_axes
 from evejax.nn.transformer import TransformerConfig, TransformerStack
 
@@ -255,22 +256,6 @@ def check_placeholders(cfg: HoVLEConfig, tokens, tile_mask, segment_ids=None) ->
             f"{int(expected[b] // cfg.image_tokens_per_tile)} tile(s) x {cfg.image_tokens_per_tile} image tokens "
             f"per tile = {int(expected[b])}; ({bad.size} row(s) differ) expand each image to "
             f"{cfg.image_tokens_per_tile} placeholders per tile, or pass the tile_mask of the real tiles")
-
-
-def bicubic_resize_matrix(size_in: int, size_out: int) -> np.ndarray:
-    """[size_out, size_in] weights of torch's bicubic F.interpolate (align_corners=False, A = -0.75,
-    border taps clamped), so the resized grid matches the official position embedding."""
-    a = -0.75
-    near = lambda x: ((a + 2) * x - (a + 3)) * x * x + 1  # noqa: E731 |x| <= 1
-    far = lambda x: ((a * x - 5 * a) * x + 8 * a) * x - 4 * a  # noqa: E731 1 < |x| < 2
-    out = np.zeros((size_out, size_in), np.float64)
-    for i in range(size_out):
-        src = (i + 0.5) * size_in / size_out - 0.5
-        base = int(np.floor(src))
-        t = src - base
-        for k, w in zip(range(-1, 3), (far(t + 1), near(t), near(1 - t), far(2 - t))):
-            out[i, min(max(base + k, 0), size_in - 1)] += w
-    return out.astype(np.float32)
 
 
 def pixel_shuffle(x, grid: int, factor: int):
@@ -510,7 +495,7 @@ class HoVLEDistillConfig:
     """Stage-1 model: `hovle` and its frozen vision teacher. The teacher's tokens must be the
     LLM's image tokens: num_tokens = n per tile, feature_dim = D, image_size = S."""
     hovle: HoVLEConfig
-    teacher: vit_lib.InternVLTeacherConfig
+    teacher: vit_lib.InternVLTeacherConfig | vit_lib.ClipTeacherConfig
 
     @property
     def image_size(self) -> int:
@@ -532,10 +517,10 @@ class HoVLEDistillConfig:
     def validate(self) -> "HoVLEDistillConfig":
         h, t = self.hovle.validate(), self.teacher.validate()
         d = h.llm.transformer.embed_dim
-        if (t.vit.image_size, t.num_tokens, t.feature_dim) != (h.image_size, h.image_tokens_per_tile, d):
+        if (t.image_size, t.num_tokens, t.feature_dim) != (h.image_size, h.image_tokens_per_tile, d):
             raise ValueError(
                 f"HoVLE stage-1 teacher gives {t.num_tokens} x {t.feature_dim} features per "
-                f"{t.vit.image_size} px tile, but the LLM reads {h.image_tokens_per_tile} x {d} per "
+                f"{t.image_size} px tile, but the LLM reads {h.image_tokens_per_tile} x {d} per "
                 f"{h.image_size} px tile; pick a teacher (config.model.teacher, teacher_overrides) whose "
                 "image_size, patch grid / downsample_ratio and llm_dim match")
         return self
@@ -548,6 +533,7 @@ class DistillOutput(NamedTuple):
     text_student: jax.Array    # [B, T, D]
     text_target: jax.Array     # [B, T, D] float32
     text_mask: jax.Array       # [B, T] bool
+    teacher_projection: jax.Array | None = None  # CLIP teacher: its projection's own loss, else None
 
 
 def negative_cosine(student, target, mask):
@@ -573,15 +559,24 @@ def teacher_tokens_row_major(cfg: vit_lib.InternVLTeacherConfig, features):
 
 
 class HoVLEDistill(HoVLE):
-    """(pixels, tile_mask, text_tokens, text_segment_ids) -> DistillOutput (see the section notes)."""
-    teacher_cfg: vit_lib.InternVLTeacherConfig = None  # required; a default only because HoVLE's cfg has none
+    """(pixels, tile_mask, text_tokens, text_segment_ids) -> DistillOutput (see the section notes).
+
+    With a CLIP teacher (vit.ClipTeacher) the target is its projected features under
+    stop_gradient, so the distillation loss never moves the projection: trained by that loss
+    jointly with the student, it could map every tile to one vector, which the student copies at
+    zero loss having learnt nothing. The projection learns from its own objective instead,
+    `teacher_projection`: 1 - cos between the CLIP features it projects (shuffled, 4 Dc) and
+    their reconstruction from its output, per real tile token; a collapsed projection cannot
+    reconstruct them, so it keeps what CLIP saw."""
+    teacher_cfg: vit_lib.InternVLTeacherConfig | vit_lib.ClipTeacherConfig = None  # required
 
     def setup(self):
         if self.teacher_cfg is None:
-            raise ValueError("HoVLEDistill needs teacher_cfg, the InternVL teacher's config")
+            raise ValueError("HoVLEDistill needs teacher_cfg, the InternVL or CLIP teacher's config")
         super().setup()
         HoVLEDistillConfig(self.cfg, self.teacher_cfg).validate()
-        self.teacher = vit_lib.InternVLTeacher(self.teacher_cfg)
+        clip = isinstance(self.teacher_cfg, vit_lib.ClipTeacherConfig)
+        self.teacher = (vit_lib.ClipTeacher if clip else vit_lib.InternVLTeacher)(self.teacher_cfg)
 
     def __call__(self, pixels, tile_mask, text_tokens, text_segment_ids=None, *, deterministic: bool = True):
         cfg = self.cfg
@@ -592,7 +587,14 @@ class HoVLEDistill(HoVLE):
         image = self.embed_inputs(placeholders, pixels, image_mask.astype(jnp.int32), tile_mask,
                                   deterministic).llm_inputs
         flat = pixels.reshape((b * tiles,) + pixels.shape[2:])
-        target = teacher_tokens_row_major(self.teacher_cfg, self.teacher(flat))
+        projection_loss = None
+        if isinstance(self.teacher_cfg, vit_lib.ClipTeacherConfig):
+            target, clip_features = self.teacher(flat)
+            rebuilt = self.teacher.reconstruct(target)
+            projection_loss = negative_cosine(rebuilt.reshape(b, tiles * n, -1),
+                                              clip_features.reshape(b, tiles * n, -1), image_mask)
+        else:
+            target = teacher_tokens_row_major(self.teacher_cfg, self.teacher(flat))
         image_target = jax.lax.stop_gradient(target.astype(jnp.float32)).reshape(b, tiles * n, -1)
 
         text_segment_ids = (jnp.ones(text_tokens.shape, jnp.int32) if text_segment_ids is None
@@ -604,7 +606,8 @@ class HoVLEDistill(HoVLE):
         text_target = jax.lax.stop_gradient(self.language_model.embed(text_tokens).astype(jnp.float32))
         if self.is_initializing():  # the LLM's layers, unused in stage 1, kept for the next stages
             self.language_model(inputs_embeds=text[:, :1], segment_ids=text_segment_ids[:, :1])
-        return DistillOutput(image, image_target, image_mask, text, text_target, text_segment_ids > 0)
+        return DistillOutput(image, image_target, image_mask, text, text_target, text_segment_ids > 0,
+                             projection_loss)
 
 
 def distill_init_inputs(cfg: HoVLEConfig, abstract: bool = False) -> tuple:
@@ -620,16 +623,23 @@ def distill_training_flops(cfg: HoVLEDistillConfig, batch: int, text_len: int) -
     """Model FLOPs of one stage-1 step by part: the embedding layers over the image rows (P n
     tokens, HD length for "post") and the text rows (text_len), forward + backward (6 per
     multiply-add); the image embedding of every tile; the teacher forward only (2 per
-    multiply-add). The LLM only looks up its embeddings."""
+    multiply-add), except a CLIP teacher's projection and reconstruction, which train (6).
+    The LLM only looks up its embeddings."""
     h, t = cfg.hovle, cfg.teacher
     image_len = h.tile_slots * h.image_tokens_per_tile
     no_head = h.embedding.replace(vocab_size=0)
-    v = t.vit.transformer
-    tokens, d = 1 + t.vit.num_patches, v.embed_dim
+    clip = isinstance(t, vit_lib.ClipTeacherConfig)
+    tower = t.clip if clip else t.vit
+    v = tower.transformer
+    tokens, d = 1 + t.num_patches, v.embed_dim
     layer = tokens * (4 * d * d + 2 * d * v.mlp_dim) + 2 * tokens * tokens * d
     projector = 0 if t.llm_dim is None else t.num_tokens * (t.shuffled_dim * t.llm_dim + t.llm_dim ** 2)
-    teacher_macs = t.vit.num_patches * 3 * t.vit.patch_size ** 2 * d + v.num_layers * layer + projector
-    return {"embedding_image": llm_lib.training_flops_per_step(no_head, batch, h.encoder_length(image_len)),
-            "embedding_text": llm_lib.training_flops_per_step(no_head, batch, text_len),
-            "vision": training_flops(h, batch, image_len)["vision"],
-            "teacher": 2.0 * batch * h.tile_slots * teacher_macs}
+    teacher_macs = t.num_patches * 3 * tower.patch_size ** 2 * d + v.num_layers * layer
+    flops = {"embedding_image": llm_lib.training_flops_per_step(no_head, batch, h.encoder_length(image_len)),
+             "embedding_text": llm_lib.training_flops_per_step(no_head, batch, text_len),
+             "vision": training_flops(h, batch, image_len)["vision"],
+             "teacher": 2.0 * batch * h.tile_slots * (teacher_macs + (0 if clip else projector))}
+    if clip:  # projection + reconstruction (llm_dim -> shuffled_dim), forward and backward
+        flops["teacher_projection"] = 6.0 * batch * h.tile_slots * (projector + t.num_tokens * t.llm_dim
+                                                                    * t.shuffled_dim)
+    return flops

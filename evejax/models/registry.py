@@ -219,8 +219,10 @@ def _build_hovle(model_cfg) -> ModelSpec:
 
 def _build_hovle_distill(model_cfg) -> ModelSpec:
     """HoVLE stage 1 (models/hovle.py `HoVLEDistill`): HoVLE (size, overrides as "hovle") + a frozen
-    InternVL teacher, model_cfg.teacher a size of vit.INTERNVL_SIZES ("internvl2_2b", "tiny") and
-    teacher_overrides (InternVLTeacherConfig or TransformerConfig fields; dtype, param_dtype,
+    teacher, model_cfg.teacher a size of vit.INTERNVL_SIZES ("internvl2_2b", "tiny") or of
+    vit.CLIP_TEACHER_SIZES ("clip_l14_336", "clip_tiny": CLIP + a learned projection, whose own
+    loss is the metric teacher_projection) and teacher_overrides (the teacher config's or
+    TransformerConfig fields; dtype, param_dtype,
     remat, attention_impl and scan_unroll of `overrides` apply to it too, unless given here).
     Batches (the unpaired batch of evejax/data/unpaired.py): pixels [B, P, S, S, 3] float32,
     tile_mask [B, P] bool, text_tokens and text_segment_ids [B, T] int32, T = seq_len.
@@ -234,8 +236,14 @@ def _build_hovle_distill(model_cfg) -> ModelSpec:
     overrides = dict(model_cfg.get("overrides", {}) or {})
     shared = {k: v for k, v in overrides.items() if k in ("dtype", "param_dtype", "remat", "attention_impl",
                                                           "splash_block_q", "splash_block_kv", "scan_unroll")}
-    teacher_cfg = vit.get_internvl_config(model_cfg.teacher,
-                                          **{**shared, **dict(model_cfg.get("teacher_overrides", {}) or {})})
+    teacher_kw = {**shared, **dict(model_cfg.get("teacher_overrides", {}) or {})}
+    if model_cfg.teacher in vit.CLIP_TEACHER_SIZES:
+        teacher_cfg = vit.get_clip_teacher_config(model_cfg.teacher, **teacher_kw)
+    elif model_cfg.teacher in vit.INTERNVL_SIZES:
+        teacher_cfg = vit.get_internvl_config(model_cfg.teacher, **teacher_kw)
+    else:
+        raise ValueError(f"config.model.teacher={model_cfg.teacher!r} is not known; use an InternVL teacher "
+                         f"{sorted(vit.INTERNVL_SIZES)} or a CLIP one {sorted(vit.CLIP_TEACHER_SIZES)}")
     cfg = hovle.HoVLEDistillConfig(hovle.get_config(model_cfg.size, **overrides), teacher_cfg).validate()
     module = hovle.HoVLEDistill(cfg.hovle, teacher_cfg)
 
@@ -244,7 +252,10 @@ def _build_hovle_distill(model_cfg) -> ModelSpec:
                            batch["text_segment_ids"], deterministic=False, rngs={"dropout": rng})
         image = hovle.negative_cosine(out.image_student, out.image_target, out.image_mask)
         text = hovle.negative_cosine(out.text_student, out.text_target, out.text_mask)
-        return image + text, {"distill_image": image, "distill_text": text}
+        metrics = {"distill_image": image, "distill_text": text}
+        if out.teacher_projection is not None:
+            metrics["teacher_projection"] = out.teacher_projection
+        return sum(metrics.values()), metrics
 
     def batch_specs(batch, seq_len):
         s, p = cfg.image_size, cfg.hovle.tile_slots

@@ -33,9 +33,10 @@ a linear `head` on the pooled output of a ClipViT named `clip` (so its
 parameters drop into EVE's `clip` teacher slot as they are); trains a small
 teacher from class labels when no pre-trained CLIP fits.
 
-Position embeddings are not interpolated: an input of another size raises.
-(HF interpolates bicubically with PyTorch's kernel, which `jax.image.resize`
-does not reproduce exactly, and EVE always feeds the teacher 336 x 336.)
+Position embeddings are interpolated only with `interpolate_pos_encoding=True`,
+as HF's flag (the grid part resized bicubically with PyTorch's kernel, as a
+matrix: `jax.image.resize` does not reproduce it); otherwise an input of another
+size raises (EVE always feeds the teacher 336 x 336).
 """
 from __future__ import annotations
 
@@ -44,8 +45,10 @@ from typing import NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import linen as nn
 
+from evejax.data.image import CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD
 from evejax.nn.layers import Dense, LayerNorm, activation, constrain, default_kernel_init, param_with_axes
 from evejax.nn.transformer import TransformerConfig, TransformerStack
 
@@ -121,11 +124,12 @@ class ClipViT(nn.Module):
     cfg: ClipViTConfig
 
     @nn.compact
-    def __call__(self, pixel_values, *, return_hidden: bool = False, deterministic: bool = True):
+    def __call__(self, pixel_values, *, return_hidden: bool = False, deterministic: bool = True,
+                 interpolate_pos_encoding: bool = False):
         cfg = self.cfg.validate()
         t = cfg.transformer
         dtype, pdtype = jnp.dtype(t.dtype), jnp.dtype(t.param_dtype)
-        x = _image_tokens(self, cfg, pixel_values, dtype, pdtype, False, "CLIP ViT")
+        x = _image_tokens(self, cfg, pixel_values, dtype, pdtype, False, "CLIP ViT", interpolate_pos_encoding)
         x = LayerNorm(eps=t.norm_eps, dtype=dtype, param_dtype=pdtype, name="pre_norm")(x)
         h, hidden = _encode(t, constrain(x, ("batch", "length", "act_embed")), deterministic, return_hidden)
         pooled = LayerNorm(eps=t.norm_eps, dtype=dtype, param_dtype=pdtype, name="post_norm")(h[:, 0])
@@ -249,6 +253,16 @@ class InternVLTeacherConfig:
     def feature_dim(self) -> int:
         return self.shuffled_dim if self.llm_dim is None else self.llm_dim
 
+    @property
+    def image_size(self) -> int:
+        """The tile side the teacher reads."""
+        return self.vit.image_size
+
+    @property
+    def num_patches(self) -> int:
+        """Patch tokens per tile at image_size."""
+        return self.vit.num_patches
+
     def replace(self, **kw) -> "InternVLTeacherConfig":
         own = {f.name for f in dataclasses.fields(self)} - {"vit"}
         return dataclasses.replace(self, vit=self.vit.replace(**{k: v for k, v in kw.items() if k not in own}),
@@ -282,30 +296,56 @@ def get_internvl_config(size: str, **overrides) -> InternVLTeacherConfig:
     return (cfg.replace(**overrides) if overrides else cfg).validate()
 
 
-def _patch_embed(cfg, pixel_values, dtype, pdtype, use_bias: bool, what: str):
-    """[B, S, S, C] -> [B, P, D]: a stride-p conv with a p x p kernel, as one matmul per patch."""
+def _patch_embed(cfg, pixel_values, dtype, pdtype, use_bias: bool, what: str, any_size: bool = False):
+    """[B, H, W, C] -> ([B, (H / p)(W / p), D], (H / p, W / p)): a stride-p conv with a p x p kernel,
+    as one matmul per patch. H = W = image_size unless `any_size` (multiples of p)."""
     t = cfg.transformer
     b, height, width, channels = pixel_values.shape
-    if (height, width, channels) != (cfg.image_size, cfg.image_size, cfg.num_channels):
+    p = cfg.patch_size
+    fits = (height % p == 0 and width % p == 0) if any_size else (height, width) == (cfg.image_size,) * 2
+    if not fits or channels != cfg.num_channels:
         raise ValueError(
             f"{what} expects pixel_values [B, {cfg.image_size}, {cfg.image_size}, {cfg.num_channels}] "
-            f"(NHWC), got {tuple(pixel_values.shape)}; resize or pad the image (position embeddings are "
-            "not interpolated)")
-    p, g = cfg.patch_size, cfg.grid
-    patches = pixel_values.astype(dtype).reshape(b, g, p, g, p, channels).transpose(0, 1, 3, 2, 4, 5)
+            f"(NHWC{'; any multiple of the patch ' + str(p) if any_size else ''}), got "
+            f"{tuple(pixel_values.shape)}; resize or pad the image"
+            + ("" if any_size else " (position embeddings are not interpolated)"))
+    gh, gw = height // p, width // p
+    patches = pixel_values.astype(dtype).reshape(b, gh, p, gw, p, channels).transpose(0, 1, 3, 2, 4, 5)
     x = Dense((t.embed_dim,), (None, None, "conv_in"), ("embed",), use_bias=use_bias,
               dtype=dtype, param_dtype=pdtype, name="patch_embedding")(patches)
-    return x.reshape(b, cfg.num_patches, t.embed_dim)
+    return x.reshape(b, gh * gw, t.embed_dim), (gh, gw)
 
 
-def _image_tokens(module: nn.Module, cfg, pixel_values, dtype, pdtype, use_bias: bool, what: str):
-    """[B, S, S, C] -> [B, 1 + P, D]: the class token, then the patches, plus learned positions
-    (`module`'s class_embedding [D] and position_embedding [1 + P, D])."""
+def bicubic_resize_matrix(size_in: int, size_out: int) -> np.ndarray:
+    """[size_out, size_in] weights of torch's bicubic F.interpolate (align_corners=False, A = -0.75,
+    border taps clamped): HF's interpolate_pos_encoding and HoVLE's position resize."""
+    a = -0.75
+    near = lambda x: ((a + 2) * x - (a + 3)) * x * x + 1  # noqa: E731 |x| <= 1
+    far = lambda x: ((a * x - 5 * a) * x + 8 * a) * x - 4 * a  # noqa: E731 1 < |x| < 2
+    out = np.zeros((size_out, size_in), np.float64)
+    for i in range(size_out):
+        src = (i + 0.5) * size_in / size_out - 0.5
+        base = int(np.floor(src))
+        t = src - base
+        for k, w in zip(range(-1, 3), (far(t + 1), near(t), near(1 - t), far(2 - t))):
+            out[i, min(max(base + k, 0), size_in - 1)] += w
+    return out.astype(np.float32)
+
+
+def _image_tokens(module: nn.Module, cfg, pixel_values, dtype, pdtype, use_bias: bool, what: str,
+                  interpolate: bool = False):
+    """[B, H, W, C] -> [B, 1 + (H / p)(W / p), D]: the class token, then the patches, plus learned
+    positions (`module`'s class_embedding [D] and position_embedding [1 + P, D]); with `interpolate`
+    the grid part is resized bicubically to the input's grid, as HF's interpolate_pos_encoding."""
     t = cfg.transformer
-    x = _patch_embed(cfg, pixel_values, dtype, pdtype, use_bias, what)
+    x, (gh, gw) = _patch_embed(cfg, pixel_values, dtype, pdtype, use_bias, what, interpolate)
     cls = module.param("class_embedding", param_with_axes(default_kernel_init, ("embed",)), (t.embed_dim,), pdtype)
     pos = module.param("position_embedding", param_with_axes(default_kernel_init, (None, "embed")),
                        (1 + cfg.num_patches, t.embed_dim), pdtype)
+    if (gh, gw) != (cfg.grid, cfg.grid):
+        grid = jnp.einsum("hi,wj,ijd->hwd", bicubic_resize_matrix(cfg.grid, gh), bicubic_resize_matrix(cfg.grid, gw),
+                          pos[1:].astype(jnp.float32).reshape(cfg.grid, cfg.grid, -1))
+        pos = jnp.concatenate([pos[:1].astype(jnp.float32), grid.reshape(gh * gw, -1)], axis=0)
     x = jnp.concatenate([jnp.broadcast_to(cls.astype(dtype), (x.shape[0], 1, t.embed_dim)), x], axis=1)
     return x + pos.astype(dtype)
 
@@ -395,3 +435,121 @@ def teacher_features(cfg: InternVLTeacherConfig, params, pixel_values):
     """pixels [N, S, S, C] -> [N, T, E]: the frozen teacher inside a training step (no gradient)."""
     params = jax.lax.stop_gradient(params)
     return InternVLTeacher(cfg).apply({"params": params}, pixel_values)
+
+
+# ---- CLIP with a learned projection: the alternative stage-1 teacher of HoVLE ---------------
+#
+# `ClipTeacher` gives CLIP's patch features in the geometry where HoVLE's LLM reads image tokens:
+#
+#   pixel_values [B, S, S, C] (S = image_size, 448: HoVLE's tile; ImageNet-normalised as the
+#   student reads it, turned into CLIP's normalisation by an exact per-channel affine map)
+#   -> ClipViT at S: the checkpoint's position grid g0 (24 for CLIP-L/14-336) resized bicubically
+#      to g = S / p (32), as HF's interpolate_pos_encoding
+#   -> hidden_states[select_layer] without CLS  [B, g, g, Dc]  (-2: LLaVA's and EVE's layer)
+#   -> InternVL's pixel shuffle ("v2", row-major) [B, (g / k)^2, Dc k^2]   (256 x 4096)
+#   -> projection (LayerNorm -> Linear -> GELU -> Linear, as mlp1)  [B, n, E]  (E = llm_dim, 2048)
+#
+# `reconstruct` maps features [.., E] back to [.., Dc k^2] (one Linear): the projection's own
+# objective (HoVLEDistill): it trains the projection to keep what CLIP saw, while the
+# distillation loss never reaches it (stop_gradient), so it cannot shrink that loss by
+# collapsing. Parameters: clip/... (ClipViT's, as `evejax import --family clip` writes them),
+# projection/{norm/{scale, bias} [Dc k^2], fc1/{kernel [Dc k^2, E], bias [E]}, fc2/{kernel [E, E],
+# bias [E]}}, reconstruction/{kernel [E, Dc k^2], bias [Dc k^2]}.
+
+
+@dataclasses.dataclass(frozen=True)
+class ClipTeacherConfig:
+    """CLIP (frozen) + pixel shuffle + a learned projection to the LLM's width."""
+    clip: ClipViTConfig
+    image_size: int = 448
+    llm_dim: int = 2048
+    select_layer: int = -2
+    downsample_ratio: float = 0.5
+    projector_norm_eps: float = 1e-5
+
+    @property
+    def shuffle(self) -> int:
+        return round(1 / self.downsample_ratio)
+
+    @property
+    def grid(self) -> int:
+        return self.image_size // self.clip.patch_size
+
+    @property
+    def num_patches(self) -> int:
+        return self.grid ** 2
+
+    @property
+    def num_tokens(self) -> int:
+        return (self.grid // self.shuffle) ** 2
+
+    @property
+    def shuffled_dim(self) -> int:
+        return self.clip.transformer.embed_dim * self.shuffle ** 2
+
+    @property
+    def feature_dim(self) -> int:
+        return self.llm_dim
+
+    def replace(self, **kw) -> "ClipTeacherConfig":
+        own = {f.name for f in dataclasses.fields(self)} - {"clip"}
+        return dataclasses.replace(self, clip=self.clip.replace(**{k: v for k, v in kw.items() if k not in own}),
+                                   **{k: v for k, v in kw.items() if k in own})
+
+    def validate(self) -> "ClipTeacherConfig":
+        self.clip.validate()
+        k, layers = self.shuffle, self.clip.transformer.num_layers
+        if self.image_size % self.clip.patch_size or self.grid % k or abs(1 / k - self.downsample_ratio) > 1e-9:
+            raise ValueError(f"CLIP teacher: image_size={self.image_size} must give a patch grid (patch "
+                             f"{self.clip.patch_size}) that downsample_ratio={self.downsample_ratio} = 1/k divides")
+        if not -(layers + 1) <= self.select_layer <= layers:
+            raise ValueError(f"select_layer={self.select_layer} is outside the {layers + 1} hidden states")
+        return self
+
+
+CLIP_TEACHER_SIZES = {
+    # openai/clip-vit-large-patch14-336 (EVE's teacher, `evejax import --family clip`) on HoVLE's
+    # 448 px tiles: its 24 x 24 position grid resized to 32 x 32, layer -2, shuffle 0.5 -> 256 tokens
+    # of 4096 -> 2048 (InternLM2-1.8B's width). The 336 px model needs the smaller resize (24 -> 32,
+    # against 16 -> 32 for CLIP-L/14 at 224).
+    "clip_l14_336": lambda: ClipTeacherConfig(CLIP_SIZES["L/14-336"](), image_size=448, llm_dim=2048),
+    # Tests: tiny HoVLE's 56 px tiles; a 3 x 3 position grid resized to 4 x 4 -> 4 tokens of 128 -> 64.
+    "clip_tiny": lambda: ClipTeacherConfig(clip_vit(42, 14, 32, 2, 4, 64), image_size=56, llm_dim=64),
+}
+
+
+def get_clip_teacher_config(size: str, **overrides) -> ClipTeacherConfig:
+    if size not in CLIP_TEACHER_SIZES:
+        raise ValueError(f"CLIP teacher size {size!r} is not known; use one of {sorted(CLIP_TEACHER_SIZES)}")
+    cfg = CLIP_TEACHER_SIZES[size]()
+    return (cfg.replace(**overrides) if overrides else cfg).validate()
+
+
+class ClipTeacher(nn.Module):
+    """pixel_values [B, S, S, C] -> (features [B, n, E], shuffled CLIP features [B, n, Dc k^2]);
+    `reconstruct(features)` -> [B, n, Dc k^2] (see the notes above)."""
+    cfg: ClipTeacherConfig
+
+    def setup(self):
+        cfg = self.cfg.validate()
+        t = cfg.clip.transformer
+        kw = dict(dtype=jnp.dtype(t.dtype), param_dtype=jnp.dtype(t.param_dtype))
+        self.clip = ClipViT(cfg.clip)
+        self.projection = Projector(cfg.llm_dim, cfg.projector_norm_eps, **kw)
+        self.reconstruction = Dense((cfg.shuffled_dim,), ("embed",), ("vision_embed",), use_bias=True, **kw)
+
+    def __call__(self, pixel_values, *, deterministic: bool = True):
+        cfg = self.cfg
+        # HoVLE's tiles are ImageNet-normalised; CLIP was trained on its own statistics.
+        scale = np.asarray(IMAGENET_STD) / np.asarray(CLIP_STD)
+        shift = (np.asarray(IMAGENET_MEAN) - np.asarray(CLIP_MEAN)) / np.asarray(CLIP_STD)
+        pixel_values = pixel_values * scale.astype(np.float32) + shift.astype(np.float32)
+        out = self.clip(pixel_values, return_hidden=True, deterministic=deterministic, interpolate_pos_encoding=True)
+        h = out.hidden_states[cfg.select_layer][:, 1:]
+        x = pixel_shuffle(h.reshape(h.shape[0], cfg.grid, cfg.grid, -1), cfg.downsample_ratio, "v2")
+        # CLIP stays frozen: no gradient flows back into it (nor its backward pass is computed).
+        x = jax.lax.stop_gradient(x.reshape(x.shape[0], cfg.num_tokens, cfg.shuffled_dim))
+        return self.projection(x), x
+
+    def reconstruct(self, features):
+        return self.reconstruction(features)

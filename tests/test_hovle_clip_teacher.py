@@ -1,0 +1,107 @@
+"""HoVLE stage 1 with the CLIP teacher (models/vit.py ClipTeacher, configs/hovle.py:*stage1_clip):
+CLIP's interpolated positions against HF, the guard that keeps the learned projection out of
+the distillation loss, and a tiny stage 1 from imported CLIP + LLM checkpoints."""
+import jax
+import numpy as np
+import pytest
+
+from evejax import config as config_lib
+from evejax.models import hovle, registry, vit
+from evejax.port import checkpoint as port_checkpoint
+from evejax.port import clip as port_clip
+from evejax.sharding import unbox
+from evejax.train import checkpoint as ckpt_lib
+from evejax.train import metrics as metrics_lib
+from evejax.train import trainer
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+
+def test_clip_at_a_larger_tile_matches_hf_interpolate_pos_encoding():
+    """ClipViT(interpolate_pos_encoding=True) = HF CLIPVisionModel(..., interpolate_pos_encoding=True):
+    the tiny teacher's CLIP (42 px, 3 x 3 grid) on 56 px tiles (4 x 4), every hidden state."""
+    cfg = vit.get_clip_teacher_config("clip_tiny").clip
+    hf = transformers.CLIPVisionModel(transformers.CLIPVisionConfig(**port_clip.hf_config(cfg),
+                                                                    attn_implementation="eager")).eval()
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in hf.parameters():
+            p.copy_(torch.randn_like(p) * 0.5)
+    params = port_clip.to_flax({k: v.numpy() for k, v in hf.state_dict().items()}, cfg, vision_model=False)
+    pixels = np.random.default_rng(0).standard_normal((2, 56, 56, 3)).astype(np.float32)
+    with torch.no_grad():
+        want = hf(torch.from_numpy(pixels).permute(0, 3, 1, 2), output_hidden_states=True,
+                  interpolate_pos_encoding=True).hidden_states
+    got = vit.ClipViT(cfg).apply({"params": params}, pixels, return_hidden=True,
+                                 interpolate_pos_encoding=True).hidden_states
+    assert got.shape == (3, 2, 17, 32)
+    for k, h in enumerate(want):
+        diff = np.max(np.abs(np.asarray(got[k]) - h.numpy())) / np.max(np.abs(h.numpy()))
+        assert diff <= 1e-5, (k, diff)
+    with pytest.raises(ValueError, match="position embeddings are not interpolated"):
+        vit.ClipViT(cfg).apply({"params": params}, pixels)
+
+
+def _model_and_batch():
+    config = config_lib.load("configs/hovle.py:tiny_stage1_clip")
+    spec = registry.build(config.model)
+    params = unbox(spec.module.init(jax.random.PRNGKey(0), *spec.init_args)["params"])
+    rng = np.random.default_rng(1)
+    s, p = spec.config.image_size, spec.config.hovle.tile_slots
+    batch = {"pixels": rng.standard_normal((2, p, s, s, 3)).astype(np.float32),
+             "tile_mask": np.array([[True] * p, [True, True, False, False]]),
+             "text_tokens": rng.integers(3, 240, (2, 8)).astype(np.int32),
+             "text_segment_ids": np.ones((2, 8), np.int32)}
+    return config, spec, params, batch
+
+
+def test_the_distillation_loss_never_reaches_the_projection():
+    """The guard: distill_image and distill_text give the whole teacher (CLIP and projection) a zero
+    gradient, so the student cannot pull its target towards a collapse; the projection learns
+    from teacher_projection alone, which moves nothing but the projection and its reconstruction."""
+    config, spec, params, batch = _model_and_batch()
+    assert sorted(params["teacher"]) == ["clip", "projection", "reconstruction"]
+    assert dict(config.stage.losses) == dict(distill_image=1.0, distill_text=1.0, teacher_projection=1.0)
+
+    def grad_of(term):
+        return jax.grad(lambda p: spec.loss_fn(p, batch, jax.random.PRNGKey(2))[1][term])(params)
+
+    nonzero = lambda tree: any(bool(np.any(np.asarray(x) != 0)) for x in jax.tree.leaves(tree))  # noqa: E731
+    distill = grad_of("distill_image")
+    assert not nonzero(distill["teacher"]) and nonzero(distill["embedding_model"])
+    projection = grad_of("teacher_projection")
+    assert nonzero(projection["teacher"]["projection"]) and nonzero(projection["teacher"]["reconstruction"])
+    assert not nonzero(projection["teacher"]["clip"]) and not nonzero(projection["embedding_model"])
+    assert not nonzero(projection["language_model"])
+
+
+def test_tiny_stage1_clip_halves_both_losses_and_leaves_clip_and_llm_bit_identical(tmp_path, monkeypatch):
+    """configs/hovle.py:tiny_stage1_clip from an imported LLM (evejax.lm) and CLIP (evejax.clip, into
+    teacher/clip): both distillation losses halve, the projection trains by its own loss, CLIP and
+    the LLM leave bit-identical."""
+    config, spec, params, batch = _model_and_batch()
+    rng = np.random.default_rng(7)
+    imported = {"language_model": params["language_model"], "clip": params["teacher"]["clip"]}
+    imported = jax.tree.map(lambda x: (0.05 * rng.standard_normal(x.shape)).astype(np.float32), imported)
+    port_checkpoint.save_checkpoint(tmp_path / "llm", spec.config.hovle.llm, imported["language_model"])
+    port_clip.save_checkpoint(tmp_path / "clip", spec.config.teacher.clip, imported["clip"])
+    logged = []
+    log = metrics_lib.Reporter.log
+    monkeypatch.setattr(metrics_lib.Reporter, "log",
+                        lambda self, step, metrics, *a, **k: logged.append(dict(metrics)) or log(
+                            self, step, metrics, *a, **k))
+    config_lib.apply_overrides(config, [
+        "--config.train.log_every=1", "--config.train.progress_bar=False", "--config.stage.start.kind=import",
+        f"--config.stage.start.path=language_model={tmp_path / 'llm'},teacher/clip={tmp_path / 'clip'}"])
+
+    result = trainer.train(config, str(tmp_path / "run"))
+    assert result["step"] == config.train.steps and len(logged) == config.train.steps
+    for term in ("distill_image", "distill_text", "teacher_projection"):
+        first, last = logged[0][term], logged[-1][term]
+        assert last <= 0.5 * first, (term, first, last)
+    _, trained = ckpt_lib.load_params(str(tmp_path / "run"))
+    jax.tree.map(np.testing.assert_array_equal, trained["language_model"], imported["language_model"])
+    jax.tree.map(np.testing.assert_array_equal, trained["teacher"]["clip"], imported["clip"])
+    kernel = trained["teacher"]["projection"]["fc1"]["kernel"]
+    assert not np.array_equal(kernel, params["teacher"]["projection"]["fc1"]["kernel"])
