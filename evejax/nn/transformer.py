@@ -67,6 +67,13 @@ class TransformerConfig:
             raise ValueError(f"TransformerConfig has no field(s) {sorted(unknown)}")
         return dataclasses.replace(self, **kw)
 
+    def __post_init__(self):
+        # A config read back from JSON (model.json, a checkpoint's config) has lists where these
+        # hashable tuples were: jit's static arguments must hash and equal configs compare equal.
+        if self.rope_scaling is not None:
+            object.__setattr__(self, "rope_scaling", tuple(tuple(pair) for pair in self.rope_scaling))
+        object.__setattr__(self, "defocus_decay_init", tuple(self.defocus_decay_init))
+
     def validate(self) -> "TransformerConfig":
         if self.num_heads % self.num_kv_heads:
             raise ValueError(f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}")
@@ -117,7 +124,7 @@ class DecoderLayer(nn.Module):
             causal=cfg.causal, qkv_bias=cfg.qkv_bias, out_bias=cfg.out_bias,
             rope_base=cfg.rope_base, rope_layout=cfg.rope_layout, rope_scaling=cfg.rope_scaling,
             max_position_embeddings=cfg.max_position_embeddings, impl=cfg.attention_impl,
-            defocus=cfg.defocus, defocus_decay_init=tuple(cfg.defocus_decay_init),
+            defocus=cfg.defocus, defocus_decay_init=cfg.defocus_decay_init,
             defocus_position_scale=cfg.defocus_position_scale,
             splash_block_q=cfg.splash_block_q, splash_block_kv=cfg.splash_block_kv,
             dtype=dtype, param_dtype=pdtype, flatten=cfg.matmul_2d, name="attention",

@@ -53,9 +53,6 @@ def config_to_json(cfg: LMConfig) -> dict[str, Any]:
 def config_from_json(data: Mapping[str, Any], source: str = MODEL_JSON) -> LMConfig:
     data = unwrap_format(data, FORMAT, VERSION, "LM", source)
     t = dict(data.pop("transformer", {}))
-    if t.get("rope_scaling") is not None:
-        # JSON turns the hashable (key, value) pairs into lists.
-        t["rope_scaling"] = tuple(tuple(pair) for pair in t["rope_scaling"])
     try:
         return LMConfig(transformer=TransformerConfig(**t), **data)
     except TypeError as e:
