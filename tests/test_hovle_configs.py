@@ -14,7 +14,7 @@ from evejax.train import checkpoint as ckpt_lib
 from evejax.train import optimizer as optimizer_lib
 from evejax.train import trainer
 
-ARGS = ("stage2", "stage3", "hd_stage3", "tiny_stage2", "tiny_stage3")
+ARGS = ("stage2", "stage3", "hd_stage3", "tiny_stage2", "tiny_stage3", "demo_stage2", "demo_stage3")
 FAST = ["--config.train.steps=2", "--config.train.log_every=1", "--config.train.progress_bar=False",
         "--config.checkpoint.every=0", "--config.checkpoint.async_save=False"]
 
