@@ -8,8 +8,8 @@ From nothing but the installed package, on a CPU (one flow; what differs by fami
      EVE configs/demo.py:stage1..3, stage 1 importing the teacher just trained into EVE's frozen
      `clip` slot; HoVLE configs/hovle.py:demo_stage1..3, stage 1 distilling the embedding module
      on unpaired data (shapes images without text to a frozen tiny InternVL teacher, random text
-     ids to the frozen LLM's input embeddings), stage 2 captions with the LLM frozen, stage 3 the
-     questions with everything trained;
+     ids to the frozen LLM's input embeddings), stage 2 captions and stage 3 the questions with
+     everything trained (the demo's LLM is random: configs/hovle.py says why stage 2 trains it);
   3. evaluates exact-match accuracy on held-out questions, and again with every
      image blanked (the text-only baseline; evejax/eval/evaluate.py says how,
      how each family is asked, and how chance is computed);
