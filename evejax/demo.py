@@ -1,17 +1,23 @@
-"""`evejax demo [--out DIR] [--quick]`: a tiny EVE trained end to end on generated shapes.
+"""`evejax demo [--model eve|hovle] [--out DIR] [--quick]`: a tiny EVE or HoVLE trained end to
+end on generated shapes.
 
-From nothing but the installed package, on a CPU:
-  1. trains a tiny CLIP teacher on the shapes class labels (configs/demo.py:teacher);
-  2. trains a tiny EVE through its three stages with the generic trainer
-     (configs/demo.py:stage1..3), stage 1 importing the teacher just trained
-     into EVE's frozen `clip` slot; a checkpoint per stage;
+From nothing but the installed package, on a CPU (one flow; what differs by family is a
+`Family` entry of FAMILIES):
+  1. EVE only: trains a tiny CLIP teacher on the shapes class labels (configs/demo.py:teacher);
+  2. trains the model through its three stages with the generic trainer, a checkpoint per stage:
+     EVE configs/demo.py:stage1..3, stage 1 importing the teacher just trained into EVE's frozen
+     `clip` slot; HoVLE configs/hovle.py:demo_stage1..3, stage 1 distilling the embedding module
+     on unpaired data (shapes images without text to a frozen tiny InternVL teacher, random text
+     ids to the frozen LLM's input embeddings), stage 2 captions and stage 3 the questions with
+     everything trained (the demo's LLM is random: configs/hovle.py says why stage 2 trains it);
   3. evaluates exact-match accuracy on held-out questions, and again with every
      image blanked (the text-only baseline; evejax/eval/evaluate.py says how,
-     and how chance is computed);
-  4. exports the final model to the official EVE PyTorch layout (inference
-     model: LLM + PEL, without the training-only PAL and teacher) and answers
-     three held-out questions with the PyTorch reference (transformers LLaMA +
-     the official vision modules) on the exported weights, next to the JAX answers;
+     how each family is asked, and how chance is computed);
+  4. exports the final model to the official PyTorch layout (EVE: the inference model, LLM +
+     PEL, without the training-only PAL and teacher; HoVLE: InternVLChatModel) and answers
+     three held-out questions with the PyTorch reference (EVE: transformers LLaMA + the official
+     vision modules; HoVLE: evejax/port/torch_ref/hovle.py) on the exported weights, next to the
+     JAX answers;
   5. plots the loss curves of every stage and a grid of held-out questions,
      and prints a summary with the figures, timings and paths.
 
@@ -20,25 +26,26 @@ accuracy <= chance + 20 points, identical answers from the two frameworks.
 `--quick` runs a few steps of everything (a smoke test); there only the
 frameworks' agreement is checked.
 
-Output (DIR, default runs/demo, must not exist or be empty):
-  teacher/ stage1/ stage2/ stage3/   trainer workdirs (checkpoints, TensorBoard)
-  teacher_clip/                      the teacher's ClipViT, evejax CLIP checkpoint (stage 1 imports it)
-  eve_final/                         final EVE, evejax checkpoint (with PAL and teacher)
-  eve_official/                      config.json + model.safetensors, official names
+Output (DIR, default runs/demo for EVE, runs/demo_hovle for HoVLE; must not exist or be empty):
+  [teacher/] stage1/ stage2/ stage3/ trainer workdirs (checkpoints, TensorBoard)
+  teacher_clip/                      EVE: the teacher's ClipViT, evejax CLIP checkpoint (stage 1 imports it)
+  eve_final/ | hovle_final/          final model, evejax checkpoint (EVE: with PAL and teacher)
+  eve_official/ | hovle_official/    config.json + model.safetensors, official names
   loss_curves.png  heldout_grid.png  results.json
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
-CONFIG_FILE = "demo.py"
 STAGES = ("stage1", "stage2", "stage3")
 ACCURACY_TARGET = 0.80
 BASELINE_MARGIN = 0.20
@@ -69,14 +76,15 @@ class Clock:
         return time.perf_counter() - self.start
 
 
-def stage_config(arg: str, quick: bool, extra=()):
+def stage_config(spec: str, quick: bool, extra=()):
+    """The config `spec` ("file.py:arg") with the demo's overrides (`extra`, and --quick's)."""
     from evejax import config as config_lib
 
     overrides = list(extra)
     if quick:
         overrides += [f"--config.train.steps={QUICK_STEPS}", "--config.train.log_every=1",
                       f"--config.data.global_batch={QUICK_BATCH}", "--config.train.progress_bar=False"]
-    return config_lib.apply_overrides(config_lib.load(f"{CONFIG_FILE}:{arg}"), overrides)
+    return config_lib.apply_overrides(config_lib.load(spec), overrides)
 
 
 # ---- the teacher ------------------------------------------------------------------------
@@ -134,8 +142,9 @@ def reference_model(export_dir: Path):
     return model
 
 
-def torch_answers(export_dir: Path, questions, anyres, max_new_tokens: int) -> list[str]:
-    """Greedy answers of the PyTorch reference loaded from `export_dir`.
+def torch_answers(export_dir: Path, questions, answerer) -> list[str]:
+    """Greedy answers of the PyTorch reference EVE loaded from `export_dir`, to the prompt ids and
+    image view the JAX `answerer` (evaluate.Answerer) uses.
 
     Decoding recomputes the whole sequence for every new token (no cache), so
     it shares nothing with the JAX path but the weights and the prompt ids.
@@ -143,18 +152,18 @@ def torch_answers(export_dir: Path, questions, anyres, max_new_tokens: int) -> l
     import torch
 
     from evejax.data import image as image_lib
-    from evejax.data import shapes
     from evejax.eval.evaluate import decode_answer, prompt_ids
 
     model = reference_model(export_dir)
-    tokenizer = shapes.tokenizer()
+    tokenizer = answerer.tokenizer
     answers = []
     with torch.no_grad():
         for q in questions:
             ids = torch.from_numpy(prompt_ids(q.question, tokenizer)).long()[None]
-            pixels = torch.from_numpy(image_lib.preprocess_anyres(q.image, anyres, with_teacher=False).chw4())[None]
+            view = image_lib.preprocess_anyres(q.image, answerer.anyres, with_teacher=False)
+            pixels = torch.from_numpy(view.chw4())[None]
             new = []
-            for _ in range(max_new_tokens):
+            for _ in range(answerer.max_new_tokens):
                 token = int(model(ids, pixel_values=pixels).logits[0, -1].argmax())
                 new.append(token)
                 if token == tokenizer.eos_id:
@@ -162,6 +171,88 @@ def torch_answers(export_dir: Path, questions, anyres, max_new_tokens: int) -> l
                 ids = torch.cat([ids, torch.tensor([[token]])], dim=1)
             answers.append(decode_answer(new, tokenizer))
     return answers
+
+
+def hovle_reference_model(export_dir: Path):
+    """The PyTorch reference InternVLChatModel (evejax/port/torch_ref/hovle.py, official names) of
+    an exported HoVLE, built from its config.json and loaded strictly from its safetensors."""
+    import torch
+
+    from evejax.port import io
+    from evejax.port.torch_ref.hovle import HolisticEmbeddingConfig, InternVLChatModel
+    from evejax.port.torch_ref.internlm2 import InternLM2Config
+
+    config = io.load_config_json(export_dir)
+    model = InternVLChatModel(HolisticEmbeddingConfig.from_hf_config_dict(config["embedding_config"]),
+                              InternLM2Config.from_hf_config_dict(config["llm_config"]),
+                              normalize_encoder_output=config["normalize_encoder_output"]).eval()
+    state = io.load_state_dict(export_dir)
+    model.load_state_dict({k: torch.from_numpy(v) for k, v in state.items()}, strict=True)
+    return model
+
+
+def hovle_torch_answers(export_dir: Path, questions, answerer) -> list[str]:
+    """Greedy answers of the PyTorch reference HoVLE loaded from `export_dir`, to the prompt ids and
+    tiles the JAX `answerer` (generate.HoVLEAnswerer) uses, one question at a time, recomputing the
+    whole forward (images included) for every new token."""
+    import torch
+
+    from evejax.eval.evaluate import decode_answer
+    from evejax.eval.generate import _until
+
+    model = hovle_reference_model(export_dir)
+    answers = []
+    for q in questions:
+        tiled = answerer.tiles(answerer.cfg, q.image)
+        ids = torch.tensor([answerer.prompt_ids(q.question, tiled.num_tiles)])
+        pixels = torch.from_numpy(tiled.pixels[:tiled.num_tiles].transpose(0, 3, 1, 2).copy())
+        new = model.generate(pixels, ids, answerer.max_new_tokens, eos_token_id=answerer.stops[0],
+                             use_cache=False)[0].tolist()
+        answers.append(decode_answer(_until(new, answerer.stops), answerer.tokenizer))
+    return answers
+
+
+def export_eve(checkpoint: Path, out: Path) -> list[Path]:
+    from evejax.port import eve as eve_port
+
+    return eve_port.export_eve(checkpoint, out, inference=True)
+
+
+def export_hovle(checkpoint: Path, out: Path) -> list[Path]:
+    from evejax.port import hovle as hovle_port
+
+    return hovle_port.export_hovle(checkpoint, out)
+
+
+# ---- the families -----------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class Teacher:
+    """A teacher trained first (its own config) and imported into stage 1's `subtree`."""
+    spec: str                      # config "file.py:arg"
+    accuracy: Callable             # (workdir, config, num_images) -> held-out class accuracy
+    save: Callable                 # (directory, workdir, config): the checkpoint stage 1 imports
+    subtree: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Family:
+    """What the demo flow (`run`) takes from one model family."""
+    name: str                      # as printed
+    stages: tuple[str, ...]        # config specs of stages 1..3 ("file.py:arg")
+    port: str                      # module with save_checkpoint (the final evejax checkpoint)
+    export: Callable               # (evejax checkpoint, out dir) -> files in the official layout
+    torch_answers: Callable        # (export dir, questions, JAX answerer) -> the PyTorch answers
+    default_out: str
+    teacher: Teacher | None = None
+
+
+FAMILIES = {
+    "eve": Family("EVE", tuple(f"demo.py:{s}" for s in STAGES), "evejax.port.eve", export_eve, torch_answers,
+                  "runs/demo", Teacher("demo.py:teacher", teacher_accuracy, save_teacher, "clip")),
+    "hovle": Family("HoVLE", tuple(f"hovle.py:demo_{s}" for s in STAGES), "evejax.port.hovle", export_hovle,
+                    hovle_torch_answers, "runs/demo_hovle"),
+}
 
 
 # ---- pictures ---------------------------------------------------------------------------
@@ -194,14 +285,16 @@ def _pyplot():
     return plt
 
 
-def plot_losses(path: Path, workdirs: dict[str, Path]) -> Path:
-    """One panel per stage: total loss and its terms against the step."""
+def plot_losses(path: Path, runs: dict[str, tuple[Path, object]], family: str) -> Path:
+    """One panel per stage (runs: name -> (workdir, config)): the total loss and, when the stage
+    weighs several, each term of config.stage.losses against the step."""
     plt = _pyplot()
-    fig, axes = plt.subplots(1, len(workdirs), figsize=(4.2 * len(workdirs), 3.4), squeeze=False)
-    for ax, (name, workdir) in zip(axes[0], workdirs.items()):
+    fig, axes = plt.subplots(1, len(runs), figsize=(4.2 * len(runs), 3.4), squeeze=False)
+    for ax, (name, (workdir, config)) in zip(axes[0], runs.items()):
         scalars = read_scalars(workdir / "tensorboard")
-        terms = (("train/loss", "loss (CE)"),) if name == "teacher" else (
-            ("train/loss", "loss = CE + PAL"), ("train/ce", "CE"), ("train/pal", "PAL (1 - cos)"))
+        weights = config.stage.losses.to_dict()
+        terms = [("train/loss", "loss = " + " + ".join(f"{w:g} {k}" for k, w in weights.items()))]
+        terms += [(f"train/{k}", k) for k in weights] if len(weights) > 1 else []
         for tag, label in terms:
             points = scalars.get(tag, [])
             if points:
@@ -213,7 +306,7 @@ def plot_losses(path: Path, workdirs: dict[str, Path]) -> Path:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     axes[0, 0].set_ylabel("training loss")
-    fig.suptitle("evejax demo: training losses per stage")
+    fig.suptitle(f"evejax demo ({family}): training losses per stage")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -230,8 +323,8 @@ def grid_items(questions, predictions, blank_predictions) -> list:
     return items
 
 
-def plot_grid(path: Path, items) -> Path:
-    """Held-out images titled with question, answer, EVE's prediction and the blank-image prediction.
+def plot_grid(path: Path, items, family: str) -> Path:
+    """Held-out images titled with question, answer, the model's prediction and the blank-image prediction.
 
     items: (Question, prediction, blank-image prediction) triples.
     """
@@ -246,10 +339,10 @@ def plot_grid(path: Path, items) -> Path:
         ax.set_xticks([])
         ax.set_yticks([])   # the frame stays: it shows the image's extent and aspect ratio
         ax.imshow(np.asarray(q.image), interpolation="nearest")
-        ax.set_title(f"{q.question}\nanswer: {q.answer}    EVE: {pred or '(empty)'}\n"
+        ax.set_title(f"{q.question}\nanswer: {q.answer}    {family}: {pred or '(empty)'}\n"
                      f"(blank image: {blank or '(empty)'})", fontsize=8,
                      color="darkgreen" if pred == q.answer else "red")
-    fig.suptitle("evejax demo: held-out questions (green: EVE right, red: wrong)")
+    fig.suptitle(f"evejax demo: held-out questions (green: {family} right, red: wrong)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -258,57 +351,64 @@ def plot_grid(path: Path, items) -> Path:
 
 # ---- the demo ---------------------------------------------------------------------------
 
-def run(out: Path, quick: bool) -> int:
+def run(out: Path, quick: bool, model: str = "eve") -> int:
+    import importlib
+
     import jax
 
     from evejax.eval import evaluate as ev
-    from evejax.models import registry
-    from evejax.port import eve as eve_port
-    from evejax.train import checkpoint as ckpt_lib
     from evejax.train import trainer
 
+    family = FAMILIES[model]
     clock = Clock()
-    workdirs = {"teacher": out / "teacher", **{s: out / s for s in STAGES}}
-    print(f"evejax demo{' --quick' if quick else ''}: output in {out}; {jax.device_count()} JAX device(s) "
-          f"({jax.devices()[0].platform}), {os.cpu_count()} CPU core(s)", flush=True)
-
-    # ---- training: the teacher, then the three EVE stages ----
-    teacher_config = stage_config("teacher", quick)
-    clock.run("teacher", trainer.train, teacher_config, str(workdirs["teacher"]))
+    print(f"evejax demo --model {model}{' --quick' if quick else ''}: output in {out}; {jax.device_count()} JAX "
+          f"device(s) ({jax.devices()[0].platform}), {os.cpu_count()} CPU core(s)", flush=True)
     n_images = QUICK_QUESTIONS if quick else NUM_QUESTIONS
-    teacher_acc = clock.run("teacher eval", teacher_accuracy, workdirs["teacher"], teacher_config, n_images)
-    print(f"[teacher] held-out class accuracy {100 * teacher_acc:.1f}% on {n_images} images "
-          f"(chance {100 / 12:.1f}%)", flush=True)
-    clock.run("teacher export", save_teacher, out / "teacher_clip", workdirs["teacher"], teacher_config)
-    configs = {s: stage_config(s, quick, [f"--config.stage.start.path=clip={out / 'teacher_clip'}"]
-                               if s == "stage1" else []) for s in STAGES}
-    for stage in STAGES:
-        clock.run(stage, trainer.train, configs[stage], str(workdirs[stage]))
+
+    # ---- training: the teacher (if any), then the three stages, each from the one before ----
+    runs: dict[str, tuple[Path, object]] = {}
+    start = []
+    teacher, teacher_acc = family.teacher, None
+    if teacher:
+        config = stage_config(teacher.spec, quick)
+        runs["teacher"] = (out / "teacher", config)
+        clock.run("teacher", trainer.train, config, str(out / "teacher"))
+        teacher_acc = clock.run("teacher eval", teacher.accuracy, out / "teacher", config, n_images)
+        print(f"[teacher] held-out class accuracy {100 * teacher_acc:.1f}% on {n_images} images "
+              f"(chance {100 / 12:.1f}%)", flush=True)
+        saved = out / f"teacher_{teacher.subtree}"
+        clock.run("teacher export", teacher.save, saved, out / "teacher", config)
+        start = [f"--config.stage.start.path={teacher.subtree}={saved}"]
+    for stage, spec in zip(STAGES, family.stages):
+        config = stage_config(spec, quick, start)
+        runs[stage] = (out / stage, config)
+        clock.run(stage, trainer.train, config, str(out / stage))
+        start = [f"--config.stage.start.workdir={out / stage}"]
 
     # ---- evaluation ----
-    cfg = registry.build(configs["stage3"].model).config
-    _, params = ckpt_lib.load_params(str(workdirs["stage3"]))
-    questions = ev.heldout_questions(n_images, configs["stage3"].data.seed)
-    answerer = ev.Answerer(cfg, params, batch_size=QUICK_BATCH if quick else 100)
+    name, cfg, params = ev.load_model(out / STAGES[-1])
+    questions = ev.heldout_questions(n_images, runs[STAGES[-1]][1].data.seed)
+    answerer = ev.FAMILIES[name].answerer(cfg, params, QUICK_BATCH if quick else 100)
     result = clock.run("eval", ev.evaluate, answerer, questions)
     blank = clock.run("eval, blank images", ev.evaluate, answerer, questions, blank=True)
     chance, majority = ev.chance_accuracy(questions)
 
     # ---- export, and the same questions in PyTorch ----
+    final, official = out / f"{model}_final", out / f"{model}_official"
+
     def export():
-        eve_port.save_checkpoint(out / "eve_final", cfg, params)
-        return eve_port.export_eve(out / "eve_final", out / "eve_official", inference=True)
+        importlib.import_module(family.port).save_checkpoint(final, cfg, params)
+        return family.export(final, official)
 
     files = clock.run("export", export)
     shown = questions[:TORCH_QUESTIONS]
-    torch_said = clock.run("pytorch answers", torch_answers, out / "eve_official", shown, answerer.anyres,
-                           ev.MAX_NEW_TOKENS)
+    torch_said = clock.run("pytorch answers", family.torch_answers, official, shown, answerer)
     jax_said = result.predictions[:TORCH_QUESTIONS]
 
     # ---- pictures ----
-    loss_png = clock.run("loss plot", plot_losses, out / "loss_curves.png", workdirs)
+    loss_png = clock.run("loss plot", plot_losses, out / "loss_curves.png", runs, family.name)
     grid_png = clock.run("grid plot", plot_grid, out / "heldout_grid.png",
-                         grid_items(questions, result.predictions, blank.predictions))
+                         grid_items(questions, result.predictions, blank.predictions), family.name)
 
     # ---- report ----
     print("\nheld-out questions answered by both frameworks from the exported weights:")
@@ -317,7 +417,7 @@ def run(out: Path, quick: bool) -> int:
         print(f"  {q.question:<46} {q.answer:<8} {a!r:<8} {b!r:<8} {'same' if a == b else 'DIFFERENT'}")
 
     print(f"\n{len(questions)} held-out questions, exact match:")
-    print(f"  {'type':<13} {'n':>4} {'EVE':>7} {'blank':>7} {'chance':>7}  majority answer")
+    print(f"  {'type':<13} {'n':>4} {family.name:>7} {'blank':>7} {'chance':>7}  majority answer")
     for t in sorted(result.counts):
         print(f"  {t:<13} {result.counts[t]:>4} {100 * result.per_type[t]:>6.1f}% {100 * blank.per_type[t]:>6.1f}% "
               f"{100 * majority[t][1]:>6.1f}%  {majority[t][0]}")
@@ -332,40 +432,42 @@ def run(out: Path, quick: bool) -> int:
         checks[f"blank-image accuracy <= chance + {100 * BASELINE_MARGIN:.0f} points"] = (
             blank.accuracy <= chance + BASELINE_MARGIN)
     print("\nchecks:")
-    for name, ok in checks.items():
-        print(f"  [{'PASS' if ok else 'FAIL'}] {name}")
+    for check, ok in checks.items():
+        print(f"  [{'PASS' if ok else 'FAIL'}] {check}")
 
     print("\ntimings (wall clock):")
-    for name, seconds in clock.phases.items():
-        print(f"  {name:<20} {seconds:7.1f} s")
+    for phase, seconds in clock.phases.items():
+        print(f"  {phase:<20} {seconds:7.1f} s")
     print(f"  {'total':<20} {clock.total:7.1f} s")
 
     results_json = out / "results.json"
     results_json.write_text(json.dumps({
-        "quick": quick, "accuracy": result.accuracy, "blank_accuracy": blank.accuracy, "chance": chance,
-        "per_type": result.per_type, "blank_per_type": blank.per_type, "counts": result.counts,
+        "model": model, "quick": quick, "accuracy": result.accuracy, "blank_accuracy": blank.accuracy,
+        "chance": chance, "per_type": result.per_type, "blank_per_type": blank.per_type, "counts": result.counts,
         "majority": majority, "teacher_accuracy": teacher_acc,
         "torch": [{"question": q.question, "answer": q.answer, "jax": a, "pytorch": b}
                   for q, a, b in zip(shown, jax_said, torch_said)],
         "checks": checks, "timings": dict(clock.phases, total=clock.total)}, indent=2) + "\n")
 
     print("\nwhere everything went:")
-    for name, where in (
-            ("stage checkpoints", "\n".join(f"{'':<26}{workdirs[s] / 'checkpoints'}" for s in workdirs).lstrip()),
-            ("final EVE (evejax)", out / "eve_final"),
-            ("official PyTorch layout", f"{out / 'eve_official'} (config.json, {', '.join(f.name for f in files)})"),
+    for what, where in (
+            ("stage checkpoints", "\n".join(f"{'':<26}{workdir / 'checkpoints'}" for workdir, _ in runs.values()).lstrip()),
+            (f"final {family.name} (evejax)", final),
+            ("official PyTorch layout", f"{official} (config.json, {', '.join(f.name for f in files)})"),
             ("loss curves", loss_png), ("held-out grid", grid_png), ("figures (JSON)", results_json)):
-        print(f"  {name:<24}{where}")
+        print(f"  {what:<24}{where}")
     return 0 if all(checks.values()) else 1
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="evejax demo", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", default="runs/demo", help="output directory (must not exist or be empty)")
+    p.add_argument("--model", choices=sorted(FAMILIES), default="eve", help="the model family (default: eve)")
+    p.add_argument("--out", help="output directory (must not exist or be empty; default runs/demo for eve, "
+                   "runs/demo_<model> otherwise)")
     p.add_argument("--quick", action="store_true", help="a few steps of everything: a smoke test")
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
-    out = Path(args.out).absolute()
+    out = Path(args.out or FAMILIES[args.model].default_out).absolute()
     if out.exists() and any(out.iterdir()):
         print(f"evejax demo: error: {out} is not empty; choose another --out or delete it", file=sys.stderr)
         return 1
@@ -373,4 +475,4 @@ def main(argv=None) -> int:
     from evejax.port.checkpoint import expected_orbax_warnings_silenced
 
     with expected_orbax_warnings_silenced():  # each stage reads the one before it read-only
-        return run(out, args.quick)
+        return run(out, args.quick, args.model)

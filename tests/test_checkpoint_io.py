@@ -130,8 +130,7 @@ def test_eval_json_is_replaced_only_when_complete(tmp_path, monkeypatch):
         def answer(self, pictures, questions):
             return ["yes"] * len(questions)
 
-    monkeypatch.setattr(ev, "load_model", lambda path: (None, None, None))
-    monkeypatch.setattr(ev, "Answerer", Answerer)
+    monkeypatch.setattr(ev, "load_answerer", lambda path, batch_size: Answerer())
     out = tmp_path / "eval.json"
     out.write_text('{"accuracy": 0.5}\n')
     write_text = Path.write_text
@@ -229,7 +228,7 @@ def test_unknown_generated_ids_are_wrong_answers_and_counted(eve_workdir, tmp_pa
 def test_eval_reads_a_workdir_without_expected_orbax_warnings(eve_workdir, caplog):
     workdir, cfg = eve_workdir
     with caplog.at_level(logging.WARNING):
-        assert ev.load_model(workdir)[0] == cfg
+        assert ev.load_model(workdir)[1] == cfg
     assert not [r for r in caplog.records if r.getMessage().startswith(EXPECTED_WARNINGS)], caplog.text
 
 
@@ -247,7 +246,7 @@ def test_silencing_keeps_other_warnings(caplog):
 def test_demo_reads_without_expected_orbax_warnings(tmp_path, caplog, monkeypatch):
     from evejax import demo
 
-    def run(out, quick):  # what the demo's reads of stage workdirs log
+    def run(out, quick, model):  # what the demo's reads of stage workdirs log
         ckpt_lib.load_params(str(workdir))
         return 0
 

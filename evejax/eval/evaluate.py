@@ -1,19 +1,24 @@
-"""Exact-match VQA evaluation of an EVE checkpoint on held-out shapes questions.
+"""Exact-match VQA evaluation of an EVE or HoVLE checkpoint on held-out shapes questions.
 
   evejax eval CHECKPOINT [--num-questions 500] [--batch-size 100] [--seed 0] [--show 5]
   evejax eval CHECKPOINT --bench vqav2,gqa,pope,... --data-root DIR   (the papers' benchmarks:
                                                                       evejax.eval.benchmarks.run)
 
 CHECKPOINT is a trainer workdir (`evejax train --workdir`, newest checkpoint)
-or an evejax EVE checkpoint directory (`evejax import --family eve`).
+or an evejax checkpoint directory (`evejax import --family eve|hovle`); its
+family (`FAMILIES`, by the workdir's model name or the checkpoint's format)
+says how to ask it.
 
 Questions: the QA rounds of held-out scenes 0, 1, 2, ... of
 `evejax.data.shapes` (split "heldout": no scene geometry of it is ever
 trained on), in order, each asked on its own as the first user turn
-("<image>\\n" + question, vicuna_v1), until `num_questions` are collected.
+("<image>\\n" + question), until `num_questions` are collected, in the
+prompt and image form the family trains on: EVE the any-res image in
+vicuna_v1, HoVLE the InternVL tiles of its config in internlm2-chat with the
+shapes tokenizer's chat and image ids (evejax.data.pipeline.special_ids).
 A prediction is the greedy answer (KV cache, at most MAX_NEW_TOKENS tokens,
-up to EOS), decoded and stripped; it is right when it equals the reference
-answer exactly. An answer holding a token id the tokenizer does not know
+up to EOS; HoVLE also up to <|im_end|>), decoded and stripped; it is right
+when it equals the reference answer exactly. An answer holding a token id the tokenizer does not know
 (an under-trained model can emit any id of the LLM's larger vocabulary) is
 wrong, and counted in `out_of_vocabulary`.
 
@@ -38,11 +43,12 @@ import argparse
 import collections
 import dataclasses
 import functools
+import importlib
 import json
 import re
 import sys
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -53,8 +59,9 @@ from evejax import atomic
 from evejax.data import image as image_lib
 from evejax.data import shapes
 from evejax.data import text as text_lib
-from evejax.eval.generate import bucket_length, greedy_generate
+from evejax.eval.generate import HoVLEAnswerer, bucket_length, greedy_generate
 from evejax.models import eve as eve_lib
+from evejax.models import hovle as hovle_lib
 from evejax.models import llm as llm_lib
 
 # Answers are one word, then EOS; two spare tokens show a model that rambles on.
@@ -244,21 +251,54 @@ def evaluate(answerer: Answerer, questions: Sequence[Question], blank: bool = Fa
 
 # ---- checkpoints ------------------------------------------------------------------------
 
-def load_model(path: str | Path) -> tuple[eve_lib.EVEConfig, dict, image_lib.AnyResConfig]:
-    """(config, params, preprocessing) of a trainer workdir or an evejax EVE checkpoint."""
-    from evejax.port import checkpoint
-    from evejax.port import eve as eve_port
+@dataclasses.dataclass(frozen=True)
+class Family:
+    """How `evejax eval` reads and asks one model family."""
+    name: str                                    # as printed
+    port: str                                    # module with FORMAT and load_checkpoint
+    config_type: type                            # the config of a model that answers
+    answerer: Callable                           # (cfg, params, batch_size) -> .answer(pictures, questions)
 
-    if (Path(path) / eve_port.MODEL_JSON).is_file():
-        cfg, params = eve_port.load_checkpoint(path)
-        return cfg, params, cfg.anyres()
-    if not checkpoint.is_workdir(path):
-        raise FileNotFoundError(f"{path} is neither a trainer workdir (no checkpoints/) nor an evejax EVE "
-                                f"checkpoint (no {eve_port.MODEL_JSON})")
-    name, cfg, params, _ = checkpoint.load_workdir(path)
-    if name != "eve":
-        raise ValueError(f"{path} trained a {name!r} model, not EVE")
-    return cfg, params, cfg.anyres()
+
+def _hovle_answerer(cfg, params, batch_size: int) -> HoVLEAnswerer:
+    from evejax.data import pipeline
+
+    tokenizer = shapes.tokenizer()
+    return HoVLEAnswerer(cfg, params, tokenizer, pipeline.special_ids("shapes", tokenizer), MAX_NEW_TOKENS,
+                         batch_size)
+
+
+# registry model name -> family
+FAMILIES = {"eve": Family("EVE", "evejax.port.eve", eve_lib.EVEConfig, Answerer),
+            "hovle": Family("HoVLE", "evejax.port.hovle", hovle_lib.HoVLEConfig, _hovle_answerer)}
+
+
+def load_model(path: str | Path) -> tuple[str, object, dict]:
+    """(family name, config, params) of a trainer workdir or an evejax checkpoint of a FAMILIES model."""
+    from evejax.port import checkpoint
+    from evejax.port.io import CheckpointError
+
+    names = " or ".join(f.name for f in FAMILIES.values())
+    if checkpoint.is_workdir(path):
+        name, cfg, params, _ = checkpoint.load_workdir(path)
+        if name not in FAMILIES:
+            raise ValueError(f"{path} trained a {name!r} model, not {names}")
+        if not isinstance(cfg, FAMILIES[name].config_type):
+            raise ValueError(f"{path} trained a {type(cfg).__name__}, which answers no questions; evaluate "
+                             f"a workdir of a later stage")
+        return name, cfg, params
+    for name, family in FAMILIES.items():
+        port = importlib.import_module(family.port)
+        if checkpoint.has_format(path, port.FORMAT):
+            return (name, *port.load_checkpoint(path))
+    raise CheckpointError(f"{path} is no {names} checkpoint or training workdir (no checkpoints/, and no "
+                          f"{checkpoint.MODEL_JSON} of an evejax {names} checkpoint)")
+
+
+def load_answerer(path: str | Path, batch_size: int = 100):
+    """The shapes-question answerer of a checkpoint (`load_model`)."""
+    name, cfg, params = load_model(path)
+    return FAMILIES[name].answerer(cfg, params, batch_size)
 
 
 def main(argv=None) -> int:
@@ -269,7 +309,7 @@ def main(argv=None) -> int:
         return run.main(argv)
     p = argparse.ArgumentParser(prog="evejax eval", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("checkpoint", help="trainer workdir or evejax EVE checkpoint directory")
+    p.add_argument("checkpoint", help="trainer workdir or evejax EVE or HoVLE checkpoint directory")
     p.add_argument("--num-questions", type=int, default=500)
     p.add_argument("--batch-size", type=int, default=100)
     p.add_argument("--seed", type=int, default=0, help="seed of the shapes set the model was trained on")
@@ -277,12 +317,11 @@ def main(argv=None) -> int:
     p.add_argument("--json", help="also write the figures to this file (replaced only once complete)")
     args = p.parse_args(argv)
     try:
-        cfg, params, anyres = load_model(args.checkpoint)
+        answerer = load_answerer(args.checkpoint, args.batch_size)
         questions = heldout_questions(args.num_questions, args.seed)
     except (FileNotFoundError, ValueError) as e:
         print(f"evejax eval: error: {e}", file=sys.stderr)
         return 1
-    answerer = Answerer(cfg, params, args.batch_size, anyres=anyres)
     result, blank = evaluate(answerer, questions), evaluate(answerer, questions, blank=True)
     chance, majority = chance_accuracy(questions)
     print(f"{len(questions)} held-out questions: accuracy {100 * result.accuracy:.1f}%, blank image "
@@ -300,5 +339,6 @@ def main(argv=None) -> int:
             {"accuracy": result.accuracy, "blank_accuracy": blank.accuracy, "chance": chance,
              "per_type": result.per_type, "blank_per_type": blank.per_type, "counts": result.counts,
              "majority": majority, "out_of_vocabulary": result.out_of_vocabulary,
+             "predictions": result.predictions, "blank_predictions": blank.predictions,
              "blank_out_of_vocabulary": blank.out_of_vocabulary}, indent=2) + "\n")
     return 0

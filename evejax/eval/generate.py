@@ -251,9 +251,10 @@ def _hovle_logits(params, tokens, pixels, mask, *, model):
     return model.apply({"params": params}, tokens, pixels, mask)
 
 
-def left_pad(prompts, pad_id: int):
-    """Token lists -> (tokens [B, T], mask [B, T]) as numpy int32, padded on the left."""
-    t = max(len(p) for p in prompts)
+def left_pad(prompts, pad_id: int, width: int | None = None):
+    """Token lists -> (tokens [B, T], mask [B, T]) as numpy int32, padded on the left to T = `width`
+    (default: the longest prompt)."""
+    t = max(len(p) for p in prompts) if width is None else width
     tokens = np.full((len(prompts), t), pad_id, np.int32)
     mask = np.zeros((len(prompts), t), np.int32)
     for row, p in enumerate(prompts):
@@ -290,13 +291,24 @@ def load_lm(path: str):
 
 # ---- answers to (image, prompt): EVE and HoVLE ------------------------------------------------
 
+def fixed_batches(count: int, size: int):
+    """(rows, number of real rows) over range(count), `size` rows a batch; the last batch repeats
+    its final row, so every batch has the same shape and generation compiles once."""
+    for start in range(0, count, size):
+        rows = list(range(start, min(start + size, count)))
+        yield rows + [rows[-1]] * (size - len(rows)), len(rows)
+
+
 class HoVLEAnswerer:
     """Greedy answers of a HoVLE to (image, question) pairs, as official `chat()` asks: the image
     tiled (InternVL dynamic tiling, the config's max_tiles), "<image>\\n" + question in the
     internlm2-chat prompt, decoding until `<|im_end|>` or EOS. `special_ids`: the tokenizer's
-    ids of the chat and image tokens (text.INTERNLM2_SPECIAL_IDS by default)."""
+    ids of the chat and image tokens (text.INTERNLM2_SPECIAL_IDS by default). `batch_size`: questions
+    per generation call, every call padded to [batch_size, the longest prompt at the most tiles]
+    so it compiles once (None: all in one call)."""
 
-    def __init__(self, cfg, params, tokenizer, special_ids=None, max_new_tokens: int = 64):
+    def __init__(self, cfg, params, tokenizer, special_ids=None, max_new_tokens: int = 64,
+                 batch_size: int | None = None):
         from evejax.data import text as text_lib
         from evejax.models import hovle
 
@@ -306,6 +318,7 @@ class HoVLEAnswerer:
             raise ValueError(f"the tokenizer's {text_lib.IMG_CONTEXT} is id {context} but the model's "
                              f"img_context_token_id is {cfg.img_context_token_id}; use the checkpoint's tokenizer")
         self.cfg, self.params, self.tokenizer, self.max_new_tokens = cfg, params, tokenizer, max_new_tokens
+        self.batch_size = batch_size
         self.model = hovle.HoVLE(cfg)
         self.stops = (self.special_ids[text_lib.IM_END], tokenizer.eos_id)
 
@@ -331,13 +344,17 @@ class HoVLEAnswerer:
     def answer(self, pictures, questions) -> list[str]:
         from evejax.eval.evaluate import decode_answer
 
-        tiled = [self.tiles(self.cfg, p) for p in pictures]
-        prompts = [self.prompt_ids(q, t.num_tiles) for q, t in zip(questions, tiled, strict=True)]
-        tokens, mask = left_pad(prompts, self.tokenizer.pad_id)
-        new = np.asarray(greedy_generate_hovle(
-            self.model, self.params, tokens, mask, np.stack([t.pixels for t in tiled]), self.max_new_tokens,
-            self.stops, tile_mask=np.stack([t.tile_mask for t in tiled])))
-        return [decode_answer(_until(row, self.stops), self.tokenizer) for row in new.tolist()]
+        width = max(len(self.prompt_ids(q, self.cfg.tile_slots)) for q in questions)
+        answers = []
+        for rows, n_real in fixed_batches(len(questions), self.batch_size or len(questions)):
+            tiled = [self.tiles(self.cfg, pictures[r]) for r in rows]
+            prompts = [self.prompt_ids(questions[r], t.num_tiles) for r, t in zip(rows, tiled)]
+            tokens, mask = left_pad(prompts, self.tokenizer.pad_id, width)
+            new = np.asarray(greedy_generate_hovle(
+                self.model, self.params, tokens, mask, np.stack([t.pixels for t in tiled]), self.max_new_tokens,
+                self.stops, tile_mask=np.stack([t.tile_mask for t in tiled])))
+            answers += [decode_answer(_until(row, self.stops), self.tokenizer) for row in new[:n_real].tolist()]
+        return answers
 
 
 def _until(ids, stops):
@@ -370,18 +387,13 @@ def hovle_tokenizer(directory):
     return tokenizer, special
 
 
-def _hovle_answerer(path, tokenizer, max_new_tokens):
+def _hovle_answerer(path, cfg, params, tokenizer, max_new_tokens):
     from evejax.data import pipeline
     from evejax.port import checkpoint
-    from evejax.port import hovle as hovle_port
 
-    if checkpoint.is_workdir(path):
-        if tokenizer is None:
-            raise ValueError("a training workdir carries no tokenizer: pass --tokenizer (the LLM's tokenizer.model)")
-        _, cfg, params, _ = checkpoint.load_workdir(path)
-    else:
-        cfg, params = hovle_port.load_checkpoint(path)
     if tokenizer is None:
+        if checkpoint.is_workdir(path):
+            raise ValueError("a training workdir carries no tokenizer: pass --tokenizer (the LLM's tokenizer.model)")
         return HoVLEAnswerer(cfg, params, *hovle_tokenizer(path), max_new_tokens=max_new_tokens)
     made = pipeline.make_tokenizer(tokenizer)  # the special ids its training data used
     return HoVLEAnswerer(cfg, params, made, pipeline.special_ids(tokenizer, made), max_new_tokens=max_new_tokens)
@@ -390,38 +402,33 @@ def _hovle_answerer(path, tokenizer, max_new_tokens):
 EVE_BATCH = 16  # questions decoded together (left-padded, one compilation per prompt bucket)
 
 
-def _eve_answerer(path, tokenizer, max_new_tokens):
+def _eve_answerer(path, cfg, params, tokenizer, max_new_tokens):
     from evejax.data import pipeline
     from evejax.eval import evaluate
 
     if tokenizer is None:
         raise ValueError("an EVE checkpoint carries no tokenizer: pass --tokenizer (the LLM's tokenizer.model, "
                          "or 'shapes' for a model trained on the generated shapes data)")
-    cfg, params, anyres = evaluate.load_model(path)
     return evaluate.Answerer(cfg, params, batch_size=EVE_BATCH, tokenizer=pipeline.make_tokenizer(tokenizer),
-                             anyres=anyres, max_new_tokens=max_new_tokens)
+                             max_new_tokens=max_new_tokens)
 
 
-# checkpoint format (model.json) -> answerer builder; a training workdir's model name -> format
-ANSWERERS = {"evejax.eve": _eve_answerer, "evejax.hovle": _hovle_answerer}
-WORKDIR_FORMATS = {"eve": "evejax.eve", "hovle": "evejax.hovle"}
+# evejax.eval.evaluate.FAMILIES name -> answerer builder
+ANSWERERS = {"eve": _eve_answerer, "hovle": _hovle_answerer}
 
 
 def load_answerer(path, tokenizer: str | None = None, max_new_tokens: int = 64):
     """The answerer (`.answer(pictures, questions) -> answers`) of an EVE or HoVLE checkpoint
     directory or training workdir. `tokenizer`: a tokenizer.model path or "shapes"; by default the
     one the checkpoint carries (HoVLE)."""
-    from evejax.port import checkpoint
+    from evejax.eval import evaluate
     from evejax.port.io import CheckpointError
 
-    if checkpoint.is_workdir(path):
-        fmt = WORKDIR_FORMATS.get(checkpoint.workdir_model(path))
-    else:
-        fmt = next((f for f in ANSWERERS if checkpoint.has_format(path, f)), None)
-    if fmt is None:
-        raise CheckpointError(f"{path} is no EVE or HoVLE checkpoint or training workdir; --image/--prompt "
-                              "answer with those, --prompt-ids generates with an LLM")
-    return ANSWERERS[fmt](path, tokenizer, max_new_tokens)
+    try:
+        name, cfg, params = evaluate.load_model(path)
+    except CheckpointError as e:
+        raise CheckpointError(f"{e}; --image/--prompt answer with those, --prompt-ids generates with an LLM") from None
+    return ANSWERERS[name](path, cfg, params, tokenizer, max_new_tokens)
 
 
 def main(argv) -> int:
