@@ -156,6 +156,15 @@ def vqa_accuracy(prediction: str, references: Sequence[str]) -> float:
     return _leave_one_out(prediction, references)
 
 
+def vqa_val_score(items, answers) -> dict[str, float]:
+    """{"val_accuracy"} over the items with local answers (VQAv2 and VizWiz val), {} when none has."""
+    scored = [(normalize_answer(a), i.truth["answers"]) for i, a in zip(items, answers, strict=True)
+              if "answers" in i.truth]
+    if not scored:
+        return {}
+    return {"val_accuracy": percent(sum(vqa_accuracy(p, r) for p, r in scored), len(scored))}
+
+
 def textvqa_accuracy(prediction: str, references: Sequence[str]) -> float:
     """m4c (TextVQA) accuracy in [0, 1]: both sides through `normalize_answer`."""
     return _leave_one_out(normalize_answer(prediction), [normalize_answer(r) for r in references])

@@ -43,12 +43,7 @@ def load(root, protocol: str) -> list[common.Item]:
     return items
 
 
-def score(items, answers) -> dict[str, float]:
-    scored = [(common.normalize_answer(a), i.truth["answers"]) for i, a in zip(items, answers, strict=True)
-              if "answers" in i.truth]
-    if not scored:
-        return {}
-    return {"val_accuracy": common.percent(sum(common.vqa_accuracy(p, r) for p, r in scored), len(scored))}
+score = common.vqa_val_score
 
 
 def write(items, answers, out_dir) -> list[Path]:
