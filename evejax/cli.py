@@ -12,11 +12,13 @@ import sys
 
 COMMANDS = {
     "train": ("evejax.train.trainer", "train a model from a config (stages chain by config)"),
-    "eval": ("evejax.eval.classify", "evaluate a checkpoint (classifiers: --tfds-dir; else EVE VQA)"),
+    "eval": ("evejax.eval.classify",
+             "evaluate a checkpoint: shapes VQA (EVE, HoVLE), --bench the papers' benchmarks, --tfds-dir classifiers"),
     "generate": ("evejax.eval.generate", "greedy generation from a checkpoint"),
     "import": ("evejax.port.commands", "convert official PyTorch weights into an evejax checkpoint"),
     "export": ("evejax.port.commands", "write an evejax checkpoint in the official PyTorch layout"),
-    "plan": ("evejax.plan", "AOT-compile the sharded train step for a TPU topology: memory and FLOPs"),
+    "plan": ("evejax.plan",
+             "AOT-compile the sharded train step for a TPU topology: memory, FLOPs, collectives, est. MFU"),
     "bench": ("evejax.bench", "speed benchmarks (lm, hovle, dan, data)"),
     "data": ("evejax.data.commands", "data tools (convert to ArrayRecord, inspect)"),
     "demo": ("evejax.demo", "the built-in end-to-end demo on generated data"),
