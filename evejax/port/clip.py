@@ -47,7 +47,7 @@ from evejax.models.vit import ClipViT, ClipViTConfig, clip_vit
 from evejax.nn.transformer import TransformerConfig
 from evejax.port import checkpoint as lm_checkpoint
 from evejax.port import io, tables
-from evejax.port.command_line import export_parser, import_parser, run_command, weight_files
+from evejax.port.command_line import export_command, export_parser, import_command, import_parser
 from evejax.port.io import CheckpointError
 from evejax.port.tables import FLAT_BIAS, LINEAR, LINEAR_FROM_HEADS, Row, Transform
 
@@ -265,23 +265,13 @@ def export_clip(src: str | os.PathLike, out_dir: str | os.PathLike, *, dtype: st
 
 def import_main(argv) -> int:
     """`evejax import --family clip SRC OUT_DIR [--config C] [--param-dtype D] [--overwrite]`."""
-    p = import_parser("clip", "HF CLIP vision tower -> evejax CLIP checkpoint",
-                      "HF CLIPVisionModel or CLIPModel directory, shard index or weight file",
-                      config_help="config.json (CLIPVisionConfig or CLIPConfig) instead of SRC's")
-    args = p.parse_args(argv)
-    return run_command("import", lambda: print("evejax import: " + import_clip(
-        args.src, args.out_dir, config=args.config, param_dtype=args.param_dtype, overwrite=args.overwrite)))
+    return import_command(argv, import_parser(
+        "clip", "HF CLIP vision tower -> evejax CLIP checkpoint",
+        "HF CLIPVisionModel or CLIPModel directory, shard index or weight file",
+        config_help="config.json (CLIPVisionConfig or CLIPConfig) instead of SRC's"), import_clip)
 
 
 def export_main(argv) -> int:
     """`evejax export CLIP_CKPT OUT_DIR [--dtype D] [--max-shard-size 5GB]`."""
-    p = export_parser("CLIP", "evejax CLIP checkpoint -> HF CLIPVisionModel layout",
-                      "evejax CLIP checkpoint directory")
-    args = p.parse_args(argv)
-
-    def body():
-        files = export_clip(args.src, args.out_dir, dtype=args.dtype, max_shard_bytes=args.max_shard_size)
-        print(f"evejax export: CLIPVisionModel in {weight_files(files, args.out_dir)} safetensors file(s) "
-              f"-> {args.out_dir}")
-
-    return run_command("export", body)
+    return export_command(argv, export_parser("CLIP", "evejax CLIP checkpoint -> HF CLIPVisionModel layout",
+                                              "evejax CLIP checkpoint directory"), export_clip, "CLIPVisionModel")

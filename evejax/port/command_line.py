@@ -70,3 +70,30 @@ def weight_files(files, out_dir) -> int:
     """The number of safetensors files among `files` that lie directly in `out_dir`."""
     out = Path(out_dir).absolute()
     return sum(1 for f in files if f.suffix == ".safetensors" and Path(f).parent.absolute() == out)
+
+
+def import_command(argv, parser: argparse.ArgumentParser, importer) -> int:
+    """`evejax import` through an `import_parser`: prints the note(s) of
+    importer(src, out_dir, config=, param_dtype=, overwrite=), a string or several."""
+    args = parser.parse_args(argv)
+
+    def body():
+        notes = importer(args.src, args.out_dir, config=args.config, param_dtype=args.param_dtype,
+                         overwrite=args.overwrite)
+        for note in [notes] if isinstance(notes, str) else notes:
+            print(f"evejax import: {note}")
+
+    return run_command("import", body)
+
+
+def export_command(argv, parser: argparse.ArgumentParser, exporter, what: str, after: str = "") -> int:
+    """`evejax export` through an `export_parser`: exporter(src, out_dir, dtype=, max_shard_bytes=)
+    -> the written files, counted in one line naming `what` (then `after`)."""
+    args = parser.parse_args(argv)
+
+    def body():
+        files = exporter(args.src, args.out_dir, dtype=args.dtype, max_shard_bytes=args.max_shard_size)
+        print(f"evejax export: {what} in {weight_files(files, args.out_dir)} safetensors file(s) -> "
+              f"{args.out_dir}{after}")
+
+    return run_command("export", body)

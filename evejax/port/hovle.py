@@ -40,7 +40,7 @@ import numpy as np
 from evejax.models import hovle as hovle_lib
 from evejax.port import checkpoint as lm_checkpoint
 from evejax.port import io, tables
-from evejax.port.command_line import export_parser, import_parser, run_command, weight_files
+from evejax.port.command_line import export_command, export_parser, import_command, import_parser
 from evejax.port.eve import CONV_OIHW_TO_HWIO
 from evejax.port.io import CheckpointError
 from evejax.port.tables import LINEAR, Row
@@ -248,29 +248,16 @@ def export_hovle(src: str | os.PathLike, out_dir: str | os.PathLike, *, dtype: s
 
 def import_main(argv) -> int:
     """`evejax import --family hovle SRC OUT_DIR [--config C] [--param-dtype D] [--overwrite]`."""
-    p = import_parser("hovle", "official HoVLE / HoVLE-HD weights -> evejax HoVLE checkpoint",
-                      "HoVLE model directory, shard index (*.index.json) or weight file")
-    args = p.parse_args(argv)
-
-    def body():
-        for note in import_hovle(args.src, args.out_dir, config=args.config, param_dtype=args.param_dtype,
-                                 overwrite=args.overwrite):
-            print(f"evejax import: {note}")
-
-    return run_command("import", body)
+    return import_command(argv, import_parser("hovle", "official HoVLE / HoVLE-HD weights -> evejax HoVLE checkpoint",
+                                              "HoVLE model directory, shard index (*.index.json) or weight file"),
+                          import_hovle)
 
 
 def export_main(argv) -> int:
     """`evejax export HOVLE_CKPT OUT_DIR [--dtype D] [--max-shard-size 5GB]`."""
-    p = export_parser("HoVLE", "evejax HoVLE checkpoint -> official InternVLChatModel layout",
-                      "evejax HoVLE checkpoint directory",
-                      out_help="directory for config.json, safetensors and tokenizer files")
-    args = p.parse_args(argv)
-
-    def body():
-        files = export_hovle(args.src, args.out_dir, dtype=args.dtype, max_shard_bytes=args.max_shard_size)
-        print(f"evejax export: HoVLE in {weight_files(files, args.out_dir)} safetensors file(s) -> "
-              f"{args.out_dir}; copy the official configuration_*.py / modeling_*.py files next to them to load "
-              "with trust_remote_code=True")
-
-    return run_command("export", body)
+    return export_command(
+        argv, export_parser("HoVLE", "evejax HoVLE checkpoint -> official InternVLChatModel layout",
+                            "evejax HoVLE checkpoint directory",
+                            out_help="directory for config.json, safetensors and tokenizer files"),
+        export_hovle, "HoVLE", "; copy the official configuration_*.py / modeling_*.py files next to them to load "
+                               "with trust_remote_code=True")

@@ -53,7 +53,7 @@ from evejax.nn.transformer import TransformerConfig
 from evejax.port import checkpoint as lm_checkpoint
 from evejax.port import io, tables
 from evejax.port.clip import CONV_OIHW_TO_HWIO
-from evejax.port.command_line import export_parser, import_parser, run_command, weight_files
+from evejax.port.command_line import export_command, export_parser, import_command, import_parser
 from evejax.port.io import CheckpointError
 from evejax.port.tables import LINEAR, LINEAR_FROM_HEADS, Row, Transform, unit_axes
 
@@ -291,23 +291,15 @@ def export_internvit(src: str | os.PathLike, out_dir: str | os.PathLike, *, dtyp
 
 def import_main(argv) -> int:
     """`evejax import --family internvit SRC OUT_DIR [--config C] [--param-dtype D] [--overwrite]`."""
-    p = import_parser("internvit", "InternVL vision side (InternViT + mlp1) -> evejax InternVL teacher",
-                      "InternVL or InternViT directory, shard index or weight file",
-                      config_help="config.json (InternVLChatConfig or InternVisionConfig) instead of SRC's")
-    args = p.parse_args(argv)
-    return run_command("import", lambda: print("evejax import: " + import_internvit(
-        args.src, args.out_dir, config=args.config, param_dtype=args.param_dtype, overwrite=args.overwrite)))
+    return import_command(argv, import_parser(
+        "internvit", "InternVL vision side (InternViT + mlp1) -> evejax InternVL teacher",
+        "InternVL or InternViT directory, shard index or weight file",
+        config_help="config.json (InternVLChatConfig or InternVisionConfig) instead of SRC's"), import_internvit)
 
 
 def export_main(argv) -> int:
     """`evejax export INTERNVL_CKPT OUT_DIR [--dtype D] [--max-shard-size 5GB]`."""
-    p = export_parser("InternVL teacher", "evejax InternVL teacher checkpoint -> official InternVL names",
-                      "evejax InternVL teacher checkpoint directory")
-    args = p.parse_args(argv)
-
-    def body():
-        files = export_internvit(args.src, args.out_dir, dtype=args.dtype, max_shard_bytes=args.max_shard_size)
-        print(f"evejax export: InternVL vision side in {weight_files(files, args.out_dir)} safetensors file(s) "
-              f"-> {args.out_dir}")
-
-    return run_command("export", body)
+    return export_command(argv, export_parser("InternVL teacher",
+                                              "evejax InternVL teacher checkpoint -> official InternVL names",
+                                              "evejax InternVL teacher checkpoint directory"),
+                          export_internvit, "InternVL vision side")
