@@ -11,8 +11,6 @@ from evejax.port import checkpoint as port_checkpoint
 from evejax.port import clip as port_clip
 from evejax.sharding import unbox
 from evejax.train import checkpoint as ckpt_lib
-from evejax.train import metrics as metrics_lib
-from evejax.train import trainer
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -76,7 +74,7 @@ def test_the_distillation_loss_never_reaches_the_projection():
     assert not nonzero(projection["language_model"])
 
 
-def test_tiny_stage1_clip_halves_both_losses_and_leaves_clip_and_llm_bit_identical(tmp_path, monkeypatch):
+def test_tiny_stage1_clip_halves_both_losses_and_leaves_clip_and_llm_bit_identical(tmp_path, train_logged):
     """configs/hovle.py:tiny_stage1_clip from an imported LLM (evejax.lm) and CLIP (evejax.clip, into
     teacher/clip): both distillation losses halve, the projection trains by its own loss, CLIP and
     the LLM leave bit-identical."""
@@ -86,16 +84,9 @@ def test_tiny_stage1_clip_halves_both_losses_and_leaves_clip_and_llm_bit_identic
     imported = jax.tree.map(lambda x: (0.05 * rng.standard_normal(x.shape)).astype(np.float32), imported)
     port_checkpoint.save_checkpoint(tmp_path / "llm", spec.config.hovle.llm, imported["language_model"])
     port_clip.save_checkpoint(tmp_path / "clip", spec.config.teacher.clip, imported["clip"])
-    logged = []
-    log = metrics_lib.Reporter.log
-    monkeypatch.setattr(metrics_lib.Reporter, "log",
-                        lambda self, step, metrics, *a, **k: logged.append(dict(metrics)) or log(
-                            self, step, metrics, *a, **k))
-    config_lib.apply_overrides(config, [
-        "--config.train.log_every=1", "--config.train.progress_bar=False", "--config.stage.start.kind=import",
+    result, logged = train_logged(config, tmp_path / "run", [
+        "--config.stage.start.kind=import",
         f"--config.stage.start.path=language_model={tmp_path / 'llm'},teacher/clip={tmp_path / 'clip'}"])
-
-    result = trainer.train(config, str(tmp_path / "run"))
     assert result["step"] == config.train.steps and len(logged) == config.train.steps
     for term in ("distill_image", "distill_text", "teacher_projection"):
         first, last = logged[0][term], logged[-1][term]

@@ -18,8 +18,6 @@ from evejax.port import checkpoint as port_checkpoint
 from evejax.port import internvit as port_internvit
 from evejax.sharding import unbox
 from evejax.train import checkpoint as ckpt_lib
-from evejax.train import metrics as metrics_lib
-from evejax.train import trainer
 
 
 def tiny_model(**kw):
@@ -171,7 +169,7 @@ def test_unpaired_data_takes_its_tiling_and_text_ids_from_a_stage1_model():
         pipeline.make_data(_config(dict(name="unpaired_shapes", global_batch=2), teacher=""), 0, 1)
 
 
-def test_tiny_stage1_halves_both_losses_and_leaves_llm_and_teacher_bit_identical(tmp_path, monkeypatch):
+def test_tiny_stage1_halves_both_losses_and_leaves_llm_and_teacher_bit_identical(tmp_path, train_logged):
     """From an imported LLM (evejax.lm) and InternVL teacher (evejax.internvl), as configs/hovle.py:stage1."""
     config = config_lib.load("configs/hovle.py:tiny_stage1")
     spec = registry.build(config.model)
@@ -181,16 +179,9 @@ def test_tiny_stage1_halves_both_losses_and_leaves_llm_and_teacher_bit_identical
                 for part in ("language_model", "teacher")}
     port_checkpoint.save_checkpoint(tmp_path / "llm", spec.config.hovle.llm, imported["language_model"])
     port_internvit.save_checkpoint(tmp_path / "teacher", spec.config.teacher, imported["teacher"])
-    logged = []
-    log = metrics_lib.Reporter.log
-    monkeypatch.setattr(metrics_lib.Reporter, "log",
-                        lambda self, step, metrics, *a, **k: logged.append(dict(metrics)) or log(
-                            self, step, metrics, *a, **k))
-    config_lib.apply_overrides(config, [
-        "--config.train.log_every=1", "--config.train.progress_bar=False", "--config.stage.start.kind=import",
+    result, logged = train_logged(config, tmp_path / "run", [
+        "--config.stage.start.kind=import",
         f"--config.stage.start.path=language_model={tmp_path / 'llm'},teacher={tmp_path / 'teacher'}"])
-
-    result = trainer.train(config, str(tmp_path / "run"))
     assert result["step"] == config.train.steps and len(logged) == config.train.steps
     for term in ("distill_image", "distill_text"):
         first, last = logged[0][term], logged[-1][term]
