@@ -106,11 +106,23 @@ CLIP_SIZES = {
 }
 
 
-def get_clip_config(size: str, **overrides) -> ClipViTConfig:
-    if size not in CLIP_SIZES:
-        raise ValueError(f"CLIP ViT size {size!r} is not known; use one of {sorted(CLIP_SIZES)}")
-    cfg = CLIP_SIZES[size]()
+def _sized(table, what: str, size: str, overrides):
+    """The validated config of `size` in a size table, with overrides."""
+    if size not in table:
+        raise ValueError(f"{what} size {size!r} is not known; use one of {sorted(table)}")
+    cfg = table[size]()
     return (cfg.replace(**overrides) if overrides else cfg).validate()
+
+
+def _replace_nested(cfg, inner: str, kw):
+    """`cfg` with its own fields taken from kw and the others handed to its `inner` config's replace."""
+    own = {f.name for f in dataclasses.fields(cfg)} - {inner}
+    nested = getattr(cfg, inner).replace(**{k: v for k, v in kw.items() if k not in own})
+    return dataclasses.replace(cfg, **{inner: nested}, **{k: v for k, v in kw.items() if k in own})
+
+
+def get_clip_config(size: str, **overrides) -> ClipViTConfig:
+    return _sized(CLIP_SIZES, "CLIP ViT", size, overrides)
 
 
 class ClipViTOutput(NamedTuple):
@@ -264,9 +276,7 @@ class InternVLTeacherConfig:
         return self.vit.num_patches
 
     def replace(self, **kw) -> "InternVLTeacherConfig":
-        own = {f.name for f in dataclasses.fields(self)} - {"vit"}
-        return dataclasses.replace(self, vit=self.vit.replace(**{k: v for k, v in kw.items() if k not in own}),
-                                   **{k: v for k, v in kw.items() if k in own})
+        return _replace_nested(self, "vit", kw)
 
     def validate(self) -> "InternVLTeacherConfig":
         self.vit.validate()
@@ -290,10 +300,7 @@ INTERNVL_SIZES = {
 
 
 def get_internvl_config(size: str, **overrides) -> InternVLTeacherConfig:
-    if size not in INTERNVL_SIZES:
-        raise ValueError(f"InternVL teacher size {size!r} is not known; use one of {sorted(INTERNVL_SIZES)}")
-    cfg = INTERNVL_SIZES[size]()
-    return (cfg.replace(**overrides) if overrides else cfg).validate()
+    return _sized(INTERNVL_SIZES, "InternVL teacher", size, overrides)
 
 
 def _patch_embed(cfg, pixel_values, dtype, pdtype, use_bias: bool, what: str, any_size: bool = False):
@@ -492,9 +499,7 @@ class ClipTeacherConfig:
         return self.llm_dim
 
     def replace(self, **kw) -> "ClipTeacherConfig":
-        own = {f.name for f in dataclasses.fields(self)} - {"clip"}
-        return dataclasses.replace(self, clip=self.clip.replace(**{k: v for k, v in kw.items() if k not in own}),
-                                   **{k: v for k, v in kw.items() if k in own})
+        return _replace_nested(self, "clip", kw)
 
     def validate(self) -> "ClipTeacherConfig":
         self.clip.validate()
@@ -519,10 +524,7 @@ CLIP_TEACHER_SIZES = {
 
 
 def get_clip_teacher_config(size: str, **overrides) -> ClipTeacherConfig:
-    if size not in CLIP_TEACHER_SIZES:
-        raise ValueError(f"CLIP teacher size {size!r} is not known; use one of {sorted(CLIP_TEACHER_SIZES)}")
-    cfg = CLIP_TEACHER_SIZES[size]()
-    return (cfg.replace(**overrides) if overrides else cfg).validate()
+    return _sized(CLIP_TEACHER_SIZES, "CLIP teacher", size, overrides)
 
 
 class ClipTeacher(nn.Module):
