@@ -191,3 +191,12 @@ def test_export_takes_a_training_workdir(tmp_path, with_ema):
         want = dan_port.to_torch(source, cfg)
         got = written[entry]
         assert list(got) == list(want) and all(np.array_equal(got[k].numpy(), want[k]) for k in want), entry
+
+
+def test_import_refuses_a_vit_size_by_name(tmp_path, capsys):
+    torch.save({"model": reference(tiny(), seed=0).state_dict()}, tmp_path / "m.pth")
+    assert commands.import_main(["--family", "dan", str(tmp_path / "m.pth"), str(tmp_path / "v"),
+                                 "--size", "vit_tiny"]) == 1
+    err = capsys.readouterr().err
+    assert "size 'vit_tiny' is a De-focus ViT, which has no official release" in err and "mamba_b" in err
+    assert not (tmp_path / "v").exists()

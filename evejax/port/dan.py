@@ -207,9 +207,19 @@ def load_checkpoint(directory: str | os.PathLike, shardings: Any = None) -> tupl
 
 def model_config(size: str, overrides: Mapping[str, Any] | None = None) -> dan_lib.DANConfig:
     try:
-        return dan_lib.get_config(size, **dict(overrides or {}))
+        cfg = dan_lib.get_config(size, **dict(overrides or {}))
     except (TypeError, ValueError) as e:
         raise CheckpointError(str(e)) from None
+    return _official_backbone(cfg, f"size {size!r}")
+
+
+def _official_backbone(cfg: dan_lib.DANConfig, what: str) -> dan_lib.DANConfig:
+    """cfg when it is a De-focus Mamba: the only DAN backbone with an official release."""
+    if cfg.backbone != "mamba":
+        mamba = sorted(name for name, make in dan_lib.SIZES.items() if make().backbone == "mamba")
+        raise CheckpointError(f"{what} is a De-focus ViT, which has no official release and so no official "
+                              f"weights or names to import or export; use a De-focus Mamba size ({', '.join(mamba)})")
+    return cfg
 
 
 def import_dan(src: str | os.PathLike, out_dir: str | os.PathLike, *, size: str, ema: bool = False,
