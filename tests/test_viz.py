@@ -68,3 +68,34 @@ def test_viz_attention_cli_writes_grid_and_prints_overfocus(tmp_path, capsys):
     weights = viz.attention_weights(cfg, params, counting.normalize(np.asarray(Image.open(picture)))[None])[:, 0]
     assert printed == pytest.approx(viz.overfocus(weights, viz.causal_mask(37)), abs=1e-4)
     assert viz.main(["attention", target, "--image", str(picture), "--layers", "2"]) == 2
+
+
+def _filled_cells(picture, red_only=False):
+    cells = picture.reshape(picture.shape[0] // 8, 8, picture.shape[1] // 8, 8, 3).swapaxes(1, 2)
+    marked = np.all(cells == counting._COLOURS[0], -1) if red_only else np.any(cells != 255, -1)
+    return int(marked.any((-1, -2)).sum())
+
+
+def test_counting_with_distractors_counts_the_red_squares_only():
+    extras = []
+    for i in range(40):
+        picture, label = counting.image(i, "train", 0, 64, distractors=10)
+        assert _filled_cells(picture, red_only=True) == label + 1
+        extras.append(_filled_cells(picture) - (label + 1))
+        plain, plain_label = counting.image(i, "train", 0, 64)
+        assert _filled_cells(plain) == plain_label + 1
+    assert min(extras) >= 0 and max(extras) > 5 and max(extras) <= 10
+    with pytest.raises(ValueError, match="distractors=60"):
+        counting.image(0, "train", 0, 64, distractors=60)
+
+
+def test_counting_batches_carry_what_the_dan_trainer_feeds():
+    from evejax import config as config_lib
+    from evejax.models import registry
+
+    config = config_lib.apply_overrides(config_lib.load("configs/dan_counting.py:defocus"),
+                                        ["data.global_batch=8"])
+    host = next(counting.make_data(config, 0, 1))
+    specs = registry.build(config.model).batch_specs(8, 1)
+    assert {k: (v.shape, v.dtype) for k, v in host.items()} == {k: (v.shape, v.dtype) for k, v in specs.items()}
+    np.testing.assert_array_equal(host["label_probs"], np.eye(10, dtype=np.float32)[host["label"]])

@@ -11,12 +11,17 @@ example can be produced on its own (random access for grain):
          all of them, which is where a causal model's over-focus on a few keys hurts.
   label  int32 in [0, NUM_CLASSES): the number of filled cells minus one.
 
+With `distractors` = D > 0 (config.data.distractors) the task is to count the red squares:
+n = label + 1 squares are red, and 0 to D more squares (uniform) in the other colours sit in
+other cells, so a token must also tell a target from a distractor.
+
 Splits: an image belongs to "heldout" when a hash of its exact layout (cells, offsets,
 sizes, colours) falls in HELDOUT_BUCKETS of NUM_BUCKETS buckets, else to "train"; each
 split rejects candidates of the other, so no held-out image is ever trained on.
 
 Host batch (`make_data`, config.data.name = "evejax.data.counting:make_data"): pixels float32
-[b, S, S, 3] (ImageNet-normalised, as the DAN classifiers expect), label int32 [b],
+[b, S, S, 3] (ImageNet-normalised, as the DAN classifiers expect), label int32 [b] and its
+one-hot label_probs float32 [b, NUM_CLASSES] (the dan trainer's batch carries both),
 b = global_batch / process_count; endless.
 """
 from __future__ import annotations
@@ -37,7 +42,8 @@ NUM_EXAMPLES = 2 ** 40  # endless in practice; random access needs a length
 _COLOURS = np.array(list(shapes.COLOURS.values()), np.uint8)
 
 
-def image(index: int, split: str = "train", seed: int = 0, side: int = 64) -> tuple[np.ndarray, int]:
+def image(index: int, split: str = "train", seed: int = 0, side: int = 64,
+          distractors: int = 0) -> tuple[np.ndarray, int]:
     """(uint8 [side, side, 3], label) of image `index` of `split`."""
     if split not in SPLITS:
         raise ValueError(f"counting split {split!r} is not known; use one of {SPLITS}")
@@ -45,13 +51,21 @@ def image(index: int, split: str = "train", seed: int = 0, side: int = 64) -> tu
         raise ValueError(f"counting images need a side that is a multiple of {CELL} and at least {4 * CELL} "
                          f"(config.data.max_side), got {side}")
     grid = side // CELL
+    if distractors < 0 or NUM_CLASSES + distractors > grid * grid:
+        raise ValueError(f"counting distractors={distractors} must be >= 0 and leave room for {NUM_CLASSES} "
+                         f"targets among the {grid * grid} cells of a {side} px image")
     rng = np.random.default_rng((seed, SPLITS.index(split), int(index)))
     while True:
         label = int(rng.integers(NUM_CLASSES))
-        cells = rng.choice(grid * grid, size=label + 1, replace=False)
-        sizes = rng.integers(4, 7, size=label + 1)
-        offsets = rng.integers(1, CELL - sizes[:, None], size=(label + 1, 2))
-        colours = rng.integers(len(_COLOURS), size=label + 1)
+        extra = int(rng.integers(distractors + 1)) if distractors else 0
+        filled = label + 1 + extra
+        cells = rng.choice(grid * grid, size=filled, replace=False)
+        sizes = rng.integers(4, 7, size=filled)
+        offsets = rng.integers(1, CELL - sizes[:, None], size=(filled, 2))
+        if distractors:  # the targets red (colour 0), the distractors any other colour
+            colours = np.concatenate([np.zeros(label + 1, np.int64), rng.integers(1, len(_COLOURS), size=extra)])
+        else:
+            colours = rng.integers(len(_COLOURS), size=filled)
         layout = np.concatenate([np.sort(cells), sizes, offsets.ravel(), colours]).astype(np.int32)
         bucket = int.from_bytes(hashlib.blake2b(layout.tobytes(), digest_size=8).digest(), "little") % NUM_BUCKETS
         if (bucket < HELDOUT_BUCKETS) == (split == "heldout"):
@@ -68,25 +82,27 @@ def normalize(pixels: np.ndarray) -> np.ndarray:
     return ((pixels.astype(np.float32) / 255.0 - np.float32(IMAGENET_MEAN)) / np.float32(IMAGENET_STD))
 
 
-def batch(indices, split: str = "heldout", seed: int = 0, side: int = 64) -> dict[str, np.ndarray]:
+def batch(indices, split: str = "heldout", seed: int = 0, side: int = 64,
+          distractors: int = 0) -> dict[str, np.ndarray]:
     """{"pixels" [n, side, side, 3] float32, "label" [n] int32} of the given images."""
-    images, labels = zip(*(image(i, split, seed, side) for i in indices))
+    images, labels = zip(*(image(i, split, seed, side, distractors) for i in indices))
     return {"pixels": normalize(np.stack(images)), "label": np.array(labels, np.int32)}
 
 
 class CountingSource:
     """A random-access source: `source[i]` -> one example (unbatched arrays)."""
 
-    def __init__(self, split: str, seed: int, side: int):
-        image(0, split, seed, side)  # checks the arguments now, not in a worker
-        self.split, self.seed, self.side = split, seed, side
+    def __init__(self, split: str, seed: int, side: int, distractors: int = 0):
+        image(0, split, seed, side, distractors)  # checks the arguments now, not in a worker
+        self.split, self.seed, self.side, self.distractors = split, seed, side, distractors
 
     def __len__(self) -> int:
         return NUM_EXAMPLES
 
     def __getitem__(self, index: int) -> dict[str, np.ndarray]:
-        pixels, label = image(index, self.split, self.seed, self.side)
-        return {"pixels": normalize(pixels), "label": np.int32(label)}
+        pixels, label = image(index, self.split, self.seed, self.side, self.distractors)
+        return {"pixels": normalize(pixels), "label": np.int32(label),
+                "label_probs": np.eye(NUM_CLASSES, dtype=np.float32)[label]}
 
 
 def make_data(config, process_index: int, process_count: int):
@@ -94,6 +110,6 @@ def make_data(config, process_index: int, process_count: int):
     d = config.data
     if d.global_batch % process_count:
         raise ValueError(f"config.data.global_batch={d.global_batch} does not split over {process_count} processes")
-    dataset = grain.MapDataset.source(CountingSource(d.split, d.seed, d.max_side))[process_index::process_count]
+    dataset = grain.MapDataset.source(CountingSource(d.split, d.seed, d.max_side, d.distractors))[process_index::process_count]
     dataset = dataset.batch(d.global_batch // process_count, drop_remainder=True)
     return iter(dataset.to_iter_dataset(grain.ReadOptions(num_threads=d.read_threads, prefetch_buffer_size=4)))

@@ -2,7 +2,9 @@
 the official parameter names, written from the facts of reference/dan.md (§2, §3, §8, §11, §12:
 `classification/models/` of OpenGVLab/De-focus-Attention-Networks at 9406511). The CUDA kernels
 are replaced by plain PyTorch: `causal_conv1d_fn` by the depthwise Conv1d with its right end cut
-(the official fallback, bit-identical per §12) and `selective_scan_fn` by a sequential scan.
+(the official fallback, bit-identical per §12) and `selective_scan_fn` by a sequential scan
+(`selective_scan`: mamba_ssm's `selective_scan_ref`, the CPU path the official code has, with its
+token slicing chosen by `scan_slicing`).
 
 Parameters (d embed_dim, E intermediate_size, N state_size, R time_step_rank, k conv_kernel,
 p patch_size, C num_classes), in the official state-dict order::
@@ -41,6 +43,7 @@ except ImportError:
     raise ImportError("the PyTorch De-focus Mamba reference needs PyTorch: pip install 'evejax[torch]'") from None
 
 HEAD_TYPES = ("IN1k_cls", "IN22k_cls", "IN22kto1k_cls")
+SCAN_SLICINGS = ("time_major", "mamba_ssm")
 EMBED_DIMS = {"defocus_mamba_small": 384, "defocus_mamba_base": 768, "defocus_mamba_large": 1024}
 
 
@@ -73,6 +76,7 @@ class DefocusMambaConfig:
     group_norm_size: int = 64
     rope_scale_factor: float = 1.0
     delta_scale_factor: float = 1.0
+    scan_slicing: str = "time_major"  # not an official field: how `selective_scan` takes each token
 
     def __post_init__(self):
         problems = [what for what, bad in (
@@ -80,6 +84,7 @@ class DefocusMambaConfig:
             (f"group_norm_size {self.group_norm_size} must divide intermediate_size {self.intermediate_size}",
              self.group_norm_size <= 0 or self.intermediate_size % self.group_norm_size),
             (f"state_size {self.state_size} must be even (RoPE pairs)", self.use_rope and self.state_size % 2),
+            (f"scan_slicing {self.scan_slicing!r} is not one of {SCAN_SLICINGS}", self.scan_slicing not in SCAN_SLICINGS),
         ) if bad]
         if problems:
             raise ValueError("; ".join(problems))
@@ -120,20 +125,38 @@ class DefocusMambaConfig:
         return shapes
 
 
-def selective_scan(u, delta, A, B, C):
+def selective_scan(u, delta, A, B, C, slicing: str = "time_major"):
     """`selective_scan_fn(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False)`
     in float32, one step at a time: u, delta [b, E, L], A [E, N], B, C [b, N, L] -> y [b, E, L].
 
         h_t = exp(delta_t A) h_{t-1} + delta_t B_t u_t,   h_{-1} = 0;   y_t = sum_n C_t[n] h_t[:, n]
+
+    Both slicings run mamba_ssm's `selective_scan_ref` loop: decay and drive for all tokens at
+    once, then per token one multiply-add of the state [b, E, N] and one contraction with C_t.
+    "mamba_ssm" takes token t as `selective_scan_ref` does, `decay[:, :, t]` of [b, E, L, N]; the
+    backward of each such select writes a zero tensor the size of all of [b, E, L, N] and adds it
+    to the others, so its backward is quadratic in L (Mamba-B at 224 px, batch 2: ~23 s a block,
+    two thirds of it in those fills). "time_major" lays decay and drive out as [L, b, E, N] and
+    takes tokens with `unbind`, whose backward is one stack: the same forward arithmetic, a
+    backward linear in L.
     """
+    if slicing not in SCAN_SLICINGS:
+        raise ValueError(f"scan slicing {slicing!r} is not one of {SCAN_SLICINGS}")
     u, delta, A, B, C = (t.float() for t in (u, delta, A, B, C))
-    decay = torch.exp(delta[..., None] * A[None, :, None, :])                 # [b, E, L, N]
-    drive = (delta * u)[..., None] * B.transpose(1, 2)[:, None]              # [b, E, L, N]
     h = torch.zeros(u.shape[0], u.shape[1], A.shape[1])
     ys = []
-    for t in range(u.shape[2]):
-        h = decay[:, :, t] * h + drive[:, :, t]
-        ys.append(torch.einsum("ben,bn->be", h, C[:, :, t]))
+    if slicing == "mamba_ssm":
+        decay = torch.exp(torch.einsum("bel,en->beln", delta, A))
+        drive = torch.einsum("bel,bnl,bel->beln", delta, B, u)
+        for t in range(u.shape[2]):
+            h = decay[:, :, t] * h + drive[:, :, t]
+            ys.append(torch.einsum("ben,bn->be", h, C[:, :, t]))
+        return torch.stack(ys, dim=-1)
+    decay = torch.exp(torch.einsum("bel,en->lben", delta, A)).contiguous()
+    drive = torch.einsum("bel,bnl,bel->lben", delta, B, u).contiguous()
+    for decay_t, drive_t, c_t in zip(decay.unbind(0), drive.unbind(0), C.unbind(2)):
+        h = decay_t * h + drive_t
+        ys.append(torch.einsum("ben,bn->be", h, c_t))
     return torch.stack(ys, dim=-1)
 
 
@@ -188,7 +211,7 @@ class MambaMixer(nn.Module):
         delta = F.softplus(self.dt_proj.weight @ time_step.transpose(1, 2) + self.dt_proj.bias.float()[None, :, None])
         delta = delta / c.delta_scale_factor
         A = -torch.exp(self.A_log.float())
-        y = selective_scan(u, delta, A, B.transpose(1, 2), C.transpose(1, 2))
+        y = selective_scan(u, delta, A, B.transpose(1, 2), C.transpose(1, 2), c.scan_slicing)
         # Per-token RMS over groups of group_norm_size channels, no affine ("retnet groupnorm").
         b, e, _ = y.shape
         y = y.view(b, e // c.group_norm_size, c.group_norm_size, length).float()
