@@ -226,6 +226,8 @@ class Bench:
     part: Optional[Callable[[str, Any, int, int], tuple]] = None
     part_name: str = ""
     default_batch: int = 4                       # default --batch
+    # Keyword arguments of `reference` and of the torch `part`, with their defaults (--reference k=v).
+    reference_options: dict = dataclasses.field(default_factory=dict)
 
     def jax_step(self, size: str, batch: int, seq_len: int, options: dict, overrides: Optional[dict] = None,
                  seed: int = 0) -> JaxStep:
@@ -236,14 +238,16 @@ class Bench:
         return JaxStep(model_cfg, self.batch(cfg, batch, seq_len, seed), seed)
 
     def torch_step(self, size: str, batch: int, seq_len: int, state: Optional[dict],
-                   overrides: Optional[dict] = None, seed: int = 0) -> TorchStep:
+                   overrides: Optional[dict] = None, seed: int = 0, reference_options: Optional[dict] = None
+                   ) -> TorchStep:
         import torch
 
         from evejax.models import registry
 
         cfg = registry.build(model_config(self, size, {**self.overrides, **(overrides or {})})).config
         torch.manual_seed(seed)
-        model, loss_of, label = self.reference(cfg, state, self.batch(cfg, batch, seq_len, seed))
+        model, loss_of, label = self.reference(cfg, state, self.batch(cfg, batch, seq_len, seed),
+                                               **(reference_options or {}))
         return TorchStep(model, loss_of, label, cfg)
 
 
@@ -342,14 +346,16 @@ def _dan_batch(cfg, batch: int, seq_len: int, seed: int) -> dict:
             "label": rng.integers(0, cfg.num_classes, batch).astype(np.int32)}
 
 
-def _dan_reference(cfg, state, batch):
+def _dan_reference(cfg, state, batch, scan: str = "time_major"):
+    import dataclasses
+
     import torch
     import torch.nn.functional as F
 
     from evejax.port import dan as dan_port
     from evejax.port.torch_ref.dan import DefocusAttentionNetwork
 
-    model = DefocusAttentionNetwork(dan_port.official_config(cfg))
+    model = DefocusAttentionNetwork(dataclasses.replace(dan_port.official_config(cfg), scan_slicing=scan))
     model.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in state.items()}, strict=True)
     pixels = torch.from_numpy(batch["pixels"]).permute(0, 3, 1, 2).contiguous()
     labels = torch.from_numpy(batch["label"]).long()
@@ -360,8 +366,9 @@ def _dan_reference(cfg, state, batch):
         aux = F.cross_entropy(tokens.flatten(0, 1), labels.repeat_interleave(tokens.shape[1]))
         return (F.cross_entropy(out[:, -1], labels) + aux) / 2
 
-    return model, loss_of, ("DefocusAttentionNetwork (evejax/port/torch_ref/dan.py, sequential scan) eager, "
-                            "the evejax step's initial weights moved by evejax.port.dan.to_torch")
+    return model, loss_of, (f"DefocusAttentionNetwork (evejax/port/torch_ref/dan.py; its selective scan mamba_ssm's "
+                            f"selective_scan_ref loop, slicing {scan!r}) eager, the evejax step's initial weights "
+                            "moved by evejax.port.dan.to_torch")
 
 
 def _dan_to_torch(params, cfg) -> dict:
@@ -377,11 +384,12 @@ def _dan_describe(cfg) -> str:
             f"{cfg.num_patches + 1} tokens, {cfg.num_classes} classes, head + head2")
 
 
-def _dan_scan(kind: str, cfg, batch: int, seq_len: int) -> tuple:
+def _dan_scan(kind: str, cfg, batch: int, seq_len: int, scan: str = "time_major") -> tuple:
     """One block's selective scan, forward + backward (gradients for delta, u, B, C and A as the
     step needs them), at the step's shapes; `depth` of them make a step. The evejax one is
     nn/mamba's scan with the step's scan options, jitted, its forward run twice when the step
-    rematerialises the blocks (as the step does); the PyTorch one the reference's sequential scan."""
+    rematerialises the blocks (as the step does); the PyTorch one the reference's sequential scan
+    with the reference's slicing `scan`."""
     m = cfg.mamba
     length, e, n = cfg.num_patches + 1, m.intermediate_size, m.state_size
     length += -length % cfg.pad_length_to
@@ -412,7 +420,7 @@ def _dan_scan(kind: str, cfg, batch: int, seq_len: int) -> tuple:
 
     def forward_backward():
         u_t, delta_t, b_t, c_t = inputs
-        selective_scan(u_t, delta_t, a_t, b_t, c_t).backward(g)
+        selective_scan(u_t, delta_t, a_t, b_t, c_t, scan).backward(g)
         for x in (*inputs, a_t):
             x.grad = None
 
@@ -427,7 +435,8 @@ BENCHES: dict[str, Bench] = {
     "dan": Bench(model="dan", size="mamba_b", batch=_dan_batch, reference=_dan_reference, describe=_dan_describe,
                  to_torch=_dan_to_torch, unit="images", units=lambda batch, seq_len: batch,
                  shape=lambda batch, seq_len: f"{batch} images", options=dict(DAN_OPTIONS),
-                 overrides=dict(drop_path=0.0), part=_dan_scan, part_name="scan"),
+                 overrides=dict(drop_path=0.0), part=_dan_scan, part_name="scan", default_batch=2,
+                 reference_options=dict(scan="time_major")),
 }
 
 
@@ -495,7 +504,7 @@ class BenchResult:
 
 
 def _worker(conn, kind: str, name: str, size: str, overrides: dict, batch: int, seq_len: int, option_sets: list,
-            threads: int, matmul_size: int, warmup: int, weights: Optional[str]) -> None:
+            threads: int, matmul_size: int, warmup: int, weights: Optional[str], reference_options: dict) -> None:
     """One framework in its own process: builds and warms up its runs (one per evejax option
     set), then answers ("step", run, n), ("part", run, n) (the entry's `part`, per step) and
     ("matmul", n) with (seconds per call, minor page faults per call) until ("stop",). Own processes keep the frameworks' heaps and thread pools
@@ -515,7 +524,8 @@ def _worker(conn, kind: str, name: str, size: str, overrides: dict, batch: int, 
 
             torch.set_num_threads(threads)
             state = dict(np.load(weights)) if weights else None
-            make = lambda options: bench.torch_step(size, batch, seq_len, state, overrides)  # noqa: E731
+            make = lambda options: bench.torch_step(size, batch, seq_len, state, overrides,  # noqa: E731
+                                                    reference_options=reference_options)
         runs = []
         for options in option_sets:
             start = time.perf_counter()
@@ -525,7 +535,8 @@ def _worker(conn, kind: str, name: str, size: str, overrides: dict, batch: int, 
             for _ in range(warmup):
                 runs[-1].step()
             info["setup_s"].append(time.perf_counter() - start)
-        parts = [bench.part(kind, run.config, batch, seq_len) for run in runs] if bench.part else []
+        part_options = reference_options if kind == "torch" else {}
+        parts = [bench.part(kind, run.config, batch, seq_len, **part_options) for run in runs] if bench.part else []
         for fn, _ in parts:
             fn()  # compiles
         if kind == "jax":
@@ -582,7 +593,7 @@ class _Worker:
 def run_bench(name: str, size: Optional[str] = None, batch: int = 4, seq_len: int = 512, steps: int = 2,
               repeats: int = 5, variants: Sequence[dict] = (), matmul_size: int = 2048,
               threads: Optional[int] = None, warmup: int = 3, overrides: Optional[dict] = None,
-              log: Callable[[str], None] = lambda s: None) -> BenchResult:
+              reference_options: Optional[dict] = None, log: Callable[[str], None] = lambda s: None) -> BenchResult:
     """Measures evejax (the entry's options, then each variant's options on top) and PyTorch
     alternately for BENCHES[name]: all evejax runs in one worker process, PyTorch in another.
     Three warm-up steps: with kept host memory the heap settles within them (a 110M LM run
@@ -594,6 +605,11 @@ def run_bench(name: str, size: Optional[str] = None, batch: int = 4, seq_len: in
     bench = BENCHES[name]
     size = size or bench.size
     overrides = dict(overrides or {})
+    unknown = sorted(set(reference_options or {}) - set(bench.reference_options))
+    if unknown:
+        raise ValueError(f"evejax bench {name}: the reference has no option(s) {unknown}; "
+                         f"it takes {sorted(bench.reference_options) or 'none'}")
+    reference_options = {**bench.reference_options, **(reference_options or {})}
     ctx = multiprocessing.get_context("spawn")
     threads = threads or os.cpu_count() or 1
     option_sets = [dict(bench.options)] + [dict(bench.options, **v) for v in variants]
@@ -606,7 +622,7 @@ def run_bench(name: str, size: Optional[str] = None, batch: int = 4, seq_len: in
             # and the PyTorch worker reads the weights the evejax worker wrote.
             for kind, sets in (("jax", option_sets), ("torch", [None])):
                 workers.append(_Worker(ctx, kind, kind, name, size, overrides, batch, seq_len, sets, threads,
-                                       matmul_size, warmup, weights))
+                                       matmul_size, warmup, weights, reference_options))
             jax_worker, torch_worker = workers
             for label, t in zip(names, jax_worker.info["setup_s"] + torch_worker.info["setup_s"]):
                 log(f"{label}: build + {warmup} warm-up steps {t:.1f} s")
@@ -724,6 +740,10 @@ def _parser(name: str) -> argparse.ArgumentParser:
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--steps", type=int, default=2, help="steps per measurement")
     p.add_argument("--repeats", type=int, default=5, help="alternating measurements per framework")
+    p.add_argument("--warmup", type=int, default=3, help="steps each run takes before it is measured")
+    if bench.reference_options:
+        p.add_argument("--reference", default="", help="options of the PyTorch reference, default "
+                       + ",".join(f"{k}={v}" for k, v in bench.reference_options.items()))
     p.add_argument("--variant", action="append", default=[],
                    help="extra evejax run with these options on top of the entry's, e.g. remat=full")
     p.add_argument("--threads", type=int, help="torch threads (default: CPU cores)")
@@ -735,8 +755,10 @@ def bench_family(name: str, argv: Sequence[str]) -> int:
     args = _parser(name).parse_args(argv)
     os.environ.setdefault("JAX_PLATFORMS", "cpu")  # a TPU VM's chips are not what this measures
     res = run_bench(name, args.size, args.batch, args.seq_len, args.steps, args.repeats,
-                    [parse_options(v) for v in args.variant], args.matmul_size, args.threads,
-                    overrides=parse_options(args.overrides), log=lambda s: print(s, file=sys.stderr, flush=True))
+                    [parse_options(v) for v in args.variant], args.matmul_size, args.threads, args.warmup,
+                    overrides=parse_options(args.overrides),
+                    reference_options=parse_options(getattr(args, "reference", "")),
+                    log=lambda s: print(s, file=sys.stderr, flush=True))
     print(format_result(res))
     return 0
 

@@ -72,7 +72,8 @@ def test_dan_entry_steps_compute_the_same_loss():
     labels, so the first losses (the official CE mix) agree; both scan timers run at the step's shapes."""
     entry = bench.BENCHES["dan"]
     jax_step = entry.jax_step("mamba_tiny", 2, 0, entry.options)
-    torch_step = entry.torch_step("mamba_tiny", 2, 0, entry.to_torch(jax_step.params(), jax_step.config))
+    state = entry.to_torch(jax_step.params(), jax_step.config)
+    torch_step = entry.torch_step("mamba_tiny", 2, 0, state)
     jax_step.step()
     torch_step.step()
     assert torch_step.first_loss == pytest.approx(jax_step.first_loss, rel=1e-5)
@@ -82,3 +83,11 @@ def test_dan_entry_steps_compute_the_same_loss():
         scan, calls = entry.part(kind, cfg, 2, 0)
         scan()
         assert calls == cfg.depth == 2
+    # The reference with mamba_ssm's own token slicing computes the same step.
+    literal = entry.torch_step("mamba_tiny", 2, 0, state, reference_options=dict(scan="mamba_ssm"))
+    literal.step()
+    assert literal.first_loss == pytest.approx(jax_step.first_loss, rel=1e-5)
+    assert "slicing 'mamba_ssm'" in literal.label and "slicing 'time_major'" in torch_step.label
+    assert literal.model.blocks[0].mixer.config.scan_slicing == "mamba_ssm"
+    with pytest.raises(ValueError, match=r"reference has no option\(s\) \['scna'\]; it takes \['scan'\]"):
+        bench.run_bench("dan", reference_options=dict(scna="mamba_ssm"))

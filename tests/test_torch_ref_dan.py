@@ -55,7 +55,8 @@ def test_parameter_counts_of_the_released_sizes():
     assert _count(DefocusMambaConfig.large(head_type="IN22k_cls", num_classes=21841)) == 458_206_626
 
 
-def test_selective_scan_matches_the_closed_form():
+@pytest.mark.parametrize("slicing", ["time_major", "mamba_ssm"])
+def test_selective_scan_matches_the_closed_form(slicing):
     """y_t[e] = sum_{s<=t} C_t . exp(A[e] sum_{r=s+1..t} delta_r[e]) B_s delta_s[e] u_s[e], in float64."""
     rng = np.random.default_rng(0)
     b, e, n, length = 2, 3, 4, 6
@@ -67,9 +68,27 @@ def test_selective_scan_matches_the_closed_form():
             gap = delta[:, :, s + 1:t + 1].sum(-1)                                  # [b, e]
             weight = np.exp(gap[..., None] * A[None])                               # [b, e, n]
             want[:, :, t] += np.einsum("bn,ben,bn->be", C[:, :, t], weight, B[:, :, s]) * delta[:, :, s] * u[:, :, s]
-    got = selective_scan(*(torch.from_numpy(a.astype(np.float32)) for a in (u, delta, A, B, C)))
+    got = selective_scan(*(torch.from_numpy(a.astype(np.float32)) for a in (u, delta, A, B, C)), slicing)
     assert got.dtype == torch.float32 and got.shape == (b, e, length)
     np.testing.assert_allclose(got.numpy(), want, rtol=1e-5, atol=1e-5)
+
+
+def test_both_scan_slicings_give_the_same_gradients():
+    """The time-major slicing changes only how autograd takes tokens apart, not the result."""
+    rng = np.random.default_rng(1)
+    shapes = [(2, 3, 9), (2, 3, 9), (3, 4), (2, 4, 9), (2, 4, 9)]
+    inputs = [rng.standard_normal(s).astype(np.float32) for s in shapes]
+    inputs[1], inputs[2] = np.abs(inputs[1]) * 0.3, -np.abs(inputs[2])
+    grads = {}
+    for slicing in ("time_major", "mamba_ssm"):
+        xs = [torch.from_numpy(x).requires_grad_() for x in inputs]
+        y = selective_scan(*xs, slicing)
+        y.backward(torch.from_numpy(np.cos(np.arange(y.numel(), dtype=np.float32)).reshape(y.shape)))
+        grads[slicing] = [y.detach().numpy()] + [x.grad.numpy() for x in xs]
+    for got, want in zip(grads["time_major"], grads["mamba_ssm"]):
+        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="scan_slicing 'loop'"):
+        DefocusMambaConfig(scan_slicing="loop")
 
 
 def test_rope_turns_pairs_by_sixteen_distinct_angles():
