@@ -200,3 +200,17 @@ def test_import_refuses_a_vit_size_by_name(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "size 'vit_tiny' is a De-focus ViT, which has no official release" in err and "mamba_b" in err
     assert not (tmp_path / "v").exists()
+
+
+def test_windows_patch_order_is_the_official_patch_embed_change_res(tmp_path):
+    """patch_order="windows" is PatchEmbedChangeRes (2 x 2 windows): the same weights load unchanged
+    (nothing is resized) and give the reference's logits, which the raster order does not."""
+    cfg = tiny(patch_order="windows", image_size=(32, 48))
+    model = reference(cfg, seed=0)
+    assert model.config.patch_embed_change_res
+    params = dan_port.to_flax({k: v.numpy() for k, v in model.state_dict().items()}, cfg)
+    cls_diff, token_diff = compare(model, cfg, params, cfg.image_size)
+    assert cls_diff <= TOLERANCE and token_diff <= TOLERANCE
+    assert compare(model, cfg.replace(patch_order="raster"), params, cfg.image_size)[0] > 1e-3
+    with pytest.raises(ValueError, match="2 x 2 windows"):
+        tiny(patch_order="windows", image_size=(24, 32))

@@ -5,6 +5,8 @@ DANClassifier: pixels [B, H, W, 3] (NHWC, ImageNet-normalised) -> DANOutput:
   token_logits [B, P, C] float32 (`head2` on every image token: the auxiliary loss).
 
   patches: conv p x p, stride p, with bias, raster order     [B, P, D]   (P = H/p * W/p)
+    (`patch_order="windows"`: the official PatchEmbedChangeRes (MODEL.patch_embed_change_res):
+    the 2 x 2 windows of the grid one after the other in raster order, each raster inside)
   -> [patches, cls_token] (the class token LAST, the only token that sees every patch)
   -> right-padded to a multiple of `pad_length_to` (exact: every block is causal)
   -> `depth` blocks, drop path on each residual branch at rate r * i / (depth - 1)
@@ -45,6 +47,9 @@ from evejax.nn.mamba import MambaConfig, MambaMixer
 from evejax.nn.transformer import REMAT_POLICIES, TransformerConfig, TransformerStack
 
 
+PATCH_ORDERS = ("raster", "windows")
+
+
 @dataclasses.dataclass(frozen=True)
 class DANConfig:
     image_size: tuple[int, int]  # (H, W)
@@ -60,6 +65,11 @@ class DANConfig:
     norm_eps: float = 1e-6
     pad_length_to: int = 1       # e.g. 8 or 128 on TPU: 197 tokens are prime
     remat: str = "full"
+    # Token order; the official code never resizes any weight for a new resolution (there is no
+    # position embedding, and patch 16 at every size): the model is built at the new size with its
+    # rope/delta scale factors and this order, then the weights load unchanged. No released yaml
+    # sets patch_embed_change_res, so "raster" is the released models' order.
+    patch_order: str = "raster"
 
     @property
     def grid(self) -> tuple[int, int]:
@@ -109,6 +119,11 @@ class DANConfig:
         if h % self.patch_size or w % self.patch_size:
             raise ValueError(f"DAN image size {h}x{w} is not divisible by the patch size {self.patch_size}; "
                              "crop or pad the image to a multiple of it")
+        if self.patch_order not in PATCH_ORDERS:
+            raise ValueError(f"DAN patch_order {self.patch_order!r} is not known; use one of {PATCH_ORDERS}")
+        if self.patch_order == "windows" and (self.grid[0] % 2 or self.grid[1] % 2):
+            raise ValueError(f"patch_order 'windows' splits the {self.grid[0]}x{self.grid[1]} patch grid into "
+                             "2 x 2 windows: both sides need an even number of patches")
         if self.head not in ("linear", "mlp"):
             raise ValueError(f"DAN head {self.head!r} is not known; use 'linear' or 'mlp'")
         if self.remat not in REMAT_POLICIES:
@@ -228,6 +243,8 @@ class DANClassifier(nn.Module):
         x = Dense((d,), (None, None, "conv_in"), ("embed",), use_bias=True, dtype=dtype, param_dtype=pdtype,
                   kernel_init=_torch_default_init(p * p * channels), name="patch_embed")(patches)
         cls = self.param("cls_token", param_with_axes(default_kernel_init, ("embed",)), (d,), pdtype)
+        if cfg.patch_order == "windows":
+            x = x.reshape(b, 2, gh // 2, 2, gw // 2, d).transpose(0, 1, 3, 2, 4, 5)
         x = jnp.concatenate([x.reshape(b, gh * gw, d), jnp.broadcast_to(cls.astype(dtype), (b, 1, d))], axis=1)
         length = x.shape[1]
         x = jnp.pad(x, ((0, 0), (0, -length % cfg.pad_length_to), (0, 0)))

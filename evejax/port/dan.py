@@ -131,7 +131,7 @@ def official_config(cfg: dan_lib.DANConfig):
         time_step_scale=m.time_step_scale, time_step_max=m.time_step_max, time_step_min=m.time_step_min,
         time_step_floor=m.time_step_floor, layer_norm_epsilon=cfg.block_norm_eps, norm_eps=cfg.norm_eps,
         group_norm_size=m.group_norm_size, rope_scale_factor=m.rope_scale_factor,
-        delta_scale_factor=m.delta_scale_factor)
+        delta_scale_factor=m.delta_scale_factor, patch_embed_change_res=cfg.patch_order == "windows")
 
 
 # ---- the official .pth ----------------------------------------------------------------
