@@ -214,3 +214,29 @@ def test_windows_patch_order_is_the_official_patch_embed_change_res(tmp_path):
     assert compare(model, cfg.replace(patch_order="raster"), params, cfg.image_size)[0] > 1e-3
     with pytest.raises(ValueError, match="2 x 2 windows"):
         tiny(patch_order="windows", image_size=(24, 32))
+
+
+def test_class_map_keeps_the_named_head_rows_as_convert_22k_to_1k(tmp_path, capsys):
+    """A 12-class pre-train cut to 4 classes by a map with a repeated line (as map22kto1k.txt
+    repeats 11136): both heads' last layers keep the named rows, so the logits are the
+    reference's logits at those columns, the repeated class twice."""
+    source = tiny(head="mlp", num_classes=12)
+    model = reference(source, seed=0)
+    torch.save({"model": reference(source, seed=1).state_dict(), "model_ema": model.state_dict()},
+               tmp_path / "22k.pth")
+    (tmp_path / "map.txt").write_text("7\n2\n2\n11\n")
+    args = ["--family", "dan", str(tmp_path / "22k.pth"), str(tmp_path / "1k"), *IMPORT, "--set", "head='mlp'",
+            "--ema", "--class-map", str(tmp_path / "map.txt")]
+    assert commands.import_main(args + ["--set", "num_classes=5"]) == 1
+    assert "keeps 4 classes, but size 'mamba_tiny' has num_classes=5" in capsys.readouterr().err
+    assert commands.import_main(args + ["--set", "num_classes=4"]) == 0
+    cfg, params = dan_port.load_checkpoint(tmp_path / "1k")
+    pixels = torch.from_numpy(np.random.default_rng(0).standard_normal((2, 3, 32, 32)).astype(np.float32))
+    with torch.no_grad():
+        want = model(pixels).numpy()[..., [7, 2, 2, 11]]
+    got = _forward(cfg)(params, pixels.permute(0, 2, 3, 1).numpy())
+    assert rel(got.logits, want[:, -1]) <= TOLERANCE and rel(got.token_logits, want[:, :-1]) <= TOLERANCE
+    (tmp_path / "bad.txt").write_text("7\n12\n")
+    bad = [str(tmp_path / "bad") if a == str(tmp_path / "1k") else a for a in args[:-1]]
+    assert commands.import_main(bad + [str(tmp_path / "bad.txt"), "--set", "num_classes=2"]) == 1
+    assert "names class 12, but head.2.weight has 12 rows" in capsys.readouterr().err

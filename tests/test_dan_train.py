@@ -89,6 +89,13 @@ def test_eval_reads_the_checkpoint_raw_and_ema(run, capsys):
     real = batch["label"] >= 0
     want = float(np.mean(np.argmax(logits, -1)[real] == batch["label"][real]))
     assert out["ema"]["top1"] == pytest.approx(want)
+    # --class-map (the official 22k -> 1k scoring): class j's logit is the model's logit of line j.
+    (base / "map.txt").write_text("4\n3\n2\n1\n0\n")
+    assert cli.main(["eval", str(base / "run"), "--tfds-dir", str(base / "tfds"), "--tfds-name", "tiny_dan_imagenet",
+                     "--weights", "ema", "--batch-size", "8", "--no-progress", "--class-map", str(base / "map.txt"),
+                     "--json", str(base / "mapped.json")]) == 0
+    mapped = float(np.mean(4 - np.argmax(logits, -1)[real] == batch["label"][real]))
+    assert json.loads((base / "mapped.json").read_text())["top1"] == pytest.approx(mapped)
     # A split that does not exist is named with the ones that do.
     assert cli.main(["eval", str(base / "run"), "--tfds-dir", str(base / "tfds"), "--tfds-name",
                      "tiny_dan_imagenet", "--split", "test", "--no-progress"]) == 1

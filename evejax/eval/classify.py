@@ -2,6 +2,7 @@
 
   evejax eval runs/dan_mamba_b --tfds-dir DIR [--split validation] [--weights ema] [--json out.json]
   evejax eval checkpoints/dan_mamba_l --config configs/dan.py:mamba_l --tfds-dir DIR
+  evejax eval runs/dan_mamba_l_in21k --tfds-dir DIR --class-map map22kto1k.txt   # 22k model on 1k
 
 CHECKPOINT is a trainer workdir (its newest checkpoint; the model comes from the checkpoint's
 own config) or an `evejax import` directory (the model comes from `--config`). `--weights ema`
@@ -13,6 +14,9 @@ size is the model's image_size, crop_pct 0.875 (224 / 256) unless `--crop-pct`. 
 the split is read once (padding rows of the last batch do not count; unreadable records are
 skipped and counted). A prediction is the arg-max (top-5: the 5 largest) of the model's class
 logits, `logits` of its output (DAN: the class-token head) or the output itself; float32.
+`--class-map FILE` (one model class index a line; the official classification/data/map22kto1k.txt)
+scores a model over more classes on the set's: class j's logit is the model's logit of line j,
+as the official `validate` scores the 21,841-class pre-train on ImageNet-1k.
 
 Shapes: pixels [B, S, S, 3] float32, label [B] int32 (-1 padding), logits [B, C].
 Any command line that is not a classifier's (no --tfds-dir, a workdir of another model) goes to
@@ -68,8 +72,9 @@ def class_logits(module, params, pixels):
 
 
 def evaluate(model, params, tfds_name: str, tfds_dir: str, split: str, batch_size: int = 256,
-             crop_pct: float = 0.875, progress: bool = True) -> dict:
-    """{"top1", "top5", "examples", "skipped"} of `model` (config.model) with `params` on the split."""
+             crop_pct: float = 0.875, progress: bool = True, classes=None) -> dict:
+    """{"top1", "top5", "examples", "skipped"} of `model` (config.model) with `params` on the split;
+    `classes` [C'] int: score the model's logits[:, classes] (the --class-map)."""
     from tqdm import tqdm
 
     from evejax import config as config_lib
@@ -92,6 +97,8 @@ def evaluate(model, params, tfds_name: str, tfds_dir: str, split: str, batch_siz
     @jax.jit
     def counts(params, pixels, label):
         logits = class_logits(spec.module, params, pixels)
+        if classes is not None:
+            logits = logits[:, classes]
         k = min(5, logits.shape[-1])
         top = jax.lax.top_k(logits, k)[1]
         real = label >= 0
@@ -131,6 +138,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="a workdir's trained params or their EMA")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--crop-pct", type=float, default=0.875, help="centre crop / resized short side (224 / 256)")
+    p.add_argument("--class-map", help="one model class index a line: score those logits as the set's classes "
+                   "(official map22kto1k.txt for a 22k model on ImageNet-1k)")
     p.add_argument("--json", help="also write the figures to this file (replaced only once complete)")
     p.add_argument("--no-progress", action="store_true")
     return p
@@ -149,14 +158,17 @@ def eval_main(argv=None) -> int:
         return vqa.main(argv)
     args = _parser().parse_args(argv)
     try:
+        from evejax.port import dan as dan_port
+
+        classes = None if args.class_map is None else jnp.asarray(dan_port.read_class_map(args.class_map))
         model, params, step = load_classifier(args.checkpoint, args.config, args.weights)
         result = evaluate(model, params, args.tfds_name, args.tfds_dir, args.split, args.batch_size,
-                          args.crop_pct, progress=not args.no_progress)
-    except (FileNotFoundError, ValueError, KeyError) as e:
+                          args.crop_pct, progress=not args.no_progress, classes=classes)
+    except (FileNotFoundError, ValueError, KeyError) as e:  # CheckpointError is a ValueError
         print(f"evejax eval: error: {e}", file=sys.stderr)
         return 1
     result.update(checkpoint=args.checkpoint, step=step, weights=args.weights, tfds_name=args.tfds_name,
-                  split=args.split, crop_pct=args.crop_pct)
+                  split=args.split, crop_pct=args.crop_pct, class_map=args.class_map)
     print(f"{args.checkpoint} ({args.weights}{'' if step is None else f', step {step}'}) on {args.tfds_name} "
           f"{args.split}: top-1 {100 * result['top1']:.2f}%, top-5 {100 * result['top5']:.2f}% "
           f"({result['examples']} images, {result['skipped']} skipped)")

@@ -23,8 +23,12 @@ A bare state dict (name -> tensor) is read as the raw weights too. Files are rea
 refused with the command that strips it. The `.pth` holds no config: import takes an evejax size.
 
     evejax import --family dan SRC.pth OUT_DIR --size mamba_b [--ema] [--set FIELD=VALUE ...]
-                  [--param-dtype float32|bfloat16] [--overwrite]
+                  [--class-map map22kto1k.txt] [--param-dtype float32|bfloat16] [--overwrite]
         'model' (or with --ema 'model_ema') -> OUT_DIR/model.json (format "evejax.dan") + params/.
+        --class-map keeps, in the file's order, the output rows of both heads' last layer that its
+        lines name (one source class index a line), as the official tools/convert_22k_to_1k.py
+        does with `classification/data/map22kto1k.txt` (the 22k pre-train -> 1k heads that the
+        official 384 px fine-tune starts from; the official tool reads 'model_ema': pass --ema).
     evejax export DAN_CKPT|WORKDIR OUT.pth
         -> {'model': state_dict, 'model_ema': the workdir's EMA (config.train.ema_decay > 0), else
         the same} in float32, the layout of the release and of tools/convert_22k_to_1k.py: loads
@@ -222,14 +226,52 @@ def _official_backbone(cfg: dan_lib.DANConfig, what: str) -> dan_lib.DANConfig:
     return cfg
 
 
+def read_class_map(path: str | os.PathLike) -> np.ndarray:
+    """The source class index of each kept class, one integer a line (the official map22kto1k.txt:
+    1000 lines of 22k indices; it repeats 11136, so two 1k classes get the same row)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"class map {path}: no such file")
+    lines = path.read_text().split()
+    bad = [(i + 1, text) for i, text in enumerate(lines) if not text.isdigit()]
+    if bad or not lines:
+        raise CheckpointError(f"class map {path} must hold one non-negative integer a line; "
+                              + (f"line {bad[0][0]} is {bad[0][1]!r}" if bad else "it is empty"))
+    return np.array([int(text) for text in lines], np.int64)
+
+
+def keep_classes(state: Mapping[str, np.ndarray], classes: np.ndarray, source: str = "class map"
+                 ) -> dict[str, np.ndarray]:
+    """`state` with the output rows of `head` and `head2` (their last Linear) cut to `classes`."""
+    last = [name for name in state if name.rsplit(".", 1)[0] in ("head", "head2", "head.2", "head2.2")]
+    if not last:
+        raise CheckpointError("the weights have no head to cut to a class map")
+    out = dict(state)
+    for name in last:
+        rows = np.asarray(state[name]).shape[0]
+        if classes.max() >= rows:
+            raise CheckpointError(f"{source} names class {int(classes.max())}, but {name} has {rows} rows")
+        out[name] = np.asarray(state[name])[classes]
+    return out
+
+
 def import_dan(src: str | os.PathLike, out_dir: str | os.PathLike, *, size: str, ema: bool = False,
-               overrides: Mapping[str, Any] | None = None, overwrite: bool = False) -> str:
+               overrides: Mapping[str, Any] | None = None, overwrite: bool = False,
+               class_map: str | os.PathLike | None = None) -> str:
     """Official `.pth` -> evejax DAN checkpoint in `out_dir`; returns a note. The config, the
-    out_dir and every tensor are checked before anything is written."""
+    out_dir and every tensor are checked before anything is written. With `class_map` the heads
+    keep the rows it names (`keep_classes`); num_classes must be its length."""
     cfg = model_config(size, overrides)
     if (Path(out_dir) / PARAMS_DIR).exists() and not overwrite:
         raise CheckpointError(f"{out_dir} already holds a checkpoint; pass overwrite=True (--overwrite) to replace it")
-    params = to_flax(read_official(src, ema), cfg, source=f"{src} [{EMA_ENTRY if ema else RAW_ENTRY!r}]")
+    state = read_official(src, ema)
+    if class_map is not None:
+        classes = read_class_map(class_map)
+        if len(classes) != cfg.num_classes:
+            raise CheckpointError(f"class map {class_map} keeps {len(classes)} classes, but size {size!r} has "
+                                  f"num_classes={cfg.num_classes}; --set num_classes={len(classes)}")
+        state = keep_classes(state, classes, f"class map {class_map}")
+    params = to_flax(state, cfg, source=f"{src} [{EMA_ENTRY if ema else RAW_ENTRY!r}]")
     save_checkpoint(out_dir, cfg, params, overwrite=overwrite)
     return (f"De-focus Mamba {size} ({cfg.depth} blocks, width {cfg.embed_dim}, {cfg.num_classes} classes), "
             f"{'EMA' if ema else 'raw'} weights -> {out_dir}")
@@ -281,13 +323,16 @@ def import_main(argv) -> int:
     p.add_argument("--set", dest="overrides", action="append", type=_assignment, default=[], metavar="FIELD=VALUE",
                    help="a DANConfig / MambaConfig field, e.g. num_classes=21841, image_size=192, "
                         "rope_scale_factor=1.0 (repeatable)")
+    p.add_argument("--class-map", help="keep the head rows this file names, one source class a line "
+                   "(official classification/data/map22kto1k.txt: 22k pre-train -> 1k)")
     p.add_argument("--param-dtype", default="float32", choices=("float32", "bfloat16"),
                    help="dtype the parameters are stored in")
     p.add_argument("--overwrite", action="store_true", help="replace an existing checkpoint in OUT_DIR")
     args = p.parse_args(argv)
     overrides = {**dict(args.overrides), "param_dtype": args.param_dtype}
     return run_command("import", lambda: print("evejax import: " + import_dan(
-        args.src, args.out_dir, size=args.size, ema=args.ema, overrides=overrides, overwrite=args.overwrite)))
+        args.src, args.out_dir, size=args.size, ema=args.ema, overrides=overrides, overwrite=args.overwrite,
+        class_map=args.class_map)))
 
 
 def export_main(argv) -> int:
