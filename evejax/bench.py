@@ -226,6 +226,8 @@ class Bench:
     part: Optional[Callable[[str, Any, int, int], tuple]] = None
     part_name: str = ""
     default_batch: int = 4                       # default --batch
+    default_steps: int = 2                       # default --steps
+    default_warmup: int = 3                      # default --warmup
     # Keyword arguments of `reference` and of the torch `part`, with their defaults (--reference k=v).
     reference_options: dict = dataclasses.field(default_factory=dict)
 
@@ -436,6 +438,7 @@ BENCHES: dict[str, Bench] = {
                  to_torch=_dan_to_torch, unit="images", units=lambda batch, seq_len: batch,
                  shape=lambda batch, seq_len: f"{batch} images", options=dict(DAN_OPTIONS),
                  overrides=dict(drop_path=0.0), part=_dan_scan, part_name="scan", default_batch=2,
+                 default_steps=1, default_warmup=1,  # a step takes tens of seconds: minutes in all
                  reference_options=dict(scan="time_major")),
 }
 
@@ -738,9 +741,10 @@ def _parser(name: str) -> argparse.ArgumentParser:
                    help="model config fields for both sides, e.g. max_tiles=2,num_layers=4")
     p.add_argument("--batch", type=int, default=bench.default_batch)
     p.add_argument("--seq-len", type=int, default=512)
-    p.add_argument("--steps", type=int, default=2, help="steps per measurement")
+    p.add_argument("--steps", type=int, default=bench.default_steps, help="steps per measurement")
     p.add_argument("--repeats", type=int, default=5, help="alternating measurements per framework")
-    p.add_argument("--warmup", type=int, default=3, help="steps each run takes before it is measured")
+    p.add_argument("--warmup", type=int, default=bench.default_warmup,
+                   help="steps each run takes before it is measured")
     if bench.reference_options:
         p.add_argument("--reference", default="", help="options of the PyTorch reference, default "
                        + ",".join(f"{k}={v}" for k, v in bench.reference_options.items()))
