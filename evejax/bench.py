@@ -677,6 +677,11 @@ def run_lm(size: str = "llama_110m", batch: int = 4, seq_len: int = 512, **kw) -
     return run_bench("lm", size, batch, seq_len, **kw)
 
 
+def _rate(per_second: float) -> str:
+    """3 significant digits below 100 (a Mamba-B step makes 0.08 images/s), else whole units."""
+    return f"{per_second:,.0f}" if per_second >= 100 else f"{per_second:.3g}"
+
+
 def format_result(res: BenchResult) -> str:
     from importlib.metadata import version
 
@@ -697,7 +702,7 @@ def format_result(res: BenchResult) -> str:
     rate = f"{res.unit}/s"
     rows = [
         ["s/step", *(f"{s:.3f}" for s in res.jax_step_s), f"{res.torch_step_s:.3f}"],
-        [rate, *(f"{res.per_second(s):,.0f}" for s in res.jax_step_s), f"{res.per_second(res.torch_step_s):,.0f}"],
+        [rate, *(_rate(res.per_second(s)) for s in res.jax_step_s), _rate(res.per_second(res.torch_step_s))],
         [f"x torch {rate}", *(f"{res.torch_step_s / s:.2f}" for s in res.jax_step_s), "1.00"],
         ["GFLOP/s (model)", *(f"{res.flops_per_step / s / 1e9:.1f}" for s in res.jax_step_s),
          f"{res.flops_per_step / res.torch_step_s / 1e9:.1f}"],

@@ -1,5 +1,6 @@
 """De-focus Attention Networks classifiers (evejax/models/dan.py): sizes from shapes, the drop-path
 rate per layer and the auxiliary loss against their closed forms, token order, padding, errors."""
+import dataclasses
 import functools
 import importlib.util
 
@@ -105,6 +106,16 @@ def test_right_padding_is_exact_and_non_square_images_work():
     padded = _forward(cfg.replace(pad_length_to=8), False)(params, pixels)
     np.testing.assert_allclose(padded.logits, out.logits, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(padded.token_logits, out.token_logits, rtol=1e-5, atol=1e-6)
+
+
+def test_mamba_matmul_2d_gives_the_same_output():
+    from evejax.nn.mamba import MambaConfig, MambaMixer
+
+    cfg = MambaConfig(embed_dim=16, intermediate_size=32, state_size=4, time_step_rank=4, group_norm_size=16)
+    x = jax.random.normal(jax.random.PRNGKey(1), (2, 5, 16))
+    params = jax.jit(MambaMixer(cfg).init)(jax.random.PRNGKey(0), x)
+    flat, plain = (jax.jit(MambaMixer(dataclasses.replace(cfg, matmul_2d=m)).apply) for m in (True, False))
+    np.testing.assert_allclose(flat(params, x), plain(params, x), rtol=1e-5, atol=1e-6)
 
 
 def test_image_size_not_divisible_by_patch_size_is_named():

@@ -241,7 +241,8 @@ class DANClassifier(nn.Module):
         gh, gw = cfg.grid
         patches = pixels.astype(dtype).reshape(b, gh, p, gw, p, channels).transpose(0, 1, 3, 2, 4, 5)
         x = Dense((d,), (None, None, "conv_in"), ("embed",), use_bias=True, dtype=dtype, param_dtype=pdtype,
-                  kernel_init=_torch_default_init(p * p * channels), name="patch_embed")(patches)
+                  kernel_init=_torch_default_init(p * p * channels), flatten=cfg.blocks.matmul_2d,
+                  name="patch_embed")(patches)
         cls = self.param("cls_token", param_with_axes(default_kernel_init, ("embed",)), (d,), pdtype)
         if cfg.patch_order == "windows":
             x = x.reshape(b, 2, gh // 2, 2, gw // 2, d).transpose(0, 1, 3, 2, 4, 5)
@@ -267,7 +268,8 @@ class DANClassifier(nn.Module):
 
     def _head(self, name: str, x):
         """[..., D] -> [..., C] float32: Linear, or fc1 [D, 3D] -> tanh -> fc2 (the official IN-22k heads)."""
-        kw = dict(use_bias=True, dtype=self.cfg.dtype, param_dtype=self.cfg.param_dtype)
+        kw = dict(use_bias=True, dtype=self.cfg.dtype, param_dtype=self.cfg.param_dtype,
+                  flatten=self.cfg.blocks.matmul_2d)
         classes = (self.cfg.num_classes,)
         if self.cfg.head == "linear":
             return Dense(classes, ("embed",), (None,), name=name, **kw)(x).astype(jnp.float32)

@@ -61,6 +61,7 @@ class MambaConfig:
     # 2: the fastest on CPU, Mamba-B's scan forward + backward 0.44 s per block against 4.3 s at 32
     # (`evejax bench dan`, evejax/bench.py DAN_OPTIONS); TPU not measured.
     scan_chunk: int = 2
+    matmul_2d: bool = False  # Dense.flatten for every projection: faster on CPU, not needed on TPU
     dtype: str = "float32"
     param_dtype: str = "float32"
 
@@ -152,7 +153,9 @@ class _TimeStep(nn.Module):
 
         bias = self.param("bias", param_with_axes(bias_init, ("mlp",)), (e,), pdtype)
         dtype = jnp.dtype(cfg.dtype)
-        dt = jnp.dot(dt_low.astype(dtype), kernel.astype(dtype)).astype(jnp.float32)
+        lead = dt_low.shape[:-1]
+        dt = jnp.dot(dt_low.astype(dtype).reshape(-1, r) if cfg.matmul_2d else dt_low.astype(dtype),
+                     kernel.astype(dtype)).reshape(*lead, e).astype(jnp.float32)
         return jax.nn.softplus(dt + bias.astype(jnp.float32))
 
 
@@ -166,7 +169,7 @@ class MambaMixer(nn.Module):
         e, n, r, k = cfg.intermediate_size, cfg.state_size, cfg.time_step_rank, cfg.conv_kernel
         dtype, pdtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
         dense = lambda feats, in_axes, out_axes, name: Dense(  # noqa: E731
-            feats, in_axes, out_axes, dtype=dtype, param_dtype=pdtype, name=name)
+            feats, in_axes, out_axes, dtype=dtype, param_dtype=pdtype, flatten=cfg.matmul_2d, name=name)
         act = ("batch", "length", "act_mlp")
 
         uz = dense((2, e), ("embed",), (None, "mlp"), "in_proj")(x)
