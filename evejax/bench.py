@@ -1,7 +1,8 @@
 """`evejax bench`: a training step of evejax against its PyTorch counterpart. `data` is evejax/data/bench.py.
 
   evejax bench lm|hovle|dan [--size S] [--overrides k=v,...] [--batch B] [--seq-len T] [--steps 2]
-                  [--repeats 5] [--variant remat=full,scan_unroll=1 ...] [--threads N]
+                  [--repeats 5] [--warmup 3] [--variant remat=full,scan_unroll=1 ...] [--threads N]
+                  [--reference k=v,...]   (dan: scan=time_major|mamba_ssm)
 
 Each entry of `BENCHES` times one training step (forward + backward + AdamW with
 global-norm clipping at 1.0, float32, the same host batch) of a registry model
@@ -15,7 +16,9 @@ global-norm clipping at 1.0, float32, the same host batch) of a registry model
          T tokens with one run of <IMG_CONTEXT> placeholders (n per tile, every tile slot
          real) and the tiles' pixels; the CE of both is over hovle.supervised_mask
   dan    an evejax De-focus Mamba classifier against evejax/port/torch_ref/dan.py
-         `DefocusAttentionNetwork` (its selective scan sequential) holding the evejax
+         `DefocusAttentionNetwork` (its selective scan mamba_ssm's selective_scan_ref loop,
+         tokens sliced time-major, or as selective_scan_ref does with --reference
+         scan=mamba_ssm: a backward quadratic in the length) holding the evejax
          step's initial weights (evejax.port.dan.to_torch); random pixels [B, H, W, 3]
          and labels [B]; the registry's loss, (class-token CE + mean token CE) / 2, on
          both sides; no drop path (the reference has none); rates in images/s
@@ -82,6 +85,10 @@ BENCH_OPTIONS = dict(matmul_2d=True, remat="save_dots_no_batch", scan_unroll=1, 
 # of one block at batch 2 alone (ms, medians of 3, a loaded machine): chunked with chunk 1: 617,
 # 2: 440, 4: 1075, 8: 1683, 32: 4317; associative 4216 (each chunk's associative scan does
 # O(log chunk) passes over [B, chunk, E, N] states; the sequential loop between chunks is cheap on CPU).
+# Re-measured 29 Nov at load ~12 (medians of 5): chunk 2 585 ms, without its chunk remat 632, chunk 1
+# 707, chunk 4 961, state [B, c, N, E] 511-549 (within the noise). At depth 4 the step with
+# remat "none" (4.82 s), "save_dots_no_batch" (3.85) or matmul_2d (5.53 against 5.73) was not
+# clearly faster than this (3.96): README, `evejax bench dan`.
 DAN_OPTIONS = dict(remat="full", scan="chunked", scan_chunk=2)
 
 
