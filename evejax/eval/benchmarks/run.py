@@ -8,7 +8,8 @@ metric) into --out, each through evejax.atomic. A benchmark whose files are miss
 the path where they were expected; the others still run.
 
 The protocol follows the model: EVE answers as LLaVA-1.5 asks (vicuna_v1, greedy), HoVLE as InternVL's
-chat() (internlm2-chat); --protocol overrides. The model is `answer([(PIL image, prompt), ...]) ->
+chat() (internlm2-chat); --protocol overrides. --temperature/--top-p/--top-k/--seed sample instead of
+greedy decoding (evejax.eval.generate.Sampling); the papers' figures are greedy. The model is `answer([(PIL image, prompt), ...]) ->
 [text, ...]`, so `run` scores any callable; `evejax eval` builds it from generate.load_answerer (one
 question at a time).
 """
@@ -137,14 +138,17 @@ def main(argv=None) -> int:
     p.add_argument("--tokenizer", help="tokenizer.model or 'shapes' (EVE; HoVLE defaults to the checkpoint's)")
     p.add_argument("--limit", type=int, help="only the first N questions of each benchmark (a smoke run)")
     p.add_argument("--max-new", type=int, help="new-token limit (default: the protocol's, per benchmark)")
+    from evejax.eval import generate
+
+    generate.add_sampling_args(p)
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
+    sampling = generate.sampling_from_args(p, args)
     try:
         names = parse_names(args.bench)
         if not Path(args.data_root).is_dir():
             raise FileNotFoundError(f"--data-root {args.data_root} is not a directory")
-        from evejax.eval.generate import load_answerer
-
-        answer = ModelAnswer(load_answerer(args.checkpoint, args.tokenizer), args.max_new)
+        answer = ModelAnswer(generate.load_answerer(args.checkpoint, args.tokenizer, sampling=sampling,
+                                                    seed=args.sample_seed), args.max_new)
     except (FileNotFoundError, ValueError) as e:
         print(f"evejax eval: error: {e}", file=sys.stderr)
         return 1
