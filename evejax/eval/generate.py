@@ -15,6 +15,11 @@ draws from softmax(logits / temperature) over the top_k most likely ids and then
 seed reproduces the tokens; temperature 0 is greedy. The knobs are traced: changing them
 compiles nothing new.
 
+Sharding (`mesh=`, a sharding.make_mesh mesh): the parameters are placed by the model's logical
+axis names and sharding.LOGICAL_RULES, as training places them, the batch arrays [B, ...] over the
+data axes (slice, data, fsdp: B must divide over them), and the loop runs under the rules, so the
+model's activation constraints apply; the tokens are those of the unsharded run.
+
 With dynamic NTK RoPE past `max_position_embeddings` the two paths differ, as
 transformers' `generate` with and without its cache does: each step scales RoPE
 by the length so far, max(positions) + 1 over the whole batch (so the longest
@@ -190,20 +195,49 @@ def bucket_length(length: int, bucket: int = PROMPT_BUCKET) -> int:
     return -(-length // bucket) * bucket
 
 
+def _on_mesh(mesh, model, params, init_args, batch):
+    """(params, batch) placed on `mesh` (module docstring); batch: arrays [B, ...] or None."""
+    from evejax import sharding
+
+    rows = next(a for a in batch if a is not None).shape[0]
+    data = sharding.data_parallel_size(mesh)
+    if rows % data:
+        raise ValueError(f"a batch of {rows} rows does not divide over the mesh's {data} data-parallel devices "
+                         f"(slice x data x fsdp); pad the batch to a multiple of {data}")
+    boxed = jax.eval_shape(lambda *args: model.init(jax.random.PRNGKey(0), *args)["params"], *init_args)
+    params = jax.device_put(params, sharding.tree_shardings(boxed, mesh))
+    return params, [None if a is None else jax.device_put(a, sharding.batch_sharding(mesh, np.ndim(a)))
+                    for a in batch]
+
+
+def _run(mesh, fn, *args, **kwargs):
+    """fn(*args, **kwargs), under the mesh's logical axis rules when there is a mesh."""
+    if mesh is None:
+        return fn(*args, **kwargs)
+    from evejax import sharding
+
+    with sharding.rules_context(mesh):
+        return fn(*args, **kwargs)
+
+
 def _check_max_new(max_new_tokens):
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
 
 
 def greedy_generate(model, params, prompt_tokens, prompt_mask, max_new_tokens: int, eos_id=None,
-                    inputs_embeds=None, sampling: Sampling | None = None, rng=None):
-    """New tokens [B, max_new_tokens] decoded with the KV cache, greedy unless `sampling` (module
-    docstring); one compilation per shape. eos_id: None, one id, or a tuple of ids any of which
-    stops a row (it then repeats the first)."""
+                    inputs_embeds=None, sampling: Sampling | None = None, rng=None, mesh=None):
+    """New tokens [B, max_new_tokens] decoded with the KV cache, greedy unless `sampling`, sharded
+    over `mesh` when given (module docstring); one compilation per shape. eos_id: None, one id, or
+    a tuple of ids any of which stops a row (it then repeats the first)."""
     _check_max_new(max_new_tokens)
     tokens = None if prompt_tokens is None else jnp.asarray(prompt_tokens, jnp.int32)
-    return _greedy_cached(params, tokens, jnp.asarray(prompt_mask, jnp.int32), inputs_embeds,
-                          *_knobs(sampling, rng), model=model, max_new_tokens=max_new_tokens, stops=_stops(eos_id))
+    mask = jnp.asarray(prompt_mask, jnp.int32)
+    if mesh is not None:
+        params, (tokens, mask, inputs_embeds) = _on_mesh(mesh, model, params, (mask,),
+                                                         (tokens, mask, inputs_embeds))
+    return _run(mesh, _greedy_cached, params, tokens, mask, inputs_embeds, *_knobs(sampling, rng), model=model,
+                max_new_tokens=max_new_tokens, stops=_stops(eos_id))
 
 
 @functools.partial(jax.jit, static_argnames=("model", "max_new_tokens", "stops"))
@@ -256,9 +290,9 @@ def _embed(params, tokens, *, model):
 # ---- HoVLE: two KV caches, the embedding layers' and the LLM's -------------------------------
 
 def greedy_generate_hovle(model, params, prompt_tokens, prompt_mask, pixels, max_new_tokens: int,
-                          eos_id=None, tile_mask=None, sampling: Sampling | None = None, rng=None):
+                          eos_id=None, tile_mask=None, sampling: Sampling | None = None, rng=None, mesh=None):
     """New tokens [B, max_new_tokens] of a `HoVLE` model decoded with its two KV caches, greedy
-    unless `sampling` (module docstring).
+    unless `sampling`, sharded over `mesh` when given (module docstring).
 
     prompt_tokens / prompt_mask [B, N] left-padded, with the image placeholders; pixels
     [B, P, S, S, 3] (real tiles first; tile_mask [B, P] names them, for the placeholder check).
@@ -271,8 +305,10 @@ def greedy_generate_hovle(model, params, prompt_tokens, prompt_mask, pixels, max
     pixels = np.asarray(pixels, np.float32)
     hovle.check_placeholders(model.cfg, tokens, np.ones(pixels.shape[:2], bool) if tile_mask is None
                              else tile_mask, mask)
-    return _hovle_greedy_cached(params, tokens, mask, pixels, *_knobs(sampling, rng), model=model,
-                                max_new_tokens=max_new_tokens, stops=_stops(eos_id))
+    if mesh is not None:
+        params, (tokens, mask, pixels) = _on_mesh(mesh, model, params, (tokens, pixels), (tokens, mask, pixels))
+    return _run(mesh, _hovle_greedy_cached, params, tokens, mask, pixels, *_knobs(sampling, rng), model=model,
+                max_new_tokens=max_new_tokens, stops=_stops(eos_id))
 
 
 @functools.partial(jax.jit, static_argnames=("model", "max_new_tokens", "stops"))
