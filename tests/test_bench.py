@@ -82,3 +82,18 @@ def test_dan_entry_steps_compute_the_same_loss():
         scan, calls = entry.part(kind, cfg, 2, 0)
         scan()
         assert calls == cfg.depth == 2
+
+
+def test_generate_bench_same_tokens_and_the_table():
+    """`evejax bench generate`: evejax's batched greedy decoding and the PyTorch reference's (the
+    reference EVE's splice + transformers' cached generate) on the same weights and prompts give
+    the same tokens, row for row, and the table reports rates of new tokens."""
+    res = bench.run_bench("generate", "demo", batch=4, seq_len=6, steps=1, repeats=1, matmul_size=64, warmup=1)
+    assert res.same_weights and res.unit == "tokens" and res.units_per_step == 4 * 6
+    assert res.output_rows == 4 and res.same_rows == [4]
+    assert res.torch_loss is None and min(res.jax_step_s) > 0 and res.torch_step_s > 0
+    table = bench.format_result(res)
+    assert table.startswith("evejax bench generate: demo (LLM d 128, 4 layers")
+    assert "4 prompts x 6 new tokens, float32, batched greedy decoding" in table
+    assert "rows = torch's" in table and "4/4" in table and "last loss" not in table
+    assert "LlamaForCausalLM.generate, KV cache" in table
