@@ -1,6 +1,7 @@
-"""`evejax bench`: a training step of evejax against its PyTorch counterpart. `data` is evejax/data/bench.py.
+"""`evejax bench`: a training step (or generation) of evejax against its PyTorch counterpart. `data` is
+evejax/data/bench.py.
 
-  evejax bench lm|hovle|dan [--size S] [--overrides k=v,...] [--batch B] [--seq-len T] [--steps 2]
+  evejax bench lm|hovle|dan|generate [--size S] [--overrides k=v,...] [--batch B] [--seq-len T] [--steps 2]
                   [--repeats 5] [--variant remat=full,scan_unroll=1 ...] [--threads N]
 
 Each entry of `BENCHES` times one training step (forward + backward + AdamW with
@@ -19,12 +20,22 @@ global-norm clipping at 1.0, float32, the same host batch) of a registry model
          step's initial weights (evejax.port.dan.to_torch); random pixels [B, H, W, 3]
          and labels [B]; the registry's loss, (class-token CE + mean token CE) / 2, on
          both sides; no drop path (the reference has none); rates in images/s
+  generate  batched greedy decoding of an inference EVE (default: the demo's, `DEMO_EVE_OVERRIDES`),
+         --batch prompts (default 16) of held-out shapes questions (several image sizes and prompt
+         lengths), --seq-len new tokens per row (default 32, no stop id), as evaluate.Answerer
+         decodes (the spliced prompt, then greedy_generate with the KV cache), against the
+         reference EVE of evejax/port/torch_ref/eve.py (transformers LLaMA + the official vision
+         modules, as the demo's PyTorch answerer builds it) holding the same weights, its splice
+         left-padded into transformers' cached greedy `generate`; rates in new tokens/s over the
+         whole call (image and prompt included); the table says how many rows' tokens are equal
 
 A family plugs in as one `Bench` (its registry name, a numpy batch both steps read,
 the port's to_torch, the reference module and its loss, the evejax step's options).
 A `Bench.part` (dan: the selective scan) is also timed alone in every repeat, forward +
 backward at the step's shapes, as many calls as one step makes, in both frameworks;
-the table gives it per step and as a share of the step's median.
+the table gives it per step and as a share of the step's median. An entry that times something
+other than a training step brings its own runs (`Bench.jax_run`, `Bench.torch_run`: generate),
+whose outputs the table compares.
 
 Both run on this machine's CPU with one thread per core, each framework in its own
 worker process that sets up host memory first (`evejax.hostmem`: freed memory stays
@@ -235,6 +246,7 @@ class Bench:
     default_batch: int = 4                       # default --batch
     default_seq_len: int = 512                   # default --seq-len
     work: str = "float32, forward + backward + AdamW"  # what a step does, in the headline
+    flops_note: str = "the registry's flops_per_step, MaxText's count"  # where the model FLOPs come from
     # What runs instead of a training step: jax_run(model_cfg, numpy batch, seed) and
     # torch_run(cfg, state, numpy batch), objects with step(), flops(B, T) (evejax), label (PyTorch),
     # first_loss / loss (None for no loss) and outputs (compared between the frameworks).
@@ -578,6 +590,8 @@ BENCHES: dict[str, Bench] = {
                       to_torch=_eve_to_torch, shape=lambda batch, seq_len: f"{batch} prompts x {seq_len} new tokens",
                       options={}, overrides=DEMO_EVE_OVERRIDES, default_batch=16, default_seq_len=32,
                       work="float32, batched greedy decoding with a KV cache (image + prompt in, new tokens out)",
+                      flops_note="forward over the prompt and the new tokens: the registry's count at that "
+                      "length / 3",
                       jax_run=JaxGenerate, torch_run=TorchGenerate),
 }
 
@@ -637,6 +651,7 @@ class BenchResult:
     jax_part_s: list = dataclasses.field(default_factory=list)  # its median seconds per step, per variant
     torch_part_s: float = 0.0
     work: str = "float32, forward + backward + AdamW"  # what a step does
+    flops_note: str = ""
     # per variant: rows of the last step's outputs equal to PyTorch's, of `output_rows` (None: no outputs)
     same_rows: list = dataclasses.field(default_factory=list)
     output_rows: int = 0
@@ -788,8 +803,8 @@ def run_bench(name: str, size: Optional[str] = None, batch: int = 4, seq_len: in
                     w.process.kill()
 
     torch_outputs = losses[-1][2]
-    same_rows = [None if torch_outputs is None else
-                 int(sum(np.array_equal(a, b) for a, b in zip(outputs, torch_outputs))) for _, _, outputs in losses[:-1]]
+    same_rows = [None if torch_outputs is None else int(sum(np.array_equal(a, b) for a, b in zip(ours, torch_outputs)))
+                 for _, _, ours in losses[:-1]]
     mm_flops = 2.0 * matmul_size ** 3
     jax_mm_flops = mm_flops / statistics.median(jax_mm_s)
     torch_mm_flops = mm_flops / statistics.median(torch_mm_s)
@@ -806,7 +821,8 @@ def run_bench(name: str, size: Optional[str] = None, batch: int = 4, seq_len: in
         jax_faults=[statistics.median(f) for f in faults[:-1]], torch_faults=statistics.median(faults[-1]),
         jax_first_loss=[first for first, _, _ in losses[:-1]], torch_first_loss=losses[-1][0],
         jax_loss=[last for _, last, _ in losses[:-1]], torch_loss=losses[-1][1], shape=bench.shape(batch, seq_len),
-        work=bench.work, same_rows=same_rows, output_rows=0 if torch_outputs is None else len(torch_outputs),
+        work=bench.work, flops_note=bench.flops_note, same_rows=same_rows,
+        output_rows=0 if torch_outputs is None else len(torch_outputs),
         part_name=bench.part_name if bench.part else "",
         jax_part_s=[statistics.median(s) for s in part_samples[:-1]],
         torch_part_s=statistics.median(part_samples[-1]) if part_samples else 0.0)
@@ -862,7 +878,7 @@ def format_result(res: BenchResult) -> str:
     lines += [fmt(head), fmt(["-" * w for w in widths])] + [fmt(r) for r in rows]
     lines += [
         "",
-        f"model FLOPs per step: {res.flops_per_step:.4g} (the registry's flops_per_step, MaxText's count)",
+        f"model FLOPs per step: {res.flops_per_step:.4g} ({res.flops_note})",
         f"peak: {res.matmul_size}^3 float32 matmul, jax {res.jax_matmul_flops / 1e9:.1f} GFLOP/s, "
         f"torch {res.torch_matmul_flops / 1e9:.1f} GFLOP/s -> peak {res.peak_flops / 1e9:.1f} GFLOP/s",
     ]
@@ -870,7 +886,7 @@ def format_result(res: BenchResult) -> str:
         lines.append(f"{res.part_name} s/step: timed alone in the same run, as many calls as a step makes "
                      "(forward + backward); share: of the step's median")
     for name, options in zip(names, res.variants):
-        lines.append(f"{name} options: " + ", ".join(f"{k}={v}" for k, v in options.items()))
+        lines.append(f"{name} options: " + (", ".join(f"{k}={v}" for k, v in options.items()) or "(none)"))
     return "\n".join(lines)
 
 

@@ -60,3 +60,25 @@ def test_temperature_zero_is_greedy_and_a_seed_reproduces():
     np.testing.assert_array_equal(sample(warm, 7), first)
     assert not np.array_equal(first, greedy) and not np.array_equal(sample(warm, 8), first)
     assert gen._greedy_cached._cache_size() == 2  # greedy and sampled; the knobs and seeds are traced
+
+
+def test_generate_cli_samples_reproducibly(tmp_path, capsys):
+    from evejax import sharding
+    from evejax.port import checkpoint
+
+    cfg = llm.get_config("llama_tiny")
+    params = sharding.unbox(llm.CausalLM(cfg).init(jax.random.PRNGKey(1), jnp.zeros((1, 4), jnp.int32))["params"])
+    checkpoint.save_checkpoint(tmp_path / "lm", cfg, jax.tree.map(lambda x: np.asarray(x) * 4.0, params))
+
+    def printed(*flags):
+        assert gen.main([str(tmp_path / "lm"), "--prompt-ids", "1,5,7", "--prompt-ids", "4,2", "--max-new", "8",
+                         "--no-eos", *flags]) == 0
+        return capsys.readouterr().out
+
+    greedy = printed()
+    assert printed("--temperature", "0", "--top-k", "3") == greedy
+    hot = printed("--temperature", "1.5", "--seed", "3")
+    assert printed("--temperature", "1.5", "--seed", "3") == hot != greedy
+    with pytest.raises(SystemExit):
+        printed("--temperature", "1", "--top-p", "1.5")
+    assert "top_p must be in (0, 1]" in capsys.readouterr().err

@@ -39,15 +39,15 @@ HD one, longer by (s^2 - 1) n per tile. Official HoVLE decodes "post" at batch 1
 and fails at its second new token (reference/hovle.md §6.8); this runs any batch.
 `eos_id` may be several ids (HoVLE stops at `<|im_end|>` or EOS).
 
-`evejax generate CKPT_DIR --prompt-ids 1,5,7 [--prompt-ids 4,2] --max-new 16
-[--temperature 0.7 --top-p 0.9 --top-k 50 --seed 0]` prints the new token ids of each prompt (up to and including EOS); CKPT_DIR is an
-evejax LM checkpoint or a training workdir (newest checkpoint; an EVE's LLM).
-`evejax generate CKPT_DIR --image IMG --prompt TEXT [--tokenizer T] [--max-new 16]`
-prints an EVE's or HoVLE's answer (greedy, or sampled with the same flags) (`load_answerer`, chosen by the
-checkpoint's format through `ANSWERERS`): EVE as `evejax eval` asks (any-res
-image, vicuna_v1; --tokenizer required: EVE checkpoints carry none), HoVLE as
-official `chat()` (dynamic tiles, internlm2-chat, the tokenizer files the
-checkpoint carries, answer up to `<|im_end|>`).
+`evejax generate CKPT_DIR --prompt-ids 1,5,7 [--prompt-ids 4,2] --max-new 16` prints the new
+token ids of each prompt (up to and including EOS); CKPT_DIR is an evejax LM checkpoint or a
+training workdir (newest checkpoint; an EVE's LLM).
+`evejax generate CKPT_DIR --image IMG --prompt TEXT [--tokenizer T] [--max-new 16]` prints an EVE's
+or HoVLE's answer (`load_answerer`, chosen by the checkpoint's format through `ANSWERERS`): EVE as
+`evejax eval` asks (any-res image, vicuna_v1; --tokenizer required: EVE checkpoints carry none),
+HoVLE as official `chat()` (dynamic tiles, internlm2-chat, the tokenizer files the checkpoint
+carries, answer up to `<|im_end|>`). Both are greedy unless --temperature (with --top-p, --top-k,
+--seed) samples.
 """
 from __future__ import annotations
 
