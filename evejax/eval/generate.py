@@ -516,6 +516,9 @@ def hovle_tokenizer(directory):
     return tokenizer, special
 
 
+HOVLE_BATCH = 8  # questions decoded together (buckets: rows, prompt width, tile slots)
+
+
 def _hovle_answerer(path, cfg, params, tokenizer, max_new_tokens):
     from evejax.data import pipeline
     from evejax.port import checkpoint
@@ -523,9 +526,11 @@ def _hovle_answerer(path, cfg, params, tokenizer, max_new_tokens):
     if tokenizer is None:
         if checkpoint.is_workdir(path):
             raise ValueError("a training workdir carries no tokenizer: pass --tokenizer (the LLM's tokenizer.model)")
-        return HoVLEAnswerer(cfg, params, *hovle_tokenizer(path), max_new_tokens=max_new_tokens)
+        return HoVLEAnswerer(cfg, params, *hovle_tokenizer(path), max_new_tokens=max_new_tokens,
+                             batch_size=HOVLE_BATCH)
     made = pipeline.make_tokenizer(tokenizer)  # the special ids its training data used
-    return HoVLEAnswerer(cfg, params, made, pipeline.special_ids(tokenizer, made), max_new_tokens=max_new_tokens)
+    return HoVLEAnswerer(cfg, params, made, pipeline.special_ids(tokenizer, made), max_new_tokens=max_new_tokens,
+                         batch_size=HOVLE_BATCH)
 
 
 EVE_BATCH = 16  # questions decoded together (left-padded, one compilation per prompt bucket)

@@ -9,7 +9,9 @@ the path where they were expected; the others still run.
 
 The protocol follows the model: EVE answers as LLaVA-1.5 asks (vicuna_v1, greedy), HoVLE as InternVL's
 chat() (internlm2-chat); --protocol overrides. --temperature/--top-p/--top-k/--seed sample instead of
-greedy decoding (evejax.eval.generate.Sampling); the papers' figures are greedy.
+greedy decoding (evejax.eval.generate.Sampling); the papers' figures are greedy. The model is
+`answer([(PIL image, prompt), ...]) -> [text, ...]`, so `run` scores any callable; `evejax eval`
+builds it from generate.load_answerer (EVE: 16 questions a call, HoVLE: 8).
 
 --prompt-style (common.PROMPT_STYLES): "protocol" (default) asks with the protocol's prompt, the
 instruction appended ("Answer the question using a single word or phrase." and the like), as the
@@ -17,9 +19,7 @@ papers' numbers were measured; "question" asks with the benchmark's question tex
 eval` asks the shapes questions and `evejax demo` scores them, so a model trained on bare questions
 is asked as it was trained (e.g. the demo's EVE on a shapes benchmark written in the VQAv2 and POPE
 layouts gives the demo's exact-match figures). Benchmarks whose prompt lists options (ScienceQA,
-MMBench, SEED) have no "question" style and report an error under it. The model is `answer([(PIL image, prompt), ...]) ->
-[text, ...]`, so `run` scores any callable; `evejax eval` builds it from generate.load_answerer (one
-question at a time).
+MMBench, SEED) have no "question" style and report an error under it.
 """
 from __future__ import annotations
 
@@ -40,8 +40,8 @@ class ModelAnswer:
 
     def __init__(self, answerer, max_new_tokens: int | None = None):
         self.answerer, self.fixed_max_new = answerer, max_new_tokens
-        # EVE's answerer decodes one question at a time; the bar then moves with every question
-        self.batch_size = getattr(answerer, "batch_size", 8)
+        # the answerer's own batch (EVE 16, HoVLE 8): the runner hands it one batch per call
+        self.batch_size = answerer.batch_size
 
     @property
     def protocol(self) -> str:
