@@ -241,7 +241,8 @@ def test_question_style_gives_the_demo_exact_match_figures(tmp_path):
     _workdir(tmp_path / "run", {"model": EVE_MODEL}, params, 2)
     questions, presence = _write_vqav2_and_pope(tmp_path / "data", 16)
     argv = ["eval", str(tmp_path / "run"), "--bench", "vqav2,pope", "--data-root", str(tmp_path / "data"),
-            "--tokenizer", "shapes", "--out", str(tmp_path / "out"), "--max-new", "1", "--prompt-style", "question"]
+            "--tokenizer", "shapes", "--out", str(tmp_path / "out"), "--max-new", "1", "--prompt-style", "question",
+            "--temperature", "0", "--top-k", "5"]  # the sampled decode path at temperature 0: greedy
     assert cli.main(argv) == 0
     results = json.loads((tmp_path / "out" / "results.json").read_text())
     assert results["prompt_style"] == "question"
