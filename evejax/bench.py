@@ -867,6 +867,9 @@ def format_result(res: BenchResult) -> str:
                  [f"{res.part_name} share", *(f"{p / s:.1%}" for p, s in zip(res.jax_part_s, res.jax_step_s)),
                   f"{res.torch_part_s / res.torch_step_s:.1%}"]]
     if res.output_rows:  # the same weights and inputs: the same outputs when both compute the same thing
+        per_row = res.units_per_step / res.batch  # new tokens per row; the latency includes the prompt
+        rows.insert(2, ["latency ms/token", *(f"{1e3 * s / per_row:.1f}" for s in res.jax_step_s),
+                        f"{1e3 * res.torch_step_s / per_row:.1f}"])
         rows.append(["rows = torch's", *(f"{n}/{res.output_rows}" for n in res.same_rows), "-"])
     if res.torch_loss is not None:
         if res.same_weights:  # the same weights and batch: the first losses agree when the steps do

@@ -100,4 +100,5 @@ def test_generate_bench_same_tokens_and_the_table():
     assert table.startswith("evejax bench generate: demo (LLM d 128, 4 layers")
     assert "4 prompts x 6 new tokens, float32, batched greedy decoding" in table
     assert "rows = torch's" in table and "4/4" in table and "last loss" not in table
+    assert f"latency ms/token {1e3 * res.jax_step_s[0] / 6:.1f}" in " ".join(table.split())
     assert "LlamaForCausalLM.generate, KV cache" in table and "the registry's count at that length / 3" in table
