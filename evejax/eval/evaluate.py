@@ -60,8 +60,8 @@ from evejax import atomic
 from evejax.data import image as image_lib
 from evejax.data import shapes
 from evejax.data import text as text_lib
-from evejax.eval import generate
-from evejax.eval.generate import HoVLEAnswerer, Sampling, bucket_length, greedy_generate, padded_batches
+from evejax.eval.generate import (HoVLEAnswerer, Sampling, add_sampling_args, bucket_length, greedy_generate,
+                                  padded_batches, sampling_from_args)
 from evejax.models import eve as eve_lib
 from evejax.models import hovle as hovle_lib
 from evejax.models import llm as llm_lib
@@ -318,9 +318,9 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0, help="seed of the shapes set the model was trained on")
     p.add_argument("--show", type=int, default=5, help="print this many predictions")
     p.add_argument("--json", help="also write the figures to this file (replaced only once complete)")
-    generate.add_sampling_args(p, seed_flag="--sample-seed")
+    add_sampling_args(p, seed_flag="--sample-seed")
     args = p.parse_args(argv)
-    sampling = generate.sampling_from_args(p, args)
+    sampling = sampling_from_args(p, args)
     try:
         answerer = load_answerer(args.checkpoint, args.batch_size)
         answerer.sampling, answerer.seed = sampling, args.sample_seed
