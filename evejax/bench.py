@@ -1,6 +1,7 @@
-"""`evejax bench`: a training step of evejax against its PyTorch counterpart. `data` is evejax/data/bench.py.
+"""`evejax bench`: a training step (or generation) of evejax against its PyTorch counterpart. `data` is
+evejax/data/bench.py.
 
-  evejax bench lm|hovle|dan [--size S] [--overrides k=v,...] [--batch B] [--seq-len T] [--steps 2]
+  evejax bench lm|hovle|dan|generate [--size S] [--overrides k=v,...] [--batch B] [--seq-len T] [--steps 2]
                   [--repeats 5] [--warmup 3] [--variant remat=full,scan_unroll=1 ...] [--threads N]
                   [--reference k=v,...]   (dan: scan=time_major|mamba_ssm)
 
@@ -22,12 +23,22 @@ global-norm clipping at 1.0, float32, the same host batch) of a registry model
          step's initial weights (evejax.port.dan.to_torch); random pixels [B, H, W, 3]
          and labels [B]; the registry's loss, (class-token CE + mean token CE) / 2, on
          both sides; no drop path (the reference has none); rates in images/s
+  generate  batched greedy decoding of an inference EVE (default: the demo's, `DEMO_EVE_OVERRIDES`),
+         --batch prompts (default 16) of held-out shapes questions (several image sizes and prompt
+         lengths), --seq-len new tokens per row (default 32, no stop id), as evaluate.Answerer
+         decodes (the spliced prompt, then greedy_generate with the KV cache), against the
+         reference EVE of evejax/port/torch_ref/eve.py (transformers LLaMA + the official vision
+         modules, as the demo's PyTorch answerer builds it) holding the same weights, its splice
+         left-padded into transformers' cached greedy `generate`; rates in new tokens/s over the
+         whole call (image and prompt included); the table says how many rows' tokens are equal
 
 A family plugs in as one `Bench` (its registry name, a numpy batch both steps read,
 the port's to_torch, the reference module and its loss, the evejax step's options).
 A `Bench.part` (dan: the selective scan) is also timed alone in every repeat, forward +
 backward at the step's shapes, as many calls as one step makes, in both frameworks;
-the table gives it per step and as a share of the step's median.
+the table gives it per step and as a share of the step's median. An entry that times something
+other than a training step brings its own runs (`Bench.jax_run`, `Bench.torch_run`: generate),
+whose outputs the table compares.
 
 Both run on this machine's CPU with one thread per core, each framework in its own
 worker process that sets up host memory first (`evejax.hostmem`: freed memory stays
@@ -158,6 +169,11 @@ class JaxStep:
         self.batch = jax.device_put(host_batch, batch_sh)
         self.first_loss = self.loss = None
 
+    outputs = None  # what a run produces besides its loss (generation: the tokens)
+
+    def flops(self, batch: int, seq_len: int) -> float:
+        return self.spec.flops_per_step(batch, seq_len)
+
     def params(self) -> dict:
         """The current parameters as host numpy arrays."""
         import jax
@@ -188,6 +204,8 @@ class TorchStep:
             kind = "foreach"
         self.label = f"{label}, AdamW {kind}"
         self.first_loss = self.loss = None
+
+    outputs = None
 
     def step(self):
         import torch
@@ -237,14 +255,22 @@ class Bench:
     default_warmup: int = 3                      # default --warmup
     # Keyword arguments of `reference` and of the torch `part`, with their defaults (--reference k=v).
     reference_options: dict = dataclasses.field(default_factory=dict)
+    default_seq_len: int = 512                   # default --seq-len
+    work: str = "float32, forward + backward + AdamW"  # what a step does, in the headline
+    flops_note: str = "the registry's flops_per_step, MaxText's count"  # where the model FLOPs come from
+    # What runs instead of a training step: jax_run(model_cfg, numpy batch, seed) and
+    # torch_run(cfg, state, numpy batch), objects with step(), flops(B, T) (evejax), label (PyTorch),
+    # first_loss / loss (None for no loss) and outputs (compared between the frameworks).
+    jax_run: Optional[Callable] = None
+    torch_run: Optional[Callable] = None
 
     def jax_step(self, size: str, batch: int, seq_len: int, options: dict, overrides: Optional[dict] = None,
-                 seed: int = 0) -> JaxStep:
+                 seed: int = 0):
         model_cfg = model_config(self, size, {**self.overrides, **(overrides or {}), **options})
         from evejax.models import registry
 
         cfg = registry.build(model_cfg).config
-        return JaxStep(model_cfg, self.batch(cfg, batch, seq_len, seed), seed)
+        return (self.jax_run or JaxStep)(model_cfg, self.batch(cfg, batch, seq_len, seed), seed)
 
     def torch_step(self, size: str, batch: int, seq_len: int, state: Optional[dict],
                    overrides: Optional[dict] = None, seed: int = 0, reference_options: Optional[dict] = None
@@ -255,8 +281,10 @@ class Bench:
 
         cfg = registry.build(model_config(self, size, {**self.overrides, **(overrides or {})})).config
         torch.manual_seed(seed)
-        model, loss_of, label = self.reference(cfg, state, self.batch(cfg, batch, seq_len, seed),
-                                               **(reference_options or {}))
+        host_batch = self.batch(cfg, batch, seq_len, seed)
+        if self.torch_run:
+            return self.torch_run(cfg, state, host_batch)
+        model, loss_of, label = self.reference(cfg, state, host_batch, **(reference_options or {}))
         return TorchStep(model, loss_of, label, cfg)
 
 
@@ -436,6 +464,134 @@ def _dan_scan(kind: str, cfg, batch: int, seq_len: int, scan: str = "time_major"
     return forward_backward, cfg.depth
 
 
+# ---- generate: batched greedy decoding of an inference EVE ----------------------------------
+
+# The demo's EVE (configs/demo.py EVE_OVERRIDES on size "demo"), inference form (no PAL, no teacher).
+DEMO_EVE_OVERRIDES = dict(dtype="float32", remat="none", embed_dim=128, num_layers=4, num_heads=4, num_kv_heads=4,
+                          head_dim=32, mlp_dim=256, matmul_2d=True, with_pal=False)
+
+
+def _eve_prompts(cfg, batch: int, max_new: int, seed: int) -> dict:
+    """The first `batch` held-out shapes questions (images of several sizes, prompts of several
+    lengths) as evaluate.Answerer asks them (vicuna_v1, any-res view): right-padded text ids with
+    the image placeholder (tokens, segment_ids), the view (pixels, pixel_mask) and its official
+    layout (pixel_values [B, 4, S, S]); `max_new` new tokens per row (seed: the weights' only)."""
+    from evejax.data import image as image_lib
+    from evejax.data import shapes
+    from evejax.eval import evaluate
+
+    questions = evaluate.heldout_questions(batch)
+    prompts = [evaluate.prompt_ids(q.question, shapes.tokenizer()) for q in questions]
+    width = max(map(len, prompts))
+    tokens, segment_ids = np.zeros((batch, width), np.int32), np.zeros((batch, width), np.int32)
+    for row, ids in enumerate(prompts):
+        tokens[row, :len(ids)], segment_ids[row, :len(ids)] = ids, 1
+    views = [image_lib.preprocess_anyres(q.image, cfg.anyres(), with_teacher=False) for q in questions]
+    return dict(tokens=tokens, segment_ids=segment_ids, pixels=np.stack([v.pixels for v in views]),
+                pixel_mask=np.stack([v.mask for v in views]), pixel_values=np.stack([v.chw4() for v in views]),
+                max_new=max_new)
+
+
+class JaxGenerate:
+    """evejax: the spliced prompt (evaluate._left_padded_prompt), then greedy_generate with the KV
+    cache, `max_new` tokens per row (no stop id), as evaluate.Answerer answers; random weights."""
+    first_loss = loss = None
+
+    def __init__(self, model_cfg, host_batch: dict, seed: int = 0):
+        import jax
+
+        from evejax import sharding
+        from evejax.models import registry
+
+        self.spec = registry.build(model_cfg)
+        self.config, self.batch = self.spec.config, host_batch
+        shapes = sharding.unbox(jax.eval_shape(lambda: self.spec.module.init(jax.random.PRNGKey(0),
+                                                                             *self.spec.init_args)["params"]))
+        # normal(0, 0.5) weights, as the tests' random EVEs: the init's near-uniform logits repeat one id,
+        # which would make "the same tokens" say little
+        rng = np.random.default_rng(seed)
+        self.weights = jax.tree.map(lambda a: jax.numpy.asarray(rng.normal(0, 0.5, a.shape).astype(a.dtype)), shapes)
+        self.outputs = None
+
+    def params(self) -> dict:
+        import jax
+
+        return jax.tree.map(np.asarray, self.weights)
+
+    def flops(self, batch: int, seq_len: int) -> float:
+        """Forward FLOPs over the prompt and the new tokens: a training step's at that length / 3."""
+        return self.spec.flops_per_step(batch, self.batch["tokens"].shape[1] + seq_len) / 3
+
+    def step(self):
+        from evejax.eval import evaluate
+        from evejax.eval.generate import greedy_generate
+        from evejax.models import llm
+
+        b = self.batch
+        embeds, mask = evaluate._left_padded_prompt(self.weights, b["tokens"], b["segment_ids"], b["pixels"],
+                                                    b["pixel_mask"], cfg=self.config)
+        self.outputs = np.asarray(greedy_generate(llm.CausalLM(self.config.llm), self.weights["llm"], None, mask,
+                                                  int(b["max_new"]), None, inputs_embeds=embeds))
+
+
+class TorchGenerate:
+    """PyTorch: the reference EVE (transformers LLaMA + the official vision modules of
+    evejax/port/torch_ref/eve.py, as the demo's PyTorch answerer builds it) holding the evejax
+    weights; its splice, rows moved to the right end (left padding), then transformers' greedy
+    `generate` with its KV cache over the spliced embeddings, `max_new` tokens per row."""
+    first_loss = loss = None
+
+    def __init__(self, cfg, state, host_batch: dict):
+        import torch
+        import transformers
+
+        from evejax.port import eve as eve_port
+        from evejax.port.torch_ref import eve as ref
+
+        official = eve_port.hf_config(cfg)
+        fields = set(transformers.LlamaConfig().to_dict()) - {"architectures", "model_type"}
+        llama = transformers.LlamaConfig(**{k: v for k, v in official.items() if k in fields})
+        geometry = official["evejax"]
+        self.model = ref.EVEReference(llama, mm_hidden_size=official["mm_hidden_size"],
+                                      patch_size=geometry["patch_size"], pool=geometry["pool"],
+                                      num_heads=geometry["vision_heads"], with_pal=False).eval()
+        self.model.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in state.items()}, strict=True)
+        self.lm = transformers.LlamaForCausalLM(llama).eval()
+        self.lm.model, self.lm.lm_head = self.model.model, self.model.lm_head  # the same modules
+        self.lm.generation_config.eos_token_id = None  # every row runs to max_new, as the evejax side
+        self.lm.generation_config.pad_token_id = 0
+        self.batch, self.config, self.outputs = host_batch, cfg, None
+        self.label = (f"EVEReference (evejax/port/torch_ref/eve.py) + transformers LlamaForCausalLM.generate, "
+                      f"KV cache, attention {self.lm.config._attn_implementation}, the evejax weights")
+
+    def step(self):
+        import torch
+
+        b = self.batch
+        with torch.no_grad():
+            embeds, mask, *_ = self.model.splice(torch.from_numpy(b["tokens"]).long(),
+                                                 torch.from_numpy(b["segment_ids"]).bool(),
+                                                 torch.from_numpy(b["pixel_values"]))
+            shift = mask.shape[1] - mask.sum(1)
+            embeds = torch.stack([torch.roll(e, int(k), 0) for e, k in zip(embeds, shift)])
+            mask = torch.stack([torch.roll(m, int(k), 0) for m, k in zip(mask, shift)]).long()
+            out = self.lm.generate(inputs_embeds=embeds, attention_mask=mask, max_new_tokens=int(b["max_new"]),
+                                   min_new_tokens=int(b["max_new"]), do_sample=False, use_cache=True)
+        self.outputs = out.numpy()
+
+
+def _eve_describe(cfg) -> str:
+    t = cfg.llm.transformer
+    return (f"LLM d {t.embed_dim}, {t.num_layers} layers, {t.num_heads} heads, SwiGLU {t.mlp_dim}, vocab "
+            f"{cfg.llm.vocab_size}; PEL width {cfg.vision_width}, {cfg.image_size} px canvas, patch {cfg.patch_size}")
+
+
+def _eve_to_torch(params, cfg) -> dict:
+    from evejax.port import eve as eve_port
+
+    return eve_port.to_torch(params, cfg)
+
+
 BENCHES: dict[str, Bench] = {
     "lm": Bench(model="llm", size="llama_110m", batch=_lm_batch, reference=_lm_reference, describe=_lm_describe),
     "hovle": Bench(model="hovle", size="110m", batch=_hovle_batch, reference=_hovle_reference,
@@ -447,6 +603,14 @@ BENCHES: dict[str, Bench] = {
                  overrides=dict(drop_path=0.0), part=_dan_scan, part_name="scan", default_batch=2,
                  default_steps=1, default_warmup=1,  # a step takes tens of seconds: minutes in all
                  reference_options=dict(scan="time_major")),
+    # seq_len: new tokens per row; the rate counts new tokens over the whole call (prompt included)
+    "generate": Bench(model="eve", size="demo", batch=_eve_prompts, reference=None, describe=_eve_describe,
+                      to_torch=_eve_to_torch, shape=lambda batch, seq_len: f"{batch} prompts x {seq_len} new tokens",
+                      options={}, overrides=DEMO_EVE_OVERRIDES, default_batch=16, default_seq_len=32,
+                      work="float32, batched greedy decoding with a KV cache (image + prompt in, new tokens out)",
+                      flops_note="forward over the prompt and the new tokens: the registry's count at that "
+                      "length / 3",
+                      jax_run=JaxGenerate, torch_run=TorchGenerate),
 }
 
 
@@ -504,6 +668,11 @@ class BenchResult:
     part_name: str = ""            # a piece of the step timed alone (Bench.part), "" for none
     jax_part_s: list = dataclasses.field(default_factory=list)  # its median seconds per step, per variant
     torch_part_s: float = 0.0
+    work: str = "float32, forward + backward + AdamW"  # what a step does
+    flops_note: str = ""
+    # per variant: rows of the last step's outputs equal to PyTorch's, of `output_rows` (None: no outputs)
+    same_rows: list = dataclasses.field(default_factory=list)
+    output_rows: int = 0
 
     def per_second(self, seconds: float) -> float:
         """Units (tokens, samples) per second at `seconds` per step."""
@@ -550,8 +719,7 @@ def _worker(conn, kind: str, name: str, size: str, overrides: dict, batch: int, 
         for fn, _ in parts:
             fn()  # compiles
         if kind == "jax":
-            spec = runs[0].spec
-            info.update(describe=bench.describe(spec.config), flops=spec.flops_per_step(batch, seq_len))
+            info.update(describe=bench.describe(runs[0].config), flops=runs[0].flops(batch, seq_len))
         else:
             info.update(label=runs[0].label)
         matmul = matmul_timer(kind, matmul_size)
@@ -560,7 +728,7 @@ def _worker(conn, kind: str, name: str, size: str, overrides: dict, batch: int, 
         while True:
             cmd, *arg = conn.recv()
             if cmd == "stop":
-                conn.send([(run.first_loss, run.loss) for run in runs])
+                conn.send([(run.first_loss, run.loss, run.outputs) for run in runs])
                 return
             if cmd == "step":
                 fn, n, k = runs[arg[0]].step, arg[1], 1
@@ -659,6 +827,9 @@ def run_bench(name: str, size: Optional[str] = None, batch: int = 4, seq_len: in
                 if w.process.is_alive():
                     w.process.kill()
 
+    torch_outputs = losses[-1][2]
+    same_rows = [None if torch_outputs is None else int(sum(np.array_equal(a, b) for a, b in zip(ours, torch_outputs)))
+                 for _, _, ours in losses[:-1]]
     mm_flops = 2.0 * matmul_size ** 3
     jax_mm_flops = mm_flops / statistics.median(jax_mm_s)
     torch_mm_flops = mm_flops / statistics.median(torch_mm_s)
@@ -673,8 +844,10 @@ def run_bench(name: str, size: Optional[str] = None, batch: int = 4, seq_len: in
         jax_step_s=[statistics.median(s) for s in samples[:-1]], jax_samples=samples[:-1],
         torch_step_s=statistics.median(samples[-1]), torch_samples=samples[-1],
         jax_faults=[statistics.median(f) for f in faults[:-1]], torch_faults=statistics.median(faults[-1]),
-        jax_first_loss=[first for first, _ in losses[:-1]], torch_first_loss=losses[-1][0],
-        jax_loss=[last for _, last in losses[:-1]], torch_loss=losses[-1][1], shape=bench.shape(batch, seq_len),
+        jax_first_loss=[first for first, _, _ in losses[:-1]], torch_first_loss=losses[-1][0],
+        jax_loss=[last for _, last, _ in losses[:-1]], torch_loss=losses[-1][1], shape=bench.shape(batch, seq_len),
+        work=bench.work, flops_note=bench.flops_note, same_rows=same_rows,
+        output_rows=0 if torch_outputs is None else len(torch_outputs),
         part_name=bench.part_name if bench.part else "",
         jax_part_s=[statistics.median(s) for s in part_samples[:-1]],
         torch_part_s=statistics.median(part_samples[-1]) if part_samples else 0.0)
@@ -694,7 +867,7 @@ def format_result(res: BenchResult) -> str:
 
     lines = [
         f"evejax bench {res.bench}: {res.size} ({res.describe}), batch {res.shape or f'{res.batch} x {res.seq_len}'}, "
-        "float32, forward + backward + AdamW",
+        f"{res.work}",
         f"machine: {res.cpu}, {os.cpu_count()} CPU cores ({platform.machine()}); "
         f"torch {version('torch')} threads {res.threads}; jax {version('jax')}; "
         f"transformers {version('transformers')}",
@@ -723,16 +896,22 @@ def format_result(res: BenchResult) -> str:
         rows += [[f"{res.part_name} s/step", *(f"{p:.3f}" for p in res.jax_part_s), f"{res.torch_part_s:.3f}"],
                  [f"{res.part_name} share", *(f"{p / s:.1%}" for p, s in zip(res.jax_part_s, res.jax_step_s)),
                   f"{res.torch_part_s / res.torch_step_s:.1%}"]]
-    if res.same_weights:  # the same weights and batch: the first losses agree when the steps do
-        rows.append(["first loss", *(f"{x:.5f}" for x in res.jax_first_loss), f"{res.torch_first_loss:.5f}"])
-    rows.append(["last loss", *(f"{x:.3f}" for x in res.jax_loss), f"{res.torch_loss:.3f}"])
+    if res.output_rows:  # the same weights and inputs: the same outputs when both compute the same thing
+        per_row = res.units_per_step / res.batch  # new tokens per row; the latency includes the prompt
+        rows.insert(2, ["latency ms/token", *(f"{1e3 * s / per_row:.1f}" for s in res.jax_step_s),
+                        f"{1e3 * res.torch_step_s / per_row:.1f}"])
+        rows.append(["rows = torch's", *(f"{n}/{res.output_rows}" for n in res.same_rows), "-"])
+    if res.torch_loss is not None:
+        if res.same_weights:  # the same weights and batch: the first losses agree when the steps do
+            rows.append(["first loss", *(f"{x:.5f}" for x in res.jax_first_loss), f"{res.torch_first_loss:.5f}"])
+        rows.append(["last loss", *(f"{x:.3f}" for x in res.jax_loss), f"{res.torch_loss:.3f}"])
     widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(head)]
     fmt = lambda cells: "  ".join(c.ljust(w) if i == 0 else c.rjust(w)  # noqa: E731
                                   for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
     lines += [fmt(head), fmt(["-" * w for w in widths])] + [fmt(r) for r in rows]
     lines += [
         "",
-        f"model FLOPs per step: {res.flops_per_step:.4g} (the registry's flops_per_step, MaxText's count)",
+        f"model FLOPs per step: {res.flops_per_step:.4g} ({res.flops_note})",
         f"peak: {res.matmul_size}^3 float32 matmul, jax {res.jax_matmul_flops / 1e9:.1f} GFLOP/s, "
         f"torch {res.torch_matmul_flops / 1e9:.1f} GFLOP/s -> peak {res.peak_flops / 1e9:.1f} GFLOP/s",
     ]
@@ -740,19 +919,20 @@ def format_result(res: BenchResult) -> str:
         lines.append(f"{res.part_name} s/step: timed alone in the same run, as many calls as a step makes "
                      "(forward + backward); share: of the step's median")
     for name, options in zip(names, res.variants):
-        lines.append(f"{name} options: " + ", ".join(f"{k}={v}" for k, v in options.items()))
+        lines.append(f"{name} options: " + (", ".join(f"{k}={v}" for k, v in options.items()) or "(none)"))
     return "\n".join(lines)
 
 
 def _parser(name: str) -> argparse.ArgumentParser:
     bench = BENCHES[name]
     p = argparse.ArgumentParser(prog=f"evejax bench {name}",
-                                description=f"evejax vs PyTorch eager: a {bench.model} training step")
+                                description=f"evejax vs PyTorch eager, a {bench.model} model: {bench.work}")
     p.add_argument("--size", default=bench.size, help=f"a size of the registry's {bench.model!r} family")
     p.add_argument("--overrides", default="",
                    help="model config fields for both sides, e.g. max_tiles=2,num_layers=4")
     p.add_argument("--batch", type=int, default=bench.default_batch)
-    p.add_argument("--seq-len", type=int, default=512)
+    p.add_argument("--seq-len", type=int, default=bench.default_seq_len,
+                   help="tokens per row (generate: new tokens per row)")
     p.add_argument("--steps", type=int, default=bench.default_steps, help="steps per measurement")
     p.add_argument("--repeats", type=int, default=5, help="alternating measurements per framework")
     p.add_argument("--warmup", type=int, default=bench.default_warmup,

@@ -91,3 +91,23 @@ def test_dan_entry_steps_compute_the_same_loss():
     assert literal.model.blocks[0].mixer.config.scan_slicing == "mamba_ssm"
     with pytest.raises(ValueError, match=r"reference has no option\(s\) \['scna'\]; it takes \['scan'\]"):
         bench.run_bench("dan", reference_options=dict(scna="mamba_ssm"))
+
+
+def test_generate_bench_same_tokens_and_the_table():
+    """`evejax bench generate`: evejax's batched greedy decoding and the PyTorch reference's (the
+    reference EVE's splice + transformers' cached generate) on the same weights and prompts give
+    the same tokens, row for row, and the table reports rates of new tokens."""
+    from evejax import config as config_lib
+
+    demo = config_lib.load("demo.py:stage3").model.overrides.to_dict()
+    assert bench.DEMO_EVE_OVERRIDES == dict(demo, with_pal=False)  # the demo's EVE, inference form
+    res = bench.run_bench("generate", "demo", batch=4, seq_len=6, steps=1, repeats=1, matmul_size=64, warmup=1)
+    assert res.same_weights and res.unit == "tokens" and res.units_per_step == 4 * 6
+    assert res.output_rows == 4 and res.same_rows == [4]
+    assert res.torch_loss is None and min(res.jax_step_s) > 0 and res.torch_step_s > 0
+    table = bench.format_result(res)
+    assert table.startswith("evejax bench generate: demo (LLM d 128, 4 layers")
+    assert "4 prompts x 6 new tokens, float32, batched greedy decoding" in table
+    assert "rows = torch's" in table and "4/4" in table and "last loss" not in table
+    assert f"latency ms/token {1e3 * res.jax_step_s[0] / 6:.1f}" in " ".join(table.split())
+    assert "LlamaForCausalLM.generate, KV cache" in table and "the registry's count at that length / 3" in table

@@ -103,6 +103,18 @@ def test_mmbench_circular_question_right_in_three_of_four_rotations_counts_zero(
     assert items[0].picture().size == (8, 8)
     answers = ["A", "D. red", "B", "B", "B", "square"]         # question 0: rotation 2 wrong
     assert mmbench.score(items, answers) == {"circular_accuracy": 50.0, "row_accuracy": 100 * 5 / 6}
+    # the server's .xlsx: one row per release row (round 0), written through a temporary file
+    import openpyxl
+
+    path, = mmbench.write(items, answers, tmp_path / "out")
+    assert path.name == "mmbench_dev_20230712_predictions.xlsx" and list(path.parent.iterdir()) == [path]
+    assert list(openpyxl.load_workbook(path).active.iter_rows(values_only=True)) == [
+        ("index", "question", "A", "B", "C", "D", "prediction", "answer"),
+        (0, "which colour?", "red", "green", "blue", "yellow", "A", "A"),
+        (1, "which shape?", "circle", "square", None, None, "B", "B")]
+    assert run.run_one(mmbench, None, tmp_path, tmp_path / "out", "llava", progress=False,
+                       prompt_style="question") == {"error": "mmbench prompts list options; it has no "
+                                                             "--prompt-style question"}
 
 
 def test_mmbench_released_rotations_are_grouped_by_index(tmp_path):
@@ -207,6 +219,43 @@ def test_cli_runs_a_tiny_eve_on_the_vqav2_and_pope_layouts(tmp_path, capsys):
     assert results["vqav2"]["scores"]["val_accuracy"] == 100 * exact
     lines = (tmp_path / "out" / "pope_answers.jsonl").read_text().splitlines()
     assert len(lines) == 3 * len(presence) and json.loads(lines[0])["category"] == "adversarial"
+
+
+def test_question_style_gives_the_demo_exact_match_figures(tmp_path):
+    """`eval --bench vqav2,pope --prompt-style question` asks as the demo's evaluation does (the
+    question alone in vicuna_v1), so on a shapes benchmark in the VQAv2 and POPE layouts its figures
+    are evaluate's exact-match ones. The tiny EVE's lm_head keeps two columns, "yes" and its negation
+    "no", and one new token is asked: every answer is yes or no, where POPE's reading of an answer
+    (no unless it says no) and exact match agree; VQAv2 with 10 equal references is exact match."""
+    from test_checkpoint_io import EVE_MODEL, _init, _workdir
+
+    from evejax.data import shapes
+
+    cfg, params = _init(EVE_MODEL, 0)
+    tokenizer = shapes.tokenizer()
+    (yes,), (no,) = tokenizer.encode("yes"), tokenizer.encode("no")
+    head = params["llm"]["lm_head"]["kernel"]
+    cut = np.zeros_like(head)
+    cut[:, yes], cut[:, no] = head[:, yes], -head[:, yes]
+    params["llm"]["lm_head"]["kernel"] = cut
+    _workdir(tmp_path / "run", {"model": EVE_MODEL}, params, 2)
+    questions, presence = _write_vqav2_and_pope(tmp_path / "data", 16)
+    argv = ["eval", str(tmp_path / "run"), "--bench", "vqav2,pope", "--data-root", str(tmp_path / "data"),
+            "--tokenizer", "shapes", "--out", str(tmp_path / "out"), "--max-new", "1", "--prompt-style", "question",
+            "--temperature", "0", "--top-k", "5"]  # the sampled decode path at temperature 0: greedy
+    assert cli.main(argv) == 0
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert results["prompt_style"] == "question"
+    scores = {name: r["scores"] for name, r in results["results"].items()}
+
+    demo = ev.evaluate(ev.Answerer(cfg, params, 100, tokenizer, max_new_tokens=1), questions)
+    assert set(demo.predictions) == {"yes", "no"} and 0 < demo.accuracy < 1, demo.predictions
+    written = json.loads((tmp_path / "out" / "vqav2_val2014_results.json").read_text())
+    assert [w["answer"] for w in written] == demo.predictions
+    assert scores["vqav2"]["val_accuracy"] == 100 * demo.accuracy
+    assert len(presence) == demo.counts["presence"] > 1
+    for split in pope.SPLITS:  # each split holds the presence questions once
+        assert scores["pope"][f"{split}_accuracy"] == 100 * demo.per_type["presence"]
 
 
 def test_submission_files_for_the_servers(tmp_path):

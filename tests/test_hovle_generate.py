@@ -136,6 +136,9 @@ def test_generate_cli_answers_with_a_hovle_checkpoint(hovle_checkpoint, tmp_path
 
     answerer = gen.load_answerer(ckpt, max_new_tokens=6)
     assert isinstance(answerer, gen.HoVLEAnswerer)
+    from evejax.eval.benchmarks import run
+
+    assert run.ModelAnswer(answerer).batch_size == gen.HOVLE_BATCH == 8  # eval --bench asks 8 at a time
     answer = answerer.answer([Image.open(picture)], [question])[0]
     assert printed == answer + "\n"
 

@@ -1,6 +1,7 @@
 """Exact-match VQA evaluation of an EVE or HoVLE checkpoint on held-out shapes questions.
 
   evejax eval CHECKPOINT [--num-questions 500] [--batch-size 100] [--seed 0] [--show 5]
+              [--temperature T --top-p P --top-k K --sample-seed S]   (default greedy)
   evejax eval CHECKPOINT --bench vqav2,gqa,pope,... --data-root DIR   (the papers' benchmarks:
                                                                       evejax.eval.benchmarks.run)
 
@@ -59,7 +60,8 @@ from evejax import atomic
 from evejax.data import image as image_lib
 from evejax.data import shapes
 from evejax.data import text as text_lib
-from evejax.eval.generate import HoVLEAnswerer, bucket_length, greedy_generate
+from evejax.eval.generate import (HoVLEAnswerer, Sampling, add_sampling_args, bucket_length, greedy_generate,
+                                  padded_batches, sampling_from_args)
 from evejax.models import eve as eve_lib
 from evejax.models import hovle as hovle_lib
 from evejax.models import llm as llm_lib
@@ -132,7 +134,8 @@ def chance_accuracy(questions: Sequence[Question]) -> tuple[float, dict[str, tup
 # ---- the model --------------------------------------------------------------------------
 
 class Answerer:
-    """Greedy answers of an inference EVE (no PAL, no teacher) to (image, question) pairs.
+    """Answers of an inference EVE (no PAL, no teacher) to (image, question) pairs, greedy unless
+    `sampling` (generate.Sampling; batch k draws with fold_in(PRNGKey(seed), k)).
 
     Every batch is padded to [rows, N]: N the longest prompt rounded up to a multiple of
     PROMPT_BUCKET (generate.bucket_length), rows the batch size, or for fewer questions the next
@@ -141,7 +144,7 @@ class Answerer:
 
     def __init__(self, cfg: eve_lib.EVEConfig, params, batch_size: int = 100,
                  tokenizer: text_lib.Tokenizer | None = None, anyres: image_lib.AnyResConfig | None = None,
-                 max_new_tokens: int = MAX_NEW_TOKENS):
+                 max_new_tokens: int = MAX_NEW_TOKENS, sampling: Sampling | None = None, seed: int = 0):
         anyres = anyres or cfg.anyres()
         if cfg.with_pal:
             params = {k: v for k, v in params.items() if k not in ("vision_compressor", "clip")}
@@ -149,16 +152,14 @@ class Answerer:
         self.cfg, self.params, self.batch_size = cfg, params, batch_size
         self.tokenizer = tokenizer or shapes.tokenizer()
         self.anyres, self.max_new_tokens = anyres, max_new_tokens
+        self.sampling, self.seed = sampling, seed
 
     def answer(self, pictures: Sequence[Image.Image], questions: Sequence[str]) -> list[str]:
         prompts = [prompt_ids(q, self.tokenizer) for q in questions]
         width = bucket_length(max(len(p) for p in prompts))
         answers: list[str] = []
-        for start in range(0, len(prompts), self.batch_size):
-            rows = list(range(start, min(start + self.batch_size, len(prompts))))
-            n_real = len(rows)
-            size = min(self.batch_size, 1 << (n_real - 1).bit_length())
-            rows += [rows[-1]] * (size - n_real)
+        for k, (rows, n_real) in enumerate(padded_batches(len(prompts), self.batch_size)):
+            size = len(rows)
             tokens = np.full((size, width), self.tokenizer.pad_id, np.int32)
             segment_ids = np.zeros((size, width), np.int32)
             views = [image_lib.preprocess_anyres(pictures[r], self.anyres, with_teacher=False) for r in rows]
@@ -169,7 +170,9 @@ class Answerer:
                                                np.stack([v.pixels for v in views]),
                                                np.stack([v.mask for v in views]), cfg=self.cfg)
             new = np.asarray(greedy_generate(llm_lib.CausalLM(self.cfg.llm), self.params["llm"], None, mask,
-                                             self.max_new_tokens, self.tokenizer.eos_id, inputs_embeds=embeds))
+                                             self.max_new_tokens, self.tokenizer.eos_id, inputs_embeds=embeds,
+                                             sampling=self.sampling,
+                                             rng=jax.random.fold_in(jax.random.PRNGKey(self.seed), k)))
             answers += [decode_answer(new[i], self.tokenizer) for i in range(n_real)]
         return answers
 
@@ -315,9 +318,12 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0, help="seed of the shapes set the model was trained on")
     p.add_argument("--show", type=int, default=5, help="print this many predictions")
     p.add_argument("--json", help="also write the figures to this file (replaced only once complete)")
+    add_sampling_args(p, seed_flag="--sample-seed")
     args = p.parse_args(argv)
+    sampling = sampling_from_args(p, args)
     try:
         answerer = load_answerer(args.checkpoint, args.batch_size)
+        answerer.sampling, answerer.seed = sampling, args.sample_seed
         questions = heldout_questions(args.num_questions, args.seed)
     except (FileNotFoundError, ValueError) as e:
         print(f"evejax eval: error: {e}", file=sys.stderr)

@@ -1,4 +1,4 @@
-"""Greedy generation for CausalLM and HoVLE: with KV caches (fast) and by full recomputation (oracle).
+"""Generation for CausalLM and HoVLE: with KV caches (fast) and by full recomputation (greedy oracle).
 
 Inputs: prompt_tokens [B, T] int and prompt_mask [B, T] (1 = real token, 0 =
 padding; prompts are LEFT-padded so every row's last prompt token is at T - 1),
@@ -8,6 +8,17 @@ real tokens only (cumsum(mask) - 1), as transformers derives them from the
 attention mask, so a padded row decodes as if it were alone (dynamic NTK RoPE
 past `max_position_embeddings` aside, below). After a row emits
 `eos_id` it emits `eos_id` to the end.
+
+Choosing a token: greedy (argmax) by default; `sampling=Sampling(temperature, top_p, top_k)`
+draws from softmax(logits / temperature) over the top_k most likely ids and then the nucleus
+(transformers' order), with `rng` (a jax.random key: step i draws with fold_in(rng, i)), so a
+seed reproduces the tokens; temperature 0 is greedy. The knobs are traced: changing them
+compiles nothing new.
+
+Sharding (`mesh=`, a sharding.make_mesh mesh): the parameters are placed by the model's logical
+axis names and sharding.LOGICAL_RULES, as training places them, the batch arrays [B, ...] over the
+data axes (slice, data, fsdp: B must divide over them), and the loop runs under the rules, so the
+model's activation constraints apply; the tokens are those of the unsharded run.
 
 With dynamic NTK RoPE past `max_position_embeddings` the two paths differ, as
 transformers' `generate` with and without its cache does: each step scales RoPE
@@ -28,19 +39,20 @@ HD one, longer by (s^2 - 1) n per tile. Official HoVLE decodes "post" at batch 1
 and fails at its second new token (reference/hovle.md §6.8); this runs any batch.
 `eos_id` may be several ids (HoVLE stops at `<|im_end|>` or EOS).
 
-`evejax generate CKPT_DIR --prompt-ids 1,5,7 [--prompt-ids 4,2] --max-new 16`
-prints the new token ids of each prompt (up to and including EOS); CKPT_DIR is an
-evejax LM checkpoint or a training workdir (newest checkpoint; an EVE's LLM).
-`evejax generate CKPT_DIR --image IMG --prompt TEXT [--tokenizer T] [--max-new 16]`
-prints an EVE's or HoVLE's greedy answer (`load_answerer`, chosen by the
-checkpoint's format through `ANSWERERS`): EVE as `evejax eval` asks (any-res
-image, vicuna_v1; --tokenizer required: EVE checkpoints carry none), HoVLE as
-official `chat()` (dynamic tiles, internlm2-chat, the tokenizer files the
-checkpoint carries, answer up to `<|im_end|>`).
+`evejax generate CKPT_DIR --prompt-ids 1,5,7 [--prompt-ids 4,2] --max-new 16` prints the new
+token ids of each prompt (up to and including EOS); CKPT_DIR is an evejax LM checkpoint or a
+training workdir (newest checkpoint; an EVE's LLM).
+`evejax generate CKPT_DIR --image IMG --prompt TEXT [--tokenizer T] [--max-new 16]` prints an EVE's
+or HoVLE's answer (`load_answerer`, chosen by the checkpoint's format through `ANSWERERS`): EVE as
+`evejax eval` asks (any-res image, vicuna_v1; --tokenizer required: EVE checkpoints carry none),
+HoVLE as official `chat()` (dynamic tiles, internlm2-chat, the tokenizer files the checkpoint
+carries, answer up to `<|im_end|>`). Both are greedy unless --temperature (with --top-p, --top-k,
+--seed) samples.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import sys
 
@@ -72,6 +84,61 @@ def _argmax_last(logits):
     return jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32)
 
 
+@dataclasses.dataclass(frozen=True)
+class Sampling:
+    """How a new token is drawn (module docstring). temperature 0: greedy; top_p 1.0 and top_k 0: no cut."""
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+
+    def __post_init__(self):
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0 (0: greedy), got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1] (1: no nucleus cut), got {self.top_p}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0 (0: no cut), got {self.top_k}")
+
+    def knobs(self):
+        """The traced values: (temperature, top_p, top_k) as arrays."""
+        return (jnp.float32(self.temperature), jnp.float32(self.top_p), jnp.int32(self.top_k))
+
+
+def filter_logits(logits, top_p, top_k):
+    """logits [B, V] with every id outside the top_k (0: all) and then outside the nucleus of what
+    is left set to -inf. The nucleus: the most likely ids, in order, while the probability of the
+    ids before them is below top_p (the smallest set reaching top_p; the most likely id always)."""
+    vocab = logits.shape[-1]
+    order = jnp.argsort(-logits, axis=-1)
+    ranked = jnp.take_along_axis(logits, order, axis=-1)
+    rank = jnp.arange(vocab)
+    in_top_k = rank < jnp.where(top_k > 0, top_k, vocab)
+    probs = jax.nn.softmax(jnp.where(in_top_k, ranked, -jnp.inf), axis=-1)
+    before = jnp.cumsum(probs, axis=-1) - probs
+    # top_p 1 keeps all: the mass before the least likely ids rounds to 1.0 in float32
+    kept = jnp.sum(in_top_k & ((before < top_p) | (top_p >= 1)), axis=-1).clip(1)
+    cut = jnp.take_along_axis(ranked, kept[:, None] - 1, axis=-1)
+    return jnp.where(logits >= cut, logits, -jnp.inf)
+
+
+def _choose(logits, knobs, rng, step):
+    """Token [B] from last logits [B, V]: argmax without knobs or at temperature 0, else a draw."""
+    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    if knobs is None:
+        return greedy
+    temperature, top_p, top_k = knobs
+    scaled = logits.astype(jnp.float32) / jnp.where(temperature > 0, temperature, 1.0)
+    drawn = jax.random.categorical(jax.random.fold_in(rng, step), filter_logits(scaled, top_p, top_k), axis=-1)
+    return jnp.where(temperature > 0, drawn.astype(jnp.int32), greedy)
+
+
+def _knobs(sampling, rng):
+    """(knobs, rng) for the jitted loops: None for greedy."""
+    if sampling is None:
+        return None, None
+    return sampling.knobs(), jax.random.PRNGKey(0) if rng is None else rng
+
+
 def _empty_cache(model, *init_args, **init_kwargs):
     """Zero KV caches, as long as the inputs the model is initialised with (nothing compiled twice)."""
     shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), *init_args, **init_kwargs)["cache"])
@@ -84,11 +151,12 @@ def _apply_cached(model, params, cache, *args, **kwargs):
     return logits, variables["cache"]
 
 
-def _greedy_loop(token, cache, positions, step, max_new_tokens, stops):
-    """Tokens [B, max_new_tokens] from the first new token [B]: `step(cache, token, positions)` ->
-    (next token, cache), `positions` (a tree of [B]) those of `token`, one more every step."""
-    b = token.shape[0]
-    token, done = _finish(token, jnp.zeros((b,), bool), stops)
+def _decode_loop(logits, cache, positions, step, max_new_tokens, stops, knobs, rng):
+    """Tokens [B, max_new_tokens] from the prompt's last logits [B, V]: `step(cache, token, positions)`
+    -> (next logits [B, V], cache), `positions` (a tree of [B]) those of the prompt's last token, one
+    more every step; each token chosen by `_choose`."""
+    b = logits.shape[0]
+    token, done = _finish(_choose(logits, knobs, rng, 0), jnp.zeros((b,), bool), stops)
     out = jnp.full((b, max_new_tokens), stops[0] if stops else 0, jnp.int32).at[:, 0].set(token)
 
     def cond(carry):
@@ -98,8 +166,8 @@ def _greedy_loop(token, cache, positions, step, max_new_tokens, stops):
     def body(carry):
         i, token, positions, done, cache, out = carry
         positions = jax.tree.map(lambda p: p + 1, positions)
-        token, cache = step(cache, token, positions)
-        token, done = _finish(token, done, stops)
+        logits, cache = step(cache, token, positions)
+        token, done = _finish(_choose(logits, knobs, rng, i), done, stops)
         out = jax.lax.dynamic_update_slice_in_dim(out, token[:, None], i, axis=1)
         return i + 1, token, positions, done, cache, out
 
@@ -127,23 +195,53 @@ def bucket_length(length: int, bucket: int = PROMPT_BUCKET) -> int:
     return -(-length // bucket) * bucket
 
 
+def _on_mesh(mesh, model, params, init_args, batch):
+    """(params, batch) placed on `mesh` (module docstring); batch: arrays [B, ...] or None."""
+    from evejax import sharding
+
+    rows = next(a for a in batch if a is not None).shape[0]
+    data = sharding.data_parallel_size(mesh)
+    if rows % data:
+        raise ValueError(f"a batch of {rows} rows does not divide over the mesh's {data} data-parallel devices "
+                         f"(slice x data x fsdp); pad the batch to a multiple of {data}")
+    boxed = jax.eval_shape(lambda *args: model.init(jax.random.PRNGKey(0), *args)["params"], *init_args)
+    params = jax.device_put(params, sharding.tree_shardings(boxed, mesh))
+    return params, [None if a is None else jax.device_put(a, sharding.batch_sharding(mesh, np.ndim(a)))
+                    for a in batch]
+
+
+def _run(mesh, fn, *args, **kwargs):
+    """fn(*args, **kwargs), under the mesh's logical axis rules when there is a mesh."""
+    if mesh is None:
+        return fn(*args, **kwargs)
+    from evejax import sharding
+
+    with sharding.rules_context(mesh):
+        return fn(*args, **kwargs)
+
+
 def _check_max_new(max_new_tokens):
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
 
 
 def greedy_generate(model, params, prompt_tokens, prompt_mask, max_new_tokens: int, eos_id=None,
-                    inputs_embeds=None):
-    """New tokens [B, max_new_tokens] by greedy decoding with the KV cache; one compilation per shape.
-    eos_id: None, one id, or a tuple of ids any of which stops a row (it then repeats the first)."""
+                    inputs_embeds=None, sampling: Sampling | None = None, rng=None, mesh=None):
+    """New tokens [B, max_new_tokens] decoded with the KV cache, greedy unless `sampling`, sharded
+    over `mesh` when given (module docstring); one compilation per shape. eos_id: None, one id, or
+    a tuple of ids any of which stops a row (it then repeats the first)."""
     _check_max_new(max_new_tokens)
     tokens = None if prompt_tokens is None else jnp.asarray(prompt_tokens, jnp.int32)
-    return _greedy_cached(params, tokens, jnp.asarray(prompt_mask, jnp.int32), inputs_embeds,
-                          model=model, max_new_tokens=max_new_tokens, stops=_stops(eos_id))
+    mask = jnp.asarray(prompt_mask, jnp.int32)
+    if mesh is not None:
+        params, (tokens, mask, inputs_embeds) = _on_mesh(mesh, model, params, (mask,),
+                                                         (tokens, mask, inputs_embeds))
+    return _run(mesh, _greedy_cached, params, tokens, mask, inputs_embeds, *_knobs(sampling, rng), model=model,
+                max_new_tokens=max_new_tokens, stops=_stops(eos_id))
 
 
 @functools.partial(jax.jit, static_argnames=("model", "max_new_tokens", "stops"))
-def _greedy_cached(params, tokens, mask, inputs_embeds, *, model, max_new_tokens, stops):
+def _greedy_cached(params, tokens, mask, inputs_embeds, knobs, rng, *, model, max_new_tokens, stops):
     b, t = mask.shape
     cache = _empty_cache(model, jnp.zeros((b, t + max_new_tokens), jnp.int32), decode=True)
     positions = _positions(mask)
@@ -153,9 +251,9 @@ def _greedy_cached(params, tokens, mask, inputs_embeds, *, model, max_new_tokens
     def step(cache, token, position):
         logits, cache = _apply_cached(model, params, cache, token[:, None], positions=position[:, None],
                                       segment_ids=jnp.ones((b, 1), jnp.int32), decode=True)
-        return _argmax_last(logits), cache
+        return logits[:, -1], cache
 
-    return _greedy_loop(_argmax_last(logits), cache, positions[:, -1], step, max_new_tokens, stops)
+    return _decode_loop(logits[:, -1], cache, positions[:, -1], step, max_new_tokens, stops, knobs, rng)
 
 
 def generate_full_recompute(model, params, prompt_tokens, prompt_mask, max_new_tokens: int, eos_id=None,
@@ -192,8 +290,9 @@ def _embed(params, tokens, *, model):
 # ---- HoVLE: two KV caches, the embedding layers' and the LLM's -------------------------------
 
 def greedy_generate_hovle(model, params, prompt_tokens, prompt_mask, pixels, max_new_tokens: int,
-                          eos_id=None, tile_mask=None):
-    """New tokens [B, max_new_tokens] of a `HoVLE` model by greedy decoding with its two KV caches.
+                          eos_id=None, tile_mask=None, sampling: Sampling | None = None, rng=None, mesh=None):
+    """New tokens [B, max_new_tokens] of a `HoVLE` model decoded with its two KV caches, greedy
+    unless `sampling`, sharded over `mesh` when given (module docstring).
 
     prompt_tokens / prompt_mask [B, N] left-padded, with the image placeholders; pixels
     [B, P, S, S, 3] (real tiles first; tile_mask [B, P] names them, for the placeholder check).
@@ -206,12 +305,14 @@ def greedy_generate_hovle(model, params, prompt_tokens, prompt_mask, pixels, max
     pixels = np.asarray(pixels, np.float32)
     hovle.check_placeholders(model.cfg, tokens, np.ones(pixels.shape[:2], bool) if tile_mask is None
                              else tile_mask, mask)
-    return _hovle_greedy_cached(params, tokens, mask, pixels, model=model, max_new_tokens=max_new_tokens,
-                                stops=_stops(eos_id))
+    if mesh is not None:
+        params, (tokens, mask, pixels) = _on_mesh(mesh, model, params, (tokens, pixels), (tokens, mask, pixels))
+    return _run(mesh, _hovle_greedy_cached, params, tokens, mask, pixels, *_knobs(sampling, rng), model=model,
+                max_new_tokens=max_new_tokens, stops=_stops(eos_id))
 
 
 @functools.partial(jax.jit, static_argnames=("model", "max_new_tokens", "stops"))
-def _hovle_greedy_cached(params, tokens, mask, pixels, *, model, max_new_tokens, stops):
+def _hovle_greedy_cached(params, tokens, mask, pixels, knobs, rng, *, model, max_new_tokens, stops):
     from evejax.models import hovle
 
     b, t = tokens.shape
@@ -224,10 +325,10 @@ def _hovle_greedy_cached(params, tokens, mask, pixels, *, model, max_new_tokens,
         llm, encoder = positions
         logits, cache = _apply_cached(model, params, cache, token[:, None], llm[:, None], encoder[:, None],
                                       method="decode_step")
-        return _argmax_last(logits), cache
+        return logits[:, -1], cache
 
     last = tuple(p - 1 for p in hovle.next_positions(model.cfg, tokens, mask))
-    return _greedy_loop(_argmax_last(logits), cache, last, step, max_new_tokens, stops)
+    return _decode_loop(logits[:, -1], cache, last, step, max_new_tokens, stops, knobs, rng)
 
 
 def generate_full_recompute_hovle(model, params, prompt_tokens, prompt_mask, pixels, max_new_tokens: int,
@@ -263,6 +364,24 @@ def left_pad(prompts, pad_id: int, width: int | None = None):
     return tokens, mask
 
 
+def add_sampling_args(p: argparse.ArgumentParser, seed_flag: str = "--seed") -> None:
+    """--temperature, --top-p, --top-k and the draws' seed (`seed_flag`, read as args.sample_seed)."""
+    p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature (default 0: greedy)")
+    p.add_argument("--top-p", type=float, default=1.0, help="with --temperature: nucleus mass (default 1: all)")
+    p.add_argument("--top-k", type=int, default=0, help="with --temperature: the k most likely ids (default 0: all)")
+    p.add_argument(seed_flag, dest="sample_seed", type=int, default=0, help="with --temperature: the draws' seed")
+
+
+def sampling_from_args(p: argparse.ArgumentParser, args) -> Sampling | None:
+    """The Sampling of `add_sampling_args`' flags, None for greedy; bad values are a usage error."""
+    if args.temperature == 0 and (args.top_p, args.top_k) == (1.0, 0):
+        return None
+    try:
+        return Sampling(args.temperature, args.top_p, args.top_k)
+    except ValueError as e:
+        p.error(str(e))
+
+
 def _token_ids(text: str) -> list[int]:
     try:
         ids = [int(x) for x in text.split(",") if x.strip()]
@@ -291,12 +410,19 @@ def load_lm(path: str):
 
 # ---- answers to (image, prompt): EVE and HoVLE ------------------------------------------------
 
-def fixed_batches(count: int, size: int):
-    """(rows, number of real rows) over range(count), `size` rows a batch; the last batch repeats
-    its final row, so every batch has the same shape and generation compiles once."""
+def padded_batches(count: int, size: int):
+    """(rows, number of real rows) over range(count), at most `size` rows a batch; a batch is padded
+    (its final row repeated) to `size` rows, or a shorter last one to the next power of two, so
+    generation compiles once per row bucket, not once per call."""
     for start in range(0, count, size):
         rows = list(range(start, min(start + size, count)))
-        yield rows + [rows[-1]] * (size - len(rows)), len(rows)
+        padded = min(size, 1 << (len(rows) - 1).bit_length())
+        yield rows + [rows[-1]] * (padded - len(rows)), len(rows)
+
+
+def tile_bucket(tiles: int, slots: int) -> int:
+    """Tile slots a batch runs with: its most tiles rounded up to a power of two, at most `slots`."""
+    return min(slots, 1 << (tiles - 1).bit_length())
 
 
 class HoVLEAnswerer:
@@ -304,11 +430,13 @@ class HoVLEAnswerer:
     tiled (InternVL dynamic tiling, the config's max_tiles), "<image>\\n" + question in the
     internlm2-chat prompt, decoding until `<|im_end|>` or EOS. `special_ids`: the tokenizer's
     ids of the chat and image tokens (text.INTERNLM2_SPECIAL_IDS by default). `batch_size`: questions
-    per generation call, every call padded to [batch_size, the longest prompt at the most tiles]
-    so it compiles once (None: all in one call)."""
+    per generation call (None: all in one call). Each call is padded to shape buckets, so a call
+    in a bucket already seen compiles nothing: rows (`padded_batches`), prompt width (a multiple of
+    PROMPT_BUCKET, left padding) and tile slots (`tile_bucket` of the batch's most tiles).
+    `sampling` and `seed`: greedy_generate's (batch k draws with fold_in(PRNGKey(seed), k))."""
 
     def __init__(self, cfg, params, tokenizer, special_ids=None, max_new_tokens: int = 64,
-                 batch_size: int | None = None):
+                 batch_size: int | None = None, sampling: Sampling | None = None, seed: int = 0):
         from evejax.data import text as text_lib
         from evejax.models import hovle
 
@@ -318,7 +446,7 @@ class HoVLEAnswerer:
             raise ValueError(f"the tokenizer's {text_lib.IMG_CONTEXT} is id {context} but the model's "
                              f"img_context_token_id is {cfg.img_context_token_id}; use the checkpoint's tokenizer")
         self.cfg, self.params, self.tokenizer, self.max_new_tokens = cfg, params, tokenizer, max_new_tokens
-        self.batch_size = batch_size
+        self.batch_size, self.sampling, self.seed = batch_size, sampling, seed
         self.model = hovle.HoVLE(cfg)
         self.stops = (self.special_ids[text_lib.IM_END], tokenizer.eos_id)
 
@@ -344,15 +472,16 @@ class HoVLEAnswerer:
     def answer(self, pictures, questions) -> list[str]:
         from evejax.eval.evaluate import decode_answer
 
-        width = max(len(self.prompt_ids(q, self.cfg.tile_slots)) for q in questions)
         answers = []
-        for rows, n_real in fixed_batches(len(questions), self.batch_size or len(questions)):
+        for k, (rows, n_real) in enumerate(padded_batches(len(questions), self.batch_size or len(questions))):
             tiled = [self.tiles(self.cfg, pictures[r]) for r in rows]
+            slots = tile_bucket(max(t.num_tiles for t in tiled), self.cfg.tile_slots)
             prompts = [self.prompt_ids(questions[r], t.num_tiles) for r, t in zip(rows, tiled)]
-            tokens, mask = left_pad(prompts, self.tokenizer.pad_id, width)
+            tokens, mask = left_pad(prompts, self.tokenizer.pad_id, bucket_length(max(map(len, prompts))))
             new = np.asarray(greedy_generate_hovle(
-                self.model, self.params, tokens, mask, np.stack([t.pixels for t in tiled]), self.max_new_tokens,
-                self.stops, tile_mask=np.stack([t.tile_mask for t in tiled])))
+                self.model, self.params, tokens, mask, np.stack([t.pixels[:slots] for t in tiled]),
+                self.max_new_tokens, self.stops, tile_mask=np.stack([t.tile_mask[:slots] for t in tiled]),
+                sampling=self.sampling, rng=jax.random.fold_in(jax.random.PRNGKey(self.seed), k)))
             answers += [decode_answer(_until(row, self.stops), self.tokenizer) for row in new[:n_real].tolist()]
         return answers
 
@@ -387,6 +516,9 @@ def hovle_tokenizer(directory):
     return tokenizer, special
 
 
+HOVLE_BATCH = 8  # questions decoded together (buckets: rows, prompt width, tile slots)
+
+
 def _hovle_answerer(path, cfg, params, tokenizer, max_new_tokens):
     from evejax.data import pipeline
     from evejax.port import checkpoint
@@ -394,9 +526,11 @@ def _hovle_answerer(path, cfg, params, tokenizer, max_new_tokens):
     if tokenizer is None:
         if checkpoint.is_workdir(path):
             raise ValueError("a training workdir carries no tokenizer: pass --tokenizer (the LLM's tokenizer.model)")
-        return HoVLEAnswerer(cfg, params, *hovle_tokenizer(path), max_new_tokens=max_new_tokens)
+        return HoVLEAnswerer(cfg, params, *hovle_tokenizer(path), max_new_tokens=max_new_tokens,
+                             batch_size=HOVLE_BATCH)
     made = pipeline.make_tokenizer(tokenizer)  # the special ids its training data used
-    return HoVLEAnswerer(cfg, params, made, pipeline.special_ids(tokenizer, made), max_new_tokens=max_new_tokens)
+    return HoVLEAnswerer(cfg, params, made, pipeline.special_ids(tokenizer, made), max_new_tokens=max_new_tokens,
+                         batch_size=HOVLE_BATCH)
 
 
 EVE_BATCH = 16  # questions decoded together (left-padded, one compilation per prompt bucket)
@@ -417,10 +551,11 @@ def _eve_answerer(path, cfg, params, tokenizer, max_new_tokens):
 ANSWERERS = {"eve": _eve_answerer, "hovle": _hovle_answerer}
 
 
-def load_answerer(path, tokenizer: str | None = None, max_new_tokens: int = 64):
+def load_answerer(path, tokenizer: str | None = None, max_new_tokens: int = 64, sampling: Sampling | None = None,
+                  seed: int = 0):
     """The answerer (`.answer(pictures, questions) -> answers`) of an EVE or HoVLE checkpoint
     directory or training workdir. `tokenizer`: a tokenizer.model path or "shapes"; by default the
-    one the checkpoint carries (HoVLE)."""
+    one the checkpoint carries (HoVLE). `sampling`, `seed`: greedy_generate's."""
     from evejax.eval import evaluate
     from evejax.port.io import CheckpointError
 
@@ -428,7 +563,9 @@ def load_answerer(path, tokenizer: str | None = None, max_new_tokens: int = 64):
         name, cfg, params = evaluate.load_model(path)
     except CheckpointError as e:
         raise CheckpointError(f"{e}; --image/--prompt answer with those, --prompt-ids generates with an LLM") from None
-    return ANSWERERS[name](path, cfg, params, tokenizer, max_new_tokens)
+    answerer = ANSWERERS[name](path, cfg, params, tokenizer, max_new_tokens)
+    answerer.sampling, answerer.seed = sampling, seed
+    return answerer
 
 
 def main(argv) -> int:
@@ -437,8 +574,9 @@ def main(argv) -> int:
     from evejax.port.io import CheckpointError
 
     p = argparse.ArgumentParser(prog="evejax generate",
-                                description="greedy generation from a checkpoint: an LLM's new token ids for "
-                                "--prompt-ids, or an EVE's or HoVLE's answer for --image and --prompt")
+                                description="generation from a checkpoint (greedy, or sampled with --temperature): "
+                                "an LLM's new token ids for --prompt-ids, or an EVE's or HoVLE's answer for --image "
+                                "and --prompt")
     p.add_argument("checkpoint", help="evejax checkpoint directory (model.json + params/) or training "
                    "workdir (its newest checkpoint; with --prompt-ids, for an EVE the LLM alone)")
     p.add_argument("--prompt-ids", type=_token_ids, action="append",
@@ -450,7 +588,9 @@ def main(argv) -> int:
     p.add_argument("--max-new", type=int, default=16, help="number of tokens to generate")
     p.add_argument("--eos-id", type=int, help="stop token (default: the model's eos id)")
     p.add_argument("--no-eos", action="store_true", help="always generate --max-new tokens")
+    add_sampling_args(p)
     args = p.parse_args(argv)
+    sampling = sampling_from_args(p, args)
     if args.max_new < 1:
         p.error("--max-new must be >= 1")
     if (args.image is None) != (args.prompt is None):
@@ -459,7 +599,7 @@ def main(argv) -> int:
         p.error("give either --prompt-ids or --image with --prompt")
     if args.prompt is not None:
         try:
-            answerer = load_answerer(args.checkpoint, args.tokenizer, args.max_new)
+            answerer = load_answerer(args.checkpoint, args.tokenizer, args.max_new, sampling, args.sample_seed)
             picture = load_image(args.image)
         except (FileNotFoundError, ValueError) as e:  # CheckpointError and BadImageError included
             print(f"evejax generate: error: {e}", file=sys.stderr)
@@ -477,7 +617,8 @@ def main(argv) -> int:
         p.error(f"token ids {bad} are outside the vocabulary [0, {vocab})")
     eos = None if args.no_eos else (cfg.eos_id if args.eos_id is None else args.eos_id)
     tokens, mask = left_pad(args.prompt_ids, cfg.pad_id)
-    out = np.asarray(greedy_generate(CausalLM(cfg), params, tokens, mask, args.max_new, eos))
+    out = np.asarray(greedy_generate(CausalLM(cfg), params, tokens, mask, args.max_new, eos, sampling=sampling,
+                                     rng=jax.random.PRNGKey(args.sample_seed)))
     for row in out.tolist():
         if eos is not None and eos in row:
             row = row[:row.index(eos) + 1]

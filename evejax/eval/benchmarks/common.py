@@ -33,6 +33,10 @@ from PIL import Image
 
 # The two protocols: EVE is evaluated as LLaVA-1.5 (vicuna_v1, greedy), HoVLE as InternVL (chat()).
 PROTOCOLS = ("llava", "internvl")
+# How a question is put to the model: "protocol", the protocol's prompt (its instruction appended,
+# as the papers ask); "question", the question text alone, as `evejax eval` asks the shapes questions
+# and `evejax demo` scores them (open and yes/no benchmarks only: a prompt with options keeps them).
+PROMPT_STYLES = ("protocol", "question")
 SHORT_ANSWER = "Answer the question using a single word or phrase."
 OPTION_LETTER = "Answer with the option's letter from the given choices directly."
 
@@ -40,11 +44,13 @@ OPTION_LETTER = "Answer with the option's letter from the given choices directly
 @dataclasses.dataclass
 class Item:
     """One question: `image` is a file path or a callable returning the PIL image (MMBench keeps its
-    images inside the question file); `truth` holds what scoring and writing need."""
+    images inside the question file); `truth` holds what scoring and writing need; `question` the
+    question text alone (PROMPT_STYLES "question"), None where the prompt must list options."""
     qid: Any
     image: Any
     prompt: str
     truth: dict = dataclasses.field(default_factory=dict)
+    question: str | None = None
 
     def picture(self) -> Image.Image:
         picture = self.image() if callable(self.image) else Image.open(self.image)

@@ -27,7 +27,8 @@ def load(root, protocol: str) -> list[common.Item]:
     common.check_protocol(protocol)
     base = Path(root) / NAME
     return [common.Item(qid, base / "images" / f"{q['imageId']}.jpg",
-                        q["question"] + SEPARATOR[protocol] + common.SHORT_ANSWER, {"answer": q["answer"]})
+                        q["question"] + SEPARATOR[protocol] + common.SHORT_ANSWER, {"answer": q["answer"]},
+                        q["question"])
             for qid, q in common.read_json(base / QUESTIONS, "GQA testdev-balanced questions").items()]
 
 

@@ -10,9 +10,10 @@ and the letters kept (LLaVA's model_vqa_mmbench --all-rounds). Prompt (both prot
 question, "A. option" lines, "Answer with the option's letter from the given choices directly."
 The letter of an answer: InternVL's post_process (common.option_letter); MMBench's server matches
 LLaVA's raw answers itself, by rules plus a GPT judge, so for EVE this is its exact-match stage only.
-Written: mmbench_dev_20230712_predictions.tsv, the release's columns (image, hint, category, source,
-l2-category and comment dropped, as LLaVA's convert_mmbench_for_submission.py does) plus round and
-prediction; the server wants the same table as .xlsx (openpyxl is not a dependency here).
+Written: mmbench_dev_20230712_predictions.xlsx, the sheet the server takes, as LLaVA's
+convert_mmbench_for_submission.py makes it (openpyxl): the release's columns without image, hint,
+category, source, l2-category and comment, i.e. index, question, A-D, and prediction inserted before
+answer; one row per release row.
 """
 from __future__ import annotations
 
@@ -31,6 +32,7 @@ from evejax.eval.benchmarks import common
 NAME, COLUMN = "mmbench", "MMB"
 MAX_NEW_TOKENS = {"llava": 128, "internvl": 100}
 TSV = "mmbench_dev_20230712.tsv"
+SUBMISSION = "mmbench_dev_20230712_predictions.xlsx"
 LETTERS = "ABCD"
 ROTATION = 1_000_000
 
@@ -74,11 +76,15 @@ def score(items, answers) -> dict[str, float]:
 
 
 def write(items, answers, out_dir) -> list[Path]:
-    header = ["index", "round", "question", *LETTERS, "answer", "prediction"]
-    text = io.StringIO()
-    writer = csv.writer(text, delimiter="\t", lineterminator="\n")
-    writer.writerow(header)
+    """The server's sheet: one row per release row (its round 0; rotations made here are scored
+    locally only, the server rotates by index itself)."""
+    from openpyxl import Workbook
+
+    sheet = Workbook()
+    table = sheet.active
+    table.append(["index", "question", *LETTERS, "prediction", "answer"])
     for i, a in zip(items, answers, strict=True):
-        options = i.truth["options"] + [""] * (len(LETTERS) - len(i.truth["options"]))
-        writer.writerow([i.qid, i.truth["round"], i.truth["question"], *options, i.truth["answer"], a])
-    return [atomic.write_text(Path(out_dir) / "mmbench_dev_20230712_predictions.tsv", text.getvalue())]
+        if i.truth["round"] == 0:
+            options = i.truth["options"] + [None] * (len(LETTERS) - len(i.truth["options"]))
+            table.append([i.qid, i.truth["question"], *options, a, i.truth["answer"]])
+    return [atomic.write_file(Path(out_dir) / SUBMISSION, sheet.save)]

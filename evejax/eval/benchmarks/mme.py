@@ -48,7 +48,8 @@ def load(root, protocol: str) -> list[common.Item]:
                     question, truth = line.rstrip("\n").split("\t")
                     items.append(common.Item(f"{task}/{image.name}", image, question + SEPARATOR[protocol]
                                              + common.SHORT_ANSWER, {"task": task, "question": question,
-                                                                      "truth": truth.strip(), "protocol": protocol}))
+                                                                      "truth": truth.strip(), "protocol": protocol},
+                                             question))
     return items
 
 

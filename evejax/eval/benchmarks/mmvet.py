@@ -22,7 +22,7 @@ MAX_NEW_TOKENS = {"llava": 128, "internvl": 1000}
 def load(root, protocol: str) -> list[common.Item]:
     common.check_protocol(protocol)
     base = Path(root) / "mm-vet"
-    return [common.Item(qid, base / "images" / q["imagename"], q["question"])
+    return [common.Item(qid, base / "images" / q["imagename"], q["question"], question=q["question"])
             for qid, q in common.read_json(base / "mm-vet.json", "MM-Vet questions").items()]
 
 

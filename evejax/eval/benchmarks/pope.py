@@ -31,7 +31,8 @@ def load(root, protocol: str) -> list[common.Item]:
     for split in SPLITS:
         for q in common.read_jsonl(base / "coco" / f"coco_pope_{split}.json", f"POPE {split} questions"):
             items.append(common.Item(q["question_id"], base / "val2014" / q["image"],
-                                     q["text"] + "\n" + common.SHORT_ANSWER, {"label": q["label"], "split": split}))
+                                     q["text"] + "\n" + common.SHORT_ANSWER, {"label": q["label"], "split": split},
+                                     q["text"]))
     return items
 
 

@@ -8,13 +8,23 @@ metric) into --out, each through evejax.atomic. A benchmark whose files are miss
 the path where they were expected; the others still run.
 
 The protocol follows the model: EVE answers as LLaVA-1.5 asks (vicuna_v1, greedy), HoVLE as InternVL's
-chat() (internlm2-chat); --protocol overrides. The model is `answer([(PIL image, prompt), ...]) ->
-[text, ...]`, so `run` scores any callable; `evejax eval` builds it from generate.load_answerer (one
-question at a time).
+chat() (internlm2-chat); --protocol overrides. --temperature/--top-p/--top-k/--seed sample instead of
+greedy decoding (evejax.eval.generate.Sampling); the papers' figures are greedy. The model is
+`answer([(PIL image, prompt), ...]) -> [text, ...]`, so `run` scores any callable; `evejax eval`
+builds it from generate.load_answerer (EVE: 16 questions a call, HoVLE: 8).
+
+--prompt-style (common.PROMPT_STYLES): "protocol" (default) asks with the protocol's prompt, the
+instruction appended ("Answer the question using a single word or phrase." and the like), as the
+papers' numbers were measured; "question" asks with the benchmark's question text alone, as `evejax
+eval` asks the shapes questions and `evejax demo` scores them, so a model trained on bare questions
+is asked as it was trained (e.g. the demo's EVE on a shapes benchmark written in the VQAv2 and POPE
+layouts gives the demo's exact-match figures). Benchmarks whose prompt lists options (ScienceQA,
+MMBench, SEED) have no "question" style and report an error under it.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -30,8 +40,8 @@ class ModelAnswer:
 
     def __init__(self, answerer, max_new_tokens: int | None = None):
         self.answerer, self.fixed_max_new = answerer, max_new_tokens
-        # EVE's answerer decodes one question at a time; the bar then moves with every question
-        self.batch_size = getattr(answerer, "batch_size", 8)
+        # the answerer's own batch (EVE 16, HoVLE 8): the runner hands it one batch per call
+        self.batch_size = answerer.batch_size
 
     @property
     def protocol(self) -> str:
@@ -55,7 +65,7 @@ def parse_names(text: str) -> list[str]:
 
 
 def run_one(module, answer: common.Answer, data_root, out_dir, protocol: str, limit: int | None = None,
-            batch_size: int | None = None, progress: bool = True) -> dict:
+            batch_size: int | None = None, progress: bool = True, prompt_style: str = "protocol") -> dict:
     """{"questions", "scores", "files"} of one benchmark, or {"missing": message} / {"error": message}."""
     from tqdm import tqdm
 
@@ -64,6 +74,10 @@ def run_one(module, answer: common.Answer, data_root, out_dir, protocol: str, li
     except common.MissingFile as e:
         return {"missing": str(e)}
     items = items[:limit] if limit else items
+    if prompt_style == "question":
+        if any(i.question is None for i in items):
+            return {"error": f"{module.NAME} prompts list options; it has no --prompt-style question"}
+        items = [dataclasses.replace(i, prompt=i.question) for i in items]
     if hasattr(answer, "prepare"):
         answer.prepare(module, protocol)
     batch_size = batch_size or getattr(answer, "batch_size", 8)
@@ -82,17 +96,19 @@ def run_one(module, answer: common.Answer, data_root, out_dir, protocol: str, li
 
 
 def run(names: Sequence[str], answer: common.Answer, data_root, out_dir, protocol: str, limit: int | None = None,
-        batch_size: int | None = None, progress: bool = True) -> dict:
+        batch_size: int | None = None, progress: bool = True, prompt_style: str = "protocol") -> dict:
     """{name: run_one(...)} for the chosen benchmarks; results.json is written into out_dir."""
     common.check_protocol(protocol)
+    if prompt_style not in common.PROMPT_STYLES:
+        raise ValueError(f"prompt style {prompt_style!r} is not one of {common.PROMPT_STYLES}")
     results = {}
     for name in names:
         results[name] = run_one(registry.BENCHMARKS[name], answer, data_root, out_dir, protocol, limit, batch_size,
-                                progress)
+                                progress, prompt_style)
         if "missing" in results[name] or "error" in results[name]:
             print(f"evejax eval: {name}: {results[name].get('missing') or results[name]['error']}", file=sys.stderr)
-    atomic.write_text(Path(out_dir) / "results.json", json.dumps({"protocol": protocol, "results": results},
-                                                                 indent=2) + "\n")
+    atomic.write_text(Path(out_dir) / "results.json", json.dumps(
+        {"protocol": protocol, "prompt_style": prompt_style, "results": results}, indent=2) + "\n")
     return results
 
 
@@ -134,22 +150,28 @@ def main(argv=None) -> int:
     p.add_argument("--data-root", required=True, help="directory holding the benchmarks' release folders")
     p.add_argument("--out", default="benchmark_results", help="prediction files and results.json go here")
     p.add_argument("--protocol", choices=common.PROTOCOLS, help="default: llava for EVE, internvl for HoVLE")
+    p.add_argument("--prompt-style", choices=common.PROMPT_STYLES, default="protocol",
+                   help="protocol: the protocol's prompt (the papers'); question: the question text alone, as "
+                   "evejax eval and the demo ask the shapes questions (open and yes/no benchmarks)")
     p.add_argument("--tokenizer", help="tokenizer.model or 'shapes' (EVE; HoVLE defaults to the checkpoint's)")
     p.add_argument("--limit", type=int, help="only the first N questions of each benchmark (a smoke run)")
     p.add_argument("--max-new", type=int, help="new-token limit (default: the protocol's, per benchmark)")
+    from evejax.eval import generate
+
+    generate.add_sampling_args(p)
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
+    sampling = generate.sampling_from_args(p, args)
     try:
         names = parse_names(args.bench)
         if not Path(args.data_root).is_dir():
             raise FileNotFoundError(f"--data-root {args.data_root} is not a directory")
-        from evejax.eval.generate import load_answerer
-
-        answer = ModelAnswer(load_answerer(args.checkpoint, args.tokenizer), args.max_new)
+        answer = ModelAnswer(generate.load_answerer(args.checkpoint, args.tokenizer, sampling=sampling,
+                                                    seed=args.sample_seed), args.max_new)
     except (FileNotFoundError, ValueError) as e:
         print(f"evejax eval: error: {e}", file=sys.stderr)
         return 1
     protocol = args.protocol or answer.protocol
-    results = run(names, answer, args.data_root, args.out, protocol, args.limit)
+    results = run(names, answer, args.data_root, args.out, protocol, args.limit, prompt_style=args.prompt_style)
     print(table(results, protocol))
     print(f"results and prediction files: {Path(args.out).absolute()}")
     return 0

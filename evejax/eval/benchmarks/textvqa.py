@@ -28,7 +28,8 @@ def load(root, protocol: str) -> list[common.Item]:
     common.check_protocol(protocol)
     base = Path(root) / NAME
     return [common.Item(q["question_id"], base / "train_images" / f"{q['image_id']}.jpg",
-                        q["question"] + SEPARATOR[protocol] + common.SHORT_ANSWER, {"answers": q["answers"]})
+                        q["question"] + SEPARATOR[protocol] + common.SHORT_ANSWER, {"answers": q["answers"]},
+                        q["question"])
             for q in common.read_json(base / QUESTIONS, "TextVQA val questions")["data"]]
 
 

@@ -39,7 +39,8 @@ def load(root, protocol: str) -> list[common.Item]:
             if "answers" in q:
                 truth["answers"] = [a["answer"] for a in q["answers"]]
             items.append(common.Item(q["image"], base / split / q["image"],
-                                     sep.join((q["question"], UNANSWERABLE, common.SHORT_ANSWER)), truth))
+                                     sep.join((q["question"], UNANSWERABLE, common.SHORT_ANSWER)), truth,
+                                     q["question"]))
     return items
 
 

@@ -55,7 +55,8 @@ def load(root, protocol: str) -> list[common.Item]:
             if annotations:
                 truth["answers"] = answers[q["question_id"]]
             items.append(common.Item(q["question_id"], base / folder / f"{prefix}_{q['image_id']:012d}.jpg",
-                                     q["question"] + SEPARATOR[protocol] + common.SHORT_ANSWER, truth))
+                                     q["question"] + SEPARATOR[protocol] + common.SHORT_ANSWER, truth,
+                                     q["question"]))
     return items
 
 
