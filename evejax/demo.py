@@ -3,13 +3,14 @@ end on generated shapes.
 
 From nothing but the installed package, on a CPU (one flow; what differs by family is a
 `Family` entry of FAMILIES):
-  1. EVE only: trains a tiny CLIP teacher on the shapes class labels (configs/demo.py:teacher);
-  2. trains the model through its three stages with the generic trainer, a checkpoint per stage:
-     EVE configs/demo.py:stage1..3, stage 1 importing the teacher just trained into EVE's frozen
-     `clip` slot; HoVLE configs/hovle.py:demo_stage1..3, stage 1 distilling the embedding module
-     on unpaired data (shapes images without text to a frozen tiny InternVL teacher, random text
-     ids to the frozen LLM's input embeddings), stage 2 captions and stage 3 the questions with
-     everything trained (the demo's LLM is random: configs/hovle.py says why stage 2 trains it);
+  1. trains a tiny CLIP teacher on the shapes class labels (configs/demo.py:teacher, both families);
+  2. trains the model through its three stages with the generic trainer, a checkpoint per stage,
+     stage 1 importing the teacher's CLIP: EVE configs/demo.py:stage1..3, into EVE's frozen `clip`
+     slot; HoVLE configs/hovle.py:demo_stage1..3, into the frozen `teacher/clip` of its stage-1
+     CLIP teacher, stage 1 distilling the embedding module on unpaired data (shapes images
+     without text to that teacher's projected features, random text ids to the frozen LLM's input
+     embeddings), stage 2 captions and stage 3 the questions with everything trained (the demo's
+     LLM is random: configs/hovle.py says why stage 2 trains it);
   3. evaluates exact-match accuracy on held-out questions, and again with every
      image blanked (the text-only baseline; evejax/eval/evaluate.py says how,
      how each family is asked, and how chance is computed);
@@ -27,8 +28,8 @@ accuracy <= chance + 20 points, identical answers from the two frameworks.
 frameworks' agreement is checked.
 
 Output (DIR, default runs/demo for EVE, runs/demo_hovle for HoVLE; must not exist or be empty):
-  [teacher/] stage1/ stage2/ stage3/ trainer workdirs (checkpoints, TensorBoard)
-  teacher_clip/                      EVE: the teacher's ClipViT, evejax CLIP checkpoint (stage 1 imports it)
+  teacher/ stage1/ stage2/ stage3/   trainer workdirs (checkpoints, TensorBoard)
+  teacher_clip/                      the teacher's ClipViT, evejax CLIP checkpoint (stage 1 imports it)
   eve_final/ | hovle_final/          final model, evejax checkpoint (EVE: with PAL and teacher)
   eve_official/ | hovle_official/    config.json + model.safetensors, official names
   loss_curves.png  heldout_grid.png  results.json
@@ -251,7 +252,8 @@ FAMILIES = {
     "eve": Family("EVE", tuple(f"demo.py:{s}" for s in STAGES), "evejax.port.eve", export_eve, torch_answers,
                   "runs/demo", Teacher("demo.py:teacher", teacher_accuracy, save_teacher, "clip")),
     "hovle": Family("HoVLE", tuple(f"hovle.py:demo_{s}" for s in STAGES), "evejax.port.hovle", export_hovle,
-                    hovle_torch_answers, "runs/demo_hovle"),
+                    hovle_torch_answers, "runs/demo_hovle",
+                    Teacher("demo.py:teacher", teacher_accuracy, save_teacher, "teacher/clip")),
 }
 
 
@@ -376,7 +378,7 @@ def run(out: Path, quick: bool, model: str = "eve") -> int:
         teacher_acc = clock.run("teacher eval", teacher.accuracy, out / "teacher", config, n_images)
         print(f"[teacher] held-out class accuracy {100 * teacher_acc:.1f}% on {n_images} images "
               f"(chance {100 / 12:.1f}%)", flush=True)
-        saved = out / f"teacher_{teacher.subtree}"
+        saved = out / f"teacher_{teacher.subtree.rsplit('/', 1)[-1]}"
         clock.run("teacher export", teacher.save, saved, out / "teacher", config)
         start = [f"--config.stage.start.path={teacher.subtree}={saved}"]
     for stage, spec in zip(STAGES, family.stages):

@@ -14,14 +14,18 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
+import jax  # noqa: E402
+
 from evejax import demo  # noqa: E402
 from evejax.data import image as image_lib  # noqa: E402
 from evejax.data import shapes  # noqa: E402
 from evejax.eval import evaluate as ev  # noqa: E402
 from evejax.models import eve, hovle  # noqa: E402
+from evejax.port import clip as clip_port  # noqa: E402
 from evejax.port import eve as eve_port  # noqa: E402
 from evejax.port import hovle as hovle_port  # noqa: E402
 from evejax.port import io  # noqa: E402
+from evejax.train import checkpoint as ckpt_lib  # noqa: E402
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -86,9 +90,15 @@ def quick_hovle_demo(tmp_path_factory):
 def test_hovle_artefacts_and_checks(quick_hovle_demo):
     out, status = quick_hovle_demo
     assert status == 0
-    assert not (out / "teacher").exists()  # HoVLE's teacher is part of stage 1
-    for stage in demo.STAGES:
+    for stage in ("teacher",) + demo.STAGES:
         assert (out / stage / "checkpoints" / str(demo.QUICK_STEPS)).is_dir(), stage
+    # Stage 1 distils to EVE demo's trained CLIP: imported into teacher/clip, and frozen there.
+    _, trained = ckpt_lib.load_params(str(out / "teacher"))
+    _, stage1 = ckpt_lib.load_params(str(out / "stage1"))
+    _, saved = clip_port.load_checkpoint(out / "teacher_clip")
+    for a, b, c in zip(jax.tree.leaves(trained["clip"]), jax.tree.leaves(saved),
+                       jax.tree.leaves(stage1["teacher"]["clip"]), strict=True):
+        assert np.array_equal(a, b) and np.array_equal(a, c)
     config = io.load_config_json(out / "hovle_official")
     assert config["model_type"] == "internvl_chat" and config["max_dynamic_patch"] == 1
     results = json.loads((out / "results.json").read_text())

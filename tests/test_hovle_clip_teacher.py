@@ -96,3 +96,23 @@ def test_tiny_stage1_clip_halves_both_losses_and_leaves_clip_and_llm_bit_identic
     jax.tree.map(np.testing.assert_array_equal, trained["teacher"]["clip"], imported["clip"])
     kernel = trained["teacher"]["projection"]["fc1"]["kernel"]
     assert not np.array_equal(kernel, params["teacher"]["projection"]["fc1"]["kernel"])
+
+
+def test_view_size_reads_the_tile_pooled_and_demo_teacher_is_eve_demos_clip():
+    """view_size: CLIP reads the tile average-pooled to that side, i.e. the same teacher without it
+    on the pooled tile. "clip_demo" (HoVLE demo's stage 1) holds the CLIP that configs/demo.py:teacher
+    trains, so `evejax demo --model hovle` imports it as it is, one patch per 16 px shapes cell."""
+    cfg = vit.get_clip_teacher_config("clip_demo")
+    assert (cfg.image_size, cfg.view, cfg.grid, cfg.num_tokens) == (64, 32, 4, 16)
+    eve_teacher = registry.build(config_lib.load("configs/demo.py:teacher").model).config
+    assert cfg.clip.replace(remat=eve_teacher.transformer.remat) == eve_teacher  # the same weights
+    pooled_cfg = cfg.__class__(cfg.clip, image_size=32, downsample_ratio=1.0, llm_dim=cfg.llm_dim)
+    pixels = np.random.default_rng(0).standard_normal((2, 64, 64, 3)).astype(np.float32)
+    params = vit.ClipTeacher(cfg).init(jax.random.PRNGKey(0), pixels)["params"]
+    got = vit.ClipTeacher(cfg).apply({"params": params}, pixels)
+    want = vit.ClipTeacher(pooled_cfg).apply({"params": params},
+                                              pixels.reshape(2, 32, 2, 32, 2, 3).mean(axis=(2, 4)))
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="view_size=24 must divide"):
+        vit.get_clip_teacher_config("clip_demo", view_size=24)

@@ -450,8 +450,10 @@ def teacher_features(cfg: InternVLTeacherConfig, params, pixel_values):
 #
 #   pixel_values [B, S, S, C] (S = image_size, 448: HoVLE's tile; ImageNet-normalised as the
 #   student reads it, turned into CLIP's normalisation by an exact per-channel affine map)
-#   -> ClipViT at S: the checkpoint's position grid g0 (24 for CLIP-L/14-336) resized bicubically
-#      to g = S / p (32), as HF's interpolate_pos_encoding
+#   -> with view_size V set, the tile average-pooled by S / V to V (CLIP reads a coarser view);
+#      else V = S
+#   -> ClipViT at V: the checkpoint's position grid g0 (24 for CLIP-L/14-336) resized bicubically
+#      to g = V / p (32), as HF's interpolate_pos_encoding (no resize when g = g0)
 #   -> hidden_states[select_layer] without CLS  [B, g, g, Dc]  (-2: LLaVA's and EVE's layer)
 #   -> InternVL's pixel shuffle ("v2", row-major) [B, (g / k)^2, Dc k^2]   (256 x 4096)
 #   -> projection (LayerNorm -> Linear -> GELU -> Linear, as mlp1)  [B, n, E]  (E = llm_dim, 2048)
@@ -473,14 +475,19 @@ class ClipTeacherConfig:
     select_layer: int = -2
     downsample_ratio: float = 0.5
     projector_norm_eps: float = 1e-5
+    view_size: Optional[int] = None  # the side CLIP reads the tile at (average-pooled); None: image_size
 
     @property
     def shuffle(self) -> int:
         return round(1 / self.downsample_ratio)
 
     @property
+    def view(self) -> int:
+        return self.image_size if self.view_size is None else self.view_size
+
+    @property
     def grid(self) -> int:
-        return self.image_size // self.clip.patch_size
+        return self.view // self.clip.patch_size
 
     @property
     def num_patches(self) -> int:
@@ -504,8 +511,11 @@ class ClipTeacherConfig:
     def validate(self) -> "ClipTeacherConfig":
         self.clip.validate()
         k, layers = self.shuffle, self.clip.transformer.num_layers
-        if self.image_size % self.clip.patch_size or self.grid % k or abs(1 / k - self.downsample_ratio) > 1e-9:
-            raise ValueError(f"CLIP teacher: image_size={self.image_size} must give a patch grid (patch "
+        if self.image_size % self.view:
+            raise ValueError(f"CLIP teacher: view_size={self.view_size} must divide image_size={self.image_size} "
+                             "(the tile is average-pooled to it)")
+        if self.view % self.clip.patch_size or self.grid % k or abs(1 / k - self.downsample_ratio) > 1e-9:
+            raise ValueError(f"CLIP teacher: the view of {self.view} px must give a patch grid (patch "
                              f"{self.clip.patch_size}) that downsample_ratio={self.downsample_ratio} = 1/k divides")
         if not -(layers + 1) <= self.select_layer <= layers:
             raise ValueError(f"select_layer={self.select_layer} is outside the {layers + 1} hidden states")
@@ -520,6 +530,12 @@ CLIP_TEACHER_SIZES = {
     "clip_l14_336": lambda: ClipTeacherConfig(CLIP_SIZES["L/14-336"](), image_size=448, llm_dim=2048),
     # Tests: tiny HoVLE's 56 px tiles; a 3 x 3 position grid resized to 4 x 4 -> 4 tokens of 128 -> 64.
     "clip_tiny": lambda: ClipTeacherConfig(clip_vit(42, 14, 32, 2, 4, 64), image_size=56, llm_dim=64),
+    # HoVLE "demo" (64 px tiles, 16 tokens, width 64): the CLIP of EVE demo's teacher (configs/demo.py:
+    # teacher, CLIP "tiny" at 32 px with patch 8) reading the tile pooled to 32 px, so each of its 4 x 4
+    # patches is one 16 px shapes cell (of a square image), as in its training; no shuffle: 16 tokens
+    # of 32 -> 64.
+    "clip_demo": lambda: ClipTeacherConfig(clip_vit(32, 8, 32, 2, 4, 64), image_size=64, view_size=32,
+                                           downsample_ratio=1.0, llm_dim=64),
 }
 
 
@@ -546,6 +562,9 @@ class ClipTeacher(nn.Module):
         scale = np.asarray(IMAGENET_STD) / np.asarray(CLIP_STD)
         shift = (np.asarray(IMAGENET_MEAN) - np.asarray(CLIP_MEAN)) / np.asarray(CLIP_STD)
         pixel_values = pixel_values * scale.astype(np.float32) + shift.astype(np.float32)
+        if cfg.view != cfg.image_size:
+            b, f, v = pixel_values.shape[0], cfg.image_size // cfg.view, cfg.view
+            pixel_values = pixel_values.reshape(b, v, f, v, f, -1).mean(axis=(2, 4))
         out = self.clip(pixel_values, return_hidden=True, deterministic=deterministic, interpolate_pos_encoding=True)
         h = out.hidden_states[cfg.select_layer][:, 1:]
         x = pixel_shuffle(h.reshape(h.shape[0], cfg.grid, cfg.grid, -1), cfg.downsample_ratio, "v2")
