@@ -101,17 +101,29 @@ def parse_options(text: str) -> dict:
     return out
 
 
-def cpu_model() -> str:
-    """The CPU's model name (/proc/cpuinfo on Linux), else what `platform` knows."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                key, _, value = line.partition(":")
-                if key.strip() in ("model name", "Model", "Hardware") and value.strip():
-                    return value.strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU model"
+def cpu_model(cpuinfo: Optional[str] = None) -> str:
+    """The CPU's model name with what sets its matmul speed: the x86 family/model numbers (a VM's
+    "AMD EPYC" names no generation) and the widest vector unit, e.g. "AMD EPYC (family 25 model 17,
+    AVX-512)". Reads /proc/cpuinfo unless given its text; else what `platform` knows."""
+    if cpuinfo is None:
+        try:
+            with open("/proc/cpuinfo") as f:
+                cpuinfo = f.read()
+        except OSError:
+            cpuinfo = ""
+    fields = {}
+    for line in cpuinfo.splitlines():
+        key, _, value = line.partition(":")
+        fields.setdefault(key.strip(), value.strip())
+    name = next((fields[k] for k in ("model name", "Model", "Hardware") if fields.get(k)), "")
+    if not name:
+        return platform.processor() or "unknown CPU model"
+    flags = set((fields.get("flags") or fields.get("Features") or "").split())
+    vector = next((label for flag, label in (("avx512f", "AVX-512"), ("avx2", "AVX2"), ("sve", "SVE"),
+                                             ("asimd", "NEON")) if flag in flags), "")
+    detail = ", ".join(filter(None, [f"family {fields['cpu family']} model {fields['model']}"
+                                     if fields.get("cpu family") and fields.get("model") else "", vector]))
+    return f"{name} ({detail})" if detail else name
 
 
 def _seconds_per_call(fn: Callable[[], object], n: int) -> float:

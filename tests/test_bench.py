@@ -17,6 +17,14 @@ def test_parse_options():
         bench.parse_options("remat")
 
 
+def test_cpu_model_names_the_generation_and_vector_unit():
+    zen4 = "processor\t: 0\nvendor_id\t: AuthenticAMD\ncpu family\t: 25\nmodel\t\t: 17\n" \
+           "model name\t: AMD EPYC\nflags\t\t: fpu sse2 avx2 fma avx512f avx512_bf16\n\nprocessor\t: 1\n"
+    assert bench.cpu_model(zen4) == "AMD EPYC (family 25 model 17, AVX-512)"
+    raspberry_pi = "processor\t: 0\nFeatures\t: fp asimd evtstrm crc32\n\nModel\t\t: Raspberry Pi 4 Model B Rev 1.4\n"
+    assert bench.cpu_model(raspberry_pi) == "Raspberry Pi 4 Model B Rev 1.4 (NEON)"
+
+
 def test_lm_bench_toy_size():
     res = bench.run_lm("llama_tiny", batch=2, seq_len=16, steps=1, repeats=2, matmul_size=64,
                        variants=[dict(remat="full", matmul_2d=False)], warmup=1)
