@@ -90,3 +90,22 @@ def test_dan_entry_steps_compute_the_same_loss():
         scan, calls = entry.part(kind, cfg, 2, 0)
         scan()
         assert calls == cfg.depth == 2
+
+
+def test_profile_of_the_tiny_lm_step_accounts_for_every_matmul():
+    """The trace's thunks, grouped by part, hold each dot as often as the step runs it: their FLOPs
+    add up to what evejax.plan counts in the same compiled HLO (layer loop counted per layer)."""
+    from evejax import plan, step_profile
+
+    step = bench.BENCHES["lm"].jax_step("llama_tiny", 2, 16, bench.BENCH_OPTIONS)
+    step.step()
+    hlo = step.train_step.lower(step.state, step.batch).compile().as_text()
+    rows = step_profile.profile(step.step, hlo)
+    parts = {(r.part, r.kind) for r in rows}
+    for part in ("MLP", "LM head", "attention projections", "attention core (scores, softmax)"):
+        assert (part, "matmul") in parts
+    assert ("AdamW update, clipping", "other ops") in parts and ("other", "matmul") not in parts
+    assert sum(r.flops for r in rows) == pytest.approx(plan.step_cost(hlo, 1).matmul_flops, rel=1e-9)
+    assert all(r.seconds > 0 for r in rows)
+    table = step_profile.format_rows(rows, peak_flops=1e10)
+    assert table.splitlines()[0].startswith("part") and "busy" in table.splitlines()[-1]
