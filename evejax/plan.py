@@ -756,7 +756,7 @@ def main(argv=None) -> int:
                 rows.append(fit or probes[0])
                 labels.append(f"{len(probes)} probes"
                               + (" (cap)" if fit and fit.batch_per_chip == args.max_batch_per_chip else ""))
-                print(f"  {rows[-1].mesh} {attention} {policy}: largest batch per chip "
+                print(f"  {rows[-1].mesh} {rows[-1].attention} {policy}: largest batch per chip "
                       f"{fit.batch_per_chip if fit else 0} (probed {', '.join(str(p.batch_per_chip) for p in probes)})",
                       flush=True)
     choice = recommend(best, topo.chip)
