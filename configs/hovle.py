@@ -191,7 +191,9 @@ STAGES = {
     # part) are InternVL 2.0's full fine-tuning of InternVL2-2B
     # (internvl_chat/shell/internvl2.0/2nd_finetune/internvl2_2b_*_finetune_full.sh). Four
     # micro-batches of 32: on a v5e-16 one step of 128 needs ~26 GiB/chip, two of 64 16.2 GiB,
-    # four of 32 10.2 GiB of the 16 (`evejax plan`, README).
+    # four of 32 10.2 GiB of the 16 (`evejax plan` with einsum attention, README). Splash does
+    # not buy fewer: two of 64 still need 16.9 GiB/chip (the scores of one layer's recompute
+    # were not what filled HBM).
     "stage3": dict(trainable=EVERYTHING, lr=4e-5, global_batch=128, accum_steps=4, num_examples=7_000_000,
                    drop_path=0.1, json="hovle_stage3.json", start=("stage", "stage2"), checkpoint_every=500),
 }

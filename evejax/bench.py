@@ -119,17 +119,29 @@ def parse_options(text: str) -> dict:
     return out
 
 
-def cpu_model() -> str:
-    """The CPU's model name (/proc/cpuinfo on Linux), else what `platform` knows."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                key, _, value = line.partition(":")
-                if key.strip() in ("model name", "Model", "Hardware") and value.strip():
-                    return value.strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU model"
+def cpu_model(cpuinfo: Optional[str] = None) -> str:
+    """The CPU's model name with what sets its matmul speed: the x86 family/model numbers (a VM's
+    "AMD EPYC" names no generation) and the widest vector unit, e.g. "AMD EPYC (family 25 model 17,
+    AVX-512)". Reads /proc/cpuinfo unless given its text; else what `platform` knows."""
+    if cpuinfo is None:
+        try:
+            with open("/proc/cpuinfo") as f:
+                cpuinfo = f.read()
+        except OSError:
+            cpuinfo = ""
+    fields = {}
+    for line in cpuinfo.splitlines():
+        key, _, value = line.partition(":")
+        fields.setdefault(key.strip(), value.strip())
+    name = next((fields[k] for k in ("model name", "Model", "Hardware") if fields.get(k)), "")
+    if not name:
+        return platform.processor() or "unknown CPU model"
+    flags = set((fields.get("flags") or fields.get("Features") or "").split())
+    vector = next((label for flag, label in (("avx512f", "AVX-512"), ("avx2", "AVX2"), ("sve", "SVE"),
+                                             ("asimd", "NEON")) if flag in flags), "")
+    detail = ", ".join(filter(None, [f"family {fields['cpu family']} model {fields['model']}"
+                                     if fields.get("cpu family") and fields.get("model") else "", vector]))
+    return f"{name} ({detail})" if detail else name
 
 
 def _seconds_per_call(fn: Callable[[], object], n: int) -> float:
@@ -944,12 +956,49 @@ def _parser(name: str) -> argparse.ArgumentParser:
                    help="extra evejax run with these options on top of the entry's, e.g. remat=full")
     p.add_argument("--threads", type=int, help="torch threads (default: CPU cores)")
     p.add_argument("--matmul-size", type=int, default=2048)
+    p.add_argument("--profile", action="store_true",
+                   help="instead of the comparison: where one evejax step's time goes, by part and kind of op "
+                        "(evejax/step_profile.py)")
     return p
+
+
+def profile_family(name: str, size: str, batch: int, seq_len: int, options: dict, overrides: dict,
+                   matmul_size: int = 2048, repeats: int = 3) -> str:
+    """The evejax step's time by part of the model and kind of op (evejax.step_profile), in this
+    process with evejax.hostmem as the bench's workers; the jax matmul peak timed alongside."""
+    import jax
+
+    from evejax import hostmem, step_profile
+
+    allocator = hostmem.keep_freed_memory()
+    bench = BENCHES[name]
+    step = bench.jax_step(size, batch, seq_len, options, overrides)
+    matmul = matmul_timer("jax", matmul_size)
+    for _ in range(2):
+        step.step()
+        matmul()
+    peak = 2.0 * matmul_size ** 3 / statistics.median(_seconds_per_call(matmul, 2) for _ in range(repeats))
+    step_s = statistics.median(_seconds_per_call(step.step, 1) for _ in range(repeats))
+    hlo = step.train_step.lower(step.state, step.batch).compile().as_text()
+    rows = step_profile.profile(step.step, hlo)
+    flops = step.spec.flops_per_step(batch, seq_len)
+    return "\n".join([
+        f"evejax bench {name} --profile: {size} ({bench.describe(step.config)}), batch {bench.shape(batch, seq_len)}",
+        f"machine: {cpu_model()}, {os.cpu_count()} CPU cores; jax {jax.__version__}; host memory: {allocator}",
+        "options: " + ", ".join(f"{k}={v}" for k, v in options.items()),
+        step_profile.format_rows(rows, peak),
+        f"step {step_s:.3f} s wall (median of {repeats}, untraced): model FLOPs {flops:.4g} -> "
+        f"{flops / step_s / peak:.1%} of peak"])
 
 
 def bench_family(name: str, argv: Sequence[str]) -> int:
     args = _parser(name).parse_args(argv)
     os.environ.setdefault("JAX_PLATFORMS", "cpu")  # a TPU VM's chips are not what this measures
+    if args.profile:
+        options = {**BENCHES[name].options, **(parse_options(args.variant[-1]) if args.variant else {})}
+        print(profile_family(name, args.size, args.batch, args.seq_len, options, parse_options(args.overrides),
+                             args.matmul_size))
+        return 0
     res = run_bench(name, args.size, args.batch, args.seq_len, args.steps, args.repeats,
                     [parse_options(v) for v in args.variant], args.matmul_size, args.threads, args.warmup,
                     overrides=parse_options(args.overrides),

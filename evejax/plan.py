@@ -220,7 +220,8 @@ def step_cost(hlo_text: str, num_devices: int) -> StepCost:
     """Collectives and matmul FLOPs of optimised HLO text, each weighed by how often it runs.
 
     A computation runs as often as its callers, times the trip count of a
-    while loop (XLA's `known_trip_count`) whose body it is. Bytes sent per chip
+    while loop whose body it is (XLA's `known_trip_count`, else read from
+    the loop's counter: `_trip_count`). Bytes sent per chip
     follow the ring algorithms over a group of n: all-gather (n-1)/n of its
     result, reduce-scatter (n-1) x its result, all-reduce 2(n-1)/n, all-to-all
     (n-1)/n, collective-permute its whole result. Custom calls (the splash
@@ -229,6 +230,8 @@ def step_cost(hlo_text: str, num_devices: int) -> StepCost:
     computations: dict[str, list[tuple[str, str, str, str]]] = {}
     shapes: dict[str, list] = {}
     constants: dict[str, int] = {}
+    defs: dict[str, tuple[str, str]] = {}   # instruction -> (opcode, operands and attributes)
+    roots: dict[str, str] = {}
     order, current, entry = [], None, None
     for line in hlo_text.splitlines():
         if not line.startswith(" ") and line.rstrip().endswith("{"):
@@ -245,6 +248,9 @@ def step_cost(hlo_text: str, num_devices: int) -> StepCost:
             name, type_text, opcode, rest = m.groups()
             shapes[name] = _arrays(type_text)
             computations[current].append((name, type_text, opcode, rest))
+            defs[name] = (opcode, rest)
+            if line.lstrip().startswith("ROOT"):
+                roots[current] = name
             if opcode == "constant" and re.fullmatch(r"[su](32|64)\[\]\S*", type_text):
                 constants[name] = int(rest.split(")")[0])
     runs = {c: 0 for c in computations}
@@ -254,7 +260,7 @@ def step_cost(hlo_text: str, num_devices: int) -> StepCost:
         for _, _, opcode, rest in computations[comp]:
             if opcode in ("async-done", "async-update"):  # the same computation as its async-start
                 continue
-            trips = _trip_count(rest, computations, constants) if opcode == "while" else 1
+            trips = _trip_count(rest, computations, constants, defs, roots) if opcode == "while" else 1
             for m in _CALLED.finditer(rest):
                 for callee in re.findall(r"%?([\w.\-]+)", m.group(1)):
                     if callee in runs:
@@ -285,19 +291,50 @@ def step_cost(hlo_text: str, num_devices: int) -> StepCost:
     return StepCost(collectives, flops)
 
 
-def _trip_count(attrs: str, computations, constants) -> int:
-    """XLA:CPU writes `known_trip_count`; XLA:TPU leaves the loop's condition, `i < N` from 0 by 1
-    as scans lower, to be read."""
+def _trip_count(attrs: str, computations, constants, defs, roots) -> int:
+    """XLA:CPU writes `known_trip_count`; XLA:TPU leaves the loop's condition `i < N` to be read,
+    with i's start in the loop's initial tuple and its step in the body's root tuple. Scans count
+    from 0 by 1, but the windowed (collective) matmul loops that FSDP gets on a large ring are
+    unrolled to count by 2: read as steps of 1, their dots and permutes were counted twice."""
     m = re.search(r'known_trip_count":\{"n":"(\d+)"', attrs)
     if m:
         return int(m.group(1))
-    m = re.search(r"condition=%?([\w.\-]+)", attrs)
-    for _, _, opcode, rest in computations.get(m.group(1), []) if m else []:
-        if opcode == "compare" and "direction=LT" in rest:
-            bounds = [constants[o] for o in re.findall(r"%([\w.\-]+)", rest.split(")")[0]) if o in constants]
-            if bounds:
-                return bounds[-1]
+    condition, body = (re.search(key + r"=%?([\w.\-]+)", attrs) for key in ("condition", "body"))
+    for _, _, opcode, rest in computations.get(condition.group(1), []) if condition else []:
+        counter_bound = _operands(rest)
+        if opcode != "compare" or "direction=LT" not in rest or len(counter_bound) != 2 \
+                or counter_bound[1] not in constants:
+            continue
+        index = _tuple_index(defs.get(counter_bound[0]))
+        initial = _tuple_operand(defs, (_operands(attrs) or [None])[0], index)
+        start = constants.get(initial, 0)
+        update = defs.get(_tuple_operand(defs, roots.get(body.group(1)) if body else None, index))
+        step = 1
+        if update and update[0] == "add":
+            summands = _operands(update[1])
+            if any(_tuple_index(defs.get(o)) == index for o in summands):
+                step = next((constants[o] for o in summands if o in constants), 1)
+        return max(0, -(-(constants[counter_bound[1]] - start) // max(step, 1)))
     return 1
+
+
+def _operands(rest: str) -> list[str]:
+    return re.findall(r"%([\w.\-]+)", rest.split(")")[0])
+
+
+def _tuple_index(definition) -> Optional[int]:
+    """k when the instruction is get-tuple-element(..., index=k)."""
+    m = definition and definition[0] == "get-tuple-element" and re.search(r"index=(\d+)", definition[1])
+    return int(m.group(1)) if m else None
+
+
+def _tuple_operand(defs, name: Optional[str], index: Optional[int]) -> Optional[str]:
+    """The name of operand `index` of the tuple instruction `name`."""
+    definition = defs.get(name)
+    if index is None or not definition or definition[0] != "tuple":
+        return None
+    operands = _operands(definition[1])
+    return operands[index] if index < len(operands) else None
 
 
 def _matmul_flops(opcode, result, rest, shapes) -> float:
@@ -719,7 +756,7 @@ def main(argv=None) -> int:
                 rows.append(fit or probes[0])
                 labels.append(f"{len(probes)} probes"
                               + (" (cap)" if fit and fit.batch_per_chip == args.max_batch_per_chip else ""))
-                print(f"  {rows[-1].mesh} {attention} {policy}: largest batch per chip "
+                print(f"  {rows[-1].mesh} {rows[-1].attention} {policy}: largest batch per chip "
                       f"{fit.batch_per_chip if fit else 0} (probed {', '.join(str(p.batch_per_chip) for p in probes)})",
                       flush=True)
     choice = recommend(best, topo.chip)

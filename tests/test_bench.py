@@ -17,6 +17,14 @@ def test_parse_options():
         bench.parse_options("remat")
 
 
+def test_cpu_model_names_the_generation_and_vector_unit():
+    zen4 = "processor\t: 0\nvendor_id\t: AuthenticAMD\ncpu family\t: 25\nmodel\t\t: 17\n" \
+           "model name\t: AMD EPYC\nflags\t\t: fpu sse2 avx2 fma avx512f avx512_bf16\n\nprocessor\t: 1\n"
+    assert bench.cpu_model(zen4) == "AMD EPYC (family 25 model 17, AVX-512)"
+    raspberry_pi = "processor\t: 0\nFeatures\t: fp asimd evtstrm crc32\n\nModel\t\t: Raspberry Pi 4 Model B Rev 1.4\n"
+    assert bench.cpu_model(raspberry_pi) == "Raspberry Pi 4 Model B Rev 1.4 (NEON)"
+
+
 def test_lm_bench_toy_size():
     res = bench.run_lm("llama_tiny", batch=2, seq_len=16, steps=1, repeats=2, matmul_size=64,
                        variants=[dict(remat="full", matmul_2d=False)], warmup=1)
@@ -111,3 +119,22 @@ def test_generate_bench_same_tokens_and_the_table():
     assert "rows = torch's" in table and "4/4" in table and "last loss" not in table
     assert f"latency ms/token {1e3 * res.jax_step_s[0] / 6:.1f}" in " ".join(table.split())
     assert "LlamaForCausalLM.generate, KV cache" in table and "the registry's count at that length / 3" in table
+
+
+def test_profile_of_the_tiny_lm_step_accounts_for_every_matmul():
+    """The trace's thunks, grouped by part, hold each dot as often as the step runs it: their FLOPs
+    add up to what evejax.plan counts in the same compiled HLO (layer loop counted per layer)."""
+    from evejax import plan, step_profile
+
+    step = bench.BENCHES["lm"].jax_step("llama_tiny", 2, 16, bench.BENCH_OPTIONS)
+    step.step()
+    hlo = step.train_step.lower(step.state, step.batch).compile().as_text()
+    rows = step_profile.profile(step.step, hlo)
+    parts = {(r.part, r.kind) for r in rows}
+    for part in ("MLP", "LM head", "attention projections", "attention core (scores, softmax)"):
+        assert (part, "matmul") in parts
+    assert ("AdamW update, clipping", "other ops") in parts and ("other", "matmul") not in parts
+    assert sum(r.flops for r in rows) == pytest.approx(plan.step_cost(hlo, 1).matmul_flops, rel=1e-9)
+    assert all(r.seconds > 0 for r in rows)
+    table = step_profile.format_rows(rows, peak_flops=1e10)
+    assert table.splitlines()[0].startswith("part") and "busy" in table.splitlines()[-1]

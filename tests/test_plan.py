@@ -147,6 +147,42 @@ def test_collective_counting_of_a_scanned_fsdp_matmul_compiled_for_v5p_8():
     _check_fsdp_matmul_cost(cost, 4, gathered_bytes=2)
 
 
+@needs_libtpu
+def test_windowed_matmul_loops_on_a_32_chip_ring_counted_once():
+    """2 scanned layers of h = tanh(h @ w) @ w.T, w [512, 1024] bf16 sharded on its rows over the
+    32 chips of a v5p-64, one row of 256 tokens per chip: XLA:TPU turns the weight gradients'
+    reduce-scatters into windowed matmul loops unrolled to count by 2."""
+    import jax
+    import jax.numpy as jnp
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    from evejax import sharding
+
+    topo = plan.parse_topology("v5p-64")
+    n, tokens, d, f = topo.chips, 256, 512, 1024
+    mesh = sharding.make_mesh({"fsdp": n}, plan.virtual_devices(topo))
+    rows = NamedSharding(mesh, P("fsdp", None, None))
+    w = jax.ShapeDtypeStruct((2, d, f), jnp.bfloat16, sharding=NamedSharding(mesh, P(None, "fsdp", None)))
+    x = jax.ShapeDtypeStruct((n, tokens, d), jnp.bfloat16, sharding=rows)
+
+    def loss(w, x):
+        def layer(h, wl):
+            h = jnp.einsum("btf,df->btd", jnp.tanh(jnp.einsum("btd,df->btf", h, wl)), wl)
+            return jax.lax.with_sharding_constraint(h, rows), None
+        return jnp.sum(jax.lax.scan(layer, x, w)[0].astype(jnp.float32) ** 2)
+
+    hlo = jax.jit(jax.grad(loss), out_shardings=w.sharding).lower(w, x).compile(
+        compiler_options={"exec_time_optimization_effort": -1.0}).as_text()
+    assert "windowed_dot_general" in hlo
+    cost = plan.step_cost(hlo, n)
+    # 2 layers x 2 matmuls x (forward, 2 backward), 2 tokens x d x f FLOPs each.
+    assert cost.matmul_flops == pytest.approx(2 * 2 * 3 * 2 * tokens * d * f)
+    # Each layer's two weight-gradient loops pass ~n-1 bf16 chunks of [d/n, f] around the ring,
+    # what a ring reduce-scatter of the gradient sends (a 2x overcount before).
+    chunk = d // n * f * 2
+    assert cost.collectives["collective-permute"][1] == pytest.approx(2 * 2 * (n - 1) * chunk, rel=0.1)
+
+
 def test_group_sizes_in_every_replica_group_form():
     assert plan._group_size("replica_groups={{0,1,2,3},{4,5,6,7}}, dimensions={0}", 8) == 4
     assert plan._group_size("replica_groups=[4,8]<=[32], dimensions={0}", 32) == 8
