@@ -681,15 +681,6 @@ def _parse(argv):
     return p.parse_args(rest), overrides
 
 
-def _mesh_spec(text: str) -> dict:
-    """'data=2,fsdp=-1' -> {'data': 2, 'fsdp': -1}; axes not named are 1."""
-    try:
-        spec = {k.strip(): int(v) for k, v in (kv.split("=") for kv in text.split(",") if kv.strip())}
-    except ValueError:
-        raise ValueError(f"--meshes: {text!r} is not axis=size,...; e.g. data=2,fsdp=-1") from None
-    return {"slice": 1, "data": 1, "fsdp": 1, "tensor": 1, **spec}
-
-
 def _with_mesh(config, mesh: dict):
     config = copy.deepcopy(config)
     with config.unlocked():
@@ -701,6 +692,7 @@ def main(argv=None) -> int:
     """Exit status: 0 fits, 1 does not fit (or, with --search, nothing fits), 2 bad arguments."""
     args, overrides = _parse(list(sys.argv[1:] if argv is None else argv))
     from evejax import config as config_lib
+    from evejax import sharding
     from evejax.nn.transformer import ATTENTION_IMPLS, REMAT_POLICIES
 
     try:
@@ -711,7 +703,7 @@ def main(argv=None) -> int:
         if unknown:
             raise ValueError(f"--policies: {unknown} not known; use {sorted(REMAT_POLICIES)}")
         planner = Planner(config, topo, virtual_devices(topo))
-        meshes = [_mesh_spec(m) for m in (args.meshes or "").split(";") if m.strip()] if args.search else []
+        meshes = [sharding.parse_mesh(m) for m in (args.meshes or "").split(";") if m.strip()] if args.search else []
         if meshes:
             planner = Planner(_with_mesh(config, meshes.pop(0)), topo, planner.devices)
         impls = [a.strip() for a in (args.attention or "").split(",") if a.strip()] or [None]

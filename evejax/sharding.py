@@ -74,6 +74,19 @@ def mesh_shape(spec: Mapping[str, int], num_devices: int) -> dict[str, int]:
     return sizes
 
 
+def parse_mesh(text: str) -> dict[str, int]:
+    """'data=2,fsdp=-1' (a command line's mesh) -> {'slice': 1, 'data': 2, 'fsdp': -1, 'tensor': 1}:
+    config.mesh's form, axes not named 1, -1 the rest of the devices (`mesh_shape`)."""
+    try:
+        spec = {k.strip(): int(v) for k, v in (kv.split("=") for kv in text.split(",") if kv.strip())}
+    except ValueError:
+        spec = {}
+    if not spec:
+        raise ValueError(f"mesh {text!r} is not axis=size,... over {MESH_AXES} (-1: the rest of the "
+                         "devices); e.g. data=2,fsdp=-1")
+    return {**{a: 1 for a in MESH_AXES}, **spec}
+
+
 def make_mesh(spec: Mapping[str, int], devices: Sequence[Any] | None = None) -> Mesh:
     """A mesh over `devices` (default: all) with axes MESH_AXES in that order."""
     from jax.experimental import mesh_utils

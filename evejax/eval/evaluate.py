@@ -2,6 +2,7 @@
 
   evejax eval CHECKPOINT [--num-questions 500] [--batch-size 100] [--seed 0] [--show 5]
               [--temperature T --top-p P --top-k K --sample-seed S]   (default greedy)
+              [--mesh data=2,fsdp=2,tensor=2]                         (default: one device)
   evejax eval CHECKPOINT --bench vqav2,gqa,pope,... --data-root DIR   (the papers' benchmarks:
                                                                       evejax.eval.benchmarks.run)
 
@@ -35,6 +36,14 @@ weighted by the type's share of the questions; i.e. the accuracy of a
 guesser that knows each type's majority answer: sum over types of
 (count of that type's majority answer) / number of questions.
 
+--mesh (config.mesh's form, generate.add_mesh_arg) shards the generation as training shards: the
+parameters by the model's logical axes, the rows over slice x data x fsdp; each batch is padded to a
+multiple of those devices (the padding rows' answers dropped), so any number of questions works,
+and greedy answers equal the unsharded run's. A mesh that does not fit the devices is an error
+before anything loads or compiles. No mesh by default: JAX runs on one device, as before; a mesh is
+a choice by model size (data=-1 copies the parameters to every device, fsdp=-1 splits them), as
+each training config chooses its own.
+
 Sizes: B batch of questions, N text length of the longest prompt, M image
 slots of the model, T = N - 1 + M spliced length, V vocabulary.
 """
@@ -42,6 +51,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import dataclasses
 import functools
 import importlib
@@ -56,12 +66,13 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
-from evejax import atomic
+from evejax import atomic, sharding
 from evejax.data import image as image_lib
 from evejax.data import shapes
 from evejax.data import text as text_lib
-from evejax.eval.generate import (HoVLEAnswerer, Sampling, add_sampling_args, bucket_length, greedy_generate,
-                                  padded_batches, sampling_from_args)
+from evejax.eval.generate import (HoVLEAnswerer, Sampling, add_mesh_arg, add_sampling_args, bucket_length,
+                                  greedy_generate, mesh_from_arg, padded_batches, placed_params, row_multiple,
+                                  sampling_from_args)
 from evejax.models import eve as eve_lib
 from evejax.models import hovle as hovle_lib
 from evejax.models import llm as llm_lib
@@ -139,12 +150,15 @@ class Answerer:
 
     Every batch is padded to [rows, N]: N the longest prompt rounded up to a multiple of
     PROMPT_BUCKET (generate.bucket_length), rows the batch size, or for fewer questions the next
-    power of two (the last row repeated), so generation compiles once per bucket, not per call.
+    power of two (the last row repeated), so generation compiles once per bucket, not per call;
+    on a `mesh` (greedy_generate's; the splice runs on it too) further to a multiple of its
+    data-parallel devices.
     """
 
     def __init__(self, cfg: eve_lib.EVEConfig, params, batch_size: int = 100,
                  tokenizer: text_lib.Tokenizer | None = None, anyres: image_lib.AnyResConfig | None = None,
-                 max_new_tokens: int = MAX_NEW_TOKENS, sampling: Sampling | None = None, seed: int = 0):
+                 max_new_tokens: int = MAX_NEW_TOKENS, sampling: Sampling | None = None, seed: int = 0,
+                 mesh=None):
         anyres = anyres or cfg.anyres()
         if cfg.with_pal:
             params = {k: v for k, v in params.items() if k not in ("vision_compressor", "clip")}
@@ -152,13 +166,14 @@ class Answerer:
         self.cfg, self.params, self.batch_size = cfg, params, batch_size
         self.tokenizer = tokenizer or shapes.tokenizer()
         self.anyres, self.max_new_tokens = anyres, max_new_tokens
-        self.sampling, self.seed = sampling, seed
+        self.sampling, self.seed, self.mesh = sampling, seed, mesh
+        self._placed = False
 
     def answer(self, pictures: Sequence[Image.Image], questions: Sequence[str]) -> list[str]:
         prompts = [prompt_ids(q, self.tokenizer) for q in questions]
         width = bucket_length(max(len(p) for p in prompts))
         answers: list[str] = []
-        for k, (rows, n_real) in enumerate(padded_batches(len(prompts), self.batch_size)):
+        for k, (rows, n_real) in enumerate(padded_batches(len(prompts), self.batch_size, row_multiple(self.mesh))):
             size = len(rows)
             tokens = np.full((size, width), self.tokenizer.pad_id, np.int32)
             segment_ids = np.zeros((size, width), np.int32)
@@ -166,13 +181,19 @@ class Answerer:
             for i, r in enumerate(rows):
                 tokens[i, :len(prompts[r])] = prompts[r]
                 segment_ids[i, :len(prompts[r])] = 1
-            embeds, mask = _left_padded_prompt(self.params, tokens, segment_ids,
-                                               np.stack([v.pixels for v in views]),
-                                               np.stack([v.mask for v in views]), cfg=self.cfg)
+            batch = (tokens, segment_ids, np.stack([v.pixels for v in views]), np.stack([v.mask for v in views]))
+            if self.mesh is not None:
+                if not self._placed:
+                    self.params, self._placed = placed_params(self.mesh, eve_lib.EVE(self.cfg), self.params,
+                                                              batch), True
+                batch = [jax.device_put(a, sharding.batch_sharding(self.mesh, a.ndim)) for a in batch]
+            with sharding.rules_context(self.mesh) if self.mesh is not None else contextlib.nullcontext():
+                embeds, mask = _left_padded_prompt(self.params, *batch, cfg=self.cfg)
             new = np.asarray(greedy_generate(llm_lib.CausalLM(self.cfg.llm), self.params["llm"], None, mask,
                                              self.max_new_tokens, self.tokenizer.eos_id, inputs_embeds=embeds,
                                              sampling=self.sampling,
-                                             rng=jax.random.fold_in(jax.random.PRNGKey(self.seed), k)))
+                                             rng=jax.random.fold_in(jax.random.PRNGKey(self.seed), k),
+                                             mesh=self.mesh))
             answers += [decode_answer(new[i], self.tokenizer) for i in range(n_real)]
         return answers
 
@@ -260,15 +281,15 @@ class Family:
     name: str                                    # as printed
     port: str                                    # module with FORMAT and load_checkpoint
     config_type: type                            # the config of a model that answers
-    answerer: Callable                           # (cfg, params, batch_size) -> .answer(pictures, questions)
+    answerer: Callable                           # (cfg, params, batch_size, mesh=) -> .answer(pictures, questions)
 
 
-def _hovle_answerer(cfg, params, batch_size: int) -> HoVLEAnswerer:
+def _hovle_answerer(cfg, params, batch_size: int, mesh=None) -> HoVLEAnswerer:
     from evejax.data import pipeline
 
     tokenizer = shapes.tokenizer()
     return HoVLEAnswerer(cfg, params, tokenizer, pipeline.special_ids("shapes", tokenizer), MAX_NEW_TOKENS,
-                         batch_size)
+                         batch_size, mesh=mesh)
 
 
 # registry model name -> family
@@ -298,10 +319,10 @@ def load_model(path: str | Path) -> tuple[str, object, dict]:
                           f"{checkpoint.MODEL_JSON} of an evejax {names} checkpoint)")
 
 
-def load_answerer(path: str | Path, batch_size: int = 100):
-    """The shapes-question answerer of a checkpoint (`load_model`)."""
+def load_answerer(path: str | Path, batch_size: int = 100, mesh=None):
+    """The shapes-question answerer of a checkpoint (`load_model`), generating on `mesh` when given."""
     name, cfg, params = load_model(path)
-    return FAMILIES[name].answerer(cfg, params, batch_size)
+    return FAMILIES[name].answerer(cfg, params, batch_size, mesh=mesh)
 
 
 def main(argv=None) -> int:
@@ -319,10 +340,16 @@ def main(argv=None) -> int:
     p.add_argument("--show", type=int, default=5, help="print this many predictions")
     p.add_argument("--json", help="also write the figures to this file (replaced only once complete)")
     add_sampling_args(p, seed_flag="--sample-seed")
+    add_mesh_arg(p)
     args = p.parse_args(argv)
     sampling = sampling_from_args(p, args)
     try:
-        answerer = load_answerer(args.checkpoint, args.batch_size)
+        mesh = mesh_from_arg(args.mesh)
+    except ValueError as e:
+        print(f"evejax eval: error: --mesh: {e}", file=sys.stderr)
+        return 1
+    try:
+        answerer = load_answerer(args.checkpoint, args.batch_size, mesh)
         answerer.sampling, answerer.seed = sampling, args.sample_seed
         questions = heldout_questions(args.num_questions, args.seed)
     except (FileNotFoundError, ValueError) as e:

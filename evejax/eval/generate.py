@@ -47,7 +47,8 @@ or HoVLE's answer (`load_answerer`, chosen by the checkpoint's format through `A
 `evejax eval` asks (any-res image, vicuna_v1; --tokenizer required: EVE checkpoints carry none),
 HoVLE as official `chat()` (dynamic tiles, internlm2-chat, the tokenizer files the checkpoint
 carries, answer up to `<|im_end|>`). Both are greedy unless --temperature (with --top-p, --top-k,
---seed) samples.
+--seed) samples. `--mesh data=2,fsdp=-1` (either form, and `evejax eval`; `add_mesh_arg`) shards the
+generation over a mesh of config.mesh's form, the rows padded to its data-parallel devices.
 """
 from __future__ import annotations
 
@@ -410,14 +411,45 @@ def load_lm(path: str):
 
 # ---- answers to (image, prompt): EVE and HoVLE ------------------------------------------------
 
-def padded_batches(count: int, size: int):
+def padded_batches(count: int, size: int, multiple: int = 1):
     """(rows, number of real rows) over range(count), at most `size` rows a batch; a batch is padded
     (its final row repeated) to `size` rows, or a shorter last one to the next power of two, so
-    generation compiles once per row bucket, not once per call."""
+    generation compiles once per row bucket, not once per call; then up to a multiple of `multiple`
+    (a mesh's data-parallel devices, which the rows are split over)."""
     for start in range(0, count, size):
         rows = list(range(start, min(start + size, count)))
-        padded = min(size, 1 << (len(rows) - 1).bit_length())
+        padded = -(-min(size, 1 << (len(rows) - 1).bit_length()) // multiple) * multiple
         yield rows + [rows[-1]] * (padded - len(rows)), len(rows)
+
+
+def row_multiple(mesh) -> int:
+    """The number a batch's rows must be a multiple of on `mesh` (None: 1)."""
+    from evejax import sharding
+
+    return 1 if mesh is None else sharding.data_parallel_size(mesh)
+
+
+def placed_params(mesh, model, params, init_args):
+    """`params` placed on `mesh` by `model`'s logical axes (once, so later calls move nothing)."""
+    return params if mesh is None else _on_mesh(mesh, model, params, init_args, init_args)[0]
+
+
+def add_mesh_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--mesh", help="shard generation over a mesh, in config.mesh's form: axis=size,... over "
+                   "slice, data, fsdp, tensor, -1 the rest of the devices (e.g. data=-1: every device answers "
+                   "its own rows; fsdp=-1: the parameters split over all devices, for a model too big for "
+                   "one). Each batch is padded to a multiple of slice x data x fsdp rows. Default: no mesh, "
+                   "one device")
+
+
+def mesh_from_arg(text: str | None):
+    """The sharding.make_mesh mesh of a --mesh value (None: None); a mesh that does not fit the
+    devices is a ValueError naming both, raised before anything compiles."""
+    if text is None:
+        return None
+    from evejax import sharding
+
+    return sharding.make_mesh(sharding.parse_mesh(text))
 
 
 def tile_bucket(tiles: int, slots: int) -> int:
@@ -433,10 +465,11 @@ class HoVLEAnswerer:
     per generation call (None: all in one call). Each call is padded to shape buckets, so a call
     in a bucket already seen compiles nothing: rows (`padded_batches`), prompt width (a multiple of
     PROMPT_BUCKET, left padding) and tile slots (`tile_bucket` of the batch's most tiles).
-    `sampling` and `seed`: greedy_generate's (batch k draws with fold_in(PRNGKey(seed), k))."""
+    `sampling` and `seed`: greedy_generate's (batch k draws with fold_in(PRNGKey(seed), k)). `mesh`:
+    greedy_generate_hovle's, the rows padded further to a multiple of its data-parallel devices."""
 
     def __init__(self, cfg, params, tokenizer, special_ids=None, max_new_tokens: int = 64,
-                 batch_size: int | None = None, sampling: Sampling | None = None, seed: int = 0):
+                 batch_size: int | None = None, sampling: Sampling | None = None, seed: int = 0, mesh=None):
         from evejax.data import text as text_lib
         from evejax.models import hovle
 
@@ -446,8 +479,9 @@ class HoVLEAnswerer:
             raise ValueError(f"the tokenizer's {text_lib.IMG_CONTEXT} is id {context} but the model's "
                              f"img_context_token_id is {cfg.img_context_token_id}; use the checkpoint's tokenizer")
         self.cfg, self.params, self.tokenizer, self.max_new_tokens = cfg, params, tokenizer, max_new_tokens
-        self.batch_size, self.sampling, self.seed = batch_size, sampling, seed
+        self.batch_size, self.sampling, self.seed, self.mesh = batch_size, sampling, seed, mesh
         self.model = hovle.HoVLE(cfg)
+        self._placed = False
         self.stops = (self.special_ids[text_lib.IM_END], tokenizer.eos_id)
 
     def prompt_ids(self, question: str, num_tiles: int) -> list[int]:
@@ -473,15 +507,19 @@ class HoVLEAnswerer:
         from evejax.eval.evaluate import decode_answer
 
         answers = []
-        for k, (rows, n_real) in enumerate(padded_batches(len(questions), self.batch_size or len(questions))):
+        batches = padded_batches(len(questions), self.batch_size or len(questions), row_multiple(self.mesh))
+        for k, (rows, n_real) in enumerate(batches):
             tiled = [self.tiles(self.cfg, pictures[r]) for r in rows]
             slots = tile_bucket(max(t.num_tiles for t in tiled), self.cfg.tile_slots)
             prompts = [self.prompt_ids(questions[r], t.num_tiles) for r, t in zip(rows, tiled)]
             tokens, mask = left_pad(prompts, self.tokenizer.pad_id, bucket_length(max(map(len, prompts))))
+            pixels = np.stack([t.pixels[:slots] for t in tiled])
+            if not self._placed:
+                self.params, self._placed = placed_params(self.mesh, self.model, self.params, (tokens, pixels)), True
             new = np.asarray(greedy_generate_hovle(
-                self.model, self.params, tokens, mask, np.stack([t.pixels[:slots] for t in tiled]),
+                self.model, self.params, tokens, mask, pixels,
                 self.max_new_tokens, self.stops, tile_mask=np.stack([t.tile_mask[:slots] for t in tiled]),
-                sampling=self.sampling, rng=jax.random.fold_in(jax.random.PRNGKey(self.seed), k)))
+                sampling=self.sampling, rng=jax.random.fold_in(jax.random.PRNGKey(self.seed), k), mesh=self.mesh))
             answers += [decode_answer(_until(row, self.stops), self.tokenizer) for row in new[:n_real].tolist()]
         return answers
 
@@ -519,7 +557,7 @@ def hovle_tokenizer(directory):
 HOVLE_BATCH = 8  # questions decoded together (buckets: rows, prompt width, tile slots)
 
 
-def _hovle_answerer(path, cfg, params, tokenizer, max_new_tokens):
+def _hovle_answerer(path, cfg, params, tokenizer, max_new_tokens, mesh):
     from evejax.data import pipeline
     from evejax.port import checkpoint
 
@@ -527,16 +565,16 @@ def _hovle_answerer(path, cfg, params, tokenizer, max_new_tokens):
         if checkpoint.is_workdir(path):
             raise ValueError("a training workdir carries no tokenizer: pass --tokenizer (the LLM's tokenizer.model)")
         return HoVLEAnswerer(cfg, params, *hovle_tokenizer(path), max_new_tokens=max_new_tokens,
-                             batch_size=HOVLE_BATCH)
+                             batch_size=HOVLE_BATCH, mesh=mesh)
     made = pipeline.make_tokenizer(tokenizer)  # the special ids its training data used
     return HoVLEAnswerer(cfg, params, made, pipeline.special_ids(tokenizer, made), max_new_tokens=max_new_tokens,
-                         batch_size=HOVLE_BATCH)
+                         batch_size=HOVLE_BATCH, mesh=mesh)
 
 
 EVE_BATCH = 16  # questions decoded together (left-padded, one compilation per prompt bucket)
 
 
-def _eve_answerer(path, cfg, params, tokenizer, max_new_tokens):
+def _eve_answerer(path, cfg, params, tokenizer, max_new_tokens, mesh):
     from evejax.data import pipeline
     from evejax.eval import evaluate
 
@@ -544,7 +582,7 @@ def _eve_answerer(path, cfg, params, tokenizer, max_new_tokens):
         raise ValueError("an EVE checkpoint carries no tokenizer: pass --tokenizer (the LLM's tokenizer.model, "
                          "or 'shapes' for a model trained on the generated shapes data)")
     return evaluate.Answerer(cfg, params, batch_size=EVE_BATCH, tokenizer=pipeline.make_tokenizer(tokenizer),
-                             max_new_tokens=max_new_tokens)
+                             max_new_tokens=max_new_tokens, mesh=mesh)
 
 
 # evejax.eval.evaluate.FAMILIES name -> answerer builder
@@ -552,10 +590,11 @@ ANSWERERS = {"eve": _eve_answerer, "hovle": _hovle_answerer}
 
 
 def load_answerer(path, tokenizer: str | None = None, max_new_tokens: int = 64, sampling: Sampling | None = None,
-                  seed: int = 0):
+                  seed: int = 0, mesh=None):
     """The answerer (`.answer(pictures, questions) -> answers`) of an EVE or HoVLE checkpoint
     directory or training workdir. `tokenizer`: a tokenizer.model path or "shapes"; by default the
-    one the checkpoint carries (HoVLE). `sampling`, `seed`: greedy_generate's."""
+    one the checkpoint carries (HoVLE). `sampling`, `seed`, `mesh`: greedy_generate's (any number of
+    questions: each batch is padded to the mesh's data-parallel devices)."""
     from evejax.eval import evaluate
     from evejax.port.io import CheckpointError
 
@@ -563,7 +602,7 @@ def load_answerer(path, tokenizer: str | None = None, max_new_tokens: int = 64, 
         name, cfg, params = evaluate.load_model(path)
     except CheckpointError as e:
         raise CheckpointError(f"{e}; --image/--prompt answer with those, --prompt-ids generates with an LLM") from None
-    answerer = ANSWERERS[name](path, cfg, params, tokenizer, max_new_tokens)
+    answerer = ANSWERERS[name](path, cfg, params, tokenizer, max_new_tokens, mesh)
     answerer.sampling, answerer.seed = sampling, seed
     return answerer
 
@@ -589,6 +628,7 @@ def main(argv) -> int:
     p.add_argument("--eos-id", type=int, help="stop token (default: the model's eos id)")
     p.add_argument("--no-eos", action="store_true", help="always generate --max-new tokens")
     add_sampling_args(p)
+    add_mesh_arg(p)
     args = p.parse_args(argv)
     sampling = sampling_from_args(p, args)
     if args.max_new < 1:
@@ -597,9 +637,14 @@ def main(argv) -> int:
         p.error("--image and --prompt go together")
     if (args.prompt is None) == (args.prompt_ids is None):
         p.error("give either --prompt-ids or --image with --prompt")
+    try:
+        mesh = mesh_from_arg(args.mesh)
+    except ValueError as e:
+        print(f"evejax generate: error: --mesh: {e}", file=sys.stderr)
+        return 1
     if args.prompt is not None:
         try:
-            answerer = load_answerer(args.checkpoint, args.tokenizer, args.max_new, sampling, args.sample_seed)
+            answerer = load_answerer(args.checkpoint, args.tokenizer, args.max_new, sampling, args.sample_seed, mesh)
             picture = load_image(args.image)
         except (FileNotFoundError, ValueError) as e:  # CheckpointError and BadImageError included
             print(f"evejax generate: error: {e}", file=sys.stderr)
@@ -616,10 +661,11 @@ def main(argv) -> int:
     if bad:
         p.error(f"token ids {bad} are outside the vocabulary [0, {vocab})")
     eos = None if args.no_eos else (cfg.eos_id if args.eos_id is None else args.eos_id)
-    tokens, mask = left_pad(args.prompt_ids, cfg.pad_id)
+    rows, n_real = next(padded_batches(len(args.prompt_ids), len(args.prompt_ids), row_multiple(mesh)))
+    tokens, mask = left_pad([args.prompt_ids[r] for r in rows], cfg.pad_id)
     out = np.asarray(greedy_generate(CausalLM(cfg), params, tokens, mask, args.max_new, eos, sampling=sampling,
-                                     rng=jax.random.PRNGKey(args.sample_seed)))
-    for row in out.tolist():
+                                     rng=jax.random.PRNGKey(args.sample_seed), mesh=mesh))
+    for row in out[:n_real].tolist():
         if eos is not None and eos in row:
             row = row[:row.index(eos) + 1]
         print(",".join(map(str, row)))

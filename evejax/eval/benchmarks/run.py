@@ -11,7 +11,8 @@ The protocol follows the model: EVE answers as LLaVA-1.5 asks (vicuna_v1, greedy
 chat() (internlm2-chat); --protocol overrides. --temperature/--top-p/--top-k/--seed sample instead of
 greedy decoding (evejax.eval.generate.Sampling); the papers' figures are greedy. The model is
 `answer([(PIL image, prompt), ...]) -> [text, ...]`, so `run` scores any callable; `evejax eval`
-builds it from generate.load_answerer (EVE: 16 questions a call, HoVLE: 8).
+builds it from generate.load_answerer (EVE: 16 questions a call, HoVLE: 8), on --mesh when given (as
+`evejax eval`'s shapes questions: each call padded to the mesh's data-parallel devices).
 
 --prompt-style (common.PROMPT_STYLES): "protocol" (default) asks with the protocol's prompt, the
 instruction appended ("Answer the question using a single word or phrase." and the like), as the
@@ -159,14 +160,20 @@ def main(argv=None) -> int:
     from evejax.eval import generate
 
     generate.add_sampling_args(p)
+    generate.add_mesh_arg(p)
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
     sampling = generate.sampling_from_args(p, args)
+    try:
+        mesh = generate.mesh_from_arg(args.mesh)
+    except ValueError as e:
+        print(f"evejax eval: error: --mesh: {e}", file=sys.stderr)
+        return 1
     try:
         names = parse_names(args.bench)
         if not Path(args.data_root).is_dir():
             raise FileNotFoundError(f"--data-root {args.data_root} is not a directory")
         answer = ModelAnswer(generate.load_answerer(args.checkpoint, args.tokenizer, sampling=sampling,
-                                                    seed=args.sample_seed), args.max_new)
+                                                    seed=args.sample_seed, mesh=mesh), args.max_new)
     except (FileNotFoundError, ValueError) as e:
         print(f"evejax eval: error: {e}", file=sys.stderr)
         return 1
