@@ -1,5 +1,8 @@
-"""Test set-up: 8 fake CPU devices, set before JAX is imported anywhere."""
+"""Test set-up: 8 fake CPU devices, set before JAX is imported anywhere, and one JAX persistent
+compilation cache per run, shared by the xdist workers and the CLI subprocesses the tests start."""
 import os
+import shutil
+import tempfile
 
 os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
@@ -7,6 +10,25 @@ os.environ["XLA_FLAGS"] = (
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import pytest  # noqa: E402  (after the flags: nothing here imports JAX at collection)
+
+
+def pytest_configure(config):
+    """The suite is compile-bound and many tests compile the same tiny programs (a fresh
+    `jax.jit(module.apply)`, the same CLI run in another file or worker); a cache on disk compiles
+    each once. It is made here, in the controller or the only process, before the xdist workers
+    start and before JAX is imported, so JAX reads it from the environment; it is new and empty on
+    every run (mkdtemp: private to this user) and removed at the end, so no run sees another's."""
+    if hasattr(config, "workerinput"):
+        return
+    config.jax_cache_dir = tempfile.mkdtemp(prefix="evejax-test-jax-cache-")
+    os.environ.update(JAX_COMPILATION_CACHE_DIR=config.jax_cache_dir,
+                      JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+                      JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="-1")
+
+
+def pytest_unconfigure(config):
+    if hasattr(config, "jax_cache_dir"):
+        shutil.rmtree(config.jax_cache_dir, ignore_errors=True)
 
 
 @pytest.fixture

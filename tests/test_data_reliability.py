@@ -27,11 +27,10 @@ TINY_EVE = ["--config", "configs/eve.py:tiny_stage1", "--config.train.log_every=
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory):
-    """The test's 8 CPU devices, this directory importable, one compilation cache for all runs."""
-    return dict(os.environ, PYTHONPATH=os.pathsep.join([REPO, os.path.dirname(os.path.abspath(__file__))]),
-                JAX_COMPILATION_CACHE_DIR=str(tmp_path_factory.getbasetemp() / "jax_cache"),
-                JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+def env():
+    """The test's 8 CPU devices, this directory importable; the run's compilation cache comes with the
+    environment (tests/conftest.py)."""
+    return dict(os.environ, PYTHONPATH=os.pathsep.join([REPO, os.path.dirname(os.path.abspath(__file__))]))
 
 
 def train(workdir, *args):

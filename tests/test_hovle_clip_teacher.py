@@ -41,10 +41,13 @@ def test_clip_at_a_larger_tile_matches_hf_interpolate_pos_encoding():
         vit.ClipViT(cfg).apply({"params": params}, pixels)
 
 
-def _model_and_batch():
+@pytest.fixture(scope="module")
+def model_and_batch():
+    """(config, spec, initial params, batch), read-only: both tests below start from one init."""
     config = config_lib.load("configs/hovle.py:tiny_stage1_clip")
     spec = registry.build(config.model)
-    params = unbox(spec.module.init(jax.random.PRNGKey(0), *spec.init_args)["params"])
+    # Compiled whole: op by op, the init of the model with its teacher costs a minute.
+    params = unbox(jax.jit(spec.module.init)(jax.random.PRNGKey(0), *spec.init_args)["params"])
     rng = np.random.default_rng(1)
     s, p = spec.config.image_size, spec.config.hovle.tile_slots
     batch = {"pixels": rng.standard_normal((2, p, s, s, 3)).astype(np.float32),
@@ -54,31 +57,35 @@ def _model_and_batch():
     return config, spec, params, batch
 
 
-def test_the_distillation_loss_never_reaches_the_projection():
+def test_the_distillation_loss_never_reaches_the_projection(model_and_batch):
     """The guard: distill_image and distill_text give the whole teacher (CLIP and projection) a zero
     gradient, so the student cannot pull its target towards a collapse; the projection learns
     from teacher_projection alone, which moves nothing but the projection and its reconstruction."""
-    config, spec, params, batch = _model_and_batch()
+    config, spec, params, batch = model_and_batch
     assert sorted(params["teacher"]) == ["clip", "projection", "reconstruction"]
     assert dict(config.stage.losses) == dict(distill_image=1.0, distill_text=1.0, teacher_projection=1.0)
 
-    def grad_of(term):
-        return jax.grad(lambda p: spec.loss_fn(p, batch, jax.random.PRNGKey(2))[1][term])(params)
+    # Both gradients in one compiled program: op by op, the two backward passes cost minutes.
+    @jax.jit
+    def grads(p):
+        return [jax.grad(lambda q: spec.loss_fn(q, batch, jax.random.PRNGKey(2))[1][term])(p)
+                for term in ("distill_image", "teacher_projection")]
 
     nonzero = lambda tree: any(bool(np.any(np.asarray(x) != 0)) for x in jax.tree.leaves(tree))  # noqa: E731
-    distill = grad_of("distill_image")
+    distill, projection = grads(params)
     assert not nonzero(distill["teacher"]) and nonzero(distill["embedding_model"])
-    projection = grad_of("teacher_projection")
     assert nonzero(projection["teacher"]["projection"]) and nonzero(projection["teacher"]["reconstruction"])
     assert not nonzero(projection["teacher"]["clip"]) and not nonzero(projection["embedding_model"])
     assert not nonzero(projection["language_model"])
 
 
-def test_tiny_stage1_clip_halves_both_losses_and_leaves_clip_and_llm_bit_identical(tmp_path, train_logged):
+def test_tiny_stage1_clip_halves_both_losses_and_leaves_clip_and_llm_bit_identical(tmp_path, train_logged,
+                                                                                   model_and_batch):
     """configs/hovle.py:tiny_stage1_clip from an imported LLM (evejax.lm) and CLIP (evejax.clip, into
     teacher/clip): both distillation losses halve, the projection trains by its own loss, CLIP and
     the LLM leave bit-identical."""
-    config, spec, params, batch = _model_and_batch()
+    _, spec, params, _ = model_and_batch
+    config = config_lib.load("configs/hovle.py:tiny_stage1_clip")   # its own: the run's overrides change it
     rng = np.random.default_rng(7)
     imported = {"language_model": params["language_model"], "clip": params["teacher"]["clip"]}
     imported = jax.tree.map(lambda x: (0.05 * rng.standard_normal(x.shape)).astype(np.float32), imported)

@@ -61,11 +61,10 @@ class Stuck(Slow):
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory):
-    """The test's 8 CPU devices, this directory importable, one compilation cache for all runs."""
-    return dict(os.environ, PYTHONPATH=os.path.dirname(os.path.abspath(__file__)),
-                JAX_COMPILATION_CACHE_DIR=str(tmp_path_factory.getbasetemp() / "jax_cache"),
-                JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+def env():
+    """The test's 8 CPU devices, this directory importable; the run's compilation cache comes with the
+    environment (tests/conftest.py)."""
+    return dict(os.environ, PYTHONPATH=os.path.dirname(os.path.abspath(__file__)))
 
 
 def command(workdir, *extra):

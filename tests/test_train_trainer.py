@@ -14,7 +14,6 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
-from jax.experimental.compilation_cache import compilation_cache
 
 from evejax import config as config_lib
 from evejax import sharding
@@ -26,8 +25,8 @@ from evejax.train import step as step_lib
 from evejax.train import trainer
 
 # Small and fast: short sequences, no rematerialisation, fsdp over the 8 CPU
-# devices. The same run as tests/test_train_resume.py's, so with the shared
-# compilation cache the step compiles once for both files.
+# devices. The same run as tests/test_train_resume.py's, so with the run's
+# compilation cache (tests/conftest.py) the step compiles once for both files.
 BASE = ["--config.data.seq_len=16", "--config.model.overrides.remat=none", "--config.mesh.data=1",
         "--config.mesh.fsdp=8", "--config.train.log_every=1", "--config.train.progress_bar=False",
         "--config.train.steps=12", "--config.checkpoint.every=4"]
@@ -35,22 +34,6 @@ BASE = ["--config.data.seq_len=16", "--config.model.overrides.remat=none", "--co
 
 def tiny(*overrides):
     return config_lib.apply_overrides(config_lib.load("configs/llm.py:tiny"), BASE + list(overrides))
-
-
-@pytest.fixture(scope="module", autouse=True)
-def compile_cache(tmp_path_factory):
-    """A persistent compilation cache: runs with equal configs compile once."""
-    names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
-             "jax_persistent_cache_min_entry_size_bytes")
-    saved = {n: getattr(jax.config, n) for n in names}
-    jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.getbasetemp() / "jax_cache"))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
-    compilation_cache.reset_cache()
-    yield
-    for name, value in saved.items():
-        jax.config.update(name, value)
-    compilation_cache.reset_cache()
 
 
 def by_path(tree):
