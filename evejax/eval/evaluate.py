@@ -284,12 +284,12 @@ class Family:
     answerer: Callable                           # (cfg, params, batch_size, mesh=) -> .answer(pictures, questions)
 
 
-def _hovle_answerer(cfg, params, batch_size: int, mesh=None) -> HoVLEAnswerer:
+def _hovle_answerer(cfg, params, batch_size: int, **kw) -> HoVLEAnswerer:
     from evejax.data import pipeline
 
     tokenizer = shapes.tokenizer()
     return HoVLEAnswerer(cfg, params, tokenizer, pipeline.special_ids("shapes", tokenizer), MAX_NEW_TOKENS,
-                         batch_size, mesh=mesh)
+                         batch_size, **kw)
 
 
 # registry model name -> family
@@ -319,10 +319,11 @@ def load_model(path: str | Path) -> tuple[str, object, dict]:
                           f"{checkpoint.MODEL_JSON} of an evejax {names} checkpoint)")
 
 
-def load_answerer(path: str | Path, batch_size: int = 100, mesh=None):
-    """The shapes-question answerer of a checkpoint (`load_model`), generating on `mesh` when given."""
+def load_answerer(path: str | Path, batch_size: int = 100, **kw):
+    """The shapes-question answerer of a checkpoint (`load_model`); `kw`: the answerers' `sampling`,
+    `seed` and `mesh`."""
     name, cfg, params = load_model(path)
-    return FAMILIES[name].answerer(cfg, params, batch_size, mesh=mesh)
+    return FAMILIES[name].answerer(cfg, params, batch_size, **kw)
 
 
 def main(argv=None) -> int:
@@ -349,8 +350,8 @@ def main(argv=None) -> int:
         print(f"evejax eval: error: --mesh: {e}", file=sys.stderr)
         return 1
     try:
-        answerer = load_answerer(args.checkpoint, args.batch_size, mesh)
-        answerer.sampling, answerer.seed = sampling, args.sample_seed
+        answerer = load_answerer(args.checkpoint, args.batch_size, mesh=mesh, sampling=sampling,
+                                 seed=args.sample_seed)
         questions = heldout_questions(args.num_questions, args.seed)
     except (FileNotFoundError, ValueError) as e:
         print(f"evejax eval: error: {e}", file=sys.stderr)

@@ -557,7 +557,7 @@ def hovle_tokenizer(directory):
 HOVLE_BATCH = 8  # questions decoded together (buckets: rows, prompt width, tile slots)
 
 
-def _hovle_answerer(path, cfg, params, tokenizer, max_new_tokens, mesh):
+def _hovle_answerer(path, cfg, params, tokenizer, max_new_tokens, **kw):
     from evejax.data import pipeline
     from evejax.port import checkpoint
 
@@ -565,16 +565,16 @@ def _hovle_answerer(path, cfg, params, tokenizer, max_new_tokens, mesh):
         if checkpoint.is_workdir(path):
             raise ValueError("a training workdir carries no tokenizer: pass --tokenizer (the LLM's tokenizer.model)")
         return HoVLEAnswerer(cfg, params, *hovle_tokenizer(path), max_new_tokens=max_new_tokens,
-                             batch_size=HOVLE_BATCH, mesh=mesh)
+                             batch_size=HOVLE_BATCH, **kw)
     made = pipeline.make_tokenizer(tokenizer)  # the special ids its training data used
     return HoVLEAnswerer(cfg, params, made, pipeline.special_ids(tokenizer, made), max_new_tokens=max_new_tokens,
-                         batch_size=HOVLE_BATCH, mesh=mesh)
+                         batch_size=HOVLE_BATCH, **kw)
 
 
 EVE_BATCH = 16  # questions decoded together (left-padded, one compilation per prompt bucket)
 
 
-def _eve_answerer(path, cfg, params, tokenizer, max_new_tokens, mesh):
+def _eve_answerer(path, cfg, params, tokenizer, max_new_tokens, **kw):
     from evejax.data import pipeline
     from evejax.eval import evaluate
 
@@ -582,7 +582,7 @@ def _eve_answerer(path, cfg, params, tokenizer, max_new_tokens, mesh):
         raise ValueError("an EVE checkpoint carries no tokenizer: pass --tokenizer (the LLM's tokenizer.model, "
                          "or 'shapes' for a model trained on the generated shapes data)")
     return evaluate.Answerer(cfg, params, batch_size=EVE_BATCH, tokenizer=pipeline.make_tokenizer(tokenizer),
-                             max_new_tokens=max_new_tokens, mesh=mesh)
+                             max_new_tokens=max_new_tokens, **kw)
 
 
 # evejax.eval.evaluate.FAMILIES name -> answerer builder
@@ -602,9 +602,7 @@ def load_answerer(path, tokenizer: str | None = None, max_new_tokens: int = 64, 
         name, cfg, params = evaluate.load_model(path)
     except CheckpointError as e:
         raise CheckpointError(f"{e}; --image/--prompt answer with those, --prompt-ids generates with an LLM") from None
-    answerer = ANSWERERS[name](path, cfg, params, tokenizer, max_new_tokens, mesh)
-    answerer.sampling, answerer.seed = sampling, seed
-    return answerer
+    return ANSWERERS[name](path, cfg, params, tokenizer, max_new_tokens, sampling=sampling, seed=seed, mesh=mesh)
 
 
 def main(argv) -> int:
