@@ -29,7 +29,7 @@ def test_scans_equal_the_sequential_scan():
     a = -jnp.exp(jax.random.normal(keys[3], (e, n)))
     want = _sequential_scan(delta, u, b, c, a)
     # Chunks of 4 pad 13 tokens to 16; 64 is one chunk longer than the sequence.
-    variants = [("associative", 1), ("chunked", 4), ("chunked", 64)]
+    variants = [("associative", 1), ("chunked", 4), ("chunked", 64), ("tokens", 1)]
     scans = {v: jax.jit(lambda uu, v=v: mamba.selective_scan(delta, uu, b, c, a, scan=v[0], chunk=v[1]))
              for v in variants}
     for v in variants:
@@ -37,6 +37,30 @@ def test_scans_equal_the_sequential_scan():
     # Gradients too: the chunked scan is rematerialised, the associative one is not.
     grads = [jax.jit(jax.grad(lambda uu, v=v: jnp.sum(jnp.sin(scans[v](uu)))))(u) for v in variants[:2]]
     np.testing.assert_allclose(grads[1], grads[0], rtol=1e-4, atol=1e-5)
+
+
+def test_token_scan_gradients_equal_autodiff_of_the_plain_scan():
+    """The "tokens" scan's hand-written backward (one reverse scan, dA summed in its carry, the other
+    gradients contracted over all tokens at once) against jax.grad of the associative scan, for every
+    input, inside jax.checkpoint as the remat'ed blocks call it, and at a length of one token."""
+    keys = jax.random.split(jax.random.PRNGKey(1), 6)
+    for bsz, length, e, n in [(2, 13, 6, 4), (3, 1, 5, 2)]:
+        delta = jax.nn.softplus(jax.random.normal(keys[0], (bsz, length, e)))
+        u = jax.random.normal(keys[1], (bsz, length, e))
+        b, c = jax.random.normal(keys[2], (2, bsz, length, n))
+        a = -jnp.exp(jax.random.normal(keys[3], (e, n)))
+        cotangent = jax.random.normal(keys[4], (bsz, length, e))
+
+        def grads(kind, remat):
+            scan = lambda *xs: mamba.selective_scan(*xs, scan=kind)  # noqa: E731
+            scan = jax.checkpoint(scan) if remat else scan
+            return jax.jit(jax.grad(lambda *xs: jnp.vdot(scan(*xs), cotangent), argnums=range(5)))(delta, u, b, c, a)
+
+        want = grads("associative", False)
+        for remat in (False, True):
+            for name, got, ref in zip(("delta", "u", "B", "C", "A"), grads("tokens", remat), want):
+                np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5 * float(jnp.max(jnp.abs(ref))),
+                                           err_msg=f"d{name} at {(bsz, length, e, n)}, remat={remat}")
 
 
 def _official_mixer(p, x, cfg):

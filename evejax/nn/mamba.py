@@ -24,7 +24,12 @@ official name after the arrow:
 The scan: `scan="associative"` runs `jax.lax.associative_scan` over all of L with the state
 [B, L, E, N] materialised; `scan="chunked"` runs a sequential `lax.scan` over chunks of
 `scan_chunk` tokens, associative inside each chunk, rematerialised, so only the carried state
-[B, E, N] and the chunk's states live at once (the backward pass recomputes them).
+[B, E, N] and the chunk's states live at once (the backward pass recomputes them); `scan="tokens"`
+runs a `lax.scan` over single tokens that keeps every state [L, B, E, N] for a hand-written
+backward (a `jax.custom_vjp`: one reverse scan for the state's cotangent, dA summed in its carry,
+the other gradients each one contraction over all tokens), instead of autodiff's per-chunk
+reductions: on CPU Mamba-B's scan forward + backward is 2.2x faster than chunked, at the cost of
+the [L, B, E, N] states (39 MB a block at batch 2) during a block's backward.
 """
 from __future__ import annotations
 
@@ -38,7 +43,7 @@ from flax import linen as nn
 
 from evejax.nn.layers import Dense, constrain, param_with_axes
 
-SCANS = ("associative", "chunked")
+SCANS = ("associative", "chunked", "tokens")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,6 +101,66 @@ def _scan_chunk(h0, delta, u, b_mat, c_mat, a):
     return h[:, -1], jnp.einsum("blen,bln->ble", h, c_mat)
 
 
+def _previous_states(delta, du, b_mat, a):
+    """h_{t-1} for every token, [L, B, E, N] (h_{-1} = 0), and the last state h_{L-1} [B, E, N], of
+    h_t = exp(delta_t a) h_{t-1} + du_t b_t; time-major delta, du [L, B, E], b_mat [L, B, N].
+    One fused update of the [B, E, N] state per token."""
+    def step(h, xs):
+        delta_t, du_t, b_t = xs
+        return jnp.exp(delta_t[..., None] * a) * h + du_t[..., None] * b_t[:, None, :], h
+
+    h0 = jnp.zeros((*delta.shape[1:], a.shape[-1]), jnp.float32)
+    last, prev = jax.lax.scan(step, h0, (delta, du, b_mat))
+    return prev, last
+
+
+def _read_out(prev, last, x, spec):
+    """sum of h_t * x_t over one axis for every token t, from the previous states (h_t = prev[t + 1]):
+    einsum(spec) of all of prev against x moved one token later (slicing prev would copy it), the
+    last token's term from `last`."""
+    later = jnp.concatenate([jnp.zeros_like(x[:1]), x[:-1]])
+    tail = jnp.einsum(spec.replace("l", ""), last, x[-1])
+    return jnp.concatenate([jnp.einsum(spec, prev, later)[1:], tail[None]])
+
+
+@jax.custom_vjp
+def _scan_tokens(delta, u, b_mat, c_mat, a):
+    """selective_scan on time-major delta, u [L, B, E], b_mat, c_mat [L, B, N] -> y [L, B, E]."""
+    return _scan_tokens_fwd(delta, u, b_mat, c_mat, a)[0]
+
+
+def _scan_tokens_fwd(delta, u, b_mat, c_mat, a):
+    prev, last = _previous_states(delta, delta * u, b_mat, a)
+    return _read_out(prev, last, c_mat, "lben,lbn->lbe"), (delta, u, b_mat, c_mat, a, prev, last)
+
+
+def _scan_tokens_bwd(res, grad_y):
+    """One reverse scan over the tokens for the state's cotangent G_t = dL/dh_t
+    (G_t = grad_y_t c_t + exp(delta_{t+1} a) G_{t+1}), then each input's gradient as one contraction over
+    all tokens, with x_t = delta_t u_t b_t and the decay's cotangent Q_t = G_t h_{t-1} exp(delta_t a):
+      dC_t = sum_e grad_y_t h_t, dB_t = sum_e G_t delta_t u_t, d(delta u)_t = sum_n G_t b_t,
+      d delta_t += sum_n Q_t a, dA = sum_{b,t} Q_t delta_t (summed over t in the scan's carry)."""
+    delta, u, b_mat, c_mat, a, prev, last = res
+    du = delta * u
+
+    def step(carry, xs):  # carry: exp(delta_{t+1} a) G_{t+1}, sum over later tokens of Q delta
+        g_next, grad_a = carry
+        delta_t, c_t, grad_y_t, h_prev = xs
+        g = g_next + grad_y_t[..., None] * c_t[:, None, :]
+        g_prev = jnp.exp(delta_t[..., None] * a) * g
+        q = g_prev * h_prev
+        return (g_prev, grad_a + q * delta_t[..., None]), (g, jnp.sum(q * a, axis=-1))
+
+    zeros = jnp.zeros_like(last)
+    (_, grad_a), (g, grad_decay) = jax.lax.scan(step, (zeros, zeros), (delta, c_mat, grad_y, prev), reverse=True)
+    g_du = jnp.einsum("lben,lbn->lbe", g, b_mat)
+    return (g_du * u + grad_decay, g_du * delta, jnp.einsum("lben,lbe->lbn", g, du),
+            _read_out(prev, last, grad_y, "lben,lbe->lbn"), jnp.sum(grad_a, axis=0))
+
+
+_scan_tokens.defvjp(_scan_tokens_fwd, _scan_tokens_bwd)
+
+
 def selective_scan(delta, u, b_mat, c_mat, a, *, scan: str = "chunked", chunk: int = 2):
     """y [B, L, E] float32 of h_t = exp(delta_t a) h_{t-1} + delta_t u_t b_t, y_t = h_t . c_t, h_{-1} = 0.
 
@@ -105,6 +170,9 @@ def selective_scan(delta, u, b_mat, c_mat, a, *, scan: str = "chunked", chunk: i
     h0 = jnp.zeros((bsz, e, a.shape[-1]), jnp.float32)
     if scan == "associative":
         return _scan_chunk(h0, delta, u, b_mat, c_mat, a)[1]
+    if scan == "tokens":
+        time_major = lambda x: x.swapaxes(0, 1)  # noqa: E731
+        return time_major(_scan_tokens(*map(time_major, (delta, u, b_mat, c_mat)), a))
     if scan != "chunked":
         raise ValueError(f"Mamba scan {scan!r} is not known; use one of {SCANS}")
     chunk = min(chunk, length)
