@@ -100,7 +100,11 @@ BENCH_OPTIONS = dict(matmul_2d=True, remat="save_dots_no_batch", scan_unroll=1, 
 # 707, chunk 4 961, state [B, c, N, E] 511-549 (within the noise). At depth 4 the step with
 # remat "none" (4.82 s), "save_dots_no_batch" (3.85) or matmul_2d (5.53 against 5.73) was not
 # clearly faster than this (3.96): README, `evejax bench dan`.
-DAN_OPTIONS = dict(remat="full", scan="chunked", scan_chunk=2)
+# 29 Nov, scan "tokens" (nn/mamba's custom-VJP scan), load ~10, torch 1 thread, depth 4 (s/step,
+# medians of 3): chunked 4.48, tokens 3.24, tokens with remat "none" 3.22 or "save_dots_no_batch"
+# 3.21 (within the noise; "full" keeps the least memory), torch 4.06. The scan alone, one block:
+# chunked 297 ms, tokens 135 (medians of 9, load ~8).
+DAN_OPTIONS = dict(remat="full", scan="tokens")
 
 
 def parse_options(text: str) -> dict:
@@ -437,7 +441,7 @@ def _dan_scan(kind: str, cfg, batch: int, seq_len: int, scan: str = "time_major"
     """One block's selective scan, forward + backward (gradients for delta, u, B, C and A as the
     step needs them), at the step's shapes; `depth` of them make a step. The evejax one is
     nn/mamba's scan with the step's scan options, jitted, its forward run twice when the step
-    rematerialises the blocks (as the step does); the PyTorch one the reference's sequential scan
+    rematerialises the blocks (as the step does by default); the PyTorch one the reference's sequential scan
     with the reference's slicing `scan`."""
     m = cfg.mamba
     length, e, n = cfg.num_patches + 1, m.intermediate_size, m.state_size
