@@ -89,6 +89,23 @@ def test_counting_with_distractors_counts_the_red_squares_only():
         counting.image(0, "train", 0, 64, distractors=60)
 
 
+def test_counting_majority_labels_the_colour_of_most_cells():
+    labels = []
+    for i in range(12):
+        picture, label = counting.image(i, "heldout", 3, 32, task="majority")
+        cells = picture.reshape(4, 8, 4, 8, 3).swapaxes(1, 2).reshape(16, 64, 3)
+        # Each cell holds one square in one colour: its first non-white pixel names it.
+        votes = np.zeros(4, int)
+        for cell in cells:
+            pixel = cell[np.any(cell != 255, -1)][0]
+            votes[np.flatnonzero(np.all(counting._COLOURS == pixel, -1))[0]] += 1
+        assert votes.sum() == 16 and np.sort(votes)[-1] > np.sort(votes)[-2] and label == votes.argmax()
+        labels.append(label)
+    assert len(set(labels)) > 1
+    with pytest.raises(ValueError, match="distractors"):
+        counting.image(0, "train", 0, 64, distractors=3, task="majority")
+
+
 def test_counting_batches_carry_what_the_dan_trainer_feeds():
     from evejax import config as config_lib
     from evejax.models import registry
