@@ -2,7 +2,7 @@
 
   evejax viz attention TARGET --image IMG [--layers 0,1] [--out maps.png]
   evejax viz experiment [--out runs/counting] [--seeds 0,1,2] [--steps 600] [--side 48]
-                        [--heldout 1000] [--distractors 0] [--task count]
+                        [--heldout 1000] [--distractors 0] [--task count] [--train-images 0]
 
 TARGET is a trainer workdir of a DAN ViT (`evejax train`, newest checkpoint) or a config
 FILE.py[:ARG] of one (random initial weights, seed --seed).
@@ -228,13 +228,14 @@ def experiment_main(args) -> int:
         for seed in seeds:
             overrides = [f"train.seed={seed}", f"data.seed={seed}", f"train.steps={args.steps}",
                          f"data.max_side={side}", f"model.overrides.image_size={side}",
-                         f"data.distractors={args.distractors}", f"data.counting_task={args.task}"]
+                         f"data.distractors={args.distractors}", f"data.counting_task={args.task}",
+                         f"data.train_images={args.train_images}"]
             config = config_lib.apply_overrides(config_lib.load(f"{config_file}:{variant}"), overrides)
             workdir = out / f"{variant}_s{seed}"
             trainer.train(config, str(workdir))
             row = dict(variant=variant, seed=seed, steps=args.steps, side=side, distractors=args.distractors,
-                       task=args.task, **evaluate_run(str(workdir), args.heldout, distractors=args.distractors,
-                                                      task=args.task))
+                       task=args.task, train_images=args.train_images,
+                       **evaluate_run(str(workdir), args.heldout, distractors=args.distractors, task=args.task))
             cfg, params = load_target(str(workdir))
             weights = attention_weights(cfg, params, counting.normalize(first)[None])[:, 0]
             row["png"] = str(save_png(attention_grid(first, weights, range(cfg.depth), cfg.grid),
@@ -270,6 +271,9 @@ def main(argv=None) -> int:
     exp.add_argument("--task", default="count", choices=("count", "majority"),
                      help="count: how many cells are filled (or red, with --distractors); majority: which of "
                           "the 4 colours fills the most cells, every cell filled (evejax/data/counting.py)")
+    exp.add_argument("--train-images", type=int, default=0,
+                     help="train on the first N training images only, for many epochs (default 0: a new image "
+                          "every draw)")
     args = parser.parse_args(argv)
     try:
         return attention_main(args) if args.command == "attention" else experiment_main(args)

@@ -116,3 +116,18 @@ def test_counting_batches_carry_what_the_dan_trainer_feeds():
     specs = registry.build(config.model).batch_specs(8, 1)
     assert {k: (v.shape, v.dtype) for k, v in host.items()} == {k: (v.shape, v.dtype) for k, v in specs.items()}
     np.testing.assert_array_equal(host["label_probs"], np.eye(10, dtype=np.float32)[host["label"]])
+
+
+def test_counting_train_images_cycles_a_fixed_set_in_new_orders():
+    from evejax import config as config_lib
+
+    config = config_lib.apply_overrides(config_lib.load("configs/dan_counting.py:plain"), [
+        "data.global_batch=3", "data.train_images=3", "data.seed=5", "data.max_side=32",
+        "data.counting_task=majority"])
+    fixed = counting.batch(range(3), "train", 5, 32, task="majority")["pixels"]
+    batches = counting.make_data(config, 0, 1)
+    orders = []
+    for _ in range(6):   # 6 epochs of the 3 images, one batch each
+        pixels = next(batches)["pixels"]
+        orders.append(tuple(int(np.flatnonzero((fixed == p).all((1, 2, 3)))[0]) for p in pixels))
+    assert all(sorted(order) == [0, 1, 2] for order in orders) and len(set(orders)) > 1

@@ -28,7 +28,9 @@ split rejects candidates of the other, so no held-out image is ever trained on.
 Host batch (`make_data`, config.data.name = "evejax.data.counting:make_data"): pixels float32
 [b, S, S, 3] (ImageNet-normalised, as the DAN classifiers expect), label int32 [b] and its
 one-hot label_probs float32 [b, NUM_CLASSES] (the dan trainer's batch carries both),
-b = global_batch / process_count; endless.
+b = global_batch / process_count; endless. With config.data.train_images = N > 0 the batches
+draw only the first N images of the split (a fixed training set for a low-data regime),
+reshuffled every epoch (grain shuffle seeded by config.data.seed).
 """
 from __future__ import annotations
 
@@ -138,7 +140,11 @@ def make_data(config, process_index: int, process_count: int):
     d = config.data
     if d.global_batch % process_count:
         raise ValueError(f"config.data.global_batch={d.global_batch} does not split over {process_count} processes")
-    dataset = grain.MapDataset.source(CountingSource(d.split, d.seed, d.max_side, d.distractors,
-                                                          d.counting_task))[process_index::process_count]
+    if d.train_images < 0:
+        raise ValueError(f"config.data.train_images must be >= 0 (0: a new image every draw), got {d.train_images}")
+    dataset = grain.MapDataset.source(CountingSource(d.split, d.seed, d.max_side, d.distractors, d.counting_task))
+    if d.train_images:  # a small fixed set: its epochs one after the other, each in a new order
+        dataset = dataset[:d.train_images].shuffle(seed=d.seed).repeat()
+    dataset = dataset[process_index::process_count]
     dataset = dataset.batch(d.global_batch // process_count, drop_remainder=True)
     return iter(dataset.to_iter_dataset(grain.ReadOptions(num_threads=d.read_threads, prefetch_buffer_size=4)))
