@@ -47,7 +47,7 @@ DATA_KEYS = dict(
     tfds_name="imagenet2012", tfds_dir="", image_key="image", label_key="label", augment=True,
     crop_pct=0.875, rand_augment="", random_erase=0.0, mixup=0.0, cutmix=0.0, mix_prob=1.0,
     mix_switch_prob=0.5, label_smoothing=0.0, repeated_aug=1,
-    distractors=0,
+    distractors=0, counting_task="count", train_images=0,
 )
 
 

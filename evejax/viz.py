@@ -2,7 +2,7 @@
 
   evejax viz attention TARGET --image IMG [--layers 0,1] [--out maps.png]
   evejax viz experiment [--out runs/counting] [--seeds 0,1,2] [--steps 600] [--side 48]
-                        [--heldout 1000] [--distractors 0]
+                        [--heldout 1000] [--distractors 0] [--task count] [--train-images 0]
 
 TARGET is a trainer workdir of a DAN ViT (`evejax train`, newest checkpoint) or a config
 FILE.py[:ARG] of one (random initial weights, seed --seed).
@@ -21,7 +21,7 @@ left out. The statistic is the mean of the shares over those queries and every l
 (layers, images, heads). 1 means every query puts all its mass on one key; uniform causal
 attention over T tokens gives the mean of 1/(t+1) over t = 1..T-1: 0.089 at T = 37.
 
-`experiment` trains configs/dan_counting.py:defocus and :plain (images --side px) for each seed (workdirs
+`experiment` trains configs/dan_counting.py:defocus and :plain (images --side px, task --task) for each seed (workdirs
 OUT/{defocus,plain}_s{seed}; a finished workdir is reused), then reports per run the held-out
 accuracy on the first --heldout held-out counting images and the over-focus statistic on the
 first 64 of them (all layers), writes OUT/{variant}_s{seed}.png (the maps of held-out image
@@ -189,8 +189,9 @@ def attention_main(args) -> int:
     return 0
 
 
-def evaluate_run(workdir: str, heldout: int, focus_images: int = 64, batch: int = 250, distractors: int = 0) -> dict:
-    """Held-out accuracy and over-focus of a trained counting workdir (trained with `distractors`)."""
+def evaluate_run(workdir: str, heldout: int, focus_images: int = 64, batch: int = 250, distractors: int = 0,
+                 task: str = "count") -> dict:
+    """Held-out accuracy and over-focus of a trained counting workdir (trained with `distractors`, `task`)."""
     from evejax.data import counting
     from evejax.models import dan
 
@@ -200,9 +201,10 @@ def evaluate_run(workdir: str, heldout: int, focus_images: int = 64, batch: int 
     logits = jax.jit(lambda p, x: module.apply({"params": p}, x).logits)
     right = 0
     for start in range(0, heldout, batch):
-        b = counting.batch(range(start, min(start + batch, heldout)), "heldout", 0, side, distractors)
+        b = counting.batch(range(start, min(start + batch, heldout)), "heldout", 0, side, distractors, task)
         right += int(np.sum(np.argmax(np.asarray(logits(params, b["pixels"])), -1) == b["label"]))
-    weights = attention_weights(cfg, params, counting.batch(range(focus_images), "heldout", 0, side, distractors)["pixels"])
+    focus = counting.batch(range(focus_images), "heldout", 0, side, distractors, task)
+    weights = attention_weights(cfg, params, focus["pixels"])
     mask = causal_mask(weights.shape[-1])
     return {"heldout_accuracy": right / heldout, "overfocus": overfocus(weights, mask),
             "overfocus_per_layer": [overfocus(w, mask) for w in weights],
@@ -219,19 +221,21 @@ def experiment_main(args) -> int:
     seeds = [int(s) for s in args.seeds.split(",")]
     config_file = f"{config_lib.REPO_CONFIGS}/dan_counting.py"
     side = args.side or config_lib.load(config_file).data.max_side
-    first, _ = counting.image(0, "heldout", 0, side, args.distractors)
+    first, _ = counting.image(0, "heldout", 0, side, args.distractors, args.task)
     save_png(Image.fromarray(first), out / "heldout0.png")
     results = []
     for variant in ("defocus", "plain"):
         for seed in seeds:
             overrides = [f"train.seed={seed}", f"data.seed={seed}", f"train.steps={args.steps}",
                          f"data.max_side={side}", f"model.overrides.image_size={side}",
-                         f"data.distractors={args.distractors}"]
+                         f"data.distractors={args.distractors}", f"data.counting_task={args.task}",
+                         f"data.train_images={args.train_images}"]
             config = config_lib.apply_overrides(config_lib.load(f"{config_file}:{variant}"), overrides)
             workdir = out / f"{variant}_s{seed}"
             trainer.train(config, str(workdir))
             row = dict(variant=variant, seed=seed, steps=args.steps, side=side, distractors=args.distractors,
-                       **evaluate_run(str(workdir), args.heldout, distractors=args.distractors))
+                       task=args.task, train_images=args.train_images,
+                       **evaluate_run(str(workdir), args.heldout, distractors=args.distractors, task=args.task))
             cfg, params = load_target(str(workdir))
             weights = attention_weights(cfg, params, counting.normalize(first)[None])[:, 0]
             row["png"] = str(save_png(attention_grid(first, weights, range(cfg.depth), cfg.grid),
@@ -264,6 +268,12 @@ def main(argv=None) -> int:
     exp.add_argument("--heldout", type=int, default=1000, help="held-out images for the accuracy")
     exp.add_argument("--distractors", type=int, default=0,
                      help="count the red squares among up to N squares of other colours (default 0: count all)")
+    exp.add_argument("--task", default="count", choices=("count", "majority"),
+                     help="count: how many cells are filled (or red, with --distractors); majority: which of "
+                          "the 4 colours fills the most cells, every cell filled (evejax/data/counting.py)")
+    exp.add_argument("--train-images", type=int, default=0,
+                     help="train on the first N training images only, for many epochs (default 0: a new image "
+                          "every draw)")
     args = parser.parse_args(argv)
     try:
         return attention_main(args) if args.command == "attention" else experiment_main(args)

@@ -89,6 +89,23 @@ def test_counting_with_distractors_counts_the_red_squares_only():
         counting.image(0, "train", 0, 64, distractors=60)
 
 
+def test_counting_majority_labels_the_colour_of_most_cells():
+    labels = []
+    for i in range(12):
+        picture, label = counting.image(i, "heldout", 3, 32, task="majority")
+        cells = picture.reshape(4, 8, 4, 8, 3).swapaxes(1, 2).reshape(16, 64, 3)
+        # Each cell holds one square in one colour: its first non-white pixel names it.
+        votes = np.zeros(4, int)
+        for cell in cells:
+            pixel = cell[np.any(cell != 255, -1)][0]
+            votes[np.flatnonzero(np.all(counting._COLOURS == pixel, -1))[0]] += 1
+        assert votes.sum() == 16 and np.sort(votes)[-1] > np.sort(votes)[-2] and label == votes.argmax()
+        labels.append(label)
+    assert len(set(labels)) > 1
+    with pytest.raises(ValueError, match="distractors"):
+        counting.image(0, "train", 0, 64, distractors=3, task="majority")
+
+
 def test_counting_batches_carry_what_the_dan_trainer_feeds():
     from evejax import config as config_lib
     from evejax.models import registry
@@ -99,3 +116,18 @@ def test_counting_batches_carry_what_the_dan_trainer_feeds():
     specs = registry.build(config.model).batch_specs(8, 1)
     assert {k: (v.shape, v.dtype) for k, v in host.items()} == {k: (v.shape, v.dtype) for k, v in specs.items()}
     np.testing.assert_array_equal(host["label_probs"], np.eye(10, dtype=np.float32)[host["label"]])
+
+
+def test_counting_train_images_cycles_a_fixed_set_in_new_orders():
+    from evejax import config as config_lib
+
+    config = config_lib.apply_overrides(config_lib.load("configs/dan_counting.py:plain"), [
+        "data.global_batch=3", "data.train_images=3", "data.seed=5", "data.max_side=32",
+        "data.counting_task=majority"])
+    fixed = counting.batch(range(3), "train", 5, 32, task="majority")["pixels"]
+    batches = counting.make_data(config, 0, 1)
+    orders = []
+    for _ in range(6):   # 6 epochs of the 3 images, one batch each
+        pixels = next(batches)["pixels"]
+        orders.append(tuple(int(np.flatnonzero((fixed == p).all((1, 2, 3)))[0]) for p in pixels))
+    assert all(sorted(order) == [0, 1, 2] for order in orders) and len(set(orders)) > 1

@@ -9,11 +9,17 @@ example can be produced on its own (random access for grain):
          in one of the shapes colours (evejax/data/shapes.py COLOURS). With patch 8 every image
          token sees one cell, so no token alone knows the label: a classifier must aggregate
          all of them, which is where a causal model's over-focus on a few keys hurts.
-  label  int32 in [0, NUM_CLASSES): the number of filled cells minus one.
+  label  int32 in [0, NUM_CLASSES): the number of filled cells minus one (task "count").
 
 With `distractors` = D > 0 (config.data.distractors) the task is to count the red squares:
 n = label + 1 squares are red, and 0 to D more squares (uniform) in the other colours sit in
 other cells, so a token must also tell a target from a distractor.
+
+With `task="majority"` (config.data.counting_task) every cell holds a square, its colour drawn
+uniformly from the 4 colours; the label (in [0, 4)) is the colour with the most squares, ties
+rejected. The margin is usually a few cells out of (S / CELL)^2 and the squares' areas vary,
+so the class token has to weigh every cell alike: attention on a few cells is a small sample
+of the vote and often names the wrong colour.
 
 Splits: an image belongs to "heldout" when a hash of its exact layout (cells, offsets,
 sizes, colours) falls in HELDOUT_BUCKETS of NUM_BUCKETS buckets, else to "train"; each
@@ -22,7 +28,9 @@ split rejects candidates of the other, so no held-out image is ever trained on.
 Host batch (`make_data`, config.data.name = "evejax.data.counting:make_data"): pixels float32
 [b, S, S, 3] (ImageNet-normalised, as the DAN classifiers expect), label int32 [b] and its
 one-hot label_probs float32 [b, NUM_CLASSES] (the dan trainer's batch carries both),
-b = global_batch / process_count; endless.
+b = global_batch / process_count; endless. With config.data.train_images = N > 0 the batches
+draw only the first N images of the split (a fixed training set for a low-data regime),
+reshuffled every epoch (grain shuffle seeded by config.data.seed).
 """
 from __future__ import annotations
 
@@ -38,15 +46,21 @@ CELL = 8
 NUM_CLASSES = 10
 NUM_BUCKETS, HELDOUT_BUCKETS = 10, 1
 SPLITS = ("train", "heldout")
+TASKS = ("count", "majority")
 NUM_EXAMPLES = 2 ** 40  # endless in practice; random access needs a length
 _COLOURS = np.array(list(shapes.COLOURS.values()), np.uint8)
 
 
 def image(index: int, split: str = "train", seed: int = 0, side: int = 64,
-          distractors: int = 0) -> tuple[np.ndarray, int]:
+          distractors: int = 0, task: str = "count") -> tuple[np.ndarray, int]:
     """(uint8 [side, side, 3], label) of image `index` of `split`."""
     if split not in SPLITS:
         raise ValueError(f"counting split {split!r} is not known; use one of {SPLITS}")
+    if task not in TASKS:
+        raise ValueError(f"counting task {task!r} (config.data.counting_task) is not known; use one of {TASKS}")
+    if task == "majority" and distractors:
+        raise ValueError("counting task 'majority' fills every cell, so it takes no distractors; "
+                         "set config.data.distractors=0")
     if side % CELL or side < 4 * CELL:
         raise ValueError(f"counting images need a side that is a multiple of {CELL} and at least {4 * CELL} "
                          f"(config.data.max_side), got {side}")
@@ -56,16 +70,18 @@ def image(index: int, split: str = "train", seed: int = 0, side: int = 64,
                          f"targets among the {grid * grid} cells of a {side} px image")
     rng = np.random.default_rng((seed, SPLITS.index(split), int(index)))
     while True:
-        label = int(rng.integers(NUM_CLASSES))
-        extra = int(rng.integers(distractors + 1)) if distractors else 0
-        filled = label + 1 + extra
-        cells = rng.choice(grid * grid, size=filled, replace=False)
-        sizes = rng.integers(4, 7, size=filled)
-        offsets = rng.integers(1, CELL - sizes[:, None], size=(filled, 2))
-        if distractors:  # the targets red (colour 0), the distractors any other colour
-            colours = np.concatenate([np.zeros(label + 1, np.int64), rng.integers(1, len(_COLOURS), size=extra)])
-        else:
+        if task == "majority":
+            filled = grid * grid
+            cells = np.arange(filled)
             colours = rng.integers(len(_COLOURS), size=filled)
+            votes = np.bincount(colours, minlength=len(_COLOURS))
+            if (votes == votes.max()).sum() > 1:
+                continue
+            label = int(votes.argmax())
+            sizes = rng.integers(4, 7, size=filled)
+            offsets = rng.integers(1, CELL - sizes[:, None], size=(filled, 2))
+        else:
+            label, cells, sizes, offsets, colours = _count_layout(rng, grid, distractors)
         layout = np.concatenate([np.sort(cells), sizes, offsets.ravel(), colours]).astype(np.int32)
         bucket = int.from_bytes(hashlib.blake2b(layout.tobytes(), digest_size=8).digest(), "little") % NUM_BUCKETS
         if (bucket < HELDOUT_BUCKETS) == (split == "heldout"):
@@ -77,30 +93,44 @@ def image(index: int, split: str = "train", seed: int = 0, side: int = 64,
     return canvas, label
 
 
+def _count_layout(rng, grid: int, distractors: int):
+    label = int(rng.integers(NUM_CLASSES))
+    extra = int(rng.integers(distractors + 1)) if distractors else 0
+    filled = label + 1 + extra
+    cells = rng.choice(grid * grid, size=filled, replace=False)
+    sizes = rng.integers(4, 7, size=filled)
+    offsets = rng.integers(1, CELL - sizes[:, None], size=(filled, 2))
+    if distractors:  # the targets red (colour 0), the distractors any other colour
+        colours = np.concatenate([np.zeros(label + 1, np.int64), rng.integers(1, len(_COLOURS), size=extra)])
+    else:
+        colours = rng.integers(len(_COLOURS), size=filled)
+    return label, cells, sizes, offsets, colours
+
+
 def normalize(pixels: np.ndarray) -> np.ndarray:
     """uint8 [..., 3] -> float32 ImageNet-normalised."""
     return ((pixels.astype(np.float32) / 255.0 - np.float32(IMAGENET_MEAN)) / np.float32(IMAGENET_STD))
 
 
 def batch(indices, split: str = "heldout", seed: int = 0, side: int = 64,
-          distractors: int = 0) -> dict[str, np.ndarray]:
+          distractors: int = 0, task: str = "count") -> dict[str, np.ndarray]:
     """{"pixels" [n, side, side, 3] float32, "label" [n] int32} of the given images."""
-    images, labels = zip(*(image(i, split, seed, side, distractors) for i in indices))
+    images, labels = zip(*(image(i, split, seed, side, distractors, task) for i in indices))
     return {"pixels": normalize(np.stack(images)), "label": np.array(labels, np.int32)}
 
 
 class CountingSource:
     """A random-access source: `source[i]` -> one example (unbatched arrays)."""
 
-    def __init__(self, split: str, seed: int, side: int, distractors: int = 0):
-        image(0, split, seed, side, distractors)  # checks the arguments now, not in a worker
-        self.split, self.seed, self.side, self.distractors = split, seed, side, distractors
+    def __init__(self, split: str, seed: int, side: int, distractors: int = 0, task: str = "count"):
+        image(0, split, seed, side, distractors, task)  # checks the arguments now, not in a worker
+        self.split, self.seed, self.side, self.distractors, self.task = split, seed, side, distractors, task
 
     def __len__(self) -> int:
         return NUM_EXAMPLES
 
     def __getitem__(self, index: int) -> dict[str, np.ndarray]:
-        pixels, label = image(index, self.split, self.seed, self.side, self.distractors)
+        pixels, label = image(index, self.split, self.seed, self.side, self.distractors, self.task)
         return {"pixels": normalize(pixels), "label": np.int32(label),
                 "label_probs": np.eye(NUM_CLASSES, dtype=np.float32)[label]}
 
@@ -110,6 +140,11 @@ def make_data(config, process_index: int, process_count: int):
     d = config.data
     if d.global_batch % process_count:
         raise ValueError(f"config.data.global_batch={d.global_batch} does not split over {process_count} processes")
-    dataset = grain.MapDataset.source(CountingSource(d.split, d.seed, d.max_side, d.distractors))[process_index::process_count]
+    if d.train_images < 0:
+        raise ValueError(f"config.data.train_images must be >= 0 (0: a new image every draw), got {d.train_images}")
+    dataset = grain.MapDataset.source(CountingSource(d.split, d.seed, d.max_side, d.distractors, d.counting_task))
+    if d.train_images:  # a small fixed set: its epochs one after the other, each in a new order
+        dataset = dataset[:d.train_images].shuffle(seed=d.seed).repeat()
+    dataset = dataset[process_index::process_count]
     dataset = dataset.batch(d.global_batch // process_count, drop_remainder=True)
     return iter(dataset.to_iter_dataset(grain.ReadOptions(num_threads=d.read_threads, prefetch_buffer_size=4)))
