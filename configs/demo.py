@@ -36,8 +36,8 @@ from evejax import config as config_lib
 # recomputation only costs CPU time; 2-D matmuls are faster on CPU (evejax/bench.py).
 EVE_OVERRIDES = dict(dtype="float32", remat="none", embed_dim=128, num_layers=4, num_heads=4, num_kv_heads=4,
                      head_dim=32, mlp_dim=256, matmul_2d=True)
-# EVE "demo"'s teacher is CLIP "tiny" at 32 px with patch 8.
-TEACHER_OVERRIDES = dict(image_size=32, patch_size=8, remat="none")
+# The teacher is CLIP "demo" (models/vit.py), the CLIP that EVE "demo" and HoVLE's "clip_demo" hold.
+TEACHER_OVERRIDES = dict(remat="none")
 
 # config.data common to all stages: shapes on a grid of 16 px cells, 1 to 4 cells by 4
 # (aspect 1:4 to 4:1). The image geometry is the models': the EVE view at 64 px and the
@@ -80,7 +80,7 @@ def get_config(arg: str = "teacher"):
         raise ValueError(f"configs/demo.py takes one of {ARGS}, got {arg!r}")
     if arg == "teacher":
         c = _common(steps=400, lr=3e-3)
-        c.model = dict(name="clip_classifier", size="tiny", num_classes=12, overrides=TEACHER_OVERRIDES)
+        c.model = dict(name="clip_classifier", size="demo", num_classes=12, overrides=TEACHER_OVERRIDES)
         # seq_len is unused by image batches; the trainer reads it for throughput figures.
         c.data = config_lib.data_config(**SHAPES, name="shapes_class", global_batch=64, seq_len=1)
         c.stage = dict(name="demo_teacher", trainable=(".*",), losses=dict(ce=1.0),

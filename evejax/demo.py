@@ -245,7 +245,7 @@ class Family:
     export: Callable               # (evejax checkpoint, out dir) -> files in the official layout
     torch_answers: Callable        # (export dir, questions, JAX answerer) -> the PyTorch answers
     default_out: str
-    teacher: Teacher | None = None
+    teacher: Teacher
 
 
 FAMILIES = {
@@ -367,20 +367,18 @@ def run(out: Path, quick: bool, model: str = "eve") -> int:
           f"device(s) ({jax.devices()[0].platform}), {os.cpu_count()} CPU core(s)", flush=True)
     n_images = QUICK_QUESTIONS if quick else NUM_QUESTIONS
 
-    # ---- training: the teacher (if any), then the three stages, each from the one before ----
+    # ---- training: the teacher, then the three stages, each from the one before ----
     runs: dict[str, tuple[Path, object]] = {}
-    start = []
-    teacher, teacher_acc = family.teacher, None
-    if teacher:
-        config = stage_config(teacher.spec, quick)
-        runs["teacher"] = (out / "teacher", config)
-        clock.run("teacher", trainer.train, config, str(out / "teacher"))
-        teacher_acc = clock.run("teacher eval", teacher.accuracy, out / "teacher", config, n_images)
-        print(f"[teacher] held-out class accuracy {100 * teacher_acc:.1f}% on {n_images} images "
-              f"(chance {100 / 12:.1f}%)", flush=True)
-        saved = out / f"teacher_{teacher.subtree.rsplit('/', 1)[-1]}"
-        clock.run("teacher export", teacher.save, saved, out / "teacher", config)
-        start = [f"--config.stage.start.path={teacher.subtree}={saved}"]
+    teacher = family.teacher
+    config = stage_config(teacher.spec, quick)
+    runs["teacher"] = (out / "teacher", config)
+    clock.run("teacher", trainer.train, config, str(out / "teacher"))
+    teacher_acc = clock.run("teacher eval", teacher.accuracy, out / "teacher", config, n_images)
+    print(f"[teacher] held-out class accuracy {100 * teacher_acc:.1f}% on {n_images} images "
+          f"(chance {100 / 12:.1f}%)", flush=True)
+    saved = out / f"teacher_{teacher.subtree.rsplit('/', 1)[-1]}"
+    clock.run("teacher export", teacher.save, saved, out / "teacher", config)
+    start = [f"--config.stage.start.path={teacher.subtree}={saved}"]
     for stage, spec in zip(STAGES, family.stages):
         config = stage_config(spec, quick, start)
         runs[stage] = (out / stage, config)

@@ -130,7 +130,7 @@ def test_eval_json_is_replaced_only_when_complete(tmp_path, monkeypatch):
         def answer(self, pictures, questions):
             return ["yes"] * len(questions)
 
-    monkeypatch.setattr(ev, "load_answerer", lambda path, batch_size, **kw: Answerer())
+    monkeypatch.setattr(ev, "load_shapes_answerer", lambda path, batch_size, **kw: Answerer())
     out = tmp_path / "eval.json"
     out.write_text('{"accuracy": 0.5}\n')
     write_text = Path.write_text

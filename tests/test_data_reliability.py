@@ -7,9 +7,11 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from types import SimpleNamespace
 
+import jax
 import pytest
 
 from evejax import config as config_lib
@@ -17,13 +19,15 @@ from evejax.data import pipeline, shapes, synthetic
 from evejax.data.sources import NoGoodRecordsError
 from evejax.models import registry
 from evejax.train import checkpoint as ckpt_lib
+from evejax.train import step as step_lib
+from evejax.train import trainer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# The tiny EVE; both runs compile the same step (same steps, so the same schedule), the second from
-# the compilation cache. The data keys given with it exist in every EVE config.
-TINY_EVE = ["--config", "configs/eve.py:tiny_stage1", "--config.train.log_every=1",
-            "--config.train.progress_bar=False", "--config.train.steps=2", "--config.checkpoint.every=0",
-            "--config.checkpoint.async_save=False"]
+# The tiny EVE (the all-bad run stops before it compiles anything), without rematerialisation: the
+# same numbers, a cheaper compile. The data keys given with it exist in every EVE config.
+TINY_EVE = ["--config", "configs/eve.py:tiny_stage1", "--config.model.overrides.remat=none",
+            "--config.train.log_every=1", "--config.train.progress_bar=False", "--config.train.steps=2",
+            "--config.checkpoint.every=0", "--config.checkpoint.async_save=False"]
 
 
 @pytest.fixture(scope="module")
@@ -82,6 +86,47 @@ def test_train_on_all_bad_jsonl_exits_nonzero_with_counts_and_file(tmp_path, env
     assert "Traceback" not in done.stderr
 
 
+@pytest.fixture
+def nothing_built(monkeypatch):
+    """The trainer in this test must stop before it builds the state or compiles the step."""
+    def built(*args, **kwargs):
+        raise AssertionError("the state was built or the step compiled before the first batch was read")
+
+    abstract_or_built = step_lib.init_state
+    monkeypatch.setattr(step_lib, "make_train_step", built)
+    monkeypatch.setattr(step_lib, "init_state", lambda *a: abstract_or_built(*a) if isinstance(
+        a[-1], jax.core.Tracer) else built())   # under eval_shape the rng is a tracer
+
+
+def test_bad_data_stops_the_run_before_the_state_is_built_or_the_step_compiled(tmp_path, nothing_built):
+    path = write_all_bad(tmp_path / "bad.jsonl")
+    config = config_lib.apply_overrides(config_lib.load("configs/eve.py:tiny_stage1"), [
+        *TINY_EVE[2:], "--config.data.name=llava", f"--config.data.path={path}",
+        f"--config.data.image_root={tmp_path}"])
+    with pytest.raises(NoGoodRecordsError, match="malformed 14"):
+        trainer.train(config, str(tmp_path / "run"))
+
+
+def test_sigterm_while_waiting_for_the_first_batch_exits_with_nothing_saved(tmp_path, nothing_built,
+                                                                            monkeypatch):
+    asked = threading.Event()
+
+    class AsksThenStalls(Stalls):
+        def __next__(self):
+            asked.set()
+            return super().__next__()
+
+    monkeypatch.setattr(trainer, "data_source", lambda name: lambda config, index, count: AsksThenStalls(
+        synthetic.make_data(config, index, count), after=0))
+    config = config_lib.apply_overrides(config_lib.load("configs/llm.py:tiny"), [
+        "--config.data.seq_len=16", "--config.train.progress_bar=False", "--config.train.steps=4"])
+    handler = signal.getsignal(signal.SIGTERM)
+    threading.Thread(target=lambda: asked.wait(120) and os.kill(os.getpid(), signal.SIGTERM), daemon=True).start()
+    assert trainer.train(config, str(tmp_path / "run")) == {"step": 0, "metrics": {}, "preempted": True}
+    assert signal.getsignal(signal.SIGTERM) is handler
+    assert ckpt_lib.Checkpoints(str(tmp_path / "run"), read_only=True).latest_step() is None
+
+
 def stalled_data(config, process_index, process_count):
     """The synthetic batches, then nothing: the third batch never comes."""
     return Stalls(synthetic.make_data(config, process_index, process_count), after=2)
@@ -109,9 +154,12 @@ class Stalls:
 
 def test_sigterm_while_waiting_for_data_saves_and_exits_zero(tmp_path, env):
     workdir = tmp_path / "run"
+    # The model, mesh and step count of tests/test_train_resume.py's run, so the step compiled for one
+    # is read from the run's compilation cache by the other.
     command = train(workdir, "--config", "configs/llm.py:tiny", "--config.data.seq_len=16",
+                    "--config.model.overrides.remat=none", "--config.mesh.data=1", "--config.mesh.fsdp=8",
                     "--config.data.name=test_data_reliability:stalled_data", "--config.train.log_every=1",
-                    "--config.train.progress_bar=False", "--config.train.steps=10",
+                    "--config.train.progress_bar=False", "--config.train.steps=12",
                     "--config.checkpoint.every=0", "--config.checkpoint.async_save=False")
     with open(tmp_path / "stderr.txt", "w") as err:
         proc = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=err, text=True)
@@ -119,7 +167,7 @@ def test_sigterm_while_waiting_for_data_saves_and_exits_zero(tmp_path, env):
             lines = []
             for line in proc.stdout:
                 lines.append(line)
-                if re.search(r"step 2/10", line):
+                if re.search(r"step 2/12", line):
                     break
             time.sleep(1.0)   # the trainer is now waiting for the third batch
             sent = time.monotonic()

@@ -40,7 +40,7 @@ def test_eval_on_a_mesh_answers_as_without_one(family, tmp_path):
         assert sharded[key] == alone[key], key
 
     # the parameters really are split over the mesh (placed once, on the first batch)
-    answerer = ev.load_answerer(tmp_path / "ckpt", 3, mesh=gen.mesh_from_arg(MESH))
+    answerer = ev.load_shapes_answerer(tmp_path / "ckpt", 3, mesh=gen.mesh_from_arg(MESH))
     questions = ev.heldout_questions(3)
     assert answerer.answer([q.image for q in questions], [q.question for q in questions]) == alone["predictions"][:3]
     axes = {a for leaf in jax.tree.leaves(answerer.params) for a in jax.tree.leaves(tuple(leaf.sharding.spec))}

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from evejax import config as config_lib
-from evejax.models import hovle, registry, vit
+from evejax.models import eve, hovle, registry, vit
 from evejax.port import checkpoint as port_checkpoint
 from evejax.port import clip as port_clip
 from evejax.sharding import unbox
@@ -111,8 +111,11 @@ def test_view_size_reads_the_tile_pooled_and_demo_teacher_is_eve_demos_clip():
     trains, so `evejax demo --model hovle` imports it as it is, one patch per 16 px shapes cell."""
     cfg = vit.get_clip_teacher_config("clip_demo")
     assert (cfg.image_size, cfg.view, cfg.grid, cfg.num_tokens) == (64, 32, 4, 16)
-    eve_teacher = registry.build(config_lib.load("configs/demo.py:teacher").model).config
+    teacher_model = config_lib.load("configs/demo.py:teacher").model
+    eve_teacher = registry.build(teacher_model).config
     assert cfg.clip.replace(remat=eve_teacher.transformer.remat) == eve_teacher  # the same weights
+    # One source: CLIP size "demo", which EVE "demo" and HoVLE's "clip_demo" take as they are.
+    assert teacher_model.size == "demo" and cfg.clip == vit.get_clip_config("demo") == eve.get_config("demo").clip
     pooled_cfg = cfg.__class__(cfg.clip, image_size=32, downsample_ratio=1.0, llm_dim=cfg.llm_dim)
     pixels = np.random.default_rng(0).standard_normal((2, 64, 64, 3)).astype(np.float32)
     params = vit.ClipTeacher(cfg).init(jax.random.PRNGKey(0), pixels)["params"]

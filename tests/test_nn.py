@@ -68,8 +68,9 @@ def test_attention_impls_agree(kv_heads):
     seg = jnp.array([[1, 1, 1, 1, 0, 0], [1, 1, 2, 2, 2, 2]])
     idx = jnp.broadcast_to(jnp.arange(6), (2, 6))
     mask = attention.make_mask(seg, seg, idx, idx, causal=True)
-    a = attention.attend(q, k, v, mask, scale=8 ** -0.5, impl="xla")
-    b = attention.attend(q, k, v, mask, scale=8 ** -0.5, impl="dot")
+    # Compiled: one program each instead of one per operation of an eager call.
+    a, b = (jax.jit(lambda *qkv, impl=impl: attention.attend(*qkv, mask, scale=8 ** -0.5, impl=impl))(q, k, v)
+            for impl in ("xla", "dot"))
     valid = np.asarray(seg > 0)
     assert _rel(np.asarray(a)[valid], np.asarray(b)[valid]) < 1e-5
     # Reference: repeat KV heads, plain softmax.
@@ -88,8 +89,8 @@ def test_attention_impls_agree(kv_heads):
 
     weight = jax.random.normal(jax.random.PRNGKey(2), q.shape) * valid[:, :, None, None]
     loss = lambda f: lambda *qkv: jnp.sum(f(*qkv) * weight)
-    got = jax.grad(loss(lambda *x: attention.attend(*x, mask, scale=8 ** -0.5)), argnums=(0, 1, 2))(q, k, v)
-    want = jax.grad(loss(reference), argnums=(0, 1, 2))(q, k, v)
+    got = jax.jit(jax.grad(loss(lambda *x: attention.attend(*x, mask, scale=8 ** -0.5)), argnums=(0, 1, 2)))(q, k, v)
+    want = jax.jit(jax.grad(loss(reference), argnums=(0, 1, 2)))(q, k, v)
     for g, w in zip(got, want):
         assert _rel(g, w) < 1e-5
     with pytest.raises(ValueError, match="not known"):
@@ -100,7 +101,7 @@ def test_attention_impls_agree(kv_heads):
 def tiny_lm():
     cfg = llm.get_config("llama_tiny", remat="none")
     model = llm.CausalLM(cfg)
-    params = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32))["params"]
+    params = jax.jit(model.init)(jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32))["params"]
     return cfg, model, params
 
 
@@ -110,9 +111,9 @@ def test_packed_rows_equal_separate_rows(tiny_lm):
     a, b = rng.integers(3, cfg.vocab_size, 5), rng.integers(3, cfg.vocab_size, 7)
     packed = np.concatenate([a, b, [0, 0, 0, 0]])[None]
     seg = np.array([[1] * 5 + [2] * 7 + [0] * 4])
-    out = model.apply({"params": params}, jnp.asarray(packed), segment_ids=jnp.asarray(seg))
-    la = model.apply({"params": params}, jnp.asarray(a[None]))
-    lb = model.apply({"params": params}, jnp.asarray(b[None]))
+    apply = jax.jit(lambda tokens, segment_ids=None: model.apply({"params": params}, tokens, segment_ids=segment_ids))
+    out = apply(jnp.asarray(packed), jnp.asarray(seg))
+    la, lb = apply(jnp.asarray(a[None])), apply(jnp.asarray(b[None]))
     assert _rel(out[0, :5], la[0]) < 1e-5
     assert _rel(out[0, 5:12], lb[0]) < 1e-5
     np.testing.assert_array_equal(llm.segment_positions(jnp.asarray(seg))[0, :12],
@@ -164,7 +165,7 @@ def test_matmul_2d_same_params_same_gradients(tiny_lm):
 
     def loss_and_grads(**kw):
         model = llm.CausalLM(cfg.replace(**kw))
-        return jax.value_and_grad(lambda p: jnp.mean(model.apply({"params": p}, tokens) ** 2))(params)
+        return jax.jit(jax.value_and_grad(lambda p: jnp.mean(model.apply({"params": p}, tokens) ** 2)))(params)
 
     (l2, g2), (l1, g1) = loss_and_grads(matmul_2d=True), loss_and_grads(matmul_2d=False)
     assert abs(float(l2) - float(l1)) <= 1e-5 * abs(float(l1))

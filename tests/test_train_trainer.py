@@ -163,6 +163,54 @@ def test_half_written_checkpoint_is_ignored(tmp_path):
     store.close()
 
 
+def test_cpu_saves_replicated_arrays_whole_with_no_compile_and_reads_both_layouts(tmp_path, monkeypatch):
+    """On the CPU backend a save compiles nothing (replica-parallel would slice each of the 8 replicas
+    of every array shape with a compiled program) and writes each replicated array as one chunk; a
+    checkpoint written replica-parallel (as on TPU) restores the same values bit for bit."""
+    mesh = sharding.make_mesh(dict(data=-1))
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    state = {f"w{i}": jax.device_put(jax.random.normal(jax.random.PRNGKey(i), (8 * i, 16 + i)), replicated)
+             for i in (1, 2, 3)}
+    compiles = []
+
+    def count(event, seconds, **kw):
+        compiles.extend([event] if event.endswith("backend_compile_duration") else [])
+
+    jax.monitoring.register_event_duration_secs_listener(count)
+    try:
+        store = ckpt_lib.Checkpoints(str(tmp_path / "whole"), async_save=False)
+        store.save(1, state, {}, {}, {})
+        store.close()
+    finally:
+        jax.monitoring.unregister_event_duration_listener(count)
+    assert compiles == []
+    saved = ocp.PyTreeCheckpointer().metadata(store.directory / "1" / "state").item_metadata.tree
+    assert {k: tuple(m.storage.chunk_shape) for k, m in saved.items()} == {k: v.shape for k, v in state.items()}
+
+    # Orbax's own default (TPU's): each replica writes a slice.
+    from orbax.checkpoint._src.metadata import array_metadata_store
+    from orbax.checkpoint._src.serialization import type_handler_registry
+
+    registry = type_handler_registry.GLOBAL_TYPE_HANDLER_REGISTRY
+    whole = registry.get(jax.Array)
+    monkeypatch.setattr(ckpt_lib, "_save_replicas_whole_on_cpu", lambda: None)
+    registry.add(jax.Array, ocp.type_handlers.ArrayHandler(array_metadata_store=array_metadata_store.Store()),
+                 override=True, ignore_warnings=True)
+    try:
+        sliced = ckpt_lib.Checkpoints(str(tmp_path / "sliced"), async_save=False)
+        sliced.save(1, state, {}, {}, {})
+        sliced.close()
+    finally:
+        registry.add(jax.Array, whole, override=True, ignore_warnings=True)
+    saved = ocp.PyTreeCheckpointer().metadata(sliced.directory / "1" / "state").item_metadata.tree
+    assert all(m.storage.chunk_shape[0] * 8 == m.shape[0] for m in saved.values())
+    for directory in (tmp_path / "whole", tmp_path / "sliced"):
+        restored, _, _ = ckpt_lib.Checkpoints(str(directory), read_only=True).restore(
+            1, state, {k: replicated for k in state})
+        for k, v in state.items():
+            assert np.asarray(restored[k]).tobytes() == np.asarray(v).tobytes(), (directory, k)
+
+
 def test_import_start_replaces_the_named_subtrees(tmp_path, monkeypatch):
     from ml_collections import ConfigDict
 

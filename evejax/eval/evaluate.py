@@ -319,9 +319,10 @@ def load_model(path: str | Path) -> tuple[str, object, dict]:
                           f"{checkpoint.MODEL_JSON} of an evejax {names} checkpoint)")
 
 
-def load_answerer(path: str | Path, batch_size: int = 100, **kw):
-    """The shapes-question answerer of a checkpoint (`load_model`); `kw`: the answerers' `sampling`,
-    `seed` and `mesh`."""
+def load_shapes_answerer(path: str | Path, batch_size: int = 100, **kw):
+    """The shapes-question answerer of a checkpoint (`load_model`): the shapes tokenizer, at most
+    MAX_NEW_TOKENS, `batch_size` questions a call (generate.load_answerer answers any prompt, with
+    the checkpoint's or a given tokenizer); `kw`: the answerers' `sampling`, `seed` and `mesh`."""
     name, cfg, params = load_model(path)
     return FAMILIES[name].answerer(cfg, params, batch_size, **kw)
 
@@ -350,7 +351,7 @@ def main(argv=None) -> int:
         print(f"evejax eval: error: --mesh: {e}", file=sys.stderr)
         return 1
     try:
-        answerer = load_answerer(args.checkpoint, args.batch_size, mesh=mesh, sampling=sampling,
+        answerer = load_shapes_answerer(args.checkpoint, args.batch_size, mesh=mesh, sampling=sampling,
                                  seed=args.sample_seed)
         questions = heldout_questions(args.num_questions, args.seed)
     except (FileNotFoundError, ValueError) as e:

@@ -200,7 +200,7 @@ SIZES = {
     # `evejax demo` (configs/demo.py sets the LLM): patch 8 on a 64 px canvas, so a pooled token
     # covers 16 x 16 pixels, about one generated shape; a 4 x 4 grid on the 32 px teacher's 4 x 4.
     "demo": lambda: EVEConfig(llm=llm_lib.get_config("llama_tiny", num_layers=4),
-                              clip=vit.clip_vit(32, 8, 32, 2, 4, 64), image_size=64, patch_size=8,
+                              clip=vit.get_clip_config("demo"), image_size=64, patch_size=8,
                               vision_width=64),
 }
 

@@ -103,6 +103,9 @@ CLIP_SIZES = {
     # openai/clip-vit-large-patch14-336, EVE's PAL teacher (reference/eve.md §1.3).
     "L/14-336": lambda: clip_vit(336, 14, 1024, 24, 16, 4096),
     "tiny": lambda: clip_vit(16, 4, 32, 2, 4, 64),
+    # `evejax demo`'s teacher (configs/demo.py:teacher trains it): 32 px, patch 8, so each of its
+    # 4 x 4 patches is one 16 px shapes cell. EVE "demo" and the HoVLE teacher "clip_demo" read it.
+    "demo": lambda: clip_vit(32, 8, 32, 2, 4, 64),
 }
 
 
@@ -530,11 +533,10 @@ CLIP_TEACHER_SIZES = {
     "clip_l14_336": lambda: ClipTeacherConfig(CLIP_SIZES["L/14-336"](), image_size=448, llm_dim=2048),
     # Tests: tiny HoVLE's 56 px tiles; a 3 x 3 position grid resized to 4 x 4 -> 4 tokens of 128 -> 64.
     "clip_tiny": lambda: ClipTeacherConfig(clip_vit(42, 14, 32, 2, 4, 64), image_size=56, llm_dim=64),
-    # HoVLE "demo" (64 px tiles, 16 tokens, width 64): the CLIP of EVE demo's teacher (configs/demo.py:
-    # teacher, CLIP "tiny" at 32 px with patch 8) reading the tile pooled to 32 px, so each of its 4 x 4
-    # patches is one 16 px shapes cell (of a square image), as in its training; no shuffle: 16 tokens
-    # of 32 -> 64.
-    "clip_demo": lambda: ClipTeacherConfig(clip_vit(32, 8, 32, 2, 4, 64), image_size=64, view_size=32,
+    # HoVLE "demo" (64 px tiles, 16 tokens, width 64): CLIP "demo" (EVE demo's teacher) reading the
+    # tile pooled to 32 px, so each of its 4 x 4 patches is one 16 px shapes cell (of a square image),
+    # as in its training; no shuffle: 16 tokens of 32 -> 64.
+    "clip_demo": lambda: ClipTeacherConfig(CLIP_SIZES["demo"](), image_size=64, view_size=32,
                                            downsample_ratio=1.0, llm_dim=64),
 }
 

@@ -12,8 +12,9 @@ refused, naming both. One run at a time holds a workdir (`train.lock`, see
 checkpoint.WorkdirLock). Impossible config values fail first, with their key
 (config.validate). SIGTERM (Cloud TPU preemption) saves a checkpoint at the
 current step and exits 0, also while the trainer waits for data (the batch is
-read in a helper thread). Data with no good record in a whole pass stops the
-run (exit 1) naming the file and the skips by kind. A non-finite loss or gradient norm stops the run
+read in a helper thread). The first batch is read before the state is built
+and the step compiled: data with no good record in a whole pass stops the run
+(exit 1) at once, naming the file and the skips by kind. A non-finite loss or gradient norm stops the run
 (exit 1) without saving, so the last good checkpoint stays the newest.
 
 Where a stage starts (`config.stage.start`), when its workdir has no checkpoint:
@@ -231,6 +232,23 @@ def _train(config, workdir: str) -> dict:
         if resumed is not None:
             latest, state, data_state, last_metrics = resumed
             data_iter.set_state(data_state)
+        start_step = 0 if resumed is None else int(jax.device_get(state.step))
+        # The first batch is read before the state is built and the step compiled (minutes at 7B),
+        # so data that cannot make one (a wrong path, no good record) stops the run at once.
+        waiting = PreemptionFlag()
+        try:
+            first_batch = DataWait(data_iter, waiting.event).next() if start_step < total else None
+        except BaseException:
+            store.close()
+            raise
+        finally:
+            waiting.restore()
+        if waiting.is_set():
+            store.close()
+            if jax.process_index() == 0:
+                print(f"[{name}] preempted while waiting for the first batch: nothing to save", flush=True)
+            return {"step": start_step, "metrics": last_metrics, "preempted": True}
+        if resumed is not None:
             origin = f"resumed from checkpoint {latest} in {store.directory}"
         elif config.stage.start.kind == "fresh":
             state = step_lib.init_state(module, init_args, init_kwargs, opt.tx, shardings, rng)
@@ -238,7 +256,6 @@ def _train(config, workdir: str) -> dict:
         else:
             state, origin = _started_state(config, workdir, module, init_args, init_kwargs, opt.tx,
                                            shardings, state_shape, rng)
-        start_step = int(jax.device_get(state.step))
 
         # ---- the step: compiled once, before the loop ----
         train_step = step_lib.make_train_step(
@@ -276,7 +293,7 @@ def _train(config, workdir: str) -> dict:
         feed = DataWait(data_iter, preempted.event)
         try:
             for step in range(start_step + 1, total + 1):
-                host_batch = feed.next()
+                host_batch = first_batch if step == start_step + 1 else feed.next()
                 if host_batch is None:   # SIGTERM while waiting for data: stop after the previous step
                     step -= 1
                     finished = step
