@@ -10,6 +10,12 @@ whose compile-only devices carry the real chip layout, and the step that
 `train/step.py`) is lowered on abstract shapes and compiled for it. Nothing
 is allocated, so a 7B plan runs in about 1.5 GB of host memory.
 
+A step of G rows (G = batch per chip x chips) runs in `train.accum_steps` = a
+micro-batches of G / a rows, which must divide over the data-parallel chips
+(slice x data x fsdp), as `evejax train` requires: a smaller micro-batch leaves
+chips without rows and XLA all-reduces the activations instead of sharding them,
+so such a plan is refused before compiling.
+
 For each (remat policy, batch per chip) the plan reports, per chip:
   memory    from `compiled.memory_analysis()`: arguments (state shard + batch
             shard), outputs not aliased to donated arguments, temporaries,
@@ -22,7 +28,9 @@ For each (remat policy, batch per chip) the plan reports, per chip:
             only, causal attention halved, remat not counted), from which the
             step time and tokens/s/chip at an assumed MFU follow.
 
-`--search` finds, per remat policy, the largest batch per chip that fits. Each
+`--search` finds, per remat policy, the largest micro-batch per chip that fits
+at the config's `accum_steps` (m rows per chip per micro-batch: global batch
+m x chips x accum_steps), so every probe is a step `evejax train` would run. Each
 probe is one compile (about 30 s CPU for the 7B step with the fast setting), so
 the search does not walk powers of two: memory is close to affine in the batch
 size, and it guesses the boundary from the line through the probes nearest it,
@@ -390,6 +398,11 @@ class Plan:
     cost: Optional[StepCost] = None     # per chip, from the compiled step
     mesh: str = ""                      # e.g. "data=2 fsdp=16"
     attention: str = ""                 # the attention impl compiled
+    accum_steps: int = 1                # micro-batches per step
+
+    @property
+    def micro_batch_per_chip(self) -> int:
+        return self.batch_per_chip // self.accum_steps
 
     def estimate(self, chip: ChipType) -> Optional[tuple[float, float]]:
         """(step seconds, MFU): the larger of compute at peak (XLA's matmul FLOPs, or the model's
@@ -425,8 +438,24 @@ class Planner:
             raise ValueError(f"config.mesh {dict(self.config.mesh)} does not fit {self.topo.name} "
                              f"({self.topo.chips} chips): {e}") from None
         self.mesh_sizes_label = " ".join(f"{k}={v}" for k, v in self.mesh_sizes.items() if v > 1) or "1 chip"
+        self.data_parallel = sharding.data_parallel_size(sharding.make_mesh(self.mesh_sizes, self.devices))
+        self.accum_steps = int(self.config.get("train", {}).get("accum_steps", 1))
         self.compiles = 0
         self.compile_seconds = 0.0
+
+    def check_batch(self, batch_per_chip: int) -> None:
+        """Raises ValueError when the step's micro-batches do not divide over the data-parallel chips."""
+        global_batch, accum = batch_per_chip * self.topo.chips, self.accum_steps
+        if global_batch % accum == 0 and (global_batch // accum) % self.data_parallel == 0:
+            return
+        smallest = self.data_parallel * accum
+        raise ValueError(
+            f"{batch_per_chip} rows per chip on {self.topo.chips} chips is a global batch of {global_batch} "
+            f"in train.accum_steps={accum} micro-batches of {global_batch / accum:g} rows, which do not "
+            f"divide over the {self.data_parallel} data-parallel chips ({self.mesh_sizes_label}): XLA would "
+            f"leave chips without rows and all-reduce activations, a step `evejax train` refuses. Use a "
+            f"global batch that is a multiple of {smallest} (--batch-per-chip a multiple of "
+            f"{max(1, smallest // self.topo.chips)}) or fewer micro-batches (--config.train.accum_steps)")
 
     def model_config(self, remat: str, attention: Optional[str] = None):
         config = copy.deepcopy(self.config)
@@ -453,6 +482,7 @@ class Planner:
         from evejax.train import optimizer as optimizer_lib
         from evejax.train import step
 
+        self.check_batch(batch_per_chip)
         model_config = self.model_config(remat, attention).model
         spec = registry.build(model_config)
         mesh = sharding.make_mesh(self.mesh_sizes, self.devices)
@@ -470,11 +500,12 @@ class Planner:
         scalars = optimizer_lib.batch_schedules(train_cfg)
         batch = {k: v for k, v in spec.batch_specs(global_batch, seq_len).items() if k not in scalars}
         batch_sh = jax.tree.map(lambda s: sharding.batch_sharding(mesh, len(s.shape)), batch)
-        accum = int(self.config.get("train", {}).get("accum_steps", 1))
+        accum = self.accum_steps
         plan = Plan(remat, batch_per_chip, global_batch, seq_len, fits=False, total_bytes=None,
                     model_flops=spec.flops_per_step(global_batch, seq_len) / self.topo.chips,
                     mesh=self.mesh_sizes_label,
-                    attention=(model_config.get("overrides", {}) or {}).get("attention_impl", "xla"))
+                    attention=(model_config.get("overrides", {}) or {}).get("attention_impl", "xla"),
+                    accum_steps=accum)
         options = {"exec_time_optimization_effort": -1.0} if self.effort == "fast" else {}
         start = time.perf_counter()
         try:
@@ -609,8 +640,8 @@ _KIND_HEADS = {"all-gather": "AG", "reduce-scatter": "RS", "collective-permute":
 def format_table(plans: Sequence[Plan], topo: Topology, mfu: float,
                  labels: Optional[Sequence[str]] = None) -> str:
     hbm = topo.chip.hbm_bytes
-    head = ["", "mesh", "attention", "remat", "batch/chip", "global batch", "args", "out", "temp", "code",
-            "total", "% HBM", "fits", "XLA FLOPs", "model FLOPs",
+    head = ["", "mesh", "attention", "remat", "micro/chip", "accum", "batch/chip", "global batch",
+            "args", "out", "temp", "code", "total", "% HBM", "fits", "XLA FLOPs", "model FLOPs",
             *(f"{h} bytes" for h in _KIND_HEADS.values()), "est step s", "est MFU", "est tok/s/chip",
             f"step s @{mfu:.0%}", f"tok/s/chip @{mfu:.0%}", "compile s"]
     rows = []
@@ -620,7 +651,8 @@ def format_table(plans: Sequence[Plan], topo: Topology, mfu: float,
         kinds = [_size(int(p.cost.collectives[k][1])) + f" ({p.cost.collectives[k][0]})" if p.cost else "-"
                  for k in _KIND_HEADS]
         rows.append([
-            labels[i] if labels else "", p.mesh, p.attention, p.remat, str(p.batch_per_chip), str(p.global_batch),
+            labels[i] if labels else "", p.mesh, p.attention, p.remat, str(p.micro_batch_per_chip),
+            str(p.accum_steps), str(p.batch_per_chip), str(p.global_batch),
             _size(p.argument_bytes), _size(p.output_bytes), _size(p.temp_bytes), _size(p.code_bytes),
             _size(p.total_bytes, "" if p.output_bytes is not None else "~"),
             "-" if p.total_bytes is None else f"{100 * p.total_bytes / hbm:.0f}",
@@ -638,6 +670,8 @@ def format_table(plans: Sequence[Plan], topo: Topology, mfu: float,
 
 
 NOTES = """\
+micro/chip: rows per chip in each of the step's accum (train.accum_steps) micro-batches;
+  batch/chip = micro/chip x accum, rows per chip per step; global batch = batch/chip x chips.
 memory per chip (K/M/G = 2^10/2^20/2^30 bytes): args = state shard + batch shard; out = outputs not aliased to the donated state;
   total = args + out + temp (code listed apart); fits = total <= {hbm:.0f} GiB HBM of a {gen} chip.
   "~" marks the compiler's estimate when it stopped early for lack of HBM.
@@ -655,6 +689,17 @@ est step s = max(compute at peak, collective bytes / {ici:.0f} GB/s bidirectiona
   memory-bound time is counted, so est MFU (model FLOPs / (est step s x peak)) is an upper bound."""
 
 
+def _config_batch_line(choice: Plan, global_batch: int, chips: int) -> str:
+    """How the config's global batch (a training hyperparameter, kept) splits at the recommended micro-batch:
+    the most rows per chip per micro-batch, up to the recommended, that divide it."""
+    head = f"config's global batch {global_batch} ({choice.accum_steps} micro-batches in the config)"
+    rows = next((m for m in range(choice.micro_batch_per_chip, 0, -1) if global_batch % (m * chips) == 0), None)
+    if rows is None:
+        return f"{head}: not a whole number of micro-batches of at least one row per chip"
+    return (f"{head}: {rows} rows per chip per micro-batch (recommended: {choice.micro_batch_per_chip}) "
+            f"with --config.train.accum_steps={global_batch // (rows * chips)}")
+
+
 def _parse(argv):
     from evejax.config import split_overrides
     from evejax.nn.transformer import REMAT_POLICIES
@@ -662,18 +707,21 @@ def _parse(argv):
     p = argparse.ArgumentParser(prog="evejax plan", description=__doc__.split("\n\n")[0])
     p.add_argument("config", help="config spec, e.g. configs/llm.py:vicuna_7b")
     p.add_argument("--topology", required=True, help="v5p-64, v4-128, v5e-256, v6e-256, ...")
-    p.add_argument("--batch-per-chip", type=int, help="default: config.data.global_batch / chips")
+    p.add_argument("--batch-per-chip", type=int, help="rows per chip per step, all micro-batches together; "
+                   "default: config.data.global_batch / chips")
     p.add_argument("--seq-len", type=int, help="default: config.data.seq_len")
     p.add_argument("--remat", choices=sorted(REMAT_POLICIES), help="default: the config's")
     p.add_argument("--search", action="store_true",
-                   help="largest batch per chip that fits, for each policy in --policies")
+                   help="largest micro-batch per chip that fits at the config's train.accum_steps, "
+                   "for each policy in --policies")
     p.add_argument("--policies", default="none,save_dots,minimal,save_qkv,full",
                    help="comma-separated remat policies for --search")
     p.add_argument("--meshes", help="--search over these meshes, ';'-separated, e.g. "
                    "'fsdp=-1;data=2,fsdp=-1;fsdp=-1,tensor=4'; default: the config's mesh")
     p.add_argument("--attention", help="--search over these attention impls, comma-separated "
                    "(xla, splash, ...); default: the config's")
-    p.add_argument("--max-batch-per-chip", type=int, default=512, help="upper end of --search")
+    p.add_argument("--max-batch-per-chip", type=int, default=512,
+                   help="upper end of --search, in rows per chip per micro-batch")
     p.add_argument("--mfu", type=float, default=0.5, help="assumed MFU for step time and tokens/s")
     p.add_argument("--effort", choices=("fast", "default"),
                    help="XLA optimisation effort; default: fast for search probes, default otherwise")
@@ -728,6 +776,11 @@ def main(argv=None) -> int:
     if not args.search:
         planner.effort = args.effort or "default"
         batch = args.batch_per_chip or max(1, int(data.get("global_batch", topo.chips)) // topo.chips)
+        try:
+            planner.check_batch(batch)
+        except ValueError as e:
+            print(f"evejax plan: {e}", file=sys.stderr)
+            return 2
         plan = planner(remat, batch, seq_len, impls[0])
         print(format_table([plan], topo, args.mfu))
         if plan.note:
@@ -740,25 +793,30 @@ def main(argv=None) -> int:
     best, rows, labels = {}, [], []
     for mesh_planner in planners:
         mesh_planner.effort = args.effort or "fast"
+        accum = mesh_planner.accum_steps
         for attention in impls:
             for policy in policies:
-                fit, probes = largest_fitting(lambda b: mesh_planner(policy, b, seq_len, attention),
+                # Probing micro-batch rows per chip keeps every micro-batch a whole number of rows per chip.
+                fit, probes = largest_fitting(lambda m: mesh_planner(policy, m * accum, seq_len, attention),
                                               topo.chip.hbm_bytes, args.max_batch_per_chip)
                 best[(id(mesh_planner), attention, policy)] = fit
                 rows.append(fit or probes[0])
-                labels.append(f"{len(probes)} probes"
-                              + (" (cap)" if fit and fit.batch_per_chip == args.max_batch_per_chip else ""))
-                print(f"  {rows[-1].mesh} {rows[-1].attention} {policy}: largest batch per chip "
-                      f"{fit.batch_per_chip if fit else 0} (probed {', '.join(str(p.batch_per_chip) for p in probes)})",
-                      flush=True)
+                labels.append(f"{len(probes)} probes" + (
+                    " (cap)" if fit and fit.micro_batch_per_chip == args.max_batch_per_chip else ""))
+                implied = (f": micro-batch {fit.global_batch // accum} rows, x {accum} (accum_steps) = "
+                           f"global batch {fit.global_batch}" if fit else "")
+                print(f"  {rows[-1].mesh} {rows[-1].attention} {policy}: largest micro-batch per chip "
+                      f"{fit.micro_batch_per_chip if fit else 0}{implied} "
+                      f"(probed {', '.join(str(p.micro_batch_per_chip) for p in probes)})", flush=True)
     choice = recommend(best, topo.chip)
     if choice is not None and args.effort is None:
         # Probes ran at the fast setting; the recommendation is compiled as training will compile it.
         chosen = next(q for q in planners if q.mesh_sizes_label == choice.mesh)
         chosen.effort = "default"
         confirmed = chosen(choice.remat, choice.batch_per_chip, seq_len, choice.attention)
-        while not confirmed.fits and confirmed.batch_per_chip > 1:
-            confirmed = chosen(choice.remat, confirmed.batch_per_chip - 1, seq_len, choice.attention)
+        while not confirmed.fits and confirmed.micro_batch_per_chip > 1:
+            confirmed = chosen(choice.remat, confirmed.batch_per_chip - confirmed.accum_steps, seq_len,
+                               choice.attention)
         choice = confirmed if confirmed.fits else None
     if choice is not None:
         rows.append(choice)
@@ -770,5 +828,7 @@ def main(argv=None) -> int:
           + ("" if args.effort else ", the recommended row at default effort"))
     print("recommended: the best estimated tokens/s/chip among the plans that fit, then the largest batch "
           "per chip, then the policy that recomputes least" + ("" if choice else ": nothing fits"))
+    if choice is not None and data.get("global_batch"):
+        print(_config_batch_line(choice, int(data.get("global_batch", 0)), topo.chips))
     print(notes)
     return 0 if choice is not None else 1

@@ -28,8 +28,8 @@ def test_cpu_model_names_the_generation_and_vector_unit():
 def test_lm_bench_toy_size():
     res = bench.run_lm("llama_tiny", batch=2, seq_len=16, steps=1, repeats=2, matmul_size=64,
                        variants=[dict(remat="full", matmul_2d=False)], warmup=1)
-    assert res.variants[0] == bench.BENCH_OPTIONS
-    assert res.variants[1] == dict(bench.BENCH_OPTIONS, remat="full", matmul_2d=False)
+    assert res.variants[0] == dict(bench.BENCH_OPTIONS, xla_causal_blocks=4)
+    assert res.variants[1] == dict(bench.BENCH_OPTIONS, xla_causal_blocks=4, remat="full", matmul_2d=False)
     assert len(res.jax_step_s) == 2 and all(len(s) == 2 for s in res.jax_samples)
     assert min(res.jax_step_s) > 0 and res.torch_step_s > 0
     assert res.flops_per_step == llm.training_flops_per_step(llm.get_config("llama_tiny"), 2, 16)

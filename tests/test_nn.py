@@ -97,6 +97,41 @@ def test_attention_impls_agree(kv_heads):
         attention.attend(q, k, v, mask, scale=1.0, impl="flash9")
 
 
+@pytest.mark.parametrize("kv_heads, blocks, defocus", [(2, 2, None), (4, 4, "bias")])  # GQA and multi-head paths
+def test_causal_blocks_skip_masked_keys_with_the_same_outputs_and_gradients(kv_heads, blocks, defocus):
+    ks = jax.random.split(jax.random.PRNGKey(3), 5)
+    q = jax.random.normal(ks[0], (2, 8, 4, 8))
+    k = jax.random.normal(ks[1], (2, 8, kv_heads, 8))
+    v = jax.random.normal(ks[2], (2, 8, kv_heads, 8))
+    seg = jnp.array([[1, 1, 1, 1, 1, 1, 0, 0], [1, 1, 1, 2, 2, 2, 2, 2]])
+    idx = jnp.broadcast_to(jnp.arange(8), (2, 8))
+    mask = attention.make_mask(seg, seg, idx, idx, causal=True)
+    decay = None if defocus is None else -0.3 * jnp.abs(jax.random.normal(ks[3], (2, 4, 8, 8)))
+    valid = np.asarray(seg > 0)
+    weight = jax.random.normal(ks[4], q.shape) * valid[:, :, None, None]
+
+    def run(c):
+        f = lambda q, k, v: attention.attend(q, k, v, mask, scale=8 ** -0.5, decay=decay,  # noqa: E731
+                                             decay_form=defocus or "scale", causal_blocks=c)
+        return f(q, k, v), jax.grad(lambda *x: jnp.sum(f(*x) * weight), argnums=(0, 1, 2))(q, k, v)
+
+    run = jax.jit(run, static_argnums=0)
+    (out, grads), (out_blocked, grads_blocked) = run(1), run(blocks)
+    assert _rel(np.asarray(out_blocked)[valid], np.asarray(out)[valid]) < 1e-6
+    for g, w in zip(grads_blocked, grads):
+        assert _rel(g, w) < 1e-6
+    # Only the causal path takes blocks: the Attention module keeps one block under a prefix.
+    layer = attention.Attention(num_heads=4, num_kv_heads=kv_heads, head_dim=8, xla_causal_blocks=blocks)
+    x = jax.random.normal(ks[0], (2, 8, 16))
+    params = layer.init(jax.random.PRNGKey(0), x, idx, seg)
+    plain = attention.Attention(num_heads=4, num_kv_heads=kv_heads, head_dim=8)
+    blocked_apply, plain_apply = jax.jit(layer.apply), jax.jit(plain.apply)
+    assert _rel(np.asarray(blocked_apply(params, x, idx, seg))[valid],
+                np.asarray(plain_apply(params, x, idx, seg))[valid]) < 1e-6
+    prefix = jnp.broadcast_to(jnp.arange(8)[None] < 5, (2, 8))
+    np.testing.assert_array_equal(blocked_apply(params, x, idx, seg, prefix), plain_apply(params, x, idx, seg, prefix))
+
+
 @pytest.fixture(scope="module")
 def tiny_lm():
     cfg = llm.get_config("llama_tiny", remat="none")

@@ -85,7 +85,7 @@ def test_search_then_too_big_then_bad_mesh(capsys):
                     "--max-batch-per-chip", "4", "--effort", "fast"])
     out = capsys.readouterr().out
     assert rc == 0
-    assert "none: largest batch per chip 4" in out and "full: largest batch per chip 4" in out
+    assert "none: largest micro-batch per chip 4" in out and "full: largest micro-batch per chip 4" in out
     assert "recommended" in out
 
     # [B, heads, T, T] float32 attention probabilities alone: 1024 x 4 x 2048^2 x 4 B = 64 GiB per chip.
@@ -97,6 +97,37 @@ def test_search_then_too_big_then_bad_mesh(capsys):
     rc = plan.main(["configs/llm.py:tiny", "--topology", "v5p-8", "--config.mesh.data=3"])
     err = capsys.readouterr().err
     assert rc == 2 and "does not fit v5p-8 (4 chips)" in err and "'data': 3" in err
+
+
+@needs_libtpu
+def test_micro_batches_smaller_than_the_data_parallel_chips_are_refused_and_never_searched(capsys, monkeypatch):
+    # 1 row per chip on 8 chips in 4 micro-batches: 2 rows for 8 fsdp chips. Refused before compiling.
+    rc = plan.main(["configs/llm.py:tiny", "--topology", "v5e-8", "--batch-per-chip", "1",
+                    "--config.train.accum_steps=4", "--config.mesh.data=1", "--config.mesh.fsdp=-1"])
+    out, err = capsys.readouterr()
+    assert rc == 2 and "global batch" not in out
+    assert "4 micro-batches of 2 rows" in err and "8 data-parallel chips (fsdp=8)" in err
+    assert "multiple of 32" in err and "--batch-per-chip a multiple of 4" in err
+
+    # --search probes rows per chip per micro-batch at the config's accum_steps, so every compiled
+    # micro-batch has a whole number of rows on each of the 4 data-parallel chips of a v4-8.
+    compiled = []
+    real_call = plan.Planner.__call__
+
+    def recording_call(self, remat, batch_per_chip, *args):
+        p = real_call(self, remat, batch_per_chip, *args)
+        compiled.append((p.global_batch, p.accum_steps))
+        return p
+
+    monkeypatch.setattr(plan.Planner, "__call__", recording_call)
+    rc = plan.main(["configs/llm.py:tiny", "--topology", "v4-8", "--search", "--policies", "full",
+                    "--max-batch-per-chip", "2", "--effort", "fast", "--config.train.accum_steps=2"])
+    out = capsys.readouterr().out
+    assert rc == 0 and compiled == [(8, 2), (16, 2)]
+    assert "full: largest micro-batch per chip 2: micro-batch 8 rows, x 2 (accum_steps) = global batch 16" in out
+    # The config's own global batch, 8, is one micro-batch of those 2 rows per chip.
+    assert "global batch 8 (2 micro-batches in the config): 2 rows per chip per micro-batch" in out
+    assert "--config.train.accum_steps=1" in out
 
 
 def _scanned_fsdp_matmul_hlo(devices):

@@ -56,11 +56,24 @@ def _decayed(logits, decay, form: str):
     return logits * jnp.exp(decay) if form == "scale" else logits + decay
 
 
-def attend(q, k, v, mask, *, scale: float, impl: str = "xla", decay=None, decay_form: str = "scale"):
+def attend(q, k, v, mask, *, scale: float, impl: str = "xla", decay=None, decay_form: str = "scale",
+           causal_blocks: int = 1):
     """q [B, T, N, H], k/v [B, S, K, H] with N % K == 0, mask [B, 1, T, S] -> [B, T, N, H].
 
     decay [B, N, T, S] float32 (de-focus, xla only): lambda (t - s), applied as `decay_form`.
+    causal_blocks c > 1 (xla; the caller vouches that the mask is causal over the same positions,
+    T == S, T % c == 0): query block i of T / c rows attends keys [0, (i + 1) T / c) only, so the
+    key blocks the causal rule masks entirely are not computed ((c + 1) / 2c of the scores). Rows
+    with a key allowed get the same softmax; a row with none (padding) averages fewer values.
     """
+    if causal_blocks > 1 and impl == "xla":
+        rows = q.shape[1] // causal_blocks
+        return jnp.concatenate([
+            attend(q[:, i * rows:(i + 1) * rows], k[:, :(i + 1) * rows], v[:, :(i + 1) * rows],
+                   mask[:, :, i * rows:(i + 1) * rows, :(i + 1) * rows], scale=scale,
+                   decay=None if decay is None else decay[:, :, i * rows:(i + 1) * rows, :(i + 1) * rows],
+                   decay_form=decay_form)
+            for i in range(causal_blocks)], axis=1)
     if decay is not None and impl != "xla":
         raise ValueError(f"de-focus attention runs with attention impl 'xla', not {impl!r}")
     if impl in ("dot", "cudnn"):
@@ -115,6 +128,7 @@ class Attention(nn.Module):
     defocus_position_scale: float = 1.0
     splash_block_q: int = 512
     splash_block_kv: int = 512
+    xla_causal_blocks: int = 1  # `attend`'s causal_blocks, when causal with no prefix and T divides
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
     flatten: bool = False  # Dense.flatten
@@ -159,9 +173,12 @@ class Attention(nn.Module):
             mask = make_mask(segment_ids, kv_segment, q_index, kv_index, self.causal,
                              prefix, kv_prefix)
             decay = None if self.defocus is None else self._defocus_decay(q_index, kv_index)
+            blocks = self.xla_causal_blocks
             out = attend(q, k, v, mask, scale=self.head_dim ** -0.5,
                          impl="xla" if self.impl == "splash" else self.impl, decay=decay,
-                         decay_form=self.defocus or "scale")
+                         decay_form=self.defocus or "scale",
+                         causal_blocks=blocks if self.causal and prefix is None and not decode and t % blocks == 0
+                         else 1)
             if self.is_mutable_collection("intermediates"):
                 # The weights [B, N, T, S] for inspection (evejax viz; not on the splash path): the
                 # einsum kernel on one-hot values.

@@ -51,6 +51,8 @@ class TransformerConfig:
     # Splash tiles (multiples of 128; MaxText's default 512 compiles on v4, v5e, v5p and v6e).
     splash_block_q: int = 512
     splash_block_kv: int = 512
+    # XLA attention: causal scores in this many query blocks, masked key blocks skipped (nn/attention.py).
+    xla_causal_blocks: int = 1
     # De-focus attention (nn/attention.py): None (off), "scale" (Eq. 8 as printed) or "bias".
     defocus: Optional[str] = None
     defocus_decay_init: tuple = (5.0, 1.0)
@@ -127,7 +129,7 @@ class DecoderLayer(nn.Module):
             defocus=cfg.defocus, defocus_decay_init=cfg.defocus_decay_init,
             defocus_position_scale=cfg.defocus_position_scale,
             splash_block_q=cfg.splash_block_q, splash_block_kv=cfg.splash_block_kv,
-            dtype=dtype, param_dtype=pdtype, flatten=cfg.matmul_2d, name="attention",
+            xla_causal_blocks=cfg.xla_causal_blocks, dtype=dtype, param_dtype=pdtype, flatten=cfg.matmul_2d, name="attention",
         )(h, positions, segment_ids, prefix, decode=self.decode)
         h = checkpoint_name(h, "context")
         h = self._layer_scale(h, "attention_layer_scale")
