@@ -131,3 +131,28 @@ def test_tile_geometry_follows_the_model():
         pipeline.config_options(config_lib.apply_overrides(config_lib.load("configs/eve.py:tiny_stage3"),
                                                            ["--config.data.template=internlm2-chat"]))
 
+
+def _letterboxed(tiles):
+    """[..., 64, 64, 3] demo tiles -> bool per tile: some row or column of 16 px tokens is all pad."""
+    pad = (np.abs(tiles).max(-1) < 0.02).reshape(tiles.shape[:-3] + (4, 16, 4, 16))
+    return pad.all((-3, -1)).all(-1).any(-1) | pad.all((-3, -1)).all(-2).any(-1)
+
+
+def test_demo_letterboxes_its_non_square_scenes_in_every_stage_and_in_the_answers():
+    """configs/hovle.py demo_*: tile_fit "pad" reaches stage 1's unpaired images, the conversation
+    batches of stages 2 and 3 and the answerer's tiles; a white scene is never ~0, so a whole
+    16 px band at ~0 is the letterbox's pad, which stretching (official) never leaves."""
+    from evejax.data import shapes
+    from evejax.eval import generate
+
+    batches = {arg: next(pipeline.make_data(load(arg, "--config.data.global_batch=8"), 0, 1))
+               for arg in ("demo_stage1", "demo_stage2", "demo_stage3")}
+    for arg, batch in batches.items():
+        cfg = registry.build(load(arg).model).config
+        assert getattr(cfg, "hovle", cfg).tiling().pad_unit == 16, arg   # stage 1: HoVLEDistillConfig
+        assert _letterboxed(batch["pixels"][:, 0]).any(), arg
+    cfg = registry.build(load("demo_stage3").model).config
+    scene = next(s for s in (shapes.scene(i, "heldout") for i in range(100)) if (s.width, s.height) == (64, 16))
+    tiled = generate.HoVLEAnswerer.tiles(cfg, shapes.render(scene))
+    rows = np.abs(tiled.pixels[0]).max((-1, -2)) < 0.02
+    assert rows[:16].all() and not rows[16:32].any() and rows[32:].all()
