@@ -5,6 +5,7 @@ import torch
 from PIL import Image
 
 from evejax.data import image as im
+from evejax.data import shapes
 from evejax.data import text as tx
 
 # hovle.md §6.9: grids the official dynamic_preprocess chose when run, (W, H) -> (i, j) at
@@ -109,6 +110,33 @@ def test_more_tiles_than_slots_is_a_named_error():
     assert im.TilingConfig(max_tiles=1).max_slots == 1 and im.TilingConfig(max_tiles=12).max_slots == 13
     with pytest.raises(ValueError, match="min_tiles"):
         im.TilingConfig(min_tiles=3, max_tiles=2)
+
+
+def test_letterbox_keeps_the_aspect_with_the_pad_colour_around_it():
+    """pad_unit > 0: a 1:4 shapes scene (16 x 64) fills one column of 16 px tokens of the 64 px tile,
+    pixel for pixel, centred in whole tokens, on the normalised ImageNet mean (~0); stretching
+    (official, the default) spreads it over the whole tile."""
+    scene = next(s for s in (shapes.scene(i, "heldout") for i in range(100)) if (s.width, s.height) == (16, 64))
+    picture = shapes.render(scene)
+    pad = im.tile_image(picture, im.TilingConfig(tile_size=64, max_tiles=1, pad_unit=16)).pixels[0]
+    mean = np.array(im.IMAGENET_MEAN, np.float32)
+    std = np.array(im.IMAGENET_STD, np.float32)
+    np.testing.assert_allclose(pad[:, 16:32], (np.asarray(picture) / 255 - mean) / std, rtol=0, atol=1e-6)
+    outside = np.concatenate([pad[:, :16], pad[:, 32:]], axis=1)
+    assert np.abs(outside).max() < 0.02
+    stretched = im.tile_image(picture, im.TilingConfig(tile_size=64, max_tiles=1)).pixels[0]
+    assert np.abs(stretched[:, :16]).max() > 1 and np.abs(stretched[:, 48:]).max() > 1
+    # Several tiles: the 3 x 1 grid canvas (3 tiles forced) and the thumbnail hold a 2:1 image letterboxed.
+    out = im.tile_image(_random_image(200, 100), im.TilingConfig(tile_size=28, min_tiles=3, max_tiles=3, pad_unit=14))
+    assert out.grid == (3, 1) and out.num_tiles == 4
+    filled = np.abs(out.pixels[:3]).max(-1).max(1) > 0.02  # [tile, column]: does the image reach it?
+    # 56 x 28 px at x = 14 of the 84 px canvas (whole 14 px units, the odd one after the image).
+    assert not filled[0, :14].any() and filled[0, 14:].all() and filled[1].all()
+    assert filled[2, :14].all() and not filled[2, 14:].any()
+    rows = (np.abs(out.pixels[3]).max(-1) > 0.02).any(1)  # thumbnail: 28 x 14 px at the top
+    assert rows[:14].all() and not rows[14:].any()
+    with pytest.raises(ValueError, match="pad_unit"):
+        im.TilingConfig(tile_size=64, pad_unit=24)
 
 
 # ---- internlm2-chat ---------------------------------------------------------------------------

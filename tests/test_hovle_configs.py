@@ -98,15 +98,26 @@ def test_tile_geometry_follows_the_model():
     tiny = ["--config.model.size=tiny", "--config.data.name=shapes_qa", "--config.data.tokenizer=shapes",
             f"--config.model.overrides.img_context_token_id={ctx}", "--config.data.global_batch=2",
             "--config.data.seq_len=96"]
-    for extra, (tile, max_tiles, per_tile) in [([], (56, 6, 4)), (["--config.model.overrides.max_tiles=1"], (56, 1, 4))]:
-        c = load("stage3", *tiny, *extra)
+    # tile_fit "pad" letterboxes in whole LLM tokens: 14 px patches, 2 x 2 shuffled -> 28 px.
+    for extra, (tile, max_tiles, per_tile, pad_unit) in [
+            ({}, (56, 6, 4, 0)), (dict(max_tiles=1), (56, 1, 4, 0)), (dict(tile_fit="pad"), (56, 6, 4, 28))]:
+        c = load("stage3", *tiny)
+        with c.unlocked():
+            c.model.overrides.update(extra)
         spec = registry.build(c.model)
-        assert pipeline.model_geometry(c.model) == dict(tile_size=tile, max_tiles=max_tiles, tokens_per_tile=per_tile)
+        assert pipeline.model_geometry(c.model) == dict(tile_size=tile, max_tiles=max_tiles, tokens_per_tile=per_tile,
+                                                     tile_pad_unit=pad_unit)
+        assert pipeline.tiling_config(pipeline.config_options(c)) == spec.config.tiling()
         batch = next(pipeline.make_data(c, 0, 1))
         for key, want in spec.batch_specs(2, 96).items():
             assert batch[key].shape == want.shape and batch[key].dtype == want.dtype, key
         assert ((batch["tokens"] == ctx).sum(1) == per_tile * batch["tile_mask"].sum(1)).all()
-    assert pipeline.model_geometry(load("stage3").model) == dict(tile_size=448, max_tiles=6, tokens_per_tile=256)
+    assert pipeline.model_geometry(load("stage3").model) == dict(tile_size=448, max_tiles=6, tokens_per_tile=256,
+                                                                tile_pad_unit=0)
+    with c.unlocked():
+        c.model.overrides.tile_fit = "crop"
+    with pytest.raises(ValueError, match="tile_fit='crop' is not known"):
+        registry.build(c.model)
 
     c = load("stage3", *tiny)
     geometry = pipeline.model_geometry(c.model)
@@ -119,3 +130,29 @@ def test_tile_geometry_follows_the_model():
     with pytest.raises(ValueError, match="'internlm2-chat' is HoVLE's template"):
         pipeline.config_options(config_lib.apply_overrides(config_lib.load("configs/eve.py:tiny_stage3"),
                                                            ["--config.data.template=internlm2-chat"]))
+
+
+def _letterboxed(tiles):
+    """[..., 64, 64, 3] demo tiles -> bool per tile: some row or column of 16 px tokens is all pad."""
+    pad = (np.abs(tiles).max(-1) < 0.02).reshape(tiles.shape[:-3] + (4, 16, 4, 16))
+    return pad.all((-3, -1)).all(-1).any(-1) | pad.all((-3, -1)).all(-2).any(-1)
+
+
+def test_demo_letterboxes_its_non_square_scenes_in_every_stage_and_in_the_answers():
+    """configs/hovle.py demo_*: tile_fit "pad" reaches stage 1's unpaired images, the conversation
+    batches of stages 2 and 3 and the answerer's tiles; a white scene is never ~0, so a whole
+    16 px band at ~0 is the letterbox's pad, which stretching (official) never leaves."""
+    from evejax.data import shapes
+    from evejax.eval import generate
+
+    batches = {arg: next(pipeline.make_data(load(arg, "--config.data.global_batch=8"), 0, 1))
+               for arg in ("demo_stage1", "demo_stage2", "demo_stage3")}
+    for arg, batch in batches.items():
+        cfg = registry.build(load(arg).model).config
+        assert getattr(cfg, "hovle", cfg).tiling().pad_unit == 16, arg   # stage 1: HoVLEDistillConfig
+        assert _letterboxed(batch["pixels"][:, 0]).any(), arg
+    cfg = registry.build(load("demo_stage3").model).config
+    scene = next(s for s in (shapes.scene(i, "heldout") for i in range(100)) if (s.width, s.height) == (64, 16))
+    tiled = generate.HoVLEAnswerer.tiles(cfg, shapes.render(scene))
+    rows = np.abs(tiled.pixels[0]).max((-1, -2)) < 0.02
+    assert rows[:16].all() and not rows[16:32].any() and rows[32:].all()

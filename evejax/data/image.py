@@ -34,6 +34,12 @@ InternVL dynamic tiling for HoVLE (`tile_image`), following the official
           Tiles are row-major over the (448 i) x (448 j) bicubic resize; the
           thumbnail (whole image bicubic to t x t, aspect not kept) comes last.
           HWC like EVE's views; padding slots are zeros.
+          `pad_unit` > 0 (not official, which always stretches): letterbox
+          instead, as EVE's any-res view does: the image keeps its aspect, its
+          long side fills the canvas (grid or thumbnail), its short side is
+          rounded up to whole units of pad_unit px and centred in whole units
+          (pad_unit = the pixels of one LLM token, so a token never straddles
+          the image's edge), on the ImageNet mean colour (0 once normalised).
 
 ImageNet views for the DAN backbones (`imagenet_train_transform`,
 `imagenet_eval_transform`): PIL image in, float32 [size, size, 3] out.
@@ -263,7 +269,8 @@ class TooManyTilesError(ValueError):
 class TilingConfig:
     """InternVL dynamic tiling. `max_tiles` is the official max_dynamic_patch (the
     grid's i * j limit; official class default 6); `max_slots`,
-    the static tile dimension of a batch, adds the thumbnail's slot."""
+    the static tile dimension of a batch, adds the thumbnail's slot. `pad_unit`:
+    0 stretches the image to the canvas (official), > 0 letterboxes it (module docstring)."""
 
     tile_size: int = 448
     min_tiles: int = 1
@@ -271,10 +278,13 @@ class TilingConfig:
     use_thumbnail: bool = True
     mean: tuple = IMAGENET_MEAN
     std: tuple = IMAGENET_STD
+    pad_unit: int = 0
 
     def __post_init__(self):
         if self.tile_size <= 0 or not 1 <= self.min_tiles <= self.max_tiles:
             raise ValueError(f"TilingConfig {self}: need tile_size > 0 and 1 <= min_tiles <= max_tiles")
+        if self.pad_unit < 0 or (self.pad_unit and self.tile_size % self.pad_unit):
+            raise ValueError(f"TilingConfig {self}: pad_unit must be 0 (stretch) or divide tile_size")
 
     @property
     def max_slots(self) -> int:
@@ -330,6 +340,22 @@ def pad_tiles(tiles: np.ndarray, max_slots: int) -> tuple[np.ndarray, np.ndarray
     return pixels, np.arange(max_slots) < n
 
 
+def _fit(image: Image.Image, width: int, height: int, cfg: TilingConfig) -> np.ndarray:
+    """uint8 [height, width, 3]: the image stretched to the canvas, or letterboxed (cfg.pad_unit)."""
+    if not cfg.pad_unit:
+        return np.asarray(image.resize((width, height), Image.Resampling.BICUBIC))
+    unit = cfg.pad_unit
+    if image.width * height >= image.height * width:   # wider than the canvas: the width fills it
+        w, h = width, min(height, unit * -(-image.height * width // (image.width * unit)))
+    else:
+        w, h = min(width, unit * -(-image.width * height // (image.height * unit))), height
+    x, y = (width - w) // unit // 2 * unit, (height - h) // unit // 2 * unit
+    canvas = np.empty((height, width, 3), np.uint8)
+    canvas[...] = np.asarray([int(m * 255) for m in cfg.mean], np.uint8)
+    canvas[y:y + h, x:x + w] = np.asarray(image.resize((w, h), Image.Resampling.BICUBIC))
+    return canvas
+
+
 def tile_image(image: Image.Image, cfg: TilingConfig = TilingConfig(),
                max_slots: int | None = None) -> TiledImage:
     """Tiles of one image (module docstring), in `max_slots` slots (cfg.max_slots by default)."""
@@ -338,11 +364,11 @@ def tile_image(image: Image.Image, cfg: TilingConfig = TilingConfig(),
     max_slots = cfg.max_slots if max_slots is None else max_slots
     check_tile_count(num_tiles(image.width, image.height, cfg), max_slots)
     t = cfg.tile_size
-    resized = np.asarray(image.resize((t * i, t * j), Image.Resampling.BICUBIC))
+    resized = _fit(image, t * i, t * j, cfg)
     tiles = resized.reshape(j, t, i, t, 3).transpose(0, 2, 1, 3, 4).reshape(i * j, t, t, 3)
     if cfg.use_thumbnail and i * j > 1:
         # Official resizes each tile to t x t once more; at t x t that is PIL's copy, so skipped.
-        thumbnail = np.asarray(image.resize((t, t), Image.Resampling.BICUBIC))
+        thumbnail = _fit(image, t, t, cfg)
         tiles = np.concatenate([tiles, thumbnail[None]])
     pixels, tile_mask = pad_tiles(normalize(tiles, cfg.mean, cfg.std), max_slots)
     return TiledImage(pixels=pixels, tile_mask=tile_mask, grid=(i, j), num_tiles=len(tiles))

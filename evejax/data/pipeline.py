@@ -91,8 +91,10 @@ config.data fields (FIELDS; a key not listed there is an error):
   max_tiles          the official max_dynamic_patch, grid tiles per image (6); the
                      batch has max_tiles + 1 slots (the thumbnail; 1 slot at max_tiles 1)
   tokens_per_tile    <IMG_CONTEXT> per tile in the text (256 = (448 / 14)^2 / 4)
-                     With a HoVLE config.model these three come from it (`model_geometry`:
-                     its image_size, max_tiles, image_tokens_per_tile) and config.data must
+  tile_pad_unit      0: stretch each image to its tiles (official); > 0 letterbox it
+                     (image.TilingConfig.pad_unit)
+                     With a HoVLE config.model these four come from it (`model_geometry`:
+                     its image_size, max_tiles, image_tokens_per_tile, tiling()) and config.data must
                      not set them; the tokenizer's <IMG_CONTEXT> id must be the model's
                      img_context_token_id (`config_options`).
   The tokenizer's special tokens: INTERNLM2_SPECIAL_IDS for a tokenizer.model
@@ -150,7 +152,7 @@ CONVERSATION_NAMES = ("llava", "arrayrecord", "shapes_caption", "shapes_qa")
 
 GEOMETRY = ("image_size", "patch_size", "pool", "teacher_image_size", "teacher_patch_size")
 HOVLE_TEMPLATE = "internlm2-chat"
-HOVLE_FIELDS = dict(tile_size=448, max_tiles=6, tokens_per_tile=256)
+HOVLE_FIELDS = dict(tile_size=448, max_tiles=6, tokens_per_tile=256, tile_pad_unit=0)
 FIELDS: dict[str, Any] = dict(config_lib.DATA_KEYS, image_size=672, patch_size=14, pool=2,
                               teacher_image_size=336, teacher_patch_size=14, **HOVLE_FIELDS)
 _SHAPES_DEFAULTS = dict(image_size=64, patch_size=8, pool=2, teacher_image_size=32, teacher_patch_size=8,
@@ -241,7 +243,9 @@ def _geometry(model, cfg) -> dict[str, int]:
         anyres = cfg.anyres()
         return {k: getattr(anyres, k) for k in GEOMETRY}
     if hasattr(cfg, "image_tokens_per_tile"):
-        return dict(tile_size=cfg.image_size, max_tiles=cfg.max_tiles, tokens_per_tile=cfg.image_tokens_per_tile)
+        tiling = cfg.tiling()
+        return dict(tile_size=tiling.tile_size, max_tiles=tiling.max_tiles, tokens_per_tile=cfg.image_tokens_per_tile,
+                    tile_pad_unit=tiling.pad_unit)
     if hasattr(cfg, "patch_size"):
         size = cfg.image_size
         if isinstance(size, (tuple, list)):   # (H, W): the square views here need H == W
@@ -293,7 +297,8 @@ def anyres_config(opts: dict) -> image_lib.AnyResConfig:
 
 
 def tiling_config(opts: dict) -> image_lib.TilingConfig:
-    return image_lib.TilingConfig(tile_size=opts["tile_size"], max_tiles=opts["max_tiles"])
+    return image_lib.TilingConfig(tile_size=opts["tile_size"], max_tiles=opts["max_tiles"],
+                                  pad_unit=opts["tile_pad_unit"])
 
 
 def make_tokenizer(spec: str) -> text_lib.Tokenizer:

@@ -91,7 +91,7 @@ class _TFDSImage:
 
 
 def model_facts(config) -> dict:
-    """The stage-1 model's tile_size, max_tiles, text vocab_size and exclude_ids."""
+    """The stage-1 model's tiling (image.TilingConfig), text vocab_size and exclude_ids."""
     from evejax.models import registry
 
     model = getattr(config, "model", None)
@@ -113,7 +113,7 @@ def make_data(config, process_index: int, process_count: int) -> packing.BatchIt
     opts = pipeline.config_options(config)
     facts = model_facts(config)
     name, b = opts["name"], opts["global_batch"] // max(process_count, 1)
-    tiling = image_lib.TilingConfig(tile_size=facts["tile_size"], max_tiles=facts["max_tiles"])
+    tiling = facts["tiling"]
     what = opts["path"] or name
     if name == "unpaired_shapes":
         source, decode = pipeline._shapes_source("class", opts), _shapes_image

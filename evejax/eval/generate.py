@@ -500,8 +500,7 @@ class HoVLEAnswerer:
         """image.TiledImage of `picture` in the config's tile slots."""
         from evejax.data import image as image_lib
 
-        tiling = image_lib.TilingConfig(tile_size=cfg.image_size, max_tiles=cfg.max_tiles)
-        return image_lib.tile_image(picture, tiling, cfg.tile_slots)
+        return image_lib.tile_image(picture, cfg.tiling(), cfg.tile_slots)
 
     def answer(self, pictures, questions) -> list[str]:
         from evejax.eval.evaluate import decode_answer

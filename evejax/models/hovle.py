@@ -58,6 +58,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
+from evejax.data import image as image_lib
 from evejax.models import llm as llm_lib
 from evejax.models import vit as vit_lib
 from evejax.models.eve import Projector
@@ -66,6 +67,7 @@ from evejax.nn.layers import Dense, constrain, default_kernel_init, param_with_a
 from evejax.nn.transformer import TransformerConfig, TransformerStack
 
 PIXEL_SHUFFLE_LOCS = ("pre", "post")
+TILE_FITS = ("stretch", "pad")
 # TransformerConfig fields a precision / memory override sets on both stacks.
 _SHARED_TRANSFORMER_FIELDS = ("dtype", "param_dtype", "remat", "attention_impl", "splash_block_q",
                               "splash_block_kv", "scan_unroll", "matmul_2d")
@@ -87,6 +89,11 @@ class HoVLEConfig:
     max_tiles: the official max_dynamic_patch (6), as config.data.max_tiles; a batch has
     `tile_slots` = max_tiles + 1 tile slots per row (the thumbnail; 1 at max_tiles 1). `embedding_drop_path` is the official
     drop_path_rate: the last embedding layer's, linearly less down to 0 at layer 0.
+    tile_fit: how an image meets its tile canvas: "stretch" (official InternVL tiling) or "pad"
+    (not official: letterboxed in whole LLM tokens, image.TilingConfig.pad_unit; `tiling()`).
+    The official config.json has no such field (its code stretches), so `evejax export` cannot
+    carry "pad" and an import reads "stretch": a model trained padded is answered padded from
+    evejax checkpoints and workdirs, and by whoever pads its tiles the same way.
     """
     llm: llm_lib.LMConfig
     embedding: llm_lib.LMConfig
@@ -97,6 +104,7 @@ class HoVLEConfig:
     normalize_encoder_output: bool = False
     img_context_token_id: int = 92546
     max_tiles: int = 6
+    tile_fit: str = "stretch"
 
     @property
     def shuffle(self) -> int:
@@ -117,6 +125,11 @@ class HoVLEConfig:
     def tile_slots(self) -> int:
         """P: tile slots per row of a batch, grid tiles + thumbnail (evejax.data.pipeline)."""
         return self.max_tiles + 1 if self.max_tiles > 1 else 1
+
+    def tiling(self) -> image_lib.TilingConfig:
+        """The image tiling this model reads (evejax.data.image.tile_image)."""
+        return image_lib.TilingConfig(tile_size=self.image_size, max_tiles=self.max_tiles,
+                                      pad_unit=self.patch_size * self.shuffle if self.tile_fit == "pad" else 0)
 
     def encoder_length(self, text_len: int) -> int:
         """Tokens the embedding layers see for rows of `text_len` with `tile_slots` tiles."""
@@ -142,6 +155,7 @@ class HoVLEConfig:
              f"img_context_token_id={self.img_context_token_id} is outside the embedding vocabulary "
              f"({self.embedding.vocab_size})")
         need(self.max_tiles >= 1, f"max_tiles={self.max_tiles} must be >= 1")
+        need(self.tile_fit in TILE_FITS, f"tile_fit={self.tile_fit!r} is not known; use one of {TILE_FITS}")
         return self
 
     def replace(self, **kw) -> "HoVLEConfig":
@@ -510,7 +524,7 @@ class HoVLEDistillConfig:
         the text ids to draw (the ids both text tables have, less the image placeholder, whose
         text row the model never reads)."""
         h = self.hovle
-        return dict(tile_size=h.image_size, max_tiles=h.max_tiles,
+        return dict(tiling=h.tiling(),
                     vocab_size=min(h.llm.vocab_size, h.embedding.vocab_size),
                     exclude_ids=(h.img_context_token_id,))
 
