@@ -131,3 +131,26 @@ def test_counting_train_images_cycles_a_fixed_set_in_new_orders():
         pixels = next(batches)["pixels"]
         orders.append(tuple(int(np.flatnonzero((fixed == p).all((1, 2, 3)))[0]) for p in pixels))
     assert all(sorted(order) == [0, 1, 2] for order in orders) and len(set(orders)) > 1
+
+
+def test_counting_arms_differ_only_where_the_config_says(tmp_path, capsys):
+    from flax import traverse_util
+
+    def flat(arm):
+        return traverse_util.flatten_dict(viz.arm_config(arm, 3, 300, 64, task="majority").to_dict(), sep=".")
+
+    plain = flat("plain")
+    differ = {arm: {k for k in set(plain) | set(flat(arm)) if plain.get(k, "absent") != flat(arm).get(k, "absent")}
+              for arm in ("defocus", "defocus_bias", "defocus_local", "defocus_paper")}
+    attention = {"model.overrides.defocus", "stage.name"}
+    assert differ["defocus"] == differ["defocus_bias"] == attention
+    assert differ["defocus_local"] == attention | {"model.overrides.defocus_decay_init"}
+    schedule = {f"train.batch_schedules.drop_path_rate.{k}" for k in ("start", "end", "epochs", "steps_per_epoch")}
+    assert differ["defocus_paper"] == attention | schedule | {"stage.losses.ce", "stage.losses.aux_ce"}
+    paper = flat("defocus_paper")
+    assert (paper["stage.losses.ce"], paper["stage.losses.aux_ce"]) == (0.5, 0.5)
+    # 300 steps in 10 pieces: the rate climbs 0.1 -> 0.7 over the run whatever --steps is.
+    assert [paper[k] for k in sorted(schedule)] == [0.7, 10, 0.1, 30]
+    assert viz.main(["experiment", "--arms", "defocus,dense", "--out", str(tmp_path)]) == 2
+    assert "'dense'" in capsys.readouterr().err and not any(tmp_path.iterdir())
+
