@@ -7,7 +7,7 @@
 
 Data (evejax/data/counting.py): 48 x 48 images, 6 x 6 cells of 8 px, 1 to 10 of them filled;
 the label is the count, so the class token (last, causal) must aggregate all 36 patch tokens
-(other tasks: config.data.counting_task majority, see that file).
+(other tasks: config.data.counting_task majority | tetromino | bar, see that file).
 Model: DAN "vit_tiny" (width 32, 4 heads, 2 layers, patch 8 -> 36 patches + class token) at
 48 px with 10 classes. The arms (ARMS):
   plain          the causal ViT with `defocus=None`, i.e. fixed RoPE; class-token CE only, no drop path.

@@ -133,6 +133,33 @@ def test_counting_train_images_cycles_a_fixed_set_in_new_orders():
     assert all(sorted(order) == [0, 1, 2] for order in orders) and len(set(orders)) > 1
 
 
+def _shape_key(cells):
+    """One key per free tetromino: the least of its 8 rotations / mirror images, moved to the origin."""
+    cells, forms = np.array(cells), []
+    for mirror in (1, -1):
+        form = cells * [1, mirror]
+        for _ in range(4):
+            form = np.stack([form[:, 1], -form[:, 0]], 1)
+            forms.append(tuple(sorted(map(tuple, (form - form.min(0)).tolist()))))
+    return min(forms)
+
+
+def test_counting_tetromino_labels_the_one_group_of_neighbouring_cells():
+    kinds = [_shape_key(cells) for cells in counting.FIGURES["tetromino"][0].values()]
+    assert len(set(kinds)) == 5
+    labels, singles = [], []
+    for i in range(40):
+        picture, label = counting.image(i, "heldout", 1, 64, distractors=6, task="tetromino")
+        filled = np.pad(np.any(picture.reshape(8, 8, 8, 8, 3) != 255, (1, 3, 4)), 1)
+        neighbours = sum(np.roll(filled, (dy, dx), (0, 1)) for dy in (-1, 0, 1) for dx in (-1, 0, 1)) - filled
+        alone = filled & (neighbours == 0)
+        grouped = np.argwhere(filled & ~alone)
+        assert len(grouped) == 4 and _shape_key(grouped) == kinds[label]
+        labels.append(label)
+        singles.append(int(alone.sum()))
+    assert set(labels) == set(range(5)) and 0 <= min(singles) and 3 < max(singles) <= 6
+
+
 def test_counting_arms_differ_only_where_the_config_says(tmp_path, capsys):
     from flax import traverse_util
 
@@ -154,3 +181,16 @@ def test_counting_arms_differ_only_where_the_config_says(tmp_path, capsys):
     assert viz.main(["experiment", "--arms", "defocus,dense", "--out", str(tmp_path)]) == 2
     assert "'dense'" in capsys.readouterr().err and not any(tmp_path.iterdir())
 
+
+def test_counting_bar_labels_the_direction_of_three_cells_in_a_line():
+    steps = {(0, 1): 0, (1, 0): 1, (1, 1): 2, (1, -1): 3}   # across, down, diagonal, antidiagonal
+    labels = []
+    for i in range(30):
+        picture, label = counting.image(i, "train", 2, 48, distractors=3, task="bar")
+        filled = np.pad(np.any(picture.reshape(6, 8, 6, 8, 3) != 255, (1, 3, 4)), 1)
+        neighbours = sum(np.roll(filled, (dy, dx), (0, 1)) for dy in (-1, 0, 1) for dx in (-1, 0, 1)) - filled
+        bar = np.argwhere(filled & (neighbours > 0))
+        assert len(bar) == 3 and steps[tuple(bar[1] - bar[0])] == label
+        np.testing.assert_array_equal(bar[2] - bar[1], bar[1] - bar[0])
+        labels.append(label)
+    assert set(labels) == set(range(4))
