@@ -22,7 +22,9 @@ Model: DAN "vit_tiny" (width 32, 4 heads, 2 layers, patch 8 -> 36 patches + clas
                  the auxiliary loss on every image token, (ce + aux_ce) / 2, and drop path scheduled
                  linearly 0.1 -> 0.7 over DROP_PATH_PIECES equal pieces of the run (the paper's ViT-S/B
                  range per epoch; on 2 layers only the last block's branch drops, at the full rate).
-Args: plain | defocus | defocus_bias | defocus_local | defocus_paper.
+  plain_paper    plain's attention with defocus_paper's training (aux loss, drop path): the ablation that
+                 tells the attention's share of defocus_paper's result from the training strategy's.
+Args: plain | defocus | defocus_bias | defocus_local | defocus_paper | plain_paper.
 """
 import ml_collections
 
@@ -31,7 +33,8 @@ from evejax import config as config_lib
 ARMS = {"plain": dict(model=dict(defocus=None)), "defocus": dict(model=dict(defocus="scale")),
         "defocus_bias": dict(model=dict(defocus="bias")),
         "defocus_local": dict(model=dict(defocus="bias", defocus_decay_init=(1.0, 1.0))),
-        "defocus_paper": dict(model=dict(defocus="scale"), losses=dict(ce=0.5, aux_ce=0.5), drop_path=(0.1, 0.7))}
+        "defocus_paper": dict(model=dict(defocus="scale"), losses=dict(ce=0.5, aux_ce=0.5), drop_path=(0.1, 0.7)),
+        "plain_paper": dict(model=dict(defocus=None), losses=dict(ce=0.5, aux_ce=0.5), drop_path=(0.1, 0.7))}
 DROP_PATH_PIECES = 10
 OVERRIDES = dict(image_size=48, num_classes=10, remat="none")
 

@@ -168,12 +168,13 @@ def test_counting_arms_differ_only_where_the_config_says(tmp_path, capsys):
 
     plain = flat("plain")
     differ = {arm: {k for k in set(plain) | set(flat(arm)) if plain.get(k, "absent") != flat(arm).get(k, "absent")}
-              for arm in ("defocus", "defocus_bias", "defocus_local", "defocus_paper")}
+              for arm in ("defocus", "defocus_bias", "defocus_local", "defocus_paper", "plain_paper")}
     attention = {"model.overrides.defocus", "stage.name"}
     assert differ["defocus"] == differ["defocus_bias"] == attention
     assert differ["defocus_local"] == attention | {"model.overrides.defocus_decay_init"}
     schedule = {f"train.batch_schedules.drop_path_rate.{k}" for k in ("start", "end", "epochs", "steps_per_epoch")}
     assert differ["defocus_paper"] == attention | schedule | {"stage.losses.ce", "stage.losses.aux_ce"}
+    assert differ["plain_paper"] == differ["defocus_paper"] - attention | {"stage.name"}
     paper = flat("defocus_paper")
     assert (paper["stage.losses.ce"], paper["stage.losses.aux_ce"]) == (0.5, 0.5)
     # 300 steps in 10 pieces: the rate climbs 0.1 -> 0.7 over the run whatever --steps is.
