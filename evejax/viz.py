@@ -22,11 +22,11 @@ left out. The statistic is the mean of the shares over those queries and every l
 (layers, images, heads). 1 means every query puts all its mass on one key; uniform causal
 attention over T tokens gives the mean of 1/(t+1) over t = 1..T-1: 0.089 at T = 37.
 
-`experiment` trains the --arms of configs/dan_counting.py (default :defocus and :plain; images --side
-px, task --task) for each seed (workdirs OUT/{arm}_s{seed}; a finished workdir is reused), then reports per run the held-out
-accuracy on the first --heldout held-out counting images and the over-focus statistic on the
-first 64 of them (all layers), writes OUT/{variant}_s{seed}.png (the maps of held-out image
-0, OUT/heldout0.png) and OUT/results.json.
+`experiment` trains the --arms of configs/dan_counting.py (default :defocus and :plain; images
+--side px, task --task) for each seed (workdirs OUT/{arm}_s{seed}; a finished workdir is reused),
+then reports per run the held-out accuracy on the first --heldout held-out counting images and
+the over-focus statistic on the first 64 of them (all layers), writes OUT/{arm}_s{seed}.png (the
+maps of held-out image 0, OUT/heldout0.png) and OUT/results.json (the runs of this call).
 """
 from __future__ import annotations
 
@@ -291,7 +291,7 @@ def main(argv=None) -> int:
                           "every draw)")
     exp.add_argument("--arms", default="defocus,plain",
                      help="comma-separated arms of configs/dan_counting.py (plain, defocus, defocus_bias, "
-                          "defocus_paper)")
+                          "defocus_local, defocus_paper, plain_paper)")
     args = parser.parse_args(argv)
     try:
         return attention_main(args) if args.command == "attention" else experiment_main(args)
