@@ -3,6 +3,7 @@
   evejax viz attention TARGET --image IMG [--layers 0,1] [--out maps.png]
   evejax viz experiment [--out runs/counting] [--seeds 0,1,2] [--steps 600] [--side 48]
                         [--heldout 1000] [--distractors 0] [--task count] [--train-images 0]
+                        [--arms defocus,plain]
 
 TARGET is a trainer workdir of a DAN ViT (`evejax train`, newest checkpoint) or a config
 FILE.py[:ARG] of one (random initial weights, seed --seed).
@@ -21,11 +22,11 @@ left out. The statistic is the mean of the shares over those queries and every l
 (layers, images, heads). 1 means every query puts all its mass on one key; uniform causal
 attention over T tokens gives the mean of 1/(t+1) over t = 1..T-1: 0.089 at T = 37.
 
-`experiment` trains configs/dan_counting.py:defocus and :plain (images --side px, task --task) for each seed (workdirs
-OUT/{defocus,plain}_s{seed}; a finished workdir is reused), then reports per run the held-out
-accuracy on the first --heldout held-out counting images and the over-focus statistic on the
-first 64 of them (all layers), writes OUT/{variant}_s{seed}.png (the maps of held-out image
-0, OUT/heldout0.png) and OUT/results.json.
+`experiment` trains the --arms of configs/dan_counting.py (default :defocus and :plain; images
+--side px, task --task) for each seed (workdirs OUT/{arm}_s{seed}; a finished workdir is reused),
+then reports per run the held-out accuracy on the first --heldout held-out counting images and
+the over-focus statistic on the first 64 of them (all layers), writes OUT/{arm}_s{seed}.png (the
+maps of held-out image 0, OUT/heldout0.png) and OUT/results.json (the runs of this call).
 """
 from __future__ import annotations
 
@@ -40,8 +41,11 @@ from flax import linen as nn
 from flax import traverse_util
 from PIL import Image, ImageDraw
 
+from evejax import config as config_lib
+
 PANEL, LABEL, GAP = 96, 12, 4   # pixels of one map, its label strip, the space between panels
 TOP_FRACTION = 0.01
+COUNTING_CONFIG = f"{config_lib.REPO_CONFIGS}/dan_counting.py"
 
 
 def overfocus_shares(weights: np.ndarray, allowed: np.ndarray, fraction: float = TOP_FRACTION):
@@ -68,7 +72,6 @@ def causal_mask(length: int) -> np.ndarray:
 
 def load_target(target: str, seed: int = 0):
     """(DANConfig, params) of a DAN ViT workdir or config FILE.py[:ARG] (random init)."""
-    from evejax import config as config_lib
     from evejax.models import registry
     from evejax.port import checkpoint
 
@@ -211,26 +214,36 @@ def evaluate_run(workdir: str, heldout: int, focus_images: int = 64, batch: int 
             "class_token_overfocus": overfocus(weights[..., -1:, :], mask[-1:])}
 
 
+def arm_config(arm: str, seed: int, steps: int, side: int, distractors: int = 0, task: str = "count",
+               train_images: int = 0):
+    """configs/dan_counting.py:ARM for one run of `experiment`; a scheduled scalar (the drop path of
+    defocus_paper) keeps its number of pieces, so its pieces follow `steps`."""
+    config = config_lib.load(f"{COUNTING_CONFIG}:{arm}")
+    overrides = [f"train.seed={seed}", f"data.seed={seed}", f"train.steps={steps}", f"data.max_side={side}",
+                 f"model.overrides.image_size={side}", f"data.distractors={distractors}",
+                 f"data.counting_task={task}", f"data.train_images={train_images}"]
+    overrides += [f"train.batch_schedules.{key}.steps_per_epoch={max(steps // spec.epochs, 1)}"
+                  for key, spec in config.train.get("batch_schedules", {}).items()]
+    return config_lib.apply_overrides(config, overrides)
+
+
 def experiment_main(args) -> int:
     from evejax import atomic
-    from evejax import config as config_lib
     from evejax.data import counting
     from evejax.train import trainer
 
     out = Path(args.out)
     seeds = [int(s) for s in args.seeds.split(",")]
-    config_file = f"{config_lib.REPO_CONFIGS}/dan_counting.py"
-    side = args.side or config_lib.load(config_file).data.max_side
+    arms = args.arms.split(",")
+    for arm in arms:
+        config_lib.load(f"{COUNTING_CONFIG}:{arm}")  # an unknown arm fails now, not after the first runs
+    side = args.side or config_lib.load(COUNTING_CONFIG).data.max_side
     first, _ = counting.image(0, "heldout", 0, side, args.distractors, args.task)
     save_png(Image.fromarray(first), out / "heldout0.png")
     results = []
-    for variant in ("defocus", "plain"):
+    for variant in arms:
         for seed in seeds:
-            overrides = [f"train.seed={seed}", f"data.seed={seed}", f"train.steps={args.steps}",
-                         f"data.max_side={side}", f"model.overrides.image_size={side}",
-                         f"data.distractors={args.distractors}", f"data.counting_task={args.task}",
-                         f"data.train_images={args.train_images}"]
-            config = config_lib.apply_overrides(config_lib.load(f"{config_file}:{variant}"), overrides)
+            config = arm_config(variant, seed, args.steps, side, args.distractors, args.task, args.train_images)
             workdir = out / f"{variant}_s{seed}"
             trainer.train(config, str(workdir))
             row = dict(variant=variant, seed=seed, steps=args.steps, side=side, distractors=args.distractors,
@@ -243,9 +256,9 @@ def experiment_main(args) -> int:
             results.append(row)
             print(json.dumps(row), flush=True)
     atomic.write_text(out / "results.json", json.dumps(results, indent=1))
-    print(f"{'variant':<8} {'seed':>4} {'held-out acc':>12} {'over-focus':>10} {'cls over-focus':>14}")
+    print(f"{'arm':<13} {'seed':>4} {'held-out acc':>12} {'over-focus':>10} {'cls over-focus':>14}")
     for r in results:
-        print(f"{r['variant']:<8} {r['seed']:>4} {r['heldout_accuracy']:>12.4f} {r['overfocus']:>10.4f} "
+        print(f"{r['variant']:<13} {r['seed']:>4} {r['heldout_accuracy']:>12.4f} {r['overfocus']:>10.4f} "
               f"{r['class_token_overfocus']:>14.4f}")
     return 0
 
@@ -260,7 +273,7 @@ def main(argv=None) -> int:
     att.add_argument("--layers", default=None, help="comma-separated layer numbers (default: all)")
     att.add_argument("--out", default="attention.png", help="PNG to write")
     att.add_argument("--seed", type=int, default=0, help="initialisation seed for a config target")
-    exp = sub.add_parser("experiment", help="de-focus vs plain tiny causal ViT on the counting set")
+    exp = sub.add_parser("experiment", help="tiny causal ViTs with and without de-focus on the counting set")
     exp.add_argument("--out", default="runs/counting")
     exp.add_argument("--seeds", default="0,1,2")
     exp.add_argument("--steps", type=int, default=600)
@@ -268,12 +281,17 @@ def main(argv=None) -> int:
     exp.add_argument("--heldout", type=int, default=1000, help="held-out images for the accuracy")
     exp.add_argument("--distractors", type=int, default=0,
                      help="count the red squares among up to N squares of other colours (default 0: count all)")
-    exp.add_argument("--task", default="count", choices=("count", "majority"),
+    exp.add_argument("--task", default="count", choices=("count", "majority", "tetromino", "bar"),
                      help="count: how many cells are filled (or red, with --distractors); majority: which of "
-                          "the 4 colours fills the most cells, every cell filled (evejax/data/counting.py)")
+                          "the 4 colours fills the most cells, every cell filled; tetromino / bar: which of 5 "
+                          "shapes of 4 neighbouring cells / which direction a bar of 3 runs, among up to "
+                          "--distractors single squares (evejax/data/counting.py)")
     exp.add_argument("--train-images", type=int, default=0,
                      help="train on the first N training images only, for many epochs (default 0: a new image "
                           "every draw)")
+    exp.add_argument("--arms", default="defocus,plain",
+                     help="comma-separated arms of configs/dan_counting.py (plain, defocus, defocus_bias, "
+                          "defocus_local, defocus_paper, plain_paper)")
     args = parser.parse_args(argv)
     try:
         return attention_main(args) if args.command == "attention" else experiment_main(args)

@@ -131,3 +131,67 @@ def test_counting_train_images_cycles_a_fixed_set_in_new_orders():
         pixels = next(batches)["pixels"]
         orders.append(tuple(int(np.flatnonzero((fixed == p).all((1, 2, 3)))[0]) for p in pixels))
     assert all(sorted(order) == [0, 1, 2] for order in orders) and len(set(orders)) > 1
+
+
+def _shape_key(cells):
+    """One key per free tetromino: the least of its 8 rotations / mirror images, moved to the origin."""
+    cells, forms = np.array(cells), []
+    for mirror in (1, -1):
+        form = cells * [1, mirror]
+        for _ in range(4):
+            form = np.stack([form[:, 1], -form[:, 0]], 1)
+            forms.append(tuple(sorted(map(tuple, (form - form.min(0)).tolist()))))
+    return min(forms)
+
+
+def test_counting_tetromino_labels_the_one_group_of_neighbouring_cells():
+    kinds = [_shape_key(cells) for cells in counting.FIGURES["tetromino"][0].values()]
+    assert len(set(kinds)) == 5
+    labels, singles = [], []
+    for i in range(40):
+        picture, label = counting.image(i, "heldout", 1, 64, distractors=6, task="tetromino")
+        filled = np.pad(np.any(picture.reshape(8, 8, 8, 8, 3) != 255, (1, 3, 4)), 1)
+        neighbours = sum(np.roll(filled, (dy, dx), (0, 1)) for dy in (-1, 0, 1) for dx in (-1, 0, 1)) - filled
+        alone = filled & (neighbours == 0)
+        grouped = np.argwhere(filled & ~alone)
+        assert len(grouped) == 4 and _shape_key(grouped) == kinds[label]
+        labels.append(label)
+        singles.append(int(alone.sum()))
+    assert set(labels) == set(range(5)) and 0 <= min(singles) and 3 < max(singles) <= 6
+
+
+def test_counting_arms_differ_only_where_the_config_says(tmp_path, capsys):
+    from flax import traverse_util
+
+    def flat(arm):
+        return traverse_util.flatten_dict(viz.arm_config(arm, 3, 300, 64, task="majority").to_dict(), sep=".")
+
+    plain = flat("plain")
+    differ = {arm: {k for k in set(plain) | set(flat(arm)) if plain.get(k, "absent") != flat(arm).get(k, "absent")}
+              for arm in ("defocus", "defocus_bias", "defocus_local", "defocus_paper", "plain_paper")}
+    attention = {"model.overrides.defocus", "stage.name"}
+    assert differ["defocus"] == differ["defocus_bias"] == attention
+    assert differ["defocus_local"] == attention | {"model.overrides.defocus_decay_init"}
+    schedule = {f"train.batch_schedules.drop_path_rate.{k}" for k in ("start", "end", "epochs", "steps_per_epoch")}
+    assert differ["defocus_paper"] == attention | schedule | {"stage.losses.ce", "stage.losses.aux_ce"}
+    assert differ["plain_paper"] == differ["defocus_paper"] - attention | {"stage.name"}
+    paper = flat("defocus_paper")
+    assert (paper["stage.losses.ce"], paper["stage.losses.aux_ce"]) == (0.5, 0.5)
+    # 300 steps in 10 pieces: the rate climbs 0.1 -> 0.7 over the run whatever --steps is.
+    assert [paper[k] for k in sorted(schedule)] == [0.7, 10, 0.1, 30]
+    assert viz.main(["experiment", "--arms", "defocus,dense", "--out", str(tmp_path)]) == 2
+    assert "'dense'" in capsys.readouterr().err and not any(tmp_path.iterdir())
+
+
+def test_counting_bar_labels_the_direction_of_three_cells_in_a_line():
+    steps = {(0, 1): 0, (1, 0): 1, (1, 1): 2, (1, -1): 3}   # across, down, diagonal, antidiagonal
+    labels = []
+    for i in range(30):
+        picture, label = counting.image(i, "train", 2, 48, distractors=3, task="bar")
+        filled = np.pad(np.any(picture.reshape(6, 8, 6, 8, 3) != 255, (1, 3, 4)), 1)
+        neighbours = sum(np.roll(filled, (dy, dx), (0, 1)) for dy in (-1, 0, 1) for dx in (-1, 0, 1)) - filled
+        bar = np.argwhere(filled & (neighbours > 0))
+        assert len(bar) == 3 and steps[tuple(bar[1] - bar[0])] == label
+        np.testing.assert_array_equal(bar[2] - bar[1], bar[1] - bar[0])
+        labels.append(label)
+    assert set(labels) == set(range(4))

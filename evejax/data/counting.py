@@ -21,6 +21,14 @@ rejected. The margin is usually a few cells out of (S / CELL)^2 and the squares'
 so the class token has to weigh every cell alike: attention on a few cells is a small sample
 of the vote and often names the wrong colour.
 
+With `task="tetromino"` one tetromino of 4 edge-adjacent cells (FIGURES: I, O, T, S, L; any
+rotation or mirror image, so S/Z and L/J are one class each) sits at a random place; the label
+(in [0, 5)) is its kind. `task="bar"`: a bar of 3 cells instead, across, down or along either
+diagonal, the label (in [0, 4)) its direction (no turns: the direction is the label). `distractors` = D adds 0 to D (uniform) single squares, each in a cell
+with no filled cell among its 8 neighbours, and every square takes a random colour: only the
+arrangement of neighbouring cells (1 token apart across, `S / CELL` tokens down, in raster
+order) names the label, the local structure a learned locality prior is meant to find.
+
 Splits: an image belongs to "heldout" when a hash of its exact layout (cells, offsets,
 sizes, colours) falls in HELDOUT_BUCKETS of NUM_BUCKETS buckets, else to "train"; each
 split rejects candidates of the other, so no held-out image is ever trained on.
@@ -46,7 +54,13 @@ CELL = 8
 NUM_CLASSES = 10
 NUM_BUCKETS, HELDOUT_BUCKETS = 10, 1
 SPLITS = ("train", "heldout")
-TASKS = ("count", "majority")
+TASKS = ("count", "majority", "tetromino", "bar")
+# task -> (the figures, their (row, col) cells, one per label; whether a figure appears turned / mirrored)
+FIGURES = {"tetromino": ({"I": ((0, 0), (0, 1), (0, 2), (0, 3)), "O": ((0, 0), (0, 1), (1, 0), (1, 1)),
+                          "T": ((0, 0), (0, 1), (0, 2), (1, 1)), "S": ((0, 1), (0, 2), (1, 0), (1, 1)),
+                          "L": ((0, 0), (1, 0), (2, 0), (2, 1))}, True),
+           "bar": ({"across": ((0, 0), (0, 1), (0, 2)), "down": ((0, 0), (1, 0), (2, 0)),
+                    "diagonal": ((0, 0), (1, 1), (2, 2)), "antidiagonal": ((0, 2), (1, 1), (2, 0))}, False)}
 NUM_EXAMPLES = 2 ** 40  # endless in practice; random access needs a length
 _COLOURS = np.array(list(shapes.COLOURS.values()), np.uint8)
 
@@ -80,6 +94,8 @@ def image(index: int, split: str = "train", seed: int = 0, side: int = 64,
             label = int(votes.argmax())
             sizes = rng.integers(4, 7, size=filled)
             offsets = rng.integers(1, CELL - sizes[:, None], size=(filled, 2))
+        elif task in FIGURES:
+            label, cells, sizes, offsets, colours = _figure_layout(rng, grid, distractors, *FIGURES[task])
         else:
             label, cells, sizes, offsets, colours = _count_layout(rng, grid, distractors)
         layout = np.concatenate([np.sort(cells), sizes, offsets.ravel(), colours]).astype(np.int32)
@@ -105,6 +121,32 @@ def _count_layout(rng, grid: int, distractors: int):
     else:
         colours = rng.integers(len(_COLOURS), size=filled)
     return label, cells, sizes, offsets, colours
+
+
+def _figure_layout(rng, grid: int, distractors: int, figures: dict, turned: bool):
+    label = int(rng.integers(len(figures)))
+    shape = np.array(list(figures.values())[label])
+    if turned:
+        for _ in range(int(rng.integers(4))):  # a quarter turn: (row, col) -> (col, -row)
+            shape = np.stack([shape[:, 1], -shape[:, 0]], 1)
+        if rng.integers(2):
+            shape[:, 1] *= -1
+    shape -= shape.min(0)
+    top, left = (int(rng.integers(grid - extent)) for extent in shape.max(0))
+    filled = np.zeros((grid + 2, grid + 2), bool)  # a 1-cell border so the 3 x 3 look-around needs no clipping
+    filled[shape[:, 0] + top + 1, shape[:, 1] + left + 1] = True
+    for _ in range(int(rng.integers(distractors + 1)) if distractors else 0):
+        crowded = np.lib.stride_tricks.sliding_window_view(filled, (3, 3)).any((-2, -1))
+        free = np.flatnonzero(~crowded)
+        if not free.size:
+            break
+        cell = int(rng.choice(free))
+        filled[cell // grid + 1, cell % grid + 1] = True
+    rows, cols = np.nonzero(filled[1:-1, 1:-1])
+    cells = rows * grid + cols
+    sizes = rng.integers(4, 7, size=cells.size)
+    offsets = rng.integers(1, CELL - sizes[:, None], size=(cells.size, 2))
+    return label, cells, sizes, offsets, rng.integers(len(_COLOURS), size=cells.size)
 
 
 def normalize(pixels: np.ndarray) -> np.ndarray:
