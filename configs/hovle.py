@@ -167,6 +167,7 @@ from evejax.data import pipeline
 
 EMBEDDING = (r"embedding_model/.*",)
 EVERYTHING = (r".*",)
+ALL_BUT_TEACHER = EMBEDDING + (r"language_model/.*",)
 STAGE1_IMPORT = "language_model=checkpoints/internlm2_chat_1_8b,teacher=checkpoints/internvl2_2b_teacher"
 # The tiny teacher reshaped to tiny HoVLE's tiles: 56 px, patch 14 -> 4 x 4 grid -> 4 tokens of 64.
 TINY_TEACHER = dict(image_size=56, patch_size=14, llm_dim=64)
@@ -222,9 +223,14 @@ DEMO_STAGES = {
     "stage1": dict(data="unpaired_shapes", seq_len=16, steps=300, lr=3e-3, base="tiny_stage1_clip",
                    trainable=EMBEDDING + TEACHER_KINDS["clip"]["trainable"]),
     # The LLM trains too: a deviation from the paper (module docstring), the demo's LLM is random.
-    "stage2": dict(data="shapes_caption", seq_len=70, steps=500, lr=2e-3, trainable=EVERYTHING),
-    "stage3": dict(data="shapes_qa", seq_len=184, steps=500, lr=2e-3, trainable=EVERYTHING),
+    # distill: the weight of a distill_image term next to the CE (0: none; the args demo_stage2_distill,
+    # demo_stage3_distill take DEMO_DISTILL), stage 1's teacher and projection frozen in the step
+    # (teacher_data "conversation", registry._build_hovle). Measured, README "The demo": not taken.
+    "stage2": dict(data="shapes_caption", seq_len=70, steps=500, lr=2e-3, trainable=ALL_BUT_TEACHER, distill=0.0),
+    "stage3": dict(data="shapes_qa", seq_len=184, steps=500, lr=2e-3, trainable=ALL_BUT_TEACHER, distill=0.0),
 }
+DEMO_DISTILL = 1.0   # EVE demo's PAL weight
+DISTILL_SUFFIX = "_distill"
 # HoVLE "demo" widened to EVE demo's LLM width, both stacks, 3 LLM layers (+ 2 embedding layers:
 # about EVE demo's 4-layer cost: a stage-3 step takes the CPU time of EVE demo's, README); float32,
 # no remat, 2-D matmuls: faster on CPU; one tile per image (its max_tiles), every image
@@ -269,9 +275,10 @@ def data_config(size: str, stage: str) -> dict:
                                   global_batch=s["global_batch"], seed=0)
 
 
-def demo_config(stage: str) -> ml_collections.ConfigDict:
-    """The demo stage (module docstring): the tiny stage's chain at demo size and schedule."""
-    d = DEMO_STAGES[stage]
+def demo_config(stage: str, distill: float | None = None) -> ml_collections.ConfigDict:
+    """The demo stage (module docstring): the tiny stage's chain at demo size and schedule;
+    `distill` replaces the stage's distill weight."""
+    d = dict(DEMO_STAGES[stage], **({} if distill is None else dict(distill=distill)))
     c = get_config(d.get("base", f"tiny_{stage}"))
     c.model.size = "demo"
     c.model.overrides.update(DEMO_OVERRIDES)
@@ -286,17 +293,24 @@ def demo_config(stage: str) -> ml_collections.ConfigDict:
     c.checkpoint.update(every=0, keep=1, async_save=False)  # only the final one: the next stage reads it
     c.stage.name = f"hovle_demo_{stage}"
     c.stage.trainable = d["trainable"]
+    if d.get("distill"):
+        c.model.update(teacher="clip_demo", teacher_overrides=DEMO_TEACHER, teacher_data="conversation")
+        c.stage.losses = dict(ce=1.0, distill_image=d["distill"])
     if c.stage.start.kind == "stage":
-        c.stage.start.workdir = f"hovle_demo_{c.stage.start.workdir.rsplit('_', 1)[-1]}"
+        previous = c.stage.start.workdir.rsplit("_", 1)[-1]
+        # A _distill stage reads the teacher its predecessor kept (stage 1 always keeps it).
+        suffix = DISTILL_SUFFIX if distill and "distill" in DEMO_STAGES[previous] else ""
+        c.stage.start.workdir = f"hovle_demo_{previous}{suffix}"
     return c
 
 
 def get_config(arg: str = "tiny_stage1"):
-    if arg.startswith("demo_") and arg[len("demo_"):] in DEMO_STAGES:
-        return demo_config(arg[len("demo_"):])
+    demo = {f"demo_{s}": (s, None) for s in DEMO_STAGES}
+    demo.update({f"demo_{s}{DISTILL_SUFFIX}": (s, DEMO_DISTILL) for s, d in DEMO_STAGES.items() if "distill" in d})
+    if arg in demo:
+        return demo_config(*demo[arg])
     if arg not in ARGS:
-        raise ValueError(f"configs/hovle.py takes one of {sorted(ARGS) + [f'demo_{s}' for s in DEMO_STAGES]}, "
-                         f"got {arg!r}")
+        raise ValueError(f"configs/hovle.py takes one of {sorted(ARGS) + list(demo)}, got {arg!r}")
     size, stage = ARGS[arg]
     s = STAGES[stage]
     if "teacher" in s:
