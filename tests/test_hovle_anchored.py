@@ -18,7 +18,7 @@ from evejax.train import trainer
 
 
 def load(*overrides):
-    return config_lib.apply_overrides(config_lib.load("configs/hovle.py:demo_stage3_distill"), list(overrides))
+    return config_lib.apply_overrides(config_lib.load("configs/hovle.py:demo_stage3"), list(overrides))
 
 
 def test_the_stage_loss_is_ce_plus_weight_times_the_distance_to_the_teacher_tokens():
@@ -77,3 +77,4 @@ def test_the_teacher_stays_frozen_and_out_of_evaluation_and_export(tmp_path):
     names = set().union(*(load_file(f) for f in files if f.suffix == ".safetensors"))
     assert names == set(hovle_port.official_shapes(cfg))
     assert not any("teacher" in n for n in names)
+
