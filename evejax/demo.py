@@ -9,8 +9,9 @@ From nothing but the installed package, on a CPU (one flow; what differs by fami
      slot; HoVLE configs/hovle.py:demo_stage1..3, into the frozen `teacher/clip` of its stage-1
      CLIP teacher, stage 1 distilling the embedding module on unpaired data (shapes images
      without text to that teacher's projected features, random text ids to the frozen LLM's input
-     embeddings), stage 2 captions and stage 3 the questions with everything trained (the demo's
-     LLM is random: configs/hovle.py says why stage 2 trains it);
+     embeddings), stage 2 captions and stage 3 the questions with everything but the teacher
+     trained (the demo's LLM is random: configs/hovle.py says why stage 2 trains it), the teacher
+     kept in both for a distill_image term next to the CE, as EVE keeps its PAL;
   3. evaluates exact-match accuracy on held-out questions, and again with every
      image blanked (the text-only baseline; evejax/eval/evaluate.py says how,
      how each family is asked, and how chance is computed);

@@ -92,13 +92,16 @@ def test_hovle_artefacts_and_checks(quick_hovle_demo):
     assert status == 0
     for stage in ("teacher",) + demo.STAGES:
         assert (out / stage / "checkpoints" / str(demo.QUICK_STEPS)).is_dir(), stage
-    # Stage 1 distils to EVE demo's trained CLIP: imported into teacher/clip, and frozen there.
+    # Stage 1 distils to EVE demo's trained CLIP: imported into teacher/clip, and frozen there; stages
+    # 2 and 3 keep the teacher for their distill_image term, CLIP and projection frozen.
     _, trained = ckpt_lib.load_params(str(out / "teacher"))
     _, stage1 = ckpt_lib.load_params(str(out / "stage1"))
+    _, stage3 = ckpt_lib.load_params(str(out / "stage3"))
     _, saved = clip_port.load_checkpoint(out / "teacher_clip")
     for a, b, c in zip(jax.tree.leaves(trained["clip"]), jax.tree.leaves(saved),
                        jax.tree.leaves(stage1["teacher"]["clip"]), strict=True):
         assert np.array_equal(a, b) and np.array_equal(a, c)
+    jax.tree.map(np.testing.assert_array_equal, stage3["teacher"], stage1["teacher"])
     config = io.load_config_json(out / "hovle_official")
     assert config["model_type"] == "internvl_chat" and config["max_dynamic_patch"] == 1
     results = json.loads((out / "results.json").read_text())

@@ -502,6 +502,10 @@ def training_flops(cfg: HoVLEConfig, batch: int, text_len: int) -> dict[str, flo
 #   Loss per stream: negative cosine similarity per token (+ 1), mean over the stream's real tokens.
 #   Targets are computed under stop_gradient; the stage's trainable regexes freeze everything
 #   but embedding_model, so the LLM and the teacher leave each step unchanged.
+#
+# `HoVLEDistill.anchored` runs the same model on the conversation batches of later stages: HoVLE's
+# logits, plus the teacher's target for every image placeholder, so a stage can add a distill_image
+# term to its CE (configs/hovle.py, the demo) with the teacher frozen and dropped after training.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -550,6 +554,13 @@ class DistillOutput(NamedTuple):
     teacher_projection: jax.Array | None = None  # CLIP teacher: its projection's own loss, else None
 
 
+class AnchoredOutput(NamedTuple):
+    logits: jax.Array          # [B, N, V] float32
+    llm_inputs: jax.Array      # [B, N, D]
+    image_target: jax.Array    # [B, N, E] float32: the teacher's token at each image placeholder
+    image_mask: jax.Array      # [B, N] bool: placeholders of real tiles
+
+
 def negative_cosine(student, target, mask):
     """Mean over the True tokens of mask [...] of 1 - cos(student, target) ([..., D]); 0 when none.
 
@@ -592,6 +603,21 @@ class HoVLEDistill(HoVLE):
         clip = isinstance(self.teacher_cfg, vit_lib.ClipTeacherConfig)
         self.teacher = (vit_lib.ClipTeacher if clip else vit_lib.InternVLTeacher)(self.teacher_cfg)
 
+    def _image_targets(self, pixels, tile_mask):
+        """-> (target [B, P n, E] float32 under stop_gradient, CLIP teacher's projection loss or None)."""
+        b, tiles = tile_mask.shape
+        n = self.cfg.image_tokens_per_tile
+        flat = pixels.reshape((b * tiles,) + pixels.shape[2:])
+        projection_loss = None
+        if isinstance(self.teacher_cfg, vit_lib.ClipTeacherConfig):
+            target, clip_features = self.teacher(flat)
+            rebuilt = self.teacher.reconstruct(target)
+            projection_loss = negative_cosine(rebuilt.reshape(b, tiles * n, -1), clip_features.reshape(
+                b, tiles * n, -1), jnp.repeat(tile_mask.astype(bool), n, axis=1))
+        else:
+            target = teacher_tokens_row_major(self.teacher_cfg, self.teacher(flat))
+        return jax.lax.stop_gradient(target.astype(jnp.float32)).reshape(b, tiles * n, -1), projection_loss
+
     def __call__(self, pixels, tile_mask, text_tokens, text_segment_ids=None, *, deterministic: bool = True):
         cfg = self.cfg
         b, tiles = tile_mask.shape
@@ -600,16 +626,7 @@ class HoVLEDistill(HoVLE):
         placeholders = jnp.full((b, tiles * n), cfg.img_context_token_id, jnp.int32)
         image = self.embed_inputs(placeholders, pixels, image_mask.astype(jnp.int32), tile_mask,
                                   deterministic).llm_inputs
-        flat = pixels.reshape((b * tiles,) + pixels.shape[2:])
-        projection_loss = None
-        if isinstance(self.teacher_cfg, vit_lib.ClipTeacherConfig):
-            target, clip_features = self.teacher(flat)
-            rebuilt = self.teacher.reconstruct(target)
-            projection_loss = negative_cosine(rebuilt.reshape(b, tiles * n, -1),
-                                              clip_features.reshape(b, tiles * n, -1), image_mask)
-        else:
-            target = teacher_tokens_row_major(self.teacher_cfg, self.teacher(flat))
-        image_target = jax.lax.stop_gradient(target.astype(jnp.float32)).reshape(b, tiles * n, -1)
+        image_target, projection_loss = self._image_targets(pixels, tile_mask)
 
         text_segment_ids = (jnp.ones(text_tokens.shape, jnp.int32) if text_segment_ids is None
                             else text_segment_ids.astype(jnp.int32))
@@ -623,6 +640,21 @@ class HoVLEDistill(HoVLE):
         return DistillOutput(image, image_target, image_mask, text, text_target, text_segment_ids > 0,
                              projection_loss)
 
+    def anchored(self, tokens, pixels, segment_ids=None, tile_mask=None, *, deterministic: bool = True):
+        """The conversation batch of `HoVLE` -> AnchoredOutput: HoVLE's logits, and what the LLM reads
+        at each image placeholder next to the frozen teacher's token for it (the k-th placeholder of
+        a row, the k-th token of its tiles, as `embed_inputs` places them), for a distill_image term
+        next to the CE in later stages (stage 1's teacher and projection, both frozen then)."""
+        b, tiles = pixels.shape[:2]
+        tile_mask = jnp.ones((b, tiles), bool) if tile_mask is None else tile_mask
+        x = self.embed_inputs(tokens, pixels, segment_ids, tile_mask, deterministic)
+        logits = self.language_model(inputs_embeds=x.llm_inputs, positions=x.positions,
+                                     segment_ids=x.segment_ids, deterministic=deterministic)
+        is_image = (tokens == self.cfg.img_context_token_id) & (x.segment_ids > 0)
+        real_tokens = jnp.sum(tile_mask, axis=1, keepdims=True) * self.cfg.image_tokens_per_tile
+        target = _place(self._image_targets(pixels, tile_mask)[0], is_image)
+        return AnchoredOutput(logits, x.llm_inputs, target, is_image & (jnp.cumsum(is_image, axis=1) <= real_tokens))
+
 
 def distill_init_inputs(cfg: HoVLEConfig, abstract: bool = False) -> tuple:
     """(pixels [1, 1, S, S, 3], tile_mask [1, 1], text_tokens [1, 4]) for `HoVLEDistill.init`."""
@@ -631,6 +663,17 @@ def distill_init_inputs(cfg: HoVLEConfig, abstract: bool = False) -> tuple:
     if abstract:
         return tuple(jax.ShapeDtypeStruct(shape, dt) for shape, dt in shapes)
     return tuple(jnp.ones(shape, dt) for shape, dt in shapes)
+
+
+def _teacher_macs(t, tiles: int) -> tuple[float, float]:
+    """(the frozen tower's, the projection's) multiply-adds of a teacher forward over `tiles` tiles."""
+    clip = isinstance(t, vit_lib.ClipTeacherConfig)
+    tower = t.clip if clip else t.vit
+    v = tower.transformer
+    tokens, d = 1 + t.num_patches, v.embed_dim
+    layer = tokens * (4 * d * d + 2 * d * v.mlp_dim) + 2 * tokens * tokens * d
+    projector = 0 if t.llm_dim is None else t.num_tokens * (t.shuffled_dim * t.llm_dim + t.llm_dim ** 2)
+    return tiles * (t.num_patches * 3 * tower.patch_size ** 2 * d + v.num_layers * layer), tiles * projector
 
 
 def distill_training_flops(cfg: HoVLEDistillConfig, batch: int, text_len: int) -> dict[str, float]:
@@ -643,17 +686,19 @@ def distill_training_flops(cfg: HoVLEDistillConfig, batch: int, text_len: int) -
     image_len = h.tile_slots * h.image_tokens_per_tile
     no_head = h.embedding.replace(vocab_size=0)
     clip = isinstance(t, vit_lib.ClipTeacherConfig)
-    tower = t.clip if clip else t.vit
-    v = tower.transformer
-    tokens, d = 1 + t.num_patches, v.embed_dim
-    layer = tokens * (4 * d * d + 2 * d * v.mlp_dim) + 2 * tokens * tokens * d
-    projector = 0 if t.llm_dim is None else t.num_tokens * (t.shuffled_dim * t.llm_dim + t.llm_dim ** 2)
-    teacher_macs = t.num_patches * 3 * tower.patch_size ** 2 * d + v.num_layers * layer
+    tower, projector = _teacher_macs(t, h.tile_slots)
     flops = {"embedding_image": llm_lib.training_flops_per_step(no_head, batch, h.encoder_length(image_len)),
              "embedding_text": llm_lib.training_flops_per_step(no_head, batch, text_len),
              "vision": training_flops(h, batch, image_len)["vision"],
-             "teacher": 2.0 * batch * h.tile_slots * (teacher_macs + (0 if clip else projector))}
+             "teacher": 2.0 * batch * (tower + (0 if clip else projector))}
     if clip:  # projection + reconstruction (llm_dim -> shuffled_dim), forward and backward
-        flops["teacher_projection"] = 6.0 * batch * h.tile_slots * (projector + t.num_tokens * t.llm_dim
-                                                                    * t.shuffled_dim)
+        flops["teacher_projection"] = 6.0 * batch * (projector + h.tile_slots * t.num_tokens * t.llm_dim
+                                                     * t.shuffled_dim)
     return flops
+
+
+def anchored_training_flops(cfg: HoVLEDistillConfig, batch: int, text_len: int) -> dict[str, float]:
+    """Model FLOPs of a step of `HoVLEDistill.anchored`: HoVLE's (`training_flops`) and the frozen
+    teacher's forward with its projection (2 per multiply-add)."""
+    return {**training_flops(cfg.hovle, batch, text_len),
+            "teacher": 2.0 * batch * sum(_teacher_macs(cfg.teacher, cfg.hovle.tile_slots))}

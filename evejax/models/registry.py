@@ -20,6 +20,8 @@ class ModelSpec:
     batch_specs: Callable            # (batch, seq_len) -> dict of jax.ShapeDtypeStruct
     flops_per_step: Callable         # (batch, seq_len) -> MaxText-style model FLOPs
     config: Any                      # the family's dataclass config
+    training_only: tuple[str, ...] = ()  # top-level param subtrees only training reads (a teacher):
+    #                                     a workdir's model without them is `config`'s (port.checkpoint.load_workdir)
 
 
 def _build_llm(model_cfg) -> ModelSpec:
@@ -185,24 +187,45 @@ def _build_hovle(model_cfg) -> ModelSpec:
     loss_mask [B, N] float32 (aligned with targets), pixels [B, P, S, S, 3] float32 and tile_mask
     [B, P] bool, P = tile_slots: the HoVLE conversation batch of evejax.data.pipeline.
     Loss: token CE over `hovle.supervised_mask` (the official loss mask), mean over the batch.
-    With model_cfg.teacher set, the stage-1 distillation model instead (`_build_hovle_distill`)."""
+    With model_cfg.teacher set (as `_hovle_teacher`), model_cfg.teacher_data says what the teacher
+    reads: "unpaired" (the default) builds the stage-1 distillation model (`_build_hovle_distill`);
+    "conversation" keeps these batches and this CE and adds the metric distill_image, 1 - cos
+    between the LLM's input at each image placeholder and the frozen teacher's token for it
+    (`HoVLEDistill.anchored`), mean over the batch's placeholders; config.stage.losses weighs it.
+    Its params hold the teacher under teacher/ (training only, dropped by load_workdir)."""
     import jax
 
     from evejax.models import hovle
     from evejax.models import losses
 
-    if model_cfg.get("teacher"):
+    teacher_data = model_cfg.get("teacher_data", "unpaired") if model_cfg.get("teacher") else None
+    if teacher_data not in (None, "unpaired", "conversation"):
+        raise ValueError(f"config.model.teacher_data={teacher_data!r} is not known; use 'unpaired' (stage 1) "
+                         "or 'conversation' (a distill_image term next to the CE)")
+    if teacher_data == "unpaired":
         return _build_hovle_distill(model_cfg)
-    overrides = dict(model_cfg.get("overrides", {}) or {})
-    cfg = hovle.get_config(model_cfg.size, **overrides)
-    module = hovle.HoVLE(cfg)
+    if teacher_data == "conversation":
+        distill_cfg, module = _hovle_teacher(model_cfg)
+        cfg, init_args, training_only = distill_cfg.hovle, hovle.distill_init_inputs(distill_cfg.hovle), ("teacher",)
+        flops = lambda b, t: sum(hovle.anchored_training_flops(distill_cfg, b, t).values())  # noqa: E731
+    else:
+        cfg = hovle.get_config(model_cfg.size, **dict(model_cfg.get("overrides", {}) or {}))
+        module, init_args, training_only = hovle.HoVLE(cfg), hovle.init_inputs(cfg), ()
+        flops = lambda b, t: sum(hovle.training_flops(cfg, b, t).values())  # noqa: E731
 
     def loss_fn(params, batch, rng):
-        logits = module.apply({"params": params}, batch["tokens"], batch["pixels"], batch["segment_ids"],
-                              batch["tile_mask"], deterministic=False, rngs={"dropout": rng})
+        inputs = (batch["tokens"], batch["pixels"], batch["segment_ids"], batch["tile_mask"])
+        kw = dict(deterministic=False, rngs={"dropout": rng})
+        distill = {}
+        if training_only:
+            out = module.apply({"params": params}, *inputs, method=hovle.HoVLEDistill.anchored, **kw)
+            logits = out.logits
+            distill["distill_image"] = hovle.negative_cosine(out.llm_inputs, out.image_target, out.image_mask)
+        else:
+            logits = module.apply({"params": params}, *inputs, **kw)
         supervised = hovle.supervised_mask(cfg, batch["targets"], batch["loss_mask"], batch["segment_ids"])
         ce, weight = losses.cross_entropy(logits, jnp.maximum(batch["targets"], 0), supervised)
-        return ce, {"ce": ce, "weight": weight}
+        return ce, {"ce": ce, "weight": weight, **distill}
 
     def batch_specs(batch, seq_len):
         s = cfg.image_size
@@ -212,24 +235,16 @@ def _build_hovle(model_cfg) -> ModelSpec:
                 "pixels": jax.ShapeDtypeStruct((batch, cfg.tile_slots, s, s, 3), jnp.float32),
                 "tile_mask": jax.ShapeDtypeStruct((batch, cfg.tile_slots), jnp.bool_)}
 
-    return ModelSpec(module=module, init_args=hovle.init_inputs(cfg), init_kwargs={}, loss_fn=loss_fn,
-                     batch_specs=batch_specs,
-                     flops_per_step=lambda b, t: sum(hovle.training_flops(cfg, b, t).values()), config=cfg)
+    return ModelSpec(module=module, init_args=init_args, init_kwargs={}, loss_fn=loss_fn, batch_specs=batch_specs,
+                     flops_per_step=flops, config=cfg, training_only=training_only)
 
 
-def _build_hovle_distill(model_cfg) -> ModelSpec:
-    """HoVLE stage 1 (models/hovle.py `HoVLEDistill`): HoVLE (size, overrides as "hovle") + a frozen
-    teacher, model_cfg.teacher a size of vit.INTERNVL_SIZES ("internvl2_2b", "tiny") or of
-    vit.CLIP_TEACHER_SIZES ("clip_l14_336", "clip_tiny": CLIP + a learned projection, whose own
-    loss is the metric teacher_projection) and teacher_overrides (the teacher config's or
-    TransformerConfig fields; dtype, param_dtype,
-    remat, attention_impl and scan_unroll of `overrides` apply to it too, unless given here).
-    Batches (the unpaired batch of evejax/data/unpaired.py): pixels [B, P, S, S, 3] float32,
-    tile_mask [B, P] bool, text_tokens and text_segment_ids [B, T] int32, T = seq_len.
-    Metrics distill_image, distill_text: negative cosine similarity per token + 1 (hovle.negative_cosine),
-    mean over each stream's real tokens; config.stage.losses weighs them."""
-    import jax
-
+def _hovle_teacher(model_cfg):
+    """(HoVLEDistillConfig, HoVLEDistill) of HoVLE (size, overrides as "hovle") + a frozen teacher:
+    model_cfg.teacher a size of vit.INTERNVL_SIZES ("internvl2_2b", "tiny") or of
+    vit.CLIP_TEACHER_SIZES ("clip_l14_336", "clip_tiny", "clip_demo": CLIP + a learned projection)
+    and teacher_overrides (the teacher config's or TransformerConfig fields; dtype, param_dtype,
+    remat, attention_impl and scan_unroll of `overrides` apply to it too, unless given here)."""
     from evejax.models import hovle
     from evejax.models import vit
 
@@ -245,7 +260,21 @@ def _build_hovle_distill(model_cfg) -> ModelSpec:
         raise ValueError(f"config.model.teacher={model_cfg.teacher!r} is not known; use an InternVL teacher "
                          f"{sorted(vit.INTERNVL_SIZES)} or a CLIP one {sorted(vit.CLIP_TEACHER_SIZES)}")
     cfg = hovle.HoVLEDistillConfig(hovle.get_config(model_cfg.size, **overrides), teacher_cfg).validate()
-    module = hovle.HoVLEDistill(cfg.hovle, teacher_cfg)
+    return cfg, hovle.HoVLEDistill(cfg.hovle, teacher_cfg)
+
+
+def _build_hovle_distill(model_cfg) -> ModelSpec:
+    """HoVLE stage 1 (models/hovle.py `HoVLEDistill`, `_hovle_teacher`); the CLIP teacher's
+    projection reports its own loss as the metric teacher_projection.
+    Batches (the unpaired batch of evejax/data/unpaired.py): pixels [B, P, S, S, 3] float32,
+    tile_mask [B, P] bool, text_tokens and text_segment_ids [B, T] int32, T = seq_len.
+    Metrics distill_image, distill_text: negative cosine similarity per token + 1 (hovle.negative_cosine),
+    mean over each stream's real tokens; config.stage.losses weighs them."""
+    import jax
+
+    from evejax.models import hovle
+
+    cfg, module = _hovle_teacher(model_cfg)
 
     def loss_fn(params, batch, rng):
         out = module.apply({"params": params}, batch["pixels"], batch["tile_mask"], batch["text_tokens"],

@@ -205,7 +205,9 @@ def workdir_model(workdir: str | os.PathLike) -> str:
 def load_workdir(workdir: str | os.PathLike, weights: str = "params") -> tuple[str, Any, Any, int]:
     """(model name, e.g. "llm" or "eve"; its family's config; params as numpy arrays; step) of
     the newest checkpoint of a training workdir, read through evejax.train.checkpoint;
-    `weights` "ema_params" takes its exponential moving average (FileNotFoundError if none)."""
+    `weights` "ema_params" takes its exponential moving average (FileNotFoundError if none).
+    The params are the config's model: without the subtrees only training reads (the registry's
+    ModelSpec.training_only, e.g. a teacher), so evaluation and export never see them."""
     import ml_collections
 
     from evejax.models import registry
@@ -224,7 +226,8 @@ def load_workdir(workdir: str | os.PathLike, weights: str = "params") -> tuple[s
             raise
         except Exception as e:  # a damaged step: TensorStore and JSON errors of many types
             raise CheckpointError(f"{workdir}: its newest checkpoint cannot be read ({root_cause(e)})") from None
-    return model["name"], registry.build(ml_collections.ConfigDict(model)).config, params, step
+    spec = registry.build(ml_collections.ConfigDict(model))
+    return model["name"], spec.config, {k: v for k, v in params.items() if k not in spec.training_only}, step
 
 
 def save_checkpoint(directory: str | os.PathLike, cfg: LMConfig, params: Any, overwrite: bool = False) -> Path:
