@@ -178,3 +178,23 @@ def test_embedding_drop_path_grows_linearly_over_the_layers():
         embed(cfg, p, deterministic=False, rngs={"dropout": jax.random.PRNGKey(1)}), embed(one_layer, q)))(
         params, {**params, "embedding_model": {**params["embedding_model"], "encoder": first}})
     np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+
+
+def test_causal_blocks_and_unrolled_layers_reach_both_stacks_and_leave_the_logits():
+    """xla_causal_blocks and scan_unroll (speed options, README "The demo") are set on the embedding layers
+    too, and change no logit of a padded batch of rows whose length 4 divides."""
+    cfg = hovle.get_config("tiny", max_tiles=1)
+    fast = cfg.replace(xla_causal_blocks=4, scan_unroll=3)
+    for stack in (fast.embedding.transformer, fast.llm.transformer):
+        assert (stack.xla_causal_blocks, stack.scan_unroll) == (4, 3)
+    rng = np.random.default_rng(0)
+    rows = [_row(rng, 3, 9, 1, cfg.image_tokens_per_tile), _row(rng, 2, 4, 1, cfg.image_tokens_per_tile)]
+    n = 4 * -(-max(map(len, rows)) // 4)
+    tokens, segments = np.zeros((2, n), np.int32), np.zeros((2, n), np.int32)
+    for b, row in enumerate(rows):
+        tokens[b, :len(row)], segments[b, :len(row)] = row, 1
+    pixels = rng.standard_normal((2, 1, cfg.image_size, cfg.image_size, 3)).astype(np.float32)
+    params = _random_params(cfg)
+    logits = [jax.jit(hovle.HoVLE(c).apply)({"params": params}, tokens, pixels, segments) for c in (cfg, fast)]
+    real = segments > 0
+    np.testing.assert_allclose(logits[1][real], logits[0][real], rtol=1e-5, atol=1e-5)

@@ -70,7 +70,7 @@ PIXEL_SHUFFLE_LOCS = ("pre", "post")
 TILE_FITS = ("stretch", "pad")
 # TransformerConfig fields a precision / memory override sets on both stacks.
 _SHARED_TRANSFORMER_FIELDS = ("dtype", "param_dtype", "remat", "attention_impl", "splash_block_q",
-                              "splash_block_kv", "scan_unroll", "matmul_2d")
+                              "splash_block_kv", "scan_unroll", "matmul_2d", "xla_causal_blocks")
 _EMBEDDING_PREFIX = "embedding_"
 
 
@@ -162,8 +162,8 @@ class HoVLEConfig:
         """Own fields; `embedding_<field>` for a TransformerConfig or LMConfig field of the
         embedding layers (embedding_num_layers, embedding_rope_base, embedding_vocab_size);
         other TransformerConfig fields and the LMConfig token fields (vocab_size, bos_id, eos_id,
-        pad_id) go to the LLM, and dtype, param_dtype, remat, attention_impl, scan_unroll and
-        matmul_2d also to the embedding layers."""
+        pad_id) go to the LLM, and dtype, param_dtype, remat, attention_impl, scan_unroll,
+        matmul_2d and xla_causal_blocks also to the embedding layers."""
         own_fields = {f.name for f in dataclasses.fields(self)}
         t_fields = {f.name for f in dataclasses.fields(TransformerConfig)}
         lm_fields = {f.name for f in dataclasses.fields(llm_lib.LMConfig)} - {"transformer", "family"}
