@@ -24,7 +24,16 @@ Model: DAN "vit_tiny" (width 32, 4 heads, 2 layers, patch 8 -> 36 patches + clas
                  range per epoch; on 2 layers only the last block's branch drops, at the full rate).
   plain_paper    plain's attention with defocus_paper's training (aux loss, drop path): the ablation that
                  tells the attention's share of defocus_paper's result from the training strategy's.
-Args: plain | defocus | defocus_bias | defocus_local | defocus_paper | plain_paper.
+  plain_pos      the test bed that can see 2-D position (POS_VIT): width 64, 4 heads of 16 (as many as the
+                 directions a neighbour lies in: across 1 token, down 8, diagonals 7 and 9), 2 layers,
+                 RoPE base 100, so on 64 tokens (8 x 8 patches) the slowest of the 8 rotation pairs still
+                 turns 1.1 rad over the sequence (vit_tiny's base 1e4 with head_dim 8 turns 3 of its 4
+                 pairs by < 0.1 rad a token); fixed RoPE, as plain. With 2 heads of 32 it stayed at chance
+                 on the bar task (README, `evejax viz`).
+  defocus_pos    the same with de-focus attention (form "scale"), its learned rotation starting at
+                 plain_pos's frequencies and its decays at (2, 4/3): lambda_h = ln(1 - 2^-(2 + 4h/3)),
+                 spans 1/|lambda| of 3.5, 9.6, 25 and 63 tokens (half a row to the whole image).
+Args: plain | defocus | defocus_bias | defocus_local | defocus_paper | plain_paper | plain_pos | defocus_pos.
 """
 import ml_collections
 
@@ -35,6 +44,10 @@ ARMS = {"plain": dict(model=dict(defocus=None)), "defocus": dict(model=dict(defo
         "defocus_local": dict(model=dict(defocus="bias", defocus_decay_init=(1.0, 1.0))),
         "defocus_paper": dict(model=dict(defocus="scale"), losses=dict(ce=0.5, aux_ce=0.5), drop_path=(0.1, 0.7)),
         "plain_paper": dict(model=dict(defocus=None), losses=dict(ce=0.5, aux_ce=0.5), drop_path=(0.1, 0.7))}
+# vit_tiny resized; plain_pos ignores the decay init (no de-focus) but carries it, so the arms differ in `defocus` only.
+POS_VIT = dict(embed_dim=64, num_heads=4, num_kv_heads=4, head_dim=16, mlp_dim=256, rope_base=100.0,
+               defocus_decay_init=(2.0, 4 / 3))
+ARMS.update(plain_pos=dict(model=dict(POS_VIT, defocus=None)), defocus_pos=dict(model=dict(POS_VIT, defocus="scale")))
 DROP_PATH_PIECES = 10
 OVERRIDES = dict(image_size=48, num_classes=10, remat="none")
 

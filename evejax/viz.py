@@ -291,7 +291,7 @@ def main(argv=None) -> int:
                           "every draw)")
     exp.add_argument("--arms", default="defocus,plain",
                      help="comma-separated arms of configs/dan_counting.py (plain, defocus, defocus_bias, "
-                          "defocus_local, defocus_paper, plain_paper)")
+                          "defocus_local, defocus_paper, plain_paper, plain_pos, defocus_pos)")
     args = parser.parse_args(argv)
     try:
         return attention_main(args) if args.command == "attention" else experiment_main(args)

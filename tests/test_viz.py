@@ -195,3 +195,37 @@ def test_counting_bar_labels_the_direction_of_three_cells_in_a_line():
         np.testing.assert_array_equal(bar[2] - bar[1], bar[1] - bar[0])
         labels.append(label)
     assert set(labels) == set(range(4))
+
+
+def test_position_arms_see_2d_position_and_differ_only_in_the_attention():
+    from flax import traverse_util
+    from evejax.nn.rope import inverse_frequencies
+
+    def flat(arm):
+        return traverse_util.flatten_dict(viz.arm_config(arm, 3, 300, 64, 4, "bar").to_dict(), sep=".")
+
+    plain, defocus = flat("plain_pos"), flat("defocus_pos")
+    assert {k for k in plain if plain[k] != defocus[k]} == {"model.overrides.defocus", "stage.name"}
+    assert set(plain) == set(defocus)
+    shapes = {}
+    for arm, config in (("plain_pos", plain), ("defocus_pos", defocus)):
+        overrides = {k.split(".", 2)[2]: v for k, v in config.items() if k.startswith("model.overrides.")}
+        cfg = dan.get_config(config["model.size"], **overrides)
+        assert (cfg.grid, cfg.embed_dim, cfg.transformer.num_heads, cfg.depth) == ((8, 8), 64, 4, 2)
+        shapes[arm] = {k: v.shape for k, v in traverse_util.flatten_dict(dan.abstract_params(cfg), sep="/").items()}
+        if arm == "defocus_pos":
+            params = dan.DANClassifier(cfg).init(jax.random.PRNGKey(0), *dan.init_inputs(cfg))["params"]
+            attention = nn.meta.unbox(params)["blocks"]["layers"]["attention"]
+            freq, decay = np.asarray(attention["defocus_freq"]), np.asarray(attention["defocus_decay"])
+    # The learned rotation starts at plain's fixed RoPE frequencies, in every layer and head.
+    base = np.asarray(inverse_frequencies(16, 100.0))
+    np.testing.assert_allclose(freq, np.broadcast_to(base, freq.shape), rtol=1e-6)
+    # Over the 64 patch tokens the slowest pair still turns about a radian (base 1e4: 0.06 rad).
+    assert 0.5 < 64 * base.min() < 2
+    # Decay spans 1/|lambda| rise from under a row (8 tokens) to about the whole image (64 tokens).
+    spans = 1 / np.exp(decay[0])
+    assert np.all(np.diff(spans) > 0) and spans[0] < 8 and 48 < spans[-1] < 80 and np.all(decay == decay[0])
+    # Parameters: de-focus adds only its decay and rotation.
+    assert {k: v for k, v in shapes["defocus_pos"].items() if "defocus" not in k} == shapes["plain_pos"]
+    assert {k.rsplit("/", 1)[1] for k in set(shapes["defocus_pos"]) - set(shapes["plain_pos"])} == {
+        "defocus_decay", "defocus_freq"}
