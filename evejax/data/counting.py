@@ -92,8 +92,7 @@ def image(index: int, split: str = "train", seed: int = 0, side: int = 64,
             if (votes == votes.max()).sum() > 1:
                 continue
             label = int(votes.argmax())
-            sizes = rng.integers(4, 7, size=filled)
-            offsets = rng.integers(1, CELL - sizes[:, None], size=(filled, 2))
+            sizes, offsets = _squares(rng, filled)
         elif task in FIGURES:
             label, cells, sizes, offsets, colours = _figure_layout(rng, grid, distractors, *FIGURES[task])
         else:
@@ -109,13 +108,18 @@ def image(index: int, split: str = "train", seed: int = 0, side: int = 64,
     return canvas, label
 
 
+def _squares(rng, n: int):
+    """(sizes [n], offsets [n, 2]) of n squares, 4-6 px, each at a random place inside its cell."""
+    sizes = rng.integers(4, 7, size=n)
+    return sizes, rng.integers(1, CELL - sizes[:, None], size=(n, 2))
+
+
 def _count_layout(rng, grid: int, distractors: int):
     label = int(rng.integers(NUM_CLASSES))
     extra = int(rng.integers(distractors + 1)) if distractors else 0
     filled = label + 1 + extra
     cells = rng.choice(grid * grid, size=filled, replace=False)
-    sizes = rng.integers(4, 7, size=filled)
-    offsets = rng.integers(1, CELL - sizes[:, None], size=(filled, 2))
+    sizes, offsets = _squares(rng, filled)
     if distractors:  # the targets red (colour 0), the distractors any other colour
         colours = np.concatenate([np.zeros(label + 1, np.int64), rng.integers(1, len(_COLOURS), size=extra)])
     else:
@@ -144,8 +148,7 @@ def _figure_layout(rng, grid: int, distractors: int, figures: dict, turned: bool
         filled[cell // grid + 1, cell % grid + 1] = True
     rows, cols = np.nonzero(filled[1:-1, 1:-1])
     cells = rows * grid + cols
-    sizes = rng.integers(4, 7, size=cells.size)
-    offsets = rng.integers(1, CELL - sizes[:, None], size=(cells.size, 2))
+    sizes, offsets = _squares(rng, cells.size)
     return label, cells, sizes, offsets, rng.integers(len(_COLOURS), size=cells.size)
 
 

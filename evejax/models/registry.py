@@ -204,20 +204,21 @@ def _build_hovle(model_cfg) -> ModelSpec:
                          "or 'conversation' (a distill_image term next to the CE)")
     if teacher_data == "unpaired":
         return _build_hovle_distill(model_cfg)
-    if teacher_data == "conversation":
+    anchored = teacher_data == "conversation"
+    if anchored:
         distill_cfg, module = _hovle_teacher(model_cfg)
-        cfg, init_args, training_only = distill_cfg.hovle, hovle.distill_init_inputs(distill_cfg.hovle), ("teacher",)
+        cfg, init_args = distill_cfg.hovle, hovle.distill_init_inputs(distill_cfg.hovle)
         flops = lambda b, t: sum(hovle.anchored_training_flops(distill_cfg, b, t).values())  # noqa: E731
     else:
         cfg = hovle.get_config(model_cfg.size, **dict(model_cfg.get("overrides", {}) or {}))
-        module, init_args, training_only = hovle.HoVLE(cfg), hovle.init_inputs(cfg), ()
+        module, init_args = hovle.HoVLE(cfg), hovle.init_inputs(cfg)
         flops = lambda b, t: sum(hovle.training_flops(cfg, b, t).values())  # noqa: E731
 
     def loss_fn(params, batch, rng):
         inputs = (batch["tokens"], batch["pixels"], batch["segment_ids"], batch["tile_mask"])
         kw = dict(deterministic=False, rngs={"dropout": rng})
         distill = {}
-        if training_only:
+        if anchored:
             out = module.apply({"params": params}, *inputs, method=hovle.HoVLEDistill.anchored, **kw)
             logits = out.logits
             distill["distill_image"] = hovle.negative_cosine(out.llm_inputs, out.image_target, out.image_mask)
@@ -236,7 +237,8 @@ def _build_hovle(model_cfg) -> ModelSpec:
                 "tile_mask": jax.ShapeDtypeStruct((batch, cfg.tile_slots), jnp.bool_)}
 
     return ModelSpec(module=module, init_args=init_args, init_kwargs={}, loss_fn=loss_fn, batch_specs=batch_specs,
-                     flops_per_step=flops, config=cfg, training_only=training_only)
+                     flops_per_step=flops, config=cfg,
+                     training_only=("teacher",) if anchored else ())
 
 
 def _hovle_teacher(model_cfg):
