@@ -48,6 +48,11 @@ ARMS = {"plain": dict(model=dict(defocus=None)), "defocus": dict(model=dict(defo
 POS_VIT = dict(embed_dim=64, num_heads=4, num_kv_heads=4, head_dim=16, mlp_dim=256, rope_base=100.0,
                defocus_decay_init=(2.0, 4 / 3))
 ARMS.update(plain_pos=dict(model=dict(POS_VIT, defocus=None)), defocus_pos=dict(model=dict(POS_VIT, defocus="scale")))
+PAPER_TRAINING = dict(losses=dict(ce=0.5, aux_ce=0.5), drop_path=(0.1, 0.7))
+ARMS.update(defocus_pos_bias=dict(model=dict(POS_VIT, defocus="bias")),
+            plain_pos_paper=dict(PAPER_TRAINING, model=dict(POS_VIT, defocus=None)),
+            defocus_pos_paper=dict(PAPER_TRAINING, model=dict(POS_VIT, defocus="scale")),
+            defocus_pos_bias_paper=dict(PAPER_TRAINING, model=dict(POS_VIT, defocus="bias")))
 DROP_PATH_PIECES = 10
 OVERRIDES = dict(image_size=48, num_classes=10, remat="none")
 

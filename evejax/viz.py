@@ -281,7 +281,7 @@ def main(argv=None) -> int:
     exp.add_argument("--heldout", type=int, default=1000, help="held-out images for the accuracy")
     exp.add_argument("--distractors", type=int, default=0,
                      help="count the red squares among up to N squares of other colours (default 0: count all)")
-    exp.add_argument("--task", default="count", choices=("count", "majority", "tetromino", "bar"),
+    exp.add_argument("--task", default="count", choices=("count", "majority", "tetromino", "bar", "stripes"),
                      help="count: how many cells are filled (or red, with --distractors); majority: which of "
                           "the 4 colours fills the most cells, every cell filled; tetromino / bar: which of 5 "
                           "shapes of 4 neighbouring cells / which direction a bar of 3 runs, among up to "

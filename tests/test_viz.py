@@ -197,6 +197,20 @@ def test_counting_bar_labels_the_direction_of_three_cells_in_a_line():
     assert set(labels) == set(range(4))
 
 
+def test_counting_stripes_label_the_direction_most_neighbouring_cells_run_in():
+    hits, labels = 0, []
+    for i in range(200):
+        picture, label = counting.image(i, "train", 1, 64, task="stripes")
+        f = np.any(picture.reshape(8, 8, 8, 8, 3) != 255, (1, 3, 4))
+        pairs = [(f[:, 1:] & f[:, :-1]).sum(), (f[1:] & f[:-1]).sum(),      # across, down,
+                 (f[1:, 1:] & f[:-1, :-1]).sum(), (f[1:, :-1] & f[:-1, 1:]).sum()]  # diagonal, antidiagonal
+        hits += int(np.argmax(pairs) == label)
+        labels.append(label)
+    assert hits / 200 > 0.9 and set(labels) == set(range(4))   # local evidence, pooled, names the label
+    with pytest.raises(ValueError, match="distractors=0"):
+        counting.image(0, "train", 1, 64, distractors=2, task="stripes")
+
+
 def test_position_arms_see_2d_position_and_differ_only_in_the_attention():
     from flax import traverse_util
     from evejax.nn.rope import inverse_frequencies
