@@ -53,6 +53,10 @@ ARMS.update(defocus_pos_bias=dict(model=dict(POS_VIT, defocus="bias")),
             plain_pos_paper=dict(PAPER_TRAINING, model=dict(POS_VIT, defocus=None)),
             defocus_pos_paper=dict(PAPER_TRAINING, model=dict(POS_VIT, defocus="scale")),
             defocus_pos_bias_paper=dict(PAPER_TRAINING, model=dict(POS_VIT, defocus="bias")))
+AUX = dict(losses=dict(ce=0.5, aux_ce=0.5))
+ARMS.update(plain_pos_aux=dict(AUX, model=dict(POS_VIT, defocus=None)),
+            defocus_pos_aux=dict(AUX, model=dict(POS_VIT, defocus="scale")),
+            defocus_pos_bias_aux=dict(AUX, model=dict(POS_VIT, defocus="bias")))
 DROP_PATH_PIECES = 10
 OVERRIDES = dict(image_size=48, num_classes=10, remat="none")
 

@@ -11,12 +11,6 @@ Patterns are Python regexes that must match a whole path (`re.fullmatch`).
   config.optim.no_decay    trainable parameters left out of weight decay
                            (norms, biases, embeddings, as the config says); a
                            generic list, so a pattern may match nothing.
-  config.optim.lr_mults    optional ((pattern, factor), ...): a trainable
-                           parameter's whole AdamW update (learning rate and
-                           weight decay alike) times the factor of the first
-                           pattern that matches it (big_vision's lr_mults),
-                           e.g. a slower learned rotation; a pattern that
-                           matches no parameter is an error.
 
 The trainable group is global-norm clipping followed by AdamW, with linear
 warmup over a fraction of the steps and then cosine decay (HF's
@@ -127,18 +121,6 @@ def batch_schedules(train) -> dict[str, Callable]:
     return out
 
 
-def scale_by_path(mults: Sequence[tuple[str, float]]) -> optax.GradientTransformation:
-    """Updates times the factor of the first (pattern, factor) whose pattern matches the leaf's path."""
-    def factor(key_path):
-        path = path_str(key_path)
-        return next((f for p, f in mults if re.fullmatch(p, path)), 1.0)
-
-    def update(updates, state, params=None):
-        return jax.tree_util.tree_map_with_path(lambda kp, u: u * factor(kp), updates), state
-
-    return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
-
-
 @dataclasses.dataclass
 class Optimizer:
     tx: optax.GradientTransformation
@@ -163,10 +145,6 @@ def make_optimizer(optim, trainable_patterns: Sequence[str], params: Any, total_
     parts = [optax.clip_by_global_norm(optim.clip_norm)] if optim.clip_norm else []
     parts.append(optax.adamw(schedule, b1=optim.b1, b2=optim.b2, eps=optim.eps,
                              weight_decay=optim.weight_decay, mask=decay_mask))
-    mults = [(p, float(f)) for p, f in optim.get("lr_mults", None) or ()]
-    if mults:
-        path_mask(params, [p for p, _ in mults], "config.optim.lr_mults")
-        parts.append(scale_by_path(mults))
     labels = jax.tree.map(lambda t: TRAINABLE if t else FROZEN, trainable)
     tx = optax.partition({TRAINABLE: optax.chain(*parts), FROZEN: optax.set_to_zero()}, labels)
     return Optimizer(tx=tx, schedule=schedule, trainable=trainable)
