@@ -33,7 +33,13 @@ Model: DAN "vit_tiny" (width 32, 4 heads, 2 layers, patch 8 -> 36 patches + clas
   defocus_pos    the same with de-focus attention (form "scale"), its learned rotation starting at
                  plain_pos's frequencies and its decays at (2, 4/3): lambda_h = ln(1 - 2^-(2 + 4h/3)),
                  spans 1/|lambda| of 3.5, 9.6, 25 and 63 tokens (half a row to the whole image).
-Args: plain | defocus | defocus_bias | defocus_local | defocus_paper | plain_paper | plain_pos | defocus_pos.
+  defocus_pos_bias  defocus_pos with the decay as a logit bias (form "bias").
+  plain_pos_aux, defocus_pos_aux, defocus_pos_bias_aux
+                 the three position arms with the paper's loss, (ce + aux_ce) / 2, and no drop path (on 2
+                 layers the paper's schedule puts its whole maximum on the last block).
+  plain_pos_paper, defocus_pos_paper, defocus_pos_bias_paper
+                 the same with the loss and defocus_paper's drop path.
+Args: one of ARMS.
 """
 import ml_collections
 

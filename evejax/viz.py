@@ -285,13 +285,16 @@ def main(argv=None) -> int:
                      help="count: how many cells are filled (or red, with --distractors); majority: which of "
                           "the 4 colours fills the most cells, every cell filled; tetromino / bar: which of 5 "
                           "shapes of 4 neighbouring cells / which direction a bar of 3 runs, among up to "
-                          "--distractors single squares (evejax/data/counting.py)")
+                          "--distractors single squares; stripes: which way stripes of cells run across the "
+                          "whole image (evejax/data/counting.py)")
     exp.add_argument("--train-images", type=int, default=0,
                      help="train on the first N training images only, for many epochs (default 0: a new image "
                           "every draw)")
     exp.add_argument("--arms", default="defocus,plain",
                      help="comma-separated arms of configs/dan_counting.py (plain, defocus, defocus_bias, "
-                          "defocus_local, defocus_paper, plain_paper, plain_pos, defocus_pos)")
+                          "defocus_local, defocus_paper, plain_paper, plain_pos, defocus_pos, defocus_pos_bias, "
+                          "and those three position arms with _aux or _paper; the file's docstring says what "
+                          "each is)")
     args = parser.parse_args(argv)
     try:
         return attention_main(args) if args.command == "attention" else experiment_main(args)

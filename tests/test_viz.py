@@ -221,6 +221,20 @@ def test_position_arms_see_2d_position_and_differ_only_in_the_attention():
     plain, defocus = flat("plain_pos"), flat("defocus_pos")
     assert {k for k in plain if plain[k] != defocus[k]} == {"model.overrides.defocus", "stage.name"}
     assert set(plain) == set(defocus)
+    # The other position arms: the bias form, then the paper's loss alone or with its drop path, each
+    # against the plain arm trained the same way.
+    losses = {"stage.losses.ce", "stage.losses.aux_ce"}
+    schedule = {f"train.batch_schedules.drop_path_rate.{k}" for k in ("start", "end", "epochs", "steps_per_epoch")}
+    for arm, reference, differ in (("defocus_pos_bias", "plain_pos", {"model.overrides.defocus"}),
+                                   ("plain_pos_aux", "plain_pos", losses),
+                                   ("plain_pos_paper", "plain_pos", losses | schedule),
+                                   ("defocus_pos_aux", "plain_pos_aux", {"model.overrides.defocus"}),
+                                   ("defocus_pos_bias_aux", "plain_pos_aux", {"model.overrides.defocus"}),
+                                   ("defocus_pos_paper", "plain_pos_paper", {"model.overrides.defocus"}),
+                                   ("defocus_pos_bias_paper", "plain_pos_paper", {"model.overrides.defocus"})):
+        a, b = flat(arm), flat(reference)
+        assert {k for k in set(a) | set(b) if a.get(k, "absent") != b.get(k, "absent")} == differ | {"stage.name"}, arm
+        assert a["model.overrides.defocus"] == ("bias" if "bias" in arm else None if "plain" in arm else "scale")
     shapes = {}
     for arm, config in (("plain_pos", plain), ("defocus_pos", defocus)):
         overrides = {k.split(".", 2)[2]: v for k, v in config.items() if k.startswith("model.overrides.")}
