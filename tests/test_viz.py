@@ -181,6 +181,11 @@ def test_counting_arms_differ_only_where_the_config_says(tmp_path, capsys):
     assert [paper[k] for k in sorted(schedule)] == [0.7, 10, 0.1, 30]
     assert viz.main(["experiment", "--arms", "defocus,dense", "--out", str(tmp_path)]) == 2
     assert "'dense'" in capsys.readouterr().err and not any(tmp_path.iterdir())
+    # --lr sets the peak learning rate of every arm; 0 keeps the config's.
+    assert (viz.arm_config("plain", 3, 300, 64, lr=1e-3).optim.lr, viz.arm_config("plain", 3, 300, 64).optim.lr) == (
+        1e-3, 3e-3)
+    assert viz.main(["experiment", "--lr", "-1", "--out", str(tmp_path)]) == 2
+    assert "--lr" in capsys.readouterr().err and not any(tmp_path.iterdir())
 
 
 def test_counting_bar_labels_the_direction_of_three_cells_in_a_line():
