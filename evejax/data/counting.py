@@ -62,7 +62,7 @@ NUM_CLASSES = 10
 NUM_BUCKETS, HELDOUT_BUCKETS = 10, 1
 SPLITS = ("train", "heldout")
 TASKS = ("count", "majority", "tetromino", "bar", "stripes")
-# stripes: label -> the cell lines (r, c) -> line index of a stripe's direction; p(filled) on and off a stripe
+# stripes, one per label: cell (row, col) -> which line of that direction it lies on; p(filled) on / off a stripe
 STRIPES = ((lambda r, c: r), (lambda r, c: c), (lambda r, c: r - c), (lambda r, c: r + c))
 STRIPE_ON, STRIPE_OFF = 0.7, 0.1
 # task -> (the figures, their (row, col) cells, one per label; whether a figure appears turned / mirrored)
