@@ -33,21 +33,31 @@ Model: DAN "vit_tiny" (width 32, 4 heads, 2 layers, patch 8 -> 36 patches + clas
   defocus_pos    the same with de-focus attention (form "scale"), its learned rotation starting at
                  plain_pos's frequencies and its decays at (2, 4/3): lambda_h = ln(1 - 2^-(2 + 4h/3)),
                  spans 1/|lambda| of 3.5, 9.6, 25 and 63 tokens (half a row to the whole image).
-Args: plain | defocus | defocus_bias | defocus_local | defocus_paper | plain_paper | plain_pos | defocus_pos.
+  defocus_pos_bias  defocus_pos with the decay as a logit bias (form "bias").
+  plain_pos_aux, defocus_pos_aux, defocus_pos_bias_aux
+                 the three position arms with the paper's loss, (ce + aux_ce) / 2, and no drop path (on 2
+                 layers the paper's schedule puts its whole maximum on the last block).
+  plain_pos_paper, defocus_pos_paper, defocus_pos_bias_paper
+                 the same with the loss and defocus_paper's drop path.
+Args: one of ARMS.
 """
 import ml_collections
 
 from evejax import config as config_lib
 
+AUX = dict(losses=dict(ce=0.5, aux_ce=0.5))
+PAPER_TRAINING = dict(AUX, drop_path=(0.1, 0.7))
 ARMS = {"plain": dict(model=dict(defocus=None)), "defocus": dict(model=dict(defocus="scale")),
         "defocus_bias": dict(model=dict(defocus="bias")),
         "defocus_local": dict(model=dict(defocus="bias", defocus_decay_init=(1.0, 1.0))),
-        "defocus_paper": dict(model=dict(defocus="scale"), losses=dict(ce=0.5, aux_ce=0.5), drop_path=(0.1, 0.7)),
-        "plain_paper": dict(model=dict(defocus=None), losses=dict(ce=0.5, aux_ce=0.5), drop_path=(0.1, 0.7))}
+        "defocus_paper": dict(PAPER_TRAINING, model=dict(defocus="scale")),
+        "plain_paper": dict(PAPER_TRAINING, model=dict(defocus=None))}
 # vit_tiny resized; plain_pos ignores the decay init (no de-focus) but carries it, so the arms differ in `defocus` only.
 POS_VIT = dict(embed_dim=64, num_heads=4, num_kv_heads=4, head_dim=16, mlp_dim=256, rope_base=100.0,
                defocus_decay_init=(2.0, 4 / 3))
-ARMS.update(plain_pos=dict(model=dict(POS_VIT, defocus=None)), defocus_pos=dict(model=dict(POS_VIT, defocus="scale")))
+for name, form in (("plain_pos", None), ("defocus_pos", "scale"), ("defocus_pos_bias", "bias")):
+    for suffix, training in (("", {}), ("_aux", AUX), ("_paper", PAPER_TRAINING)):
+        ARMS[name + suffix] = dict(training, model=dict(POS_VIT, defocus=form))
 DROP_PATH_PIECES = 10
 OVERRIDES = dict(image_size=48, num_classes=10, remat="none")
 

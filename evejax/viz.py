@@ -3,7 +3,7 @@
   evejax viz attention TARGET --image IMG [--layers 0,1] [--out maps.png]
   evejax viz experiment [--out runs/counting] [--seeds 0,1,2] [--steps 600] [--side 48]
                         [--heldout 1000] [--distractors 0] [--task count] [--train-images 0]
-                        [--arms defocus,plain]
+                        [--lr 0] [--arms defocus,plain]
 
 TARGET is a trainer workdir of a DAN ViT (`evejax train`, newest checkpoint) or a config
 FILE.py[:ARG] of one (random initial weights, seed --seed).
@@ -215,13 +215,16 @@ def evaluate_run(workdir: str, heldout: int, focus_images: int = 64, batch: int 
 
 
 def arm_config(arm: str, seed: int, steps: int, side: int, distractors: int = 0, task: str = "count",
-               train_images: int = 0):
-    """configs/dan_counting.py:ARM for one run of `experiment`; a scheduled scalar (the drop path of
-    defocus_paper) keeps its number of pieces, so its pieces follow `steps`."""
+               train_images: int = 0, lr: float = 0.0):
+    """configs/dan_counting.py:ARM for one run of `experiment` (peak lr `lr`, 0: the config's); a
+    scheduled scalar (the drop path of defocus_paper) keeps its number of pieces, so its pieces
+    follow `steps`."""
+    if lr < 0:
+        raise ValueError(f"--lr must be > 0, or 0 for the config's, got {lr}")
     config = config_lib.load(f"{COUNTING_CONFIG}:{arm}")
     overrides = [f"train.seed={seed}", f"data.seed={seed}", f"train.steps={steps}", f"data.max_side={side}",
                  f"model.overrides.image_size={side}", f"data.distractors={distractors}",
-                 f"data.counting_task={task}", f"data.train_images={train_images}"]
+                 f"data.counting_task={task}", f"data.train_images={train_images}"] + [f"optim.lr={lr}"] * (lr > 0)
     overrides += [f"train.batch_schedules.{key}.steps_per_epoch={max(steps // spec.epochs, 1)}"
                   for key, spec in config.train.get("batch_schedules", {}).items()]
     return config_lib.apply_overrides(config, overrides)
@@ -235,19 +238,20 @@ def experiment_main(args) -> int:
     out = Path(args.out)
     seeds = [int(s) for s in args.seeds.split(",")]
     arms = args.arms.split(",")
-    for arm in arms:
-        config_lib.load(f"{COUNTING_CONFIG}:{arm}")  # an unknown arm fails now, not after the first runs
     side = args.side or config_lib.load(COUNTING_CONFIG).data.max_side
+    for arm in arms:  # an unknown arm or a bad --lr fails now, not after the first runs
+        arm_config(arm, seeds[0], args.steps, side, args.distractors, args.task, args.train_images, args.lr)
     first, _ = counting.image(0, "heldout", 0, side, args.distractors, args.task)
     save_png(Image.fromarray(first), out / "heldout0.png")
     results = []
     for variant in arms:
         for seed in seeds:
-            config = arm_config(variant, seed, args.steps, side, args.distractors, args.task, args.train_images)
+            config = arm_config(variant, seed, args.steps, side, args.distractors, args.task, args.train_images,
+                                args.lr)
             workdir = out / f"{variant}_s{seed}"
             trainer.train(config, str(workdir))
             row = dict(variant=variant, seed=seed, steps=args.steps, side=side, distractors=args.distractors,
-                       task=args.task, train_images=args.train_images,
+                       task=args.task, train_images=args.train_images, lr=config.optim.lr,
                        **evaluate_run(str(workdir), args.heldout, distractors=args.distractors, task=args.task))
             cfg, params = load_target(str(workdir))
             weights = attention_weights(cfg, params, counting.normalize(first)[None])[:, 0]
@@ -281,17 +285,21 @@ def main(argv=None) -> int:
     exp.add_argument("--heldout", type=int, default=1000, help="held-out images for the accuracy")
     exp.add_argument("--distractors", type=int, default=0,
                      help="count the red squares among up to N squares of other colours (default 0: count all)")
-    exp.add_argument("--task", default="count", choices=("count", "majority", "tetromino", "bar"),
+    exp.add_argument("--task", default="count", choices=("count", "majority", "tetromino", "bar", "stripes"),
                      help="count: how many cells are filled (or red, with --distractors); majority: which of "
                           "the 4 colours fills the most cells, every cell filled; tetromino / bar: which of 5 "
                           "shapes of 4 neighbouring cells / which direction a bar of 3 runs, among up to "
-                          "--distractors single squares (evejax/data/counting.py)")
+                          "--distractors single squares; stripes: which way stripes of cells run across the "
+                          "whole image (evejax/data/counting.py)")
     exp.add_argument("--train-images", type=int, default=0,
                      help="train on the first N training images only, for many epochs (default 0: a new image "
                           "every draw)")
+    exp.add_argument("--lr", type=float, default=0.0, help="peak learning rate (default: the config's, 3e-3)")
     exp.add_argument("--arms", default="defocus,plain",
                      help="comma-separated arms of configs/dan_counting.py (plain, defocus, defocus_bias, "
-                          "defocus_local, defocus_paper, plain_paper, plain_pos, defocus_pos)")
+                          "defocus_local, defocus_paper, plain_paper, plain_pos, defocus_pos, defocus_pos_bias, "
+                          "and those three position arms with _aux or _paper; the file's docstring says what "
+                          "each is)")
     args = parser.parse_args(argv)
     try:
         return attention_main(args) if args.command == "attention" else experiment_main(args)

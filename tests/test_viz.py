@@ -181,6 +181,11 @@ def test_counting_arms_differ_only_where_the_config_says(tmp_path, capsys):
     assert [paper[k] for k in sorted(schedule)] == [0.7, 10, 0.1, 30]
     assert viz.main(["experiment", "--arms", "defocus,dense", "--out", str(tmp_path)]) == 2
     assert "'dense'" in capsys.readouterr().err and not any(tmp_path.iterdir())
+    # --lr sets the peak learning rate of every arm; 0 keeps the config's.
+    assert (viz.arm_config("plain", 3, 300, 64, lr=1e-3).optim.lr, viz.arm_config("plain", 3, 300, 64).optim.lr) == (
+        1e-3, 3e-3)
+    assert viz.main(["experiment", "--lr", "-1", "--out", str(tmp_path)]) == 2
+    assert "--lr" in capsys.readouterr().err and not any(tmp_path.iterdir())
 
 
 def test_counting_bar_labels_the_direction_of_three_cells_in_a_line():
@@ -197,6 +202,20 @@ def test_counting_bar_labels_the_direction_of_three_cells_in_a_line():
     assert set(labels) == set(range(4))
 
 
+def test_counting_stripes_label_the_direction_most_neighbouring_cells_run_in():
+    hits, labels = 0, []
+    for i in range(200):
+        picture, label = counting.image(i, "train", 1, 64, task="stripes")
+        f = np.any(picture.reshape(8, 8, 8, 8, 3) != 255, (1, 3, 4))
+        pairs = [(f[:, 1:] & f[:, :-1]).sum(), (f[1:] & f[:-1]).sum(),      # across, down,
+                 (f[1:, 1:] & f[:-1, :-1]).sum(), (f[1:, :-1] & f[:-1, 1:]).sum()]  # diagonal, antidiagonal
+        hits += int(np.argmax(pairs) == label)
+        labels.append(label)
+    assert hits / 200 > 0.9 and set(labels) == set(range(4))   # local evidence, pooled, names the label
+    with pytest.raises(ValueError, match="distractors=0"):
+        counting.image(0, "train", 1, 64, distractors=2, task="stripes")
+
+
 def test_position_arms_see_2d_position_and_differ_only_in_the_attention():
     from flax import traverse_util
     from evejax.nn.rope import inverse_frequencies
@@ -207,6 +226,20 @@ def test_position_arms_see_2d_position_and_differ_only_in_the_attention():
     plain, defocus = flat("plain_pos"), flat("defocus_pos")
     assert {k for k in plain if plain[k] != defocus[k]} == {"model.overrides.defocus", "stage.name"}
     assert set(plain) == set(defocus)
+    # The other position arms: the bias form, then the paper's loss alone or with its drop path, each
+    # against the plain arm trained the same way.
+    losses = {"stage.losses.ce", "stage.losses.aux_ce"}
+    schedule = {f"train.batch_schedules.drop_path_rate.{k}" for k in ("start", "end", "epochs", "steps_per_epoch")}
+    for arm, reference, differ in (("defocus_pos_bias", "plain_pos", {"model.overrides.defocus"}),
+                                   ("plain_pos_aux", "plain_pos", losses),
+                                   ("plain_pos_paper", "plain_pos", losses | schedule),
+                                   ("defocus_pos_aux", "plain_pos_aux", {"model.overrides.defocus"}),
+                                   ("defocus_pos_bias_aux", "plain_pos_aux", {"model.overrides.defocus"}),
+                                   ("defocus_pos_paper", "plain_pos_paper", {"model.overrides.defocus"}),
+                                   ("defocus_pos_bias_paper", "plain_pos_paper", {"model.overrides.defocus"})):
+        a, b = flat(arm), flat(reference)
+        assert {k for k in set(a) | set(b) if a.get(k, "absent") != b.get(k, "absent")} == differ | {"stage.name"}, arm
+        assert a["model.overrides.defocus"] == ("bias" if "bias" in arm else None if "plain" in arm else "scale")
     shapes = {}
     for arm, config in (("plain_pos", plain), ("defocus_pos", defocus)):
         overrides = {k.split(".", 2)[2]: v for k, v in config.items() if k.startswith("model.overrides.")}

@@ -29,6 +29,13 @@ with no filled cell among its 8 neighbours, and every square takes a random colo
 arrangement of neighbouring cells (1 token apart across, `S / CELL` tokens down, in raster
 order) names the label, the local structure a learned locality prior is meant to find.
 
+With `task="stripes"` the cells lie on stripes of one direction across the whole grid (across,
+down, diagonal, antidiagonal: the label, in [0, 4)), one line in every 3 or 4 (random period and
+phase); a cell on a stripe is filled with probability STRIPE_ON, any other cell with STRIPE_OFF,
+each square in a random colour. The evidence is local (a filled cell's neighbour 1, S / CELL - 1,
+S / CELL or S / CELL + 1 tokens back is filled more often along the stripes) and spread over the
+whole image, so a model does best by checking neighbours everywhere and pooling all of it.
+
 Splits: an image belongs to "heldout" when a hash of its exact layout (cells, offsets,
 sizes, colours) falls in HELDOUT_BUCKETS of NUM_BUCKETS buckets, else to "train"; each
 split rejects candidates of the other, so no held-out image is ever trained on.
@@ -54,7 +61,10 @@ CELL = 8
 NUM_CLASSES = 10
 NUM_BUCKETS, HELDOUT_BUCKETS = 10, 1
 SPLITS = ("train", "heldout")
-TASKS = ("count", "majority", "tetromino", "bar")
+TASKS = ("count", "majority", "tetromino", "bar", "stripes")
+# stripes, one per label: cell (row, col) -> which line of that direction it lies on; p(filled) on / off a stripe
+STRIPES = ((lambda r, c: r), (lambda r, c: c), (lambda r, c: r - c), (lambda r, c: r + c))
+STRIPE_ON, STRIPE_OFF = 0.7, 0.1
 # task -> (the figures, their (row, col) cells, one per label; whether a figure appears turned / mirrored)
 FIGURES = {"tetromino": ({"I": ((0, 0), (0, 1), (0, 2), (0, 3)), "O": ((0, 0), (0, 1), (1, 0), (1, 1)),
                           "T": ((0, 0), (0, 1), (0, 2), (1, 1)), "S": ((0, 1), (0, 2), (1, 0), (1, 1)),
@@ -72,8 +82,8 @@ def image(index: int, split: str = "train", seed: int = 0, side: int = 64,
         raise ValueError(f"counting split {split!r} is not known; use one of {SPLITS}")
     if task not in TASKS:
         raise ValueError(f"counting task {task!r} (config.data.counting_task) is not known; use one of {TASKS}")
-    if task == "majority" and distractors:
-        raise ValueError("counting task 'majority' fills every cell, so it takes no distractors; "
+    if task in ("majority", "stripes") and distractors:
+        raise ValueError(f"counting task {task!r} draws every cell itself, so it takes no distractors; "
                          "set config.data.distractors=0")
     if side % CELL or side < 4 * CELL:
         raise ValueError(f"counting images need a side that is a multiple of {CELL} and at least {4 * CELL} "
@@ -93,6 +103,8 @@ def image(index: int, split: str = "train", seed: int = 0, side: int = 64,
                 continue
             label = int(votes.argmax())
             sizes, offsets = _squares(rng, filled)
+        elif task == "stripes":
+            label, cells, sizes, offsets, colours = _stripes_layout(rng, grid)
         elif task in FIGURES:
             label, cells, sizes, offsets, colours = _figure_layout(rng, grid, distractors, *FIGURES[task])
         else:
@@ -148,6 +160,16 @@ def _figure_layout(rng, grid: int, distractors: int, figures: dict, turned: bool
         filled[cell // grid + 1, cell % grid + 1] = True
     rows, cols = np.nonzero(filled[1:-1, 1:-1])
     cells = rows * grid + cols
+    sizes, offsets = _squares(rng, cells.size)
+    return label, cells, sizes, offsets, rng.integers(len(_COLOURS), size=cells.size)
+
+
+def _stripes_layout(rng, grid: int):
+    label = int(rng.integers(len(STRIPES)))
+    period = int(rng.integers(3, 5))
+    r, c = np.divmod(np.arange(grid * grid), grid)
+    on = STRIPES[label](r, c) % period == rng.integers(period)
+    cells = np.flatnonzero(rng.random(grid * grid) < np.where(on, STRIPE_ON, STRIPE_OFF))
     sizes, offsets = _squares(rng, cells.size)
     return label, cells, sizes, offsets, rng.integers(len(_COLOURS), size=cells.size)
 
