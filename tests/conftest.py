@@ -1,12 +1,16 @@
-"""Test set-up: 8 fake CPU devices, set before JAX is imported anywhere, and one JAX persistent
-compilation cache per run, shared by the xdist workers and the CLI subprocesses the tests start."""
+"""Test set-up: 8 fake CPU devices and XLA's backend at optimisation level 0, set before JAX is
+imported anywhere, and one JAX persistent compilation cache per run, shared by the xdist workers
+and the CLI subprocesses the tests start."""
 import os
 import shutil
 import tempfile
 
-os.environ["XLA_FLAGS"] = (
-    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
-).strip()
+# The suite is compile-bound: the backend optimising the tiny programs (LLVM) costs more than it
+# saves when they run a few steps (tests/test_hovle_configs.py: 58 s -> 39 s). An XLA_FLAGS of the
+# user's comes after it and wins.
+os.environ["XLA_FLAGS"] = " ".join([
+    "--xla_backend_optimization_level=0", os.environ.get("XLA_FLAGS", ""),
+    "--xla_force_host_platform_device_count=8"]).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import pytest  # noqa: E402  (after the flags: nothing here imports JAX at collection)
