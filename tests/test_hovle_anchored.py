@@ -5,6 +5,7 @@ evaluation or the official export."""
 import jax
 import ml_collections
 import numpy as np
+import pytest
 from safetensors.numpy import load_file
 
 from evejax import config as config_lib
@@ -21,10 +22,20 @@ def load(*overrides):
     return config_lib.apply_overrides(config_lib.load("configs/hovle.py:demo_stage3"), list(overrides))
 
 
-def test_the_stage_loss_is_ce_plus_weight_times_the_distance_to_the_teacher_tokens():
+@pytest.fixture(scope="module")
+def initial_params():
+    """The params a fresh demo_stage3 run starts from (the trainer's init at its seed): one init,
+    read-only, for both tests."""
+    c = load()
+    spec = registry.build(c.model)
+    rng = jax.random.split(jax.random.PRNGKey(c.train.seed))[0]
+    return unbox(jax.jit(spec.module.init)(rng, *spec.init_args)["params"])
+
+
+def test_the_stage_loss_is_ce_plus_weight_times_the_distance_to_the_teacher_tokens(initial_params):
     c = load("--config.data.global_batch=4", "--config.stage.losses.distill_image=0.5")
     spec = registry.build(c.model)
-    params = unbox(jax.jit(spec.module.init)(jax.random.PRNGKey(0), *spec.init_args)["params"])
+    params = initial_params
     host = next(pipeline.make_data(c, 0, 1))
     batch = {k: host[k] for k in spec.batch_specs(4, c.data.seq_len)}
     loss, metrics = jax.jit(trainer.weighted_loss(spec.loss_fn, dict(c.stage.losses)))(
@@ -32,16 +43,17 @@ def test_the_stage_loss_is_ce_plus_weight_times_the_distance_to_the_teacher_toke
 
     # The same terms computed apart: plain HoVLE's CE on the params without the teacher; its LLM
     # inputs and the teacher's features, paired by hand (the k-th placeholder of a row <-> token k).
+    # Each compiled whole: op by op, they cost three times as long.
     student = {k: v for k, v in params.items() if k != "teacher"}
     plain = registry.build(ml_collections.ConfigDict(dict(c.model.to_dict(), teacher="")))
-    ce = plain.loss_fn(student, batch, jax.random.PRNGKey(1))[1]["ce"]
+    ce = jax.jit(plain.loss_fn)(student, batch, jax.random.PRNGKey(1))[1]["ce"]
     cfg, teacher_cfg = spec.config, registry._hovle_teacher(c.model)[0].teacher
-    llm_inputs = np.asarray(hovle.HoVLE(cfg).apply({"params": student}, batch["tokens"], batch["pixels"],
-                                                   batch["segment_ids"], batch["tile_mask"],
-                                                   method=hovle.HoVLE.embed_inputs).llm_inputs)
+    embed = jax.jit(lambda p, b: hovle.HoVLE(cfg).apply({"params": p}, b["tokens"], b["pixels"], b["segment_ids"],
+                                                        b["tile_mask"], method=hovle.HoVLE.embed_inputs).llm_inputs)
+    llm_inputs = np.asarray(embed(student, batch))
     s = cfg.image_size
-    features = np.asarray(vit.ClipTeacher(teacher_cfg).apply({"params": params["teacher"]},
-                                                             batch["pixels"].reshape(-1, s, s, 3))[0])
+    features = np.asarray(jax.jit(vit.ClipTeacher(teacher_cfg).apply)({"params": params["teacher"]},
+                                                                      batch["pixels"].reshape(-1, s, s, 3))[0])
     features = features.reshape(4, -1, features.shape[-1])   # [B, P n, E], tiles in slot order
     distances = []
     for b in range(4):
@@ -57,14 +69,12 @@ def test_the_stage_loss_is_ce_plus_weight_times_the_distance_to_the_teacher_toke
     np.testing.assert_allclose(loss, ce + 0.5 * distill, rtol=1e-5)
 
 
-def test_the_teacher_stays_frozen_and_out_of_evaluation_and_export(tmp_path):
+def test_the_teacher_stays_frozen_and_out_of_evaluation_and_export(tmp_path, initial_params):
     c = load("--config.stage.start.kind=fresh", "--config.data.global_batch=8", "--config.train.steps=2",
              "--config.train.log_every=1", "--config.train.progress_bar=False")
     result = trainer.train(c, str(tmp_path / "stage3"))
     assert np.isfinite(result["metrics"]["distill_image"]) and result["metrics"]["distill_image"] > 0
-    spec = registry.build(c.model)
-    init = unbox(jax.jit(spec.module.init)(jax.random.split(jax.random.PRNGKey(c.train.seed))[0],
-                                           *spec.init_args)["params"])
+    init = initial_params
     _, trained = ckpt_lib.load_params(str(tmp_path / "stage3"))
     jax.tree.map(np.testing.assert_array_equal, trained["teacher"], init["teacher"])
     assert not np.array_equal(trained["embedding_model"]["pixel_shuffle_proj"]["fc1"]["kernel"],
