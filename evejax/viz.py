@@ -26,7 +26,8 @@ attention over T tokens gives the mean of 1/(t+1) over t = 1..T-1: 0.089 at T = 
 --side px, task --task) for each seed (workdirs OUT/{arm}_s{seed}; a finished workdir is reused),
 then reports per run the held-out accuracy on the first --heldout held-out counting images and
 the over-focus statistic on the first 64 of them (all layers), writes OUT/{arm}_s{seed}.png (the
-maps of held-out image 0, OUT/heldout0.png) and OUT/results.json (the runs of this call).
+maps of held-out image 0, OUT/heldout0.png) and OUT/results.json (every run reported in OUT so far:
+a row of this call replaces an earlier row of the same arm and seed).
 """
 from __future__ import annotations
 
@@ -230,6 +231,21 @@ def arm_config(arm: str, seed: int, steps: int, side: int, distractors: int = 0,
     return config_lib.apply_overrides(config, overrides)
 
 
+def earlier_results(path: Path) -> list:
+    """The rows of an earlier results.json (none if absent); one that is not a list of runs is an
+    error before any run, so that nothing the user has is overwritten."""
+    if not path.exists():
+        return []
+    try:
+        rows = json.loads(path.read_text())
+    except ValueError:
+        rows = None
+    if not (isinstance(rows, list) and all(isinstance(r, dict) and {"variant", "seed"} <= r.keys() for r in rows)):
+        raise ValueError(f"{path} is not the runs list `evejax viz experiment` writes; move it away or choose "
+                         f"another --out")
+    return rows
+
+
 def experiment_main(args) -> int:
     from evejax import atomic
     from evejax.data import counting
@@ -241,6 +257,7 @@ def experiment_main(args) -> int:
     side = args.side or config_lib.load(COUNTING_CONFIG).data.max_side
     for arm in arms:  # an unknown arm or a bad --lr fails now, not after the first runs
         arm_config(arm, seeds[0], args.steps, side, args.distractors, args.task, args.train_images, args.lr)
+    earlier = earlier_results(out / "results.json")
     first, _ = counting.image(0, "heldout", 0, side, args.distractors, args.task)
     save_png(Image.fromarray(first), out / "heldout0.png")
     results = []
@@ -259,7 +276,9 @@ def experiment_main(args) -> int:
                                       out / f"{variant}_s{seed}.png"))
             results.append(row)
             print(json.dumps(row), flush=True)
-    atomic.write_text(out / "results.json", json.dumps(results, indent=1))
+    done = {(r["variant"], r["seed"]) for r in results}
+    atomic.write_text(out / "results.json", json.dumps(
+        [r for r in earlier if (r["variant"], r["seed"]) not in done] + results, indent=1))
     print(f"{'arm':<13} {'seed':>4} {'held-out acc':>12} {'over-focus':>10} {'cls over-focus':>14}")
     for r in results:
         print(f"{r['variant']:<13} {r['seed']:>4} {r['heldout_accuracy']:>12.4f} {r['overfocus']:>10.4f} "

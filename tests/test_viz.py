@@ -1,4 +1,5 @@
 """evejax viz: the over-focus statistic, the attention-map CLI, and that de-focus changes the maps."""
+import json
 import re
 
 import jax
@@ -186,6 +187,20 @@ def test_counting_arms_differ_only_where_the_config_says(tmp_path, capsys):
         1e-3, 3e-3)
     assert viz.main(["experiment", "--lr", "-1", "--out", str(tmp_path)]) == 2
     assert "--lr" in capsys.readouterr().err and not any(tmp_path.iterdir())
+
+
+def test_experiment_results_keep_earlier_runs_and_refuse_a_foreign_file(tmp_path, capsys):
+    run = ["experiment", "--out", str(tmp_path), "--steps", "2", "--heldout", "8", "--side", "32", "--arms", "plain"]
+    assert viz.main(run + ["--seeds", "0,1"]) == 0
+    first = json.loads((tmp_path / "results.json").read_text())
+    assert viz.main(run + ["--seeds", "1,2"]) == 0      # seed 1's workdir is reused, its row replaced
+    rows = json.loads((tmp_path / "results.json").read_text())
+    assert [(r["variant"], r["seed"]) for r in rows] == [("plain", 0), ("plain", 1), ("plain", 2)]
+    assert rows[:2] == first and rows[2]["steps"] == 2 and 0 <= rows[2]["heldout_accuracy"] <= 1
+    (tmp_path / "results.json").write_text('{"not": "runs"}')
+    assert viz.main(run + ["--seeds", "3"]) == 2
+    assert "results.json" in capsys.readouterr().err and not (tmp_path / "plain_s3").exists()
+    assert (tmp_path / "results.json").read_text() == '{"not": "runs"}'
 
 
 def test_counting_bar_labels_the_direction_of_three_cells_in_a_line():
