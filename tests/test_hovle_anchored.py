@@ -12,6 +12,7 @@ from evejax import config as config_lib
 from evejax.data import pipeline
 from evejax.eval import evaluate
 from evejax.models import hovle, registry, vit
+from evejax.port import commands
 from evejax.port import hovle as hovle_port
 from evejax.sharding import unbox
 from evejax.train import checkpoint as ckpt_lib
@@ -69,6 +70,10 @@ def test_the_stage_loss_is_ce_plus_weight_times_the_distance_to_the_teacher_toke
     np.testing.assert_allclose(loss, ce + 0.5 * distill, rtol=1e-5)
 
 
+def _tensors(directory):
+    return {k: v for f in sorted(directory.glob("*.safetensors")) for k, v in load_file(f).items()}
+
+
 def test_the_teacher_stays_frozen_and_out_of_evaluation_and_export(tmp_path, initial_params):
     c = load("--config.stage.start.kind=fresh", "--config.data.global_batch=8", "--config.train.steps=2",
              "--config.train.log_every=1", "--config.train.progress_bar=False")
@@ -87,4 +92,8 @@ def test_the_teacher_stays_frozen_and_out_of_evaluation_and_export(tmp_path, ini
     names = set().union(*(load_file(f) for f in files if f.suffix == ".safetensors"))
     assert names == set(hovle_port.official_shapes(cfg))
     assert not any("teacher" in n for n in names)
+    # `evejax export` of the workdir itself writes the same tensors (its newest checkpoint, no teacher).
+    assert commands.export_main([str(tmp_path / "stage3"), str(tmp_path / "official_from_workdir")]) == 0
+    want, got = (_tensors(tmp_path / d) for d in ("official", "official_from_workdir"))
+    assert set(got) == set(want) and all(np.array_equal(got[k], want[k]) for k in want)
 

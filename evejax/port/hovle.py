@@ -235,13 +235,20 @@ def import_hovle(src: str | os.PathLike, out_dir: str | os.PathLike, *, config: 
 
 def export_hovle(src: str | os.PathLike, out_dir: str | os.PathLike, *, dtype: str = "float32",
                  max_shard_bytes: int = 5 * 10**9) -> list[Path]:
-    """evejax HoVLE checkpoint -> out_dir/config.json + safetensors (sharded with an index) and the
-    tokenizer files it carries; returns the files written."""
-    cfg, params = load_checkpoint(src)
+    """evejax HoVLE checkpoint, or training workdir of a HoVLE stage (its newest checkpoint, without the
+    training-only teacher) -> out_dir/config.json + safetensors (sharded with an index) and the
+    tokenizer files a checkpoint carries (a workdir carries none); returns the files written."""
+    if lm_checkpoint.is_workdir(src):
+        name, cfg, params, _ = lm_checkpoint.load_workdir(src)
+        if name != "hovle":
+            raise CheckpointError(f"{src} trains a {name!r} model, not HoVLE")
+        tokenizer = {}
+    else:
+        (cfg, params), tokenizer = load_checkpoint(src), load_tokenizer_files(src)
     config = hf_config(cfg, dtype)  # refuses configs with no official form before writing
     state = to_torch(jax.tree.map(np.asarray, params), cfg)
     del params
-    files = [_write_file(Path(out_dir) / name, data) for name, data in load_tokenizer_files(src).items()]
+    files = [_write_file(Path(out_dir) / name, data) for name, data in tokenizer.items()]
     return files + io.save_hf_checkpoint(state, config, out_dir, family="hovle", dtype=dtype,
                                          max_shard_bytes=max_shard_bytes)
 
@@ -257,7 +264,7 @@ def export_main(argv) -> int:
     """`evejax export HOVLE_CKPT OUT_DIR [--dtype D] [--max-shard-size 5GB]`."""
     return export_command(
         argv, export_parser("HoVLE", "evejax HoVLE checkpoint -> official InternVLChatModel layout",
-                            "evejax HoVLE checkpoint directory",
+                            "evejax HoVLE checkpoint directory, or training workdir of a HoVLE stage",
                             out_help="directory for config.json, safetensors and tokenizer files"),
         export_hovle, "HoVLE", "; copy the official configuration_*.py / modeling_*.py files next to them to load "
                                "with trust_remote_code=True")
