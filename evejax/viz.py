@@ -193,13 +193,12 @@ def attention_main(args) -> int:
     return 0
 
 
-def evaluate_run(workdir: str, heldout: int, focus_images: int = 64, batch: int = 250, distractors: int = 0,
+def evaluate_run(cfg, params, heldout: int, focus_images: int = 64, batch: int = 250, distractors: int = 0,
                  task: str = "count") -> dict:
-    """Held-out accuracy and over-focus of a trained counting workdir (trained with `distractors`, `task`)."""
+    """Held-out accuracy and over-focus of a trained counting model (trained with `distractors`, `task`)."""
     from evejax.data import counting
     from evejax.models import dan
 
-    cfg, params = load_target(workdir)
     side = cfg.image_size[0]
     module = dan.DANClassifier(cfg)
     logits = jax.jit(lambda p, x: module.apply({"params": p}, x).logits)
@@ -267,10 +266,10 @@ def experiment_main(args) -> int:
                                 args.lr)
             workdir = out / f"{variant}_s{seed}"
             trainer.train(config, str(workdir))
+            cfg, params = load_target(str(workdir))
             row = dict(variant=variant, seed=seed, steps=args.steps, side=side, distractors=args.distractors,
                        task=args.task, train_images=args.train_images, lr=config.optim.lr,
-                       **evaluate_run(str(workdir), args.heldout, distractors=args.distractors, task=args.task))
-            cfg, params = load_target(str(workdir))
+                       **evaluate_run(cfg, params, args.heldout, distractors=args.distractors, task=args.task))
             weights = attention_weights(cfg, params, counting.normalize(first)[None])[:, 0]
             row["png"] = str(save_png(attention_grid(first, weights, range(cfg.depth), cfg.grid),
                                       out / f"{variant}_s{seed}.png"))
@@ -287,6 +286,8 @@ def experiment_main(args) -> int:
 
 
 def main(argv=None) -> int:
+    from evejax.data.counting import TASKS
+
     parser = argparse.ArgumentParser(prog="evejax viz", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -304,7 +305,7 @@ def main(argv=None) -> int:
     exp.add_argument("--heldout", type=int, default=1000, help="held-out images for the accuracy")
     exp.add_argument("--distractors", type=int, default=0,
                      help="count the red squares among up to N squares of other colours (default 0: count all)")
-    exp.add_argument("--task", default="count", choices=("count", "majority", "tetromino", "bar", "stripes"),
+    exp.add_argument("--task", default="count", choices=TASKS,
                      help="count: how many cells are filled (or red, with --distractors); majority: which of "
                           "the 4 colours fills the most cells, every cell filled; tetromino / bar: which of 5 "
                           "shapes of 4 neighbouring cells / which direction a bar of 3 runs, among up to "

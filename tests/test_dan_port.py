@@ -12,8 +12,9 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from evejax.models import dan  # noqa: E402
-from evejax.port import commands  # noqa: E402
+from evejax.port import commands, io  # noqa: E402
 from evejax.port import dan as dan_port  # noqa: E402
+from evejax.port import hovle as hovle_port  # noqa: E402
 from evejax.port.torch_ref.dan import DefocusAttentionNetwork, DefocusMambaConfig  # noqa: E402
 
 TOLERANCE = 1e-5  # max |diff| / max |reference| in float32
@@ -191,6 +192,10 @@ def test_export_takes_a_training_workdir(tmp_path, with_ema):
         want = dan_port.to_torch(source, cfg)
         got = written[entry]
         assert list(got) == list(want) and all(np.array_equal(got[k].numpy(), want[k]) for k in want), entry
+    # Given straight to another family's exporter, the workdir is refused by its model name.
+    with pytest.raises(io.CheckpointError, match=r"trains a 'dan' model, not 'hovle'"):
+        hovle_port.export_hovle(tmp_path / "run", tmp_path / "hovle_out")
+    assert not (tmp_path / "hovle_out").exists()
 
 
 def test_import_refuses_a_vit_size_by_name(tmp_path, capsys):

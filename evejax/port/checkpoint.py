@@ -202,10 +202,12 @@ def workdir_model(workdir: str | os.PathLike) -> str:
             store.close()
 
 
-def load_workdir(workdir: str | os.PathLike, weights: str = "params") -> tuple[str, Any, Any, int]:
+def load_workdir(workdir: str | os.PathLike, weights: str = "params",
+                 model_name: str | None = None) -> tuple[str, Any, Any, int]:
     """(model name, e.g. "llm" or "eve"; its family's config; params as numpy arrays; step) of
     the newest checkpoint of a training workdir, read through evejax.train.checkpoint;
-    `weights` "ema_params" takes its exponential moving average (FileNotFoundError if none).
+    `weights` "ema_params" takes its exponential moving average (FileNotFoundError if none);
+    with `model_name` a workdir that trains another model is a CheckpointError.
     The params are the config's model: without the subtrees only training reads (the registry's
     ModelSpec.training_only, e.g. a teacher), so evaluation and export never see them."""
     import ml_collections
@@ -226,6 +228,8 @@ def load_workdir(workdir: str | os.PathLike, weights: str = "params") -> tuple[s
             raise
         except Exception as e:  # a damaged step: TensorStore and JSON errors of many types
             raise CheckpointError(f"{workdir}: its newest checkpoint cannot be read ({root_cause(e)})") from None
+    if model_name is not None and model["name"] != model_name:
+        raise CheckpointError(f"{workdir} trains a {model['name']!r} model, not {model_name!r}")
     spec = registry.build(ml_collections.ConfigDict(model))
     return model["name"], spec.config, {k: v for k, v in params.items() if k not in spec.training_only}, step
 

@@ -285,9 +285,7 @@ def export_dan(src: str | os.PathLike, out: str | os.PathLike) -> Path:
     _check_output(out)
     ema = None
     if lm_checkpoint.is_workdir(src):
-        name, cfg, params, step = lm_checkpoint.load_workdir(src)
-        if name != "dan":
-            raise CheckpointError(f"{src} trains a {name!r} model, not De-focus Mamba")
+        _, cfg, params, _ = lm_checkpoint.load_workdir(src, model_name="dan")
         try:
             ema = lm_checkpoint.load_workdir(src, weights="ema_params")[2]
         except FileNotFoundError:

@@ -425,9 +425,7 @@ def load_source(src: str | os.PathLike) -> tuple[eve_lib.EVEConfig, Any, dict[st
     """(config, params, official names) of an evejax EVE checkpoint or of a training workdir
     that trains EVE (its newest checkpoint; a workdir keeps no official names)."""
     if lm_checkpoint.is_workdir(src):
-        name, cfg, params, _ = lm_checkpoint.load_workdir(src)
-        if name != "eve":
-            raise CheckpointError(f"{src} trains a {name!r} model, not EVE")
+        _, cfg, params, _ = lm_checkpoint.load_workdir(src, model_name="eve")
         return cfg, params, {}
     cfg, params = load_checkpoint(src)
     return cfg, params, load_names(src)

@@ -239,9 +239,7 @@ def export_hovle(src: str | os.PathLike, out_dir: str | os.PathLike, *, dtype: s
     training-only teacher) -> out_dir/config.json + safetensors (sharded with an index) and the
     tokenizer files a checkpoint carries (a workdir carries none); returns the files written."""
     if lm_checkpoint.is_workdir(src):
-        name, cfg, params, _ = lm_checkpoint.load_workdir(src)
-        if name != "hovle":
-            raise CheckpointError(f"{src} trains a {name!r} model, not HoVLE")
+        _, cfg, params, _ = lm_checkpoint.load_workdir(src, model_name="hovle")
         tokenizer = {}
     else:
         (cfg, params), tokenizer = load_checkpoint(src), load_tokenizer_files(src)
